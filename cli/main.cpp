@@ -1,0 +1,2 @@
+#include <cstdio>
+int main() { std::puts("specache: under construction"); return 0; }

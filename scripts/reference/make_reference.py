@@ -69,7 +69,7 @@ DEFAULT_TEXT = "/work/shared/data/gutenberg/pg2600-war-and-peace.txt"
 # SmolLM2 prompt: these 1-based line numbers of the Gutenberg file (inside
 # Book One, Chapter XVI, well past the header ending at line 25), joined by
 # "\n" as they appear in the file (blank lines kept).
-SMOLLM_TEXT_LINES = (2022, 2040)
+SMOLLM_TEXT_LINES = (2022, 2038)
 SMOLLM_LOGIT_POSITIONS_FRAC = (0, 100, 200, -1)  # -1 = last prompt position
 SMOLLM_N_GREEDY = 32
 
@@ -372,11 +372,9 @@ def make_stories(path, out_dir):
 # SmolLM2 (GPT-2 byte-level BPE, "smollm" pre-tokenizer)
 # --------------------------------------------------------------------------
 
-def build_bpe_tokenizer(m):
+def build_bpe_tokenizer(tokens, merges, token_types, split_digits):
+    """HF `tokenizers` byte-level BPE from GGUF tokenizer.ggml.tokens/merges."""
     from tokenizers import Tokenizer, AddedToken, models, pre_tokenizers, decoders
-    tokens = m.tokens
-    merges = list(m.meta("tokenizer.ggml.merges"))
-    ttype = [int(x) for x in m.meta("tokenizer.ggml.token_type")]
     vocab = {}
     for i, t in enumerate(tokens):
         assert t not in vocab, f"duplicate token {t!r}"
@@ -386,17 +384,51 @@ def build_bpe_tokenizer(m):
         a, b = mg.split(" ")
         pairs.append((a, b))
     tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-    # llama.cpp LLAMA_VOCAB_PRE_TYPE_SMOLLM == HF SmolLM2 tokenizer.json:
-    # split every digit, then the GPT-2 byte-level regex; no prefix space.
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    # GPT-2 byte-level regex, no prefix space. For SmolLM2 (llama.cpp
+    # LLAMA_VOCAB_PRE_TYPE_SMOLLM == HF SmolLM2 tokenizer.json) every digit is
+    # split off first.
+    bl = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), bl])
+                        if split_digits else bl)
     tk.decoder = decoders.ByteLevel()
     # control tokens (type 3) such as <|im_start|> are matched as specials
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t, ty in zip(tokens, ttype) if ty == 3])
+    if token_types is not None:
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                               for t, ty in zip(tokens, token_types) if int(ty) == 3])
     return tk
+
+
+VOCAB_TEST_DIR = "/work/shared/models/llama.cpp-vocab"
+
+
+def check_tokenizers(vdir=VOCAB_TEST_DIR):
+    """Validate both tokenizer implementations used here against llama.cpp's
+    own tokenizer test vectors (GPT-2 BPE and LLaMA SPM), when available."""
+    def cases(name):
+        inp = open(os.path.join(vdir, name + ".inp"), encoding="utf-8").read().split("\n__ggml_vocab_test__\n")
+        out = open(os.path.join(vdir, name + ".out"), encoding="utf-8").read().split("\n")
+        return [(s, [int(x) for x in o.split()]) for s, o in zip(inp, out) if s]
+
+    gp = os.path.join(vdir, "ggml-vocab-gpt-2.gguf")
+    sp = os.path.join(vdir, "ggml-vocab-llama-spm.gguf")
+    if not (os.path.exists(gp) and os.path.exists(sp)):
+        print(f"tokenizer self-check skipped ({vdir} not found)")
+        return
+    r = gguf.GGUFReader(gp)
+    tk = build_bpe_tokenizer(list(r.fields["tokenizer.ggml.tokens"].contents()),
+                             list(r.fields["tokenizer.ggml.merges"].contents()), None, False)
+    cs = cases("ggml-vocab-gpt-2.gguf")
+    for s, exp in cs:
+        got = tk.encode(s, add_special_tokens=False).ids
+        assert got == exp, f"GPT-2 BPE mismatch on {s!r}: {got} != {exp}"
+    r = gguf.GGUFReader(sp)
+    toks = list(r.fields["tokenizer.ggml.tokens"].contents())
+    sc = [float(x) for x in r.fields["tokenizer.ggml.scores"].contents()]
+    cs2 = cases("ggml-vocab-llama-spm.gguf")
+    for s, exp in cs2:
+        got = spm_encode(toks, sc, s)
+        assert got == exp, f"SPM mismatch on {s!r}: {got} != {exp}"
+    print(f"tokenizer self-check OK: {len(cs)} GPT-2 BPE and {len(cs2)} SPM llama.cpp test vectors")
 
 
 def make_smollm(path, text_path, out_dir):
@@ -405,7 +437,8 @@ def make_smollm(path, text_path, out_dir):
     print(f"SmolLM2 loaded/dequantized in {time.time() - t0:.1f}s: arch={m.arch} layers={m.n_layer} "
           f"dim={m.n_embd} heads={m.n_head}/{m.n_head_kv} rot={m.n_rot} base={m.rope_base} vocab={m.n_vocab} "
           f"tied={'output.weight' not in m.t}")
-    tk = build_bpe_tokenizer(m)
+    tk = build_bpe_tokenizer(m.tokens, list(m.meta("tokenizer.ggml.merges")),
+                             list(m.meta("tokenizer.ggml.token_type")), True)
 
     with open(text_path, encoding="utf-8") as f:
         lines = f.read().split("\n")
@@ -446,6 +479,9 @@ def make_smollm(path, text_path, out_dir):
     gtext = tk.decode(gt, skip_special_tokens=False)
 
     margin = logits[rows, top1] - logits[rows, top2]
+    mx = logits.max(axis=-1, keepdims=True)
+    lse = (mx[:, 0] + np.log(np.exp(logits - mx).sum(axis=-1)))
+    nll = lse[:-1] - logits[rows[:-1], np.asarray(prompt[1:])]
     doc = {
         "model": os.path.basename(path),
         "sha256": sha256_file(path),
@@ -457,7 +493,7 @@ def make_smollm(path, text_path, out_dir):
                    "rope_freq_base": m.rope_base, "rms_eps": m.eps, "n_vocab": m.n_vocab,
                    "tied_output": "output.weight" not in m.t},
         "text_source": {"file": os.path.basename(text_path), "sha256": sha256_file(text_path),
-                        "lines": [a, b], "joined_with": "\\n"},
+                        "lines": [a, b], "joined_with": "\n"},
         "text": text,
         "tokenizer": ("HF tokenizers BPE built from tokenizer.ggml.tokens/merges; pre-tokenizer "
                       "Digits(individual) + ByteLevel(GPT-2 regex, no prefix space); no BOS"),
@@ -469,6 +505,7 @@ def make_smollm(path, text_path, out_dir):
         "top1_logit": r6(logits[rows, top1]),
         "top2_logit": r6(logits[rows, top2]),
         "min_top12_margin": round(float(margin.min()), 6),
+        "prompt_mean_nll": round(float(nll.mean()), 6),
         "logits_file": os.path.basename(binp),
         "logits_sha256": sha256_file(binp),
         "logits_dtype": "float32 little-endian",
@@ -485,6 +522,7 @@ def make_smollm(path, text_path, out_dir):
         f.write("\n")
     print(f"wrote {p} ({os.path.getsize(p)} bytes), {binp} ({os.path.getsize(binp)} bytes) "
           f"in {time.time() - t0:.1f}s")
+    print(f"  prompt mean NLL {nll.mean():.4f} (ppl {np.exp(nll.mean()):.2f})")
     print(f"  min top1-top2 margin over prompt positions: {margin.min():.4f} at {int(margin.argmin())}")
     print(f"  greedy continuation: {gtext!r}")
     print(f"  greedy margins: {[round(x - y, 3) for x, y in zip(g1, g2)]}")
@@ -500,6 +538,7 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
+    check_tokenizers()
     if args.only in (None, "stories"):
         make_stories(args.stories, args.out)
     if args.only in (None, "smollm"):

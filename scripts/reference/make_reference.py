@@ -11,7 +11,7 @@ Produces the golden files the specache engine is tested against:
   tests/data/smollm2_ref_logits.bin    float32 LE [4][49152] full logits at the
                                        positions listed in smollm2_ref.json
 
-How to run (from the repository root; deterministic, ~1 minute on 2 cores):
+How to run (from the repository root; deterministic, 25-65 s on 2 cores):
 
   /opt/specache-venv/bin/python scripts/reference/make_reference.py
       [--stories PATH] [--smollm PATH] [--text PATH] [--out DIR]

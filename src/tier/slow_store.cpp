@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "util/error.h"
@@ -346,6 +347,19 @@ class FileStore final : public StoreBase {
         drain_ring(inflight);
         ring_ok_.store(false);
         throw Error(strfmt("slow tier (file): io_uring submit on %s failed: %s", name_.c_str(), errstr(-s).c_str()));
+      }
+      // The kernel normally takes every queued entry; if it took fewer, push the rest now so that
+      // no waited-for request is left sitting unsubmitted in the queue.
+      while (io_uring_sq_ready(&ring_) > 0) {
+        const int s2 = io_uring_submit(&ring_);
+        if (s2 >= 0 || s2 == -EINTR) continue;
+        if (s2 == -EAGAIN || s2 == -EBUSY) {
+          std::this_thread::yield();
+          continue;
+        }
+        drain_ring(inflight + queued - io_uring_sq_ready(&ring_));
+        ring_ok_.store(false);
+        throw Error(strfmt("slow tier (file): io_uring submit on %s failed: %s", name_.c_str(), errstr(-s2).c_str()));
       }
       inflight += queued;
       // Reap everything that has completed.

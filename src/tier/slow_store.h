@@ -1,0 +1,65 @@
+// The slow tier: the complete 16-bit KV cache, one contiguous run of rows per (layer, KV head).
+// One row = K (head_dim fp16) then V (head_dim fp16) = 4*head_dim bytes, indexed by position,
+// so a top-k fetch is k small row reads (gathered in one batched call).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace spc {
+
+struct SlowGeometry {
+  int n_layer = 0;
+  int n_head_kv = 0;
+  int head_dim = 0;
+  int64_t max_ctx = 0;
+  size_t row_bytes() const { return 4 * static_cast<size_t>(head_dim); }
+};
+
+struct RowRef {
+  int32_t layer;
+  int32_t head;
+  int64_t pos;
+};
+
+// Storage only. Thread-safe for concurrent reads of written rows plus one writer.
+// Per layer, positions [0, written(il)) are valid; writes must not leave gaps
+// (pos0 <= written(il)); reading a position >= written(il) throws spc::Error.
+class SlowStore {
+ public:
+  virtual ~SlowStore();
+  virtual const char* kind() const = 0;        // "host" or "file"
+  virtual const char* io_backend() const = 0;  // "memory", "io_uring" or "pread"
+  const SlowGeometry& geometry() const { return geom_; }
+
+  // Writes positions [pos0, pos0+n) of layer il for all KV heads.
+  // rows: [n][n_head_kv][row_bytes], token-major as the model produces them.
+  virtual void write_rows(int il, int64_t pos0, int64_t n, const void* rows) = 0;
+  // Batched gather: for each i, copies row refs[i] into dst + i*row_bytes. One call per batch.
+  virtual void read_rows(const RowRef* refs, size_t n, void* dst) = 0;
+  // Reads a contiguous position range of one (layer, head): dst [n][row_bytes].
+  virtual void read_range(int il, int head, int64_t pos0, int64_t n, void* dst) = 0;
+  // Bytes of rows actually written: sum over layers of n_head_kv * written(il) * row_bytes.
+  virtual size_t bytes_stored() const = 0;
+  // Number of positions written for layer il (the high-water mark).
+  virtual int64_t written(int il) const = 0;
+
+ protected:
+  explicit SlowStore(const SlowGeometry& g) : geom_(g) {}
+  SlowGeometry geom_;
+};
+
+// RAM store: one anonymous MAP_NORESERVE mapping of the full layout; untouched pages cost nothing.
+std::unique_ptr<SlowStore> make_host_store(const SlowGeometry& g);
+
+struct FileStoreOptions {
+  bool use_io_uring = true;  // false: force the pread/preadv path. Env SPECACHE_NO_URING=1 also forces it.
+};
+
+// File store: an anonymous (O_TMPFILE, or created then unlinked) sparse file in dir;
+// offset(il, h, pos) = ((il*n_head_kv + h)*max_ctx + pos) * row_bytes. Nothing is mmapped.
+std::unique_ptr<SlowStore> make_file_store(const SlowGeometry& g, const std::string& dir,
+                                           const FileStoreOptions& opt = {});
+
+}  // namespace spc

@@ -363,15 +363,41 @@ TEST(TokenizerErrors, MissingModelOrTokens) {
 }
 
 TEST(TokenizerErrors, UnsupportedPre) {
-  GgufWriter w = tiny_bpe();
-  // Keys are unique in GGUF: rebuild with a different pre.
   GgufWriter v;
   v.add_string("tokenizer.ggml.model", "gpt2");
   v.add_string("tokenizer.ggml.pre", "no-such-pre");
   v.add_strings("tokenizer.ggml.tokens", {"a", "b", "ab"});
   v.add_strings("tokenizer.ggml.merges", {"a b"});
   expect_error(v, "pre", "unsupported tokenizer.ggml.pre 'no-such-pre'");
-  (void)w;
+}
+
+TEST(TokenizerBpe, EverySupportedPreCompilesAndSplits) {
+  for (const char* pre : {"default", "gpt-2", "llama3", "llama-bpe", "smollm", "qwen2", "falcon", "starcoder",
+                          "dbrx", "deepseek-coder", "command-r", "olmo"}) {
+    GgufWriter v;
+    v.add_string("tokenizer.ggml.model", "gpt2");
+    v.add_string("tokenizer.ggml.pre", pre);
+    v.add_strings("tokenizer.ggml.tokens", {"a", "b", "ab", "1", "2", "\xC4\xA0", "\xC4\x8A"});  // Ġ (space), Ċ (\n)
+    v.add_strings("tokenizer.ggml.merges", {"a b"});
+    std::unique_ptr<Tokenizer> tok;
+    ASSERT_NO_THROW(tok = load(v, std::string("pre_") + pre)) << pre;
+    const auto ids = tok->encode("ab 12\nab", false, false);
+    EXPECT_EQ(tok->decode(ids), "ab 12\nab") << pre;
+    EXPECT_EQ(ids.front(), 2) << pre;
+  }
+}
+
+TEST(TokenizerBpe, LongInputs) {
+  const std::string path = shared_path("models/llama.cpp-vocab/ggml-vocab-gpt-2.gguf");
+  SKIP_IF_MISSING(path);
+  auto f = GgufFile::open(path);
+  auto tok = Tokenizer::from_gguf(*f);
+  // A long whitespace run exercises the \s+(?!\S) backtracking; a long mixed text the merge loop.
+  const std::string spaces = std::string(100000, ' ') + "x";
+  EXPECT_EQ(tok->decode(tok->encode(spaces, false, false)), spaces);
+  std::string mixed;
+  for (int i = 0; i < 2000; ++i) mixed += "Line " + std::to_string(i) + ":\tcaf\xC3\xA9 <|x|> \xE4\xBD\xA0\xE5\xA5\xBD!\n";
+  EXPECT_EQ(tok->decode(tok->encode(mixed, false, true)), mixed);
 }
 
 TEST(TokenizerErrors, BrokenMerges) {

@@ -83,13 +83,16 @@ namespace {
 
 const char* kSpmSpace = "\xE2\x96\x81";  // U+2581 '▁'
 
-std::string replace_all(std::string s, std::string_view from, std::string_view to) {
+std::string replace_all(std::string_view s, std::string_view from, std::string_view to) {
+  std::string out;
+  out.reserve(s.size());
   size_t pos = 0;
-  while ((pos = s.find(from, pos)) != std::string::npos) {
-    s.replace(pos, from.size(), to);
-    pos += to.size();
+  for (size_t m; (m = s.find(from, pos)) != std::string_view::npos; pos = m + from.size()) {
+    out.append(s.substr(pos, m - pos));
+    out.append(to);
   }
-  return s;
+  out.append(s.substr(pos));
+  return out;
 }
 
 // Parses "<0xXX>"; -1 if the text has another form.
@@ -335,7 +338,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos, bool
     if (kind_ == Kind::SPM) {
       std::string s;
       if (add_space_prefix_ && prev_special) s = kSpmSpace;
-      s += replace_all(std::string(raw), " ", kSpmSpace);
+      s += replace_all(raw, " ", kSpmSpace);
       encode_spm(s, out);
     } else {
       encode_bpe(raw, out);

@@ -1,0 +1,343 @@
+// GCC 12's AVX-512 headers self-initialize _mm512_undefined_*() results, which trips
+// -Wuninitialized when the intrinsics inline here; silence that (header-only) false positive.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include "ops/matmul.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ops/quant.h"
+#include "util/error.h"
+#include "util/fp16.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SPC_MM_VNNI 1
+#endif
+
+namespace spc {
+namespace {
+
+constexpr int kTileR = 4;  // weight rows per tile
+constexpr int kTileT = 4;  // tokens per tile
+
+// ---------------------------------------------------------------------------------------------
+// Activations quantized to int8 in blocks of 32: q[i], d[block] (value = d*q), and per 16-value
+// half the scaled sum s16[2*block + h] = d * sum(q over the half).
+
+void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16) {
+  const int64_t nb = n / 32;
+  for (int64_t b = 0; b < nb; ++b, x += 32, q += 32) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float db = amax / 127.f;
+    const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+    _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtsepi32_epi8(i1));
+    d[b] = db;
+    s16[2 * b] = db * (float)_mm512_reduce_add_epi32(i0);
+    s16[2 * b + 1] = db * (float)_mm512_reduce_add_epi32(i1);
+#else
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float db = amax / 127.f;
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    int sum[2] = {0, 0};
+    for (int i = 0; i < 32; ++i) {
+      int v = (int)std::nearbyint(x[i] * id);
+      v = std::min(127, std::max(-127, v));
+      q[i] = (int8_t)v;
+      sum[i / 16] += v;
+    }
+    d[b] = db;
+    s16[2 * b] = db * (float)sum[0];
+    s16[2 * b + 1] = db * (float)sum[1];
+#endif
+  }
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Integer kernel over unpacked weights: R rows x T tokens, out[r*kTileT + t] =
+//   sum_v sum_i sc(r,v,i) * u(r,v,i) * xd(t,v) * xq(t,v,i).
+// Weight row r: u at wu + r*nvb*32, scales at wsc + r*nvb*8. Token t: xq + t*n_in, xd + t*nvb.
+
+#if defined(SPC_MM_VNNI)
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+template <int R, int T>
+void qkernel(const uint8_t* wu, const float* wsc, int64_t nvb, const int8_t* xq, const float* xd,
+             int64_t n_in, float* out) {
+#if defined(SPC_MM_VNNI)
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t v = 0; v < nvb; ++v) {
+    __m256i W[R];
+    __m256 S[R];
+    for (int r = 0; r < R; ++r) {
+      W[r] = _mm256_loadu_si256((const __m256i*)(wu + (r * nvb + v) * 32));
+      S[r] = _mm256_loadu_ps(wsc + (r * nvb + v) * 8);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256i X = _mm256_loadu_si256((const __m256i*)(xq + t * n_in + v * 32));
+      const __m256 D = _mm256_set1_ps(xd[t * nvb + v]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i P = _mm256_dpbusd_epi32(zero, W[r], X);
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(P), _mm256_mul_ps(S[r], D), acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r * kTileT + t] = hsum256(acc[r][t]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      float s = 0.f;
+      for (int64_t v = 0; v < nvb; ++v) {
+        const uint8_t* w = wu + (r * nvb + v) * 32;
+        const int8_t* x = xq + t * n_in + v * 32;
+        int h0 = 0, h1 = 0;
+        for (int i = 0; i < 16; ++i) h0 += (int)w[i] * x[i];
+        for (int i = 16; i < 32; ++i) h1 += (int)w[i] * x[i];
+        const float* sc = wsc + (r * nvb + v) * 8;
+        s += xd[t * nvb + v] * (sc[0] * (float)h0 + sc[4] * (float)h1);
+      }
+      out[r * kTileT + t] = s;
+    }
+#endif
+}
+
+using QKernelFn = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, const float*, int64_t, float*);
+
+template <int R>
+constexpr QKernelFn qk_for_t(int t) {
+  return t == 1 ? qkernel<R, 1> : t == 2 ? qkernel<R, 2> : t == 3 ? qkernel<R, 3> : qkernel<R, 4>;
+}
+QKernelFn qkernel_for(int r, int t) {
+  switch (r) {
+    case 1: return qk_for_t<1>(t);
+    case 2: return qk_for_t<2>(t);
+    case 3: return qk_for_t<3>(t);
+    default: return qk_for_t<4>(t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 kernel: out[r*kTileT + t] = dot(w + r*n, x + t*n).
+
+template <int R, int T>
+void fkernel(const float* w, const float* x, int64_t n, float* out) {
+#if defined(__AVX512F__)
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 W[R];
+    for (int r = 0; r < R; ++r) W[r] = _mm512_loadu_ps(w + r * n + i);
+    for (int t = 0; t < T; ++t) {
+      const __m512 X = _mm512_loadu_ps(x + t * n + i);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(W[r], X, acc[r][t]);
+    }
+  }
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    __m512 W[R];
+    for (int r = 0; r < R; ++r) W[r] = _mm512_maskz_loadu_ps(m, w + r * n + i);
+    for (int t = 0; t < T; ++t) {
+      const __m512 X = _mm512_maskz_loadu_ps(m, x + t * n + i);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(W[r], X, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r * kTileT + t] = _mm512_reduce_add_ps(acc[r][t]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r * kTileT + t] = dot_f32(w + r * n, x + t * n, n);
+#endif
+}
+
+using FKernelFn = void (*)(const float*, const float*, int64_t, float*);
+
+template <int R>
+constexpr FKernelFn fk_for_t(int t) {
+  return t == 1 ? fkernel<R, 1> : t == 2 ? fkernel<R, 2> : t == 3 ? fkernel<R, 3> : fkernel<R, 4>;
+}
+FKernelFn fkernel_for(int r, int t) {
+  switch (r) {
+    case 1: return fk_for_t<1>(t);
+    case 2: return fk_for_t<2>(t);
+    case 3: return fk_for_t<3>(t);
+    default: return fk_for_t<4>(t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Scratch {
+  std::vector<uint8_t> u;
+  std::vector<float> sc8, mn2, f;
+};
+
+// Per-thread scratch for unpacked weight tiles (each pool thread has its own).
+Scratch& thread_scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// Per-call activation buffers, owned by the calling thread.
+struct ActBuf {
+  std::vector<int8_t> q;
+  std::vector<float> d, s16;
+};
+ActBuf& thread_act() {
+  thread_local ActBuf a;
+  return a;
+}
+
+bool is_float_type(GgmlType t) { return t == GgmlType::F32 || t == GgmlType::F16 || t == GgmlType::BF16; }
+
+void validate(const WeightView& w) {
+  SPC_CHECK(quant_type_supported(w.type), "matmul: unsupported weight type %s", type_name(w.type));
+  SPC_CHECK(w.n_in > 0 && w.n_out >= 0, "matmul: bad shape %lld x %lld", (long long)w.n_out, (long long)w.n_in);
+  SPC_CHECK(w.n_in % type_traits(w.type).block_size == 0,
+            "matmul: row length %lld is not a multiple of the %s block (%lld)", (long long)w.n_in,
+            type_name(w.type), (long long)type_traits(w.type).block_size);
+}
+
+void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  const int64_t n = w.n_in, n_out = w.n_out;
+  const size_t rs = row_size(w.type, n);
+  const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
+  pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+    Scratch& s = thread_scratch();
+    if (w.type != GgmlType::F32 && s.f.size() < (size_t)(kTileR * n)) s.f.resize((size_t)(kTileR * n));
+    float out[kTileR * kTileT];
+    for (int64_t tile = tb; tile < te; ++tile) {
+      const int64_t r0 = tile * kTileR;
+      const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+      const float* wf;
+      if (w.type == GgmlType::F32) {
+        wf = (const float*)((const uint8_t*)w.data + r0 * rs);
+      } else {
+        for (int r = 0; r < R; ++r)
+          dequantize_row(w.type, (const uint8_t*)w.data + (r0 + r) * rs, s.f.data() + r * n, n);
+        wf = s.f.data();
+      }
+      for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
+        const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
+        fkernel_for(R, T)(wf, x + t0 * n, n, out);
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+      }
+    }
+  });
+}
+
+void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  const int64_t n = w.n_in, n_out = w.n_out, nvb = n / 32;
+  const size_t rs = row_size(w.type, n);
+  const float off = (float)detail::unpack_offset(w.type);
+
+  ActBuf& act = thread_act();
+  act.q.resize((size_t)(n_tok * n));
+  act.d.resize((size_t)(n_tok * nvb));
+  act.s16.resize((size_t)(n_tok * nvb * 2));
+  int8_t* xq = act.q.data();
+  float* xd = act.d.data();
+  float* xs = act.s16.data();
+  auto quant_tokens = [&](int64_t b, int64_t e, int) {
+    for (int64_t t = b; t < e; ++t) quantize_act_row(x + t * n, n, xq + t * n, xd + t * nvb, xs + t * nvb * 2);
+  };
+  if (n_tok * n >= 16384) pool.parallel_for(n_tok, quant_tokens);
+  else quant_tokens(0, n_tok, 0);
+
+  const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
+  pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+    Scratch& s = thread_scratch();
+    if (s.u.size() < (size_t)(kTileR * n)) s.u.resize((size_t)(kTileR * n));
+    if (s.sc8.size() < (size_t)(kTileR * nvb * 8)) s.sc8.resize((size_t)(kTileR * nvb * 8));
+    if (s.mn2.size() < (size_t)(kTileR * nvb * 2)) s.mn2.resize((size_t)(kTileR * nvb * 2));
+    uint8_t* u = s.u.data();
+    float* sc8 = s.sc8.data();
+    float* mt = s.mn2.data();
+    float out[kTileR * kTileT];
+    for (int64_t tile = tb; tile < te; ++tile) {
+      const int64_t r0 = tile * kTileR;
+      const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+      for (int r = 0; r < R; ++r) {
+        float* m = mt + r * nvb * 2;
+        const float* sc = sc8 + r * nvb * 8;
+        detail::unpack_row(w.type, (const uint8_t*)w.data + (r0 + r) * rs, n, u + r * nvb * 32,
+                           sc8 + r * nvb * 8, m);
+        // Fold the code offset into the per-half constant term.
+        if (off != 0.f)
+          for (int64_t g = 0; g < 2 * nvb; ++g) m[g] -= off * sc[g * 4];
+      }
+      for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
+        const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
+        qkernel_for(R, T)(u, sc8, nvb, xq + t0 * n, xd + t0 * nvb, n, out);
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < T; ++t)
+            y[(t0 + t) * n_out + r0 + r] =
+                out[r * kTileT + t] + dot_f32(mt + r * nvb * 2, xs + (t0 + t) * nvb * 2, 2 * nvb);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  validate(w);
+  SPC_CHECK(n_tok >= 0, "matmul: negative token count %lld", (long long)n_tok);
+  if (n_tok == 0 || w.n_out == 0) return;
+  if (is_float_type(w.type)) matmul_float(w, x, n_tok, y, pool);
+  else matmul_quant(w, x, n_tok, y, pool);
+}
+
+void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* dst) {
+  validate(w);
+  SPC_CHECK(row0 >= 0 && n_rows >= 0 && row0 + n_rows <= w.n_out, "dequantize_rows: rows [%lld, %lld) outside [0, %lld)",
+            (long long)row0, (long long)(row0 + n_rows), (long long)w.n_out);
+  const size_t rs = row_size(w.type, w.n_in);
+  for (int64_t r = 0; r < n_rows; ++r)
+    dequantize_row(w.type, (const uint8_t*)w.data + (row0 + r) * rs, dst + r * w.n_in, w.n_in);
+}
+
+}  // namespace spc

@@ -1,0 +1,27 @@
+// Matrix multiplication of a (possibly quantized) weight matrix with fp32 activations.
+#pragma once
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "util/threadpool.h"
+
+namespace spc {
+
+// n_out rows of n_in elements each, row_size(type, n_in) bytes per row, contiguous.
+struct WeightView {
+  GgmlType type;
+  int64_t n_in;
+  int64_t n_out;
+  const void* data;
+};
+
+// y[t*n_out + o] = sum_i W[o,i] * x[t*n_in + i] for t in [0, n_tok). x, y fp32, row-major.
+// Quantized weights: x is quantized per call to 8 bits (blocks of 32, absmax), then integer dot
+// products; expect ~1e-2 relative error from that. F32/F16/BF16 weights: fp32 dot products.
+// y must not overlap x. Rows are split over the pool's threads.
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool);
+
+// dst[r*n_in + i] = W[row0 + r, i] for r in [0, n_rows) (get_rows / embedding lookup).
+void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* dst);
+
+}  // namespace spc

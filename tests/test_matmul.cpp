@@ -1,0 +1,179 @@
+// matmul vs a double-precision reference for every weight type; optional timing (SPECACHE_TIMING=1).
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "core/dtype.h"
+#include "ops/matmul.h"
+#include "ops/quant.h"
+#include "ops/quant_ref.h"
+#include "util/threadpool.h"
+
+using namespace spc;
+
+// Defined in test_quant.cpp: random payload bytes with sane fp16 scales.
+std::vector<uint8_t> quant_test_random_row(GgmlType t, int64_t n, std::mt19937& rng);
+
+namespace {
+
+const GgmlType kAllTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q4_0, GgmlType::Q4_1,
+                              GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q3_K,
+                              GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K};
+
+bool is_float(GgmlType t) { return t == GgmlType::F32 || t == GgmlType::F16 || t == GgmlType::BF16; }
+
+// Error budget, per output, normalized by |W_o| * |x_t| (Cauchy-Schwarz bound of the dot).
+// Quantized weights: the activations are rounded to 8 bits per 32 (absmax), a relative error
+// of ~1/254 per element; the normalized error is then well below 1e-2. Float weights: fp32
+// accumulation only.
+double budget(GgmlType t) { return is_float(t) ? 1e-5 : 1e-2; }
+
+struct Case {
+  std::vector<uint8_t> w;
+  std::vector<double> wd;    // reference weights
+  std::vector<double> wnorm; // per row
+};
+
+Case make_weights(GgmlType t, int64_t n_in, int64_t n_out, std::mt19937& rng, bool from_quantizer) {
+  Case c;
+  const size_t rs = row_size(t, n_in);
+  c.w.resize(rs * n_out);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> tmp(n_in);
+  for (int64_t o = 0; o < n_out; ++o) {
+    if (from_quantizer) {
+      for (auto& v : tmp) v = nd(rng) * 0.1f;
+      quantize_row(t, tmp.data(), c.w.data() + o * rs, n_in);
+    } else {
+      const auto row = quant_test_random_row(t, n_in, rng);
+      std::copy(row.begin(), row.end(), c.w.begin() + o * rs);
+    }
+    const auto r = ref::dequantize_row(t, c.w.data() + o * rs, n_in);
+    double s = 0;
+    for (double v : r) s += v * v;
+    c.wnorm.push_back(std::sqrt(s));
+    c.wd.insert(c.wd.end(), r.begin(), r.end());
+  }
+  return c;
+}
+
+void check_matmul(GgmlType t, int64_t n_in, int64_t n_out, int64_t n_tok, ThreadPool& pool, const Case& c,
+                  std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> x(n_tok * n_in);
+  for (auto& v : x) v = nd(rng);
+  if (n_tok > 2) x[5] = 40.f;  // an outlier in one block
+  std::vector<float> y(n_tok * n_out, NAN);
+  matmul(WeightView{t, n_in, n_out, c.w.data()}, x.data(), n_tok, y.data(), pool);
+  double worst = 0;
+  for (int64_t tt = 0; tt < n_tok; ++tt) {
+    double xn = 0;
+    for (int64_t i = 0; i < n_in; ++i) xn += (double)x[tt * n_in + i] * x[tt * n_in + i];
+    xn = std::sqrt(xn);
+    for (int64_t o = 0; o < n_out; ++o) {
+      double want = 0;
+      for (int64_t i = 0; i < n_in; ++i) want += c.wd[o * n_in + i] * x[tt * n_in + i];
+      const double got = y[tt * n_out + o];
+      ASSERT_TRUE(std::isfinite(got)) << "token " << tt << " row " << o;
+      const double denom = c.wnorm[o] * xn;
+      const double e = denom > 0 ? std::fabs(got - want) / denom : std::fabs(got - want);
+      worst = std::max(worst, e);
+    }
+  }
+  EXPECT_LE(worst, budget(t)) << type_name(t) << " n_in=" << n_in << " n_out=" << n_out << " n_tok=" << n_tok
+                              << " threads=" << pool.size();
+}
+
+}  // namespace
+
+TEST(Matmul, AllTypesMatchReference) {
+  std::mt19937 rng(42);
+  ThreadPool pool1(1), pool2(2);
+  for (GgmlType t : kAllTypes) {
+    for (int64_t n_in : {256, 512, 1536}) {
+      const int64_t n_out = 67;
+      const Case c = make_weights(t, n_in, n_out, rng, false);
+      for (int64_t n_tok : {1, 2, 3, 7, 33}) {
+        check_matmul(t, n_in, n_out, n_tok, pool1, c, rng);
+        check_matmul(t, n_in, n_out, n_tok, pool2, c, rng);
+      }
+    }
+  }
+}
+
+TEST(Matmul, QuantizerWeightsAndOddShapes) {
+  std::mt19937 rng(7);
+  ThreadPool pool(2);
+  for (GgmlType t : kAllTypes) {
+    const int64_t bs = type_traits(t).block_size;
+    const int64_t n_in = bs == 256 ? 768 : (bs == 32 ? 96 : 101);  // odd block counts / odd length
+    for (int64_t n_out : {1, 5, 130}) {
+      const Case c = make_weights(t, n_in, n_out, rng, true);
+      for (int64_t n_tok : {1, 4, 9}) check_matmul(t, n_in, n_out, n_tok, pool, c, rng);
+    }
+  }
+}
+
+TEST(Matmul, DequantizeRows) {
+  std::mt19937 rng(3);
+  const Case c = make_weights(GgmlType::Q4_K, 512, 9, rng, false);
+  std::vector<float> dst(3 * 512);
+  dequantize_rows(WeightView{GgmlType::Q4_K, 512, 9, c.w.data()}, 4, 3, dst.data());
+  for (int64_t i = 0; i < 3 * 512; ++i) ASSERT_NEAR(dst[i], c.wd[4 * 512 + i], 1e-6 * (1 + std::fabs(c.wd[4 * 512 + i])));
+  EXPECT_THROW(dequantize_rows(WeightView{GgmlType::Q4_K, 512, 9, c.w.data()}, 8, 2, dst.data()), std::exception);
+}
+
+TEST(Matmul, RejectsBadShapes) {
+  ThreadPool pool(1);
+  std::vector<uint8_t> w(1024);
+  std::vector<float> x(64), y(64);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q4_K, 128, 1, w.data()}, x.data(), 1, y.data(), pool), std::exception);
+  EXPECT_THROW(matmul(WeightView{GgmlType::Q8_K, 256, 1, w.data()}, x.data(), 1, y.data(), pool), std::exception);
+}
+
+// Throughput report; asserts nothing about speed. Run with SPECACHE_TIMING=1.
+TEST(Matmul, Timing) {
+  if (!std::getenv("SPECACHE_TIMING")) GTEST_SKIP() << "set SPECACHE_TIMING=1 to print matmul throughput";
+  const int threads = std::getenv("SPECACHE_THREADS") ? std::atoi(std::getenv("SPECACHE_THREADS")) : 2;
+  ThreadPool pool(threads);
+  std::mt19937 rng(5);
+  struct Shape { GgmlType t; int64_t n_in, n_out; };
+  const Shape shapes[] = {{GgmlType::Q4_1, 576, 1536}, {GgmlType::Q4_1, 1536, 576}, {GgmlType::Q8_0, 576, 49152},
+                          {GgmlType::Q4_0, 576, 1536}, {GgmlType::Q4_K, 1536, 576}, {GgmlType::Q5_K, 1536, 576},
+                          {GgmlType::Q6_K, 1536, 576}, {GgmlType::F16, 576, 1536}, {GgmlType::F32, 576, 1536}};
+  for (const Shape& s : shapes) {
+    const size_t rs = row_size(s.t, s.n_in);
+    std::vector<uint8_t> w(rs * s.n_out);
+    std::vector<float> tmp(s.n_in);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (int64_t o = 0; o < s.n_out; ++o) {
+      for (auto& v : tmp) v = nd(rng);
+      quantize_row(s.t, tmp.data(), w.data() + o * rs, s.n_in);
+    }
+    for (int64_t n_tok : {1, 2, 512}) {
+      std::vector<float> x(n_tok * s.n_in), y(n_tok * s.n_out);
+      for (auto& v : x) v = nd(rng);
+      const WeightView wv{s.t, s.n_in, s.n_out, w.data()};
+      matmul(wv, x.data(), n_tok, y.data(), pool);
+      int reps = 0;
+      const auto t0 = std::chrono::steady_clock::now();
+      double el = 0;
+      do {
+        matmul(wv, x.data(), n_tok, y.data(), pool);
+        ++reps;
+        el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      } while (el < 0.3);
+      const double sec = el / reps;
+      const double gbs = (double)w.size() / sec / 1e9;
+      const double gmacs = (double)s.n_in * s.n_out * n_tok / sec / 1e9;
+      std::printf("%-5s %5lld x %5lld n_tok=%3lld threads=%d: %9.3f ms  %7.2f GB/s weights  %8.2f GMAC/s\n",
+                  type_name(s.t), (long long)s.n_out, (long long)s.n_in, (long long)n_tok, threads, sec * 1e3, gbs,
+                  gmacs);
+    }
+  }
+}

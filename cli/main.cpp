@@ -1,2 +1,37 @@
+// specache: SpeCache inference engine command line.
 #include <cstdio>
-int main() { std::puts("specache: under construction"); return 0; }
+#include <exception>
+#include <map>
+#include <string>
+
+#include "common.h"
+#include "util/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"specache: long-context LLM generation with speculative KV caching (SpeCache) on GGUF models"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "specache 0.1.0");
+  std::map<std::string, spc::cli::Runner> runners;
+  runners["generate"] = spc::cli::add_generate(app);
+  runners["info"] = spc::cli::add_info(app);
+  runners["tokenize"] = spc::cli::add_tokenize(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (auto& [name, run] : runners)
+      if (app.got_subcommand(name)) return run();
+    return 2;
+  } catch (const spc::Error& e) {
+    std::fprintf(stderr, "specache: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "specache: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "specache: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -237,9 +237,10 @@ void GgufFile::parse() {
       c.fail(strfmt("tensor '%s' data offset %llu is not a multiple of the alignment %zu", ti.name.c_str(),
                     (unsigned long long)ti.offset, alignment_));
     // n_elements and byte size with overflow checks.
-    unsigned __int128 n = 1;
-    for (int d = 0; d < 4; ++d) n *= (unsigned __int128)ti.ne[d];
-    if (n > ((unsigned __int128)1 << 48)) c.fail(strfmt("tensor '%s' has too many elements", ti.name.c_str()));
+    uint64_t n = 1;
+    for (int d = 0; d < 4; ++d)
+      if (__builtin_mul_overflow(n, (uint64_t)ti.ne[d], &n) || n > (1ull << 48))
+        c.fail(strfmt("tensor '%s' has too many elements", ti.name.c_str()));
     if (ti.ne[0] % tr->block_size != 0)
       c.fail(strfmt("tensor '%s' row length %lld is not a multiple of the %s block size %lld", ti.name.c_str(),
                     (long long)ti.ne[0], tr->name, (long long)tr->block_size));

@@ -1,0 +1,155 @@
+// specache generate: prompt -> text, streaming, or one JSON object with --json.
+#include <cstdio>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "common.h"
+#include "engine/chat.h"
+#include "engine/generate.h"
+#include "engine/session.h"
+#include "engine/tokenizer.h"
+#include "model/model.h"
+#include "util/error.h"
+#include "util/threadpool.h"
+
+namespace spc::cli {
+
+namespace {
+
+struct GenerateArgs {
+  ModelArgs m;
+  std::string prompt, prompt_file;
+  int n_predict = 128;
+  int64_t n_ctx = 0;
+  float temp = 0, top_p = 0.95f, min_p = 0.05f;
+  int top_k = 40;
+  uint64_t seed = 0;
+  bool chat = false, ignore_eos = false, json = false;
+  KvConfig kv;
+};
+
+// Flags that only mean something for some policies: reject combinations that would be silently ignored.
+void check_kv_combination(const CLI::App& app, const KvConfig& kv) {
+  auto given = [&](const char* flag) { return app.count(flag) > 0; };
+  const bool lowbit = kv.policy == "kivi" || kv.policy == "specache" || kv.policy == "specache-exact" ||
+                      kv.policy == "topk-oracle";
+  const bool tiered = kv.policy == "specache" || kv.policy == "specache-exact";
+  if (!lowbit)
+    for (const char* f : {"--kv-bits", "--kv-group"})
+      SPC_CHECK(!given(f), "%s has no effect with --kv %s (it applies to kivi, specache, specache-exact, topk-oracle)", f, kv.policy.c_str());
+  if (!lowbit && kv.policy != "streaming")
+    SPC_CHECK(!given("--kv-window"), "--kv-window has no effect with --kv %s", kv.policy.c_str());
+  if (!tiered && kv.policy != "topk-oracle")
+    SPC_CHECK(!given("--kv-topk"), "--kv-topk has no effect with --kv %s", kv.policy.c_str());
+  if (!tiered)
+    for (const char* f : {"--kv-store", "--kv-dir"})
+      SPC_CHECK(!given(f), "%s has no effect with --kv %s (only specache and specache-exact have a slow tier)", f, kv.policy.c_str());
+  if (kv.store == "file") SPC_CHECK(!kv.dir.empty(), "--kv-store file needs --kv-dir DIR");
+  if (kv.store == "host") SPC_CHECK(kv.dir.empty(), "--kv-dir is only used with --kv-store file");
+}
+
+int run_generate(const CLI::App& app, GenerateArgs& a) {
+  SPC_CHECK(!(app.count("--prompt") && app.count("--file")), "give either -p/--prompt or -f/--file, not both");
+  check_kv_combination(app, a.kv);
+  std::string text = a.prompt_file.empty() ? a.prompt : read_text_file(a.prompt_file);
+  auto model = Model::load(a.m.model);
+  const ModelConfig& mc = model->config();
+  auto tok = Tokenizer::from_gguf(model->gguf());
+  SPC_CHECK(tok->n_vocab() == mc.n_vocab, "%s: tokenizer has %d tokens but the embedding has %d rows",
+            a.m.model.c_str(), tok->n_vocab(), mc.n_vocab);
+  if (a.chat) {
+    const auto tmpl = model->gguf().get_string("tokenizer.chat_template");
+    SPC_CHECK(tmpl.has_value(), "%s: --chat needs a chat template, but the model has none", a.m.model.c_str());
+    text = apply_chat_template(*tmpl, text);
+  }
+  std::vector<int32_t> prompt = tok->encode(text, tok->add_bos_default(), true);
+  if (prompt.empty()) {
+    SPC_CHECK(tok->bos_id() >= 0, "empty prompt and the vocabulary has no BOS token to start from");
+    prompt.push_back(tok->bos_id());
+  }
+  const int64_t n_ctx = a.n_ctx > 0 ? a.n_ctx : mc.n_ctx_train;
+  if (n_ctx > mc.n_ctx_train)
+    std::fprintf(stderr, "specache: warning: context %lld exceeds the model's trained context %lld; quality may degrade\n",
+                 (long long)n_ctx, (long long)mc.n_ctx_train);
+  SPC_CHECK((int64_t)prompt.size() <= n_ctx, "prompt has %zu tokens, longer than the context (-c %lld)", prompt.size(),
+            (long long)n_ctx);
+
+  ThreadPool pool(resolve_threads(a.m.threads));
+  Session session(*model, make_kv_policy(a.kv, model->kv_geometry(n_ctx)), pool);
+  const bool progress = !a.json && stderr_is_terminal() && prompt.size() >= 512;
+  session.prefill(prompt, nullptr, progress ? Model::Progress([&](int done, int total) {
+    std::fprintf(stderr, "\rprefill: %zu tokens, layer %d/%d", prompt.size(), done, total);
+    if (done == total) std::fprintf(stderr, "\r\033[K");
+    std::fflush(stderr);
+  }) : Model::Progress());
+
+  GenerateOptions go;
+  go.n_predict = a.n_predict;
+  go.ignore_eos = a.ignore_eos;
+  go.sampler = SamplerConfig{a.temp, a.top_k, a.top_p, a.min_p, a.seed};
+  const GenerateResult res = generate(session, *tok, go, a.json ? std::function<void(const std::string&)>() : [](const std::string& s) {
+    std::fwrite(s.data(), 1, s.size(), stdout);
+    std::fflush(stdout);
+  });
+  if (res.stopped_at_context)
+    std::fprintf(stderr, "\nspecache: note: stopped at the end of the context (%lld tokens)\n", (long long)n_ctx);
+
+  const SessionTimings& t = session.timings();
+  const KvStats ks = session.kv().stats();
+  const double dms = t.decode_tokens ? t.decode_ms / t.decode_tokens : 0;
+  if (a.json) {
+    nlohmann::json j;
+    j["prompt_tokens"] = prompt;
+    j["tokens"] = res.tokens;
+    j["text"] = res.text;
+    j["timings"] = {{"prefill_ms", t.prefill_ms},
+                    {"prefill_tok_per_s", t.prefill_ms > 0 ? t.prefill_tokens * 1000.0 / t.prefill_ms : 0},
+                    {"decode_ms_per_token", dms},
+                    {"decode_tok_per_s", dms > 0 ? 1000.0 / dms : 0}};
+    nlohmann::json kv = {{"policy", ks.policy}, {"fast_bytes", ks.fast_bytes}, {"slow_bytes", ks.slow_bytes}};
+    if (a.kv.policy != "full") {
+      kv["fetched_bytes_per_step"] = ks.fetched_bytes_per_step;
+      kv["prefetch_reuse_rate"] = ks.prefetch_reuse_rate;
+      kv["spec_recall"] = ks.spec_recall;
+      kv["spec_recall_per_layer"] = ks.spec_recall_per_layer;
+      if (ks.exact_mass_served >= 0) kv["exact_mass_served"] = ks.exact_mass_served;
+      kv["stall_ms"] = ks.stall_ms;
+      kv["copy_ms"] = ks.copy_ms;
+    }
+    j["kv"] = kv;
+    std::puts(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else {
+    std::fputc('\n', stdout);
+    std::fprintf(stderr,
+                 "\nspecache: prompt %zu tokens, prefill %.1f ms (%.1f tok/s); %lld decode steps, %.2f ms/token (%.1f tok/s); "
+                 "KV %s: fast %.2f MiB, slow %.2f MiB\n",
+                 prompt.size(), t.prefill_ms, t.prefill_ms > 0 ? t.prefill_tokens * 1000.0 / t.prefill_ms : 0.0,
+                 (long long)t.decode_tokens, dms, dms > 0 ? 1000.0 / dms : 0.0, ks.policy.c_str(),
+                 ks.fast_bytes / 1048576.0, ks.slow_bytes / 1048576.0);
+  }
+  return 0;
+}
+
+}  // namespace
+
+Runner add_generate(CLI::App& app) {
+  auto a = std::make_shared<GenerateArgs>();
+  CLI::App* sub = app.add_subcommand("generate", "generate text from a prompt");
+  add_model_flags(*sub, a->m);
+  sub->add_option("-p,--prompt", a->prompt, "prompt text");
+  sub->add_option("-f,--file", a->prompt_file, "read the prompt from a file");
+  sub->add_option("-n,--n-predict", a->n_predict, "tokens to generate (-1: until EOS or context end)")->check(CLI::Range(-1, 1 << 30))->capture_default_str();
+  sub->add_option("-c,--ctx-size", a->n_ctx, "context size (default: the model's trained context)")->check(CLI::Range((int64_t)0, (int64_t)1 << 26));
+  sub->add_option("--temp", a->temp, "temperature (0: greedy)")->check(CLI::Range(0.0f, 100.0f))->capture_default_str();
+  sub->add_option("--top-k", a->top_k, "top-k sampling (0: off)")->check(CLI::Range(0, 1 << 30))->capture_default_str();
+  sub->add_option("--top-p", a->top_p, "top-p (nucleus) sampling (1: off)")->check(CLI::Range(0.0f, 1.0f))->capture_default_str();
+  sub->add_option("--min-p", a->min_p, "min-p sampling (0: off)")->check(CLI::Range(0.0f, 0.999f))->capture_default_str();
+  sub->add_option("--seed", a->seed, "random seed for sampling")->capture_default_str();
+  sub->add_flag("--chat", a->chat, "wrap the prompt as a user message with the model's chat template");
+  sub->add_flag("--ignore-eos", a->ignore_eos, "keep generating past end-of-generation tokens");
+  sub->add_flag("--json", a->json, "print one JSON object (tokens, text, timings, kv) instead of streaming");
+  add_kv_flags(*sub, a->kv);
+  return [sub, a] { return run_generate(*sub, *a); };
+}
+
+}  // namespace spc::cli

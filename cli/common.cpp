@@ -1,0 +1,49 @@
+#include "common.h"
+
+#include <unistd.h>
+
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "util/error.h"
+
+namespace spc::cli {
+
+void add_model_flags(CLI::App& app, ModelArgs& a) {
+  app.add_option("-m,--model", a.model, "GGUF model file")->required();
+  app.add_option("-t,--threads", a.threads, "threads (default: all hardware threads)")->check(CLI::Range(0, 1024));
+}
+
+int resolve_threads(int requested) {
+  if (requested > 0) return requested;
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc ? (int)hc : 1;
+}
+
+void add_kv_flags(CLI::App& app, KvConfig& kv) {
+  std::string names;
+  for (const auto& n : kv_policy_names()) names += (names.empty() ? "" : ", ") + n;
+  app.add_option("--kv", kv.policy, "KV policy: " + names)->capture_default_str();
+  app.add_option("--kv-bits", kv.bits, "bits of the low-bit KV copy (1 or 2)")->check(CLI::IsMember({1, 2}))->capture_default_str();
+  app.add_option("--kv-group", kv.group, "quantization group size g (32 or 64)")->check(CLI::IsMember({32, 64}))->capture_default_str();
+  app.add_option("--kv-topk", kv.topk, "16-bit KV pairs fetched per layer and KV head")->check(CLI::Range(0, 1 << 20))->capture_default_str();
+  app.add_option("--kv-window", kv.window, "residual window of recent 16-bit tokens")->check(CLI::Range(0, 1 << 20))->capture_default_str();
+  app.add_option("--kv-sinks", kv.sinks, "attention-sink tokens kept in 16-bit")->check(CLI::Range(0, 1 << 20))->capture_default_str();
+  app.add_option("--kv-store", kv.store, "slow tier: host or file")->check(CLI::IsMember({"host", "file"}))->capture_default_str();
+  app.add_option("--kv-dir", kv.dir, "directory for the file store (--kv-store file)");
+  app.add_flag("--kv-diagnostics", kv.diagnostics, "measure the exact attention mass served in 16-bit (slow)");
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(strfmt("%s: cannot open prompt file", path.c_str()));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) throw Error(strfmt("%s: error reading prompt file", path.c_str()));
+  return ss.str();
+}
+
+bool stderr_is_terminal() { return isatty(STDERR_FILENO) == 1; }
+
+}  // namespace spc::cli

@@ -1,0 +1,44 @@
+// The generate loop shared by the CLI and the harnesses: prompt -> prefill -> sample/decode,
+// streaming each piece of text as it is produced.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "engine/sampler.h"
+#include "engine/session.h"
+#include "engine/tokenizer.h"
+
+namespace spc {
+
+struct GenerateOptions {
+  int n_predict = 128;       // tokens to generate (< 0: until EOS or context full)
+  bool ignore_eos = false;
+  SamplerConfig sampler;
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // generated ids (EOS excluded)
+  std::string text;
+  bool stopped_at_eos = false;
+  bool stopped_at_context = false;
+};
+
+// Streams complete UTF-8 text: pieces may split a multi-byte character across tokens.
+class Utf8Stream {
+ public:
+  // Appends bytes; returns the longest prefix of pending bytes that ends on a character boundary.
+  std::string push(const std::string& bytes);
+  std::string flush();  // whatever is left (possibly an incomplete sequence)
+
+ private:
+  std::string pending_;
+};
+
+// Runs generation on a session that has been prefilled with the prompt. on_text gets each
+// complete UTF-8 chunk as soon as it is available.
+GenerateResult generate(Session& session, const Tokenizer& tok, const GenerateOptions& opt,
+                        const std::function<void(const std::string&)>& on_text = {});
+
+}  // namespace spc

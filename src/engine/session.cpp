@@ -1,0 +1,56 @@
+#include "engine/session.h"
+
+#include <chrono>
+#include <cstring>
+
+#include "engine/sampler.h"
+#include "util/error.h"
+#include "util/threadpool.h"
+
+namespace spc {
+
+namespace {
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+Session::Session(const Model& model, std::unique_ptr<KvPolicy> kv, ThreadPool& pool)
+    : model_(model), kv_(std::move(kv)), pool_(pool) {
+  logits_.assign((size_t)model.config().n_vocab, 0.0f);
+}
+
+void Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* all_logits,
+                      const Model::Progress& progress) {
+  const double t0 = now_ms();
+  model_.prefill(tokens.data(), (int64_t)tokens.size(), *kv_, pool_, scratch_, logits_.data(), all_logits, progress);
+  timings_.prefill_ms += now_ms() - t0;
+  timings_.prefill_tokens += (int64_t)tokens.size();
+  spec_next_ = -1;
+}
+
+void Session::decode(int32_t token) {
+  const int n_vocab = model_.config().n_vocab;
+  const double t0 = now_ms();
+  if (!kv_->wants_speculative_row()) {
+    model_.decode(&token, 1, 1, *kv_, pool_, scratch_, logits_.data());
+  } else {
+    if (spec_next_ < 0) {
+      // Pre-decoding: one row over the low-bit copy; selects the first top-k, keeps no K/V,
+      // and its logits give the first speculative token.
+      step_logits_.resize((size_t)n_vocab);
+      model_.decode(&token, 1, 0, *kv_, pool_, scratch_, step_logits_.data());
+      spec_next_ = argmax(step_logits_.data(), n_vocab);
+    }
+    const int32_t rows[2] = {token, spec_next_};
+    const int n_rows = kv_->n_cached() + 2 <= kv_->geometry().n_ctx + 1 ? 2 : 1;
+    step_logits_.resize((size_t)n_rows * n_vocab);
+    model_.decode(rows, n_rows, 1, *kv_, pool_, scratch_, step_logits_.data());
+    std::memcpy(logits_.data(), step_logits_.data(), sizeof(float) * n_vocab);
+    spec_next_ = n_rows == 2 ? argmax(step_logits_.data() + n_vocab, n_vocab) : argmax(logits_.data(), n_vocab);
+  }
+  timings_.decode_ms += now_ms() - t0;
+  timings_.decode_tokens += 1;
+}
+
+}  // namespace spc

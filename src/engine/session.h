@@ -1,0 +1,52 @@
+// One sequence being generated: a model, its KV policy and the decode-step bookkeeping,
+// including SpeCache's speculative row (pre-decoding pass, [real, speculative] steps).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kv/kv_policy.h"
+#include "model/model.h"
+
+namespace spc {
+
+class ThreadPool;
+
+struct SessionTimings {
+  double prefill_ms = 0;
+  int64_t prefill_tokens = 0;
+  double decode_ms = 0;       // all decode steps, pre-decoding included
+  int64_t decode_tokens = 0;  // real tokens fed through decode
+};
+
+class Session {
+ public:
+  Session(const Model& model, std::unique_ptr<KvPolicy> kv, ThreadPool& pool);
+
+  // Exact prefill of the prompt on the empty cache. After it, logits() predicts the token after the prompt.
+  void prefill(const std::vector<int32_t>& tokens, std::vector<float>* all_logits = nullptr,
+               const Model::Progress& progress = {});
+
+  // Feeds the next real token through the policy's decode path; logits() then predicts the one after it.
+  // Speculative policies run [token, guess] steps; the guess is the argmax of the last step's second row.
+  void decode(int32_t token);
+
+  const std::vector<float>& logits() const { return logits_; }
+  int64_t n_past() const { return kv_->n_cached(); }
+  KvPolicy& kv() { return *kv_; }
+  const KvPolicy& kv() const { return *kv_; }
+  const Model& model() const { return model_; }
+  const SessionTimings& timings() const { return timings_; }
+
+ private:
+  const Model& model_;
+  std::unique_ptr<KvPolicy> kv_;
+  ThreadPool& pool_;
+  ForwardScratch scratch_;
+  std::vector<float> logits_;      // [n_vocab] after the last real token
+  std::vector<float> step_logits_; // [rows][n_vocab]
+  int32_t spec_next_ = -1;         // speculative guess for the position after the next real token
+  SessionTimings timings_;
+};
+
+}  // namespace spc

@@ -1,0 +1,107 @@
+#include "kv/f16_cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops/attention.h"
+#include "util/error.h"
+#include "util/threadpool.h"
+
+namespace spc {
+
+F16Cache::F16Cache(const KvGeometry& g, int64_t capacity) : g_(g) {
+  cap_ = (capacity + kKeyTile - 1) / kKeyTile * kKeyTile;
+  const size_t n = (size_t)g.n_layer * g.n_head_kv * cap_ * g.head_dim * sizeof(fp16_t);
+  kt_ = LazyBuffer(n);
+  v_ = LazyBuffer(n);
+}
+
+void F16Cache::write(int il, int64_t pos0, int64_t n, const float* k, const float* v) {
+  SPC_ASSERT(pos0 >= 0 && pos0 + n <= cap_);
+  const int d = g_.head_dim;
+  for (int h = 0; h < g_.n_head_kv; ++h) {
+    fp16_t* kt = kt_.as<fp16_t>() + slot(il, h);
+    fp16_t* vv = v_.as<fp16_t>() + slot(il, h);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* ki = k + (i * g_.n_head_kv + h) * d;
+      const float* vi = v + (i * g_.n_head_kv + h) * d;
+      const int64_t pos = pos0 + i;
+      fp16_t* kdst = kt + key_tile_offset(pos, d);
+      for (int c = 0; c < d; ++c) kdst[c * kKeyTile] = fp32_to_fp16(ki[c]);
+      for (int c = 0; c < d; ++c) vv[pos * d + c] = fp32_to_fp16(vi[c]);
+    }
+  }
+}
+
+float F16Cache::key_at(int il, int h, int64_t pos, int c) const {
+  return fp16_to_fp32(keys(il, h)[key_tile_offset(pos, g_.head_dim) + (int64_t)c * kKeyTile]);
+}
+
+void F16Cache::read(int il, int64_t n, float* k, float* v) const {
+  const int d = g_.head_dim;
+  for (int h = 0; h < g_.n_head_kv; ++h) {
+    const fp16_t* vv = values(il, h);
+    for (int64_t i = 0; i < n; ++i) {
+      float* ki = k + (i * g_.n_head_kv + h) * d;
+      float* vi = v + (i * g_.n_head_kv + h) * d;
+      for (int c = 0; c < d; ++c) ki[c] = key_at(il, h, i, c);
+      for (int c = 0; c < d; ++c) vi[c] = fp16_to_fp32(vv[i * d + c]);
+    }
+  }
+}
+
+void attend_f16_cache(const F16Cache& cache, const KvGeometry& g, int il, const DecodeRows& rows, float* out,
+                      ThreadPool& pool) {
+  const int d = g.head_dim, group = g.n_head / g.n_head_kv;
+  const int n_pos = (int)(rows.pos0 + rows.n_rows);
+  // Queries of one KV head: rows x group heads, in batches of at most 8 per kernel call.
+  const int n_q = rows.n_rows * group;
+  const int qb = std::min(n_q, 8), n_qbatch = (n_q + qb - 1) / qb;
+  // Split positions into chunks (multiples of the key tile) so both threads stay busy.
+  const int64_t target_tasks = 4LL * pool.size();
+  int64_t chunk = std::max<int64_t>(256, (int64_t)n_pos * g.n_head_kv * n_qbatch / target_tasks);
+  chunk = (chunk + kKeyTile - 1) / kKeyTile * kKeyTile;
+  const int64_t n_chunks = (n_pos + chunk - 1) / chunk;
+  const int64_t n_tasks = (int64_t)g.n_head_kv * n_qbatch * n_chunks;
+
+  std::vector<AttnPartial> parts((size_t)n_tasks * qb);
+  std::vector<float> outs((size_t)n_tasks * qb * d);
+  pool.run([&](int t) {
+    std::vector<float> scratch((size_t)qb * (chunk + kKeyTile));
+    float qbuf[8 * 256];
+    int64_t lim[8];
+    for (int64_t task = t; task < n_tasks; task += pool.size()) {
+      const int h = (int)(task / (n_qbatch * n_chunks));
+      const int b = (int)(task / n_chunks % n_qbatch);
+      const int64_t ch = task % n_chunks;
+      const int q0 = b * qb, nq = std::min(qb, n_q - q0);
+      for (int i = 0; i < nq; ++i) {
+        const int r = (q0 + i) / group, hq = h * group + (q0 + i) % group;
+        std::copy_n(rows.q + ((int64_t)r * g.n_head + hq) * d, d, qbuf + i * d);
+        lim[i] = rows.pos0 + r + 1;
+      }
+      const int64_t k0 = ch * chunk, k1 = std::min<int64_t>(n_pos, k0 + chunk);
+      attention_decode_f16(qbuf, nq, d, cache.keys(il, h), cache.values(il, h), k0, k1, lim,
+                           parts.data() + task * qb, outs.data() + task * qb * d, scratch.data());
+    }
+  });
+  // Merge the chunks of each query and normalize.
+  for (int h = 0; h < g.n_head_kv; ++h)
+    for (int b = 0; b < n_qbatch; ++b) {
+      const int q0 = b * qb, nq = std::min(qb, n_q - q0);
+      const int64_t base = ((int64_t)h * n_qbatch + b) * n_chunks;
+      for (int i = 0; i < nq; ++i) {
+        AttnPartial acc = parts[base * qb + i];
+        float* o = outs.data() + (base * qb + i) * d;
+        for (int64_t ch = 1; ch < n_chunks; ++ch)
+          attn_merge(acc, o, parts[(base + ch) * qb + i], outs.data() + ((base + ch) * qb + i) * d, d);
+        const int r = (q0 + i) / group, hq = h * group + (q0 + i) % group;
+        float* dst = out + ((int64_t)r * g.n_head + hq) * d;
+        const float inv = 1.0f / acc.l;
+        for (int c = 0; c < d; ++c) dst[c] = o[c] * inv;
+      }
+    }
+}
+
+}  // namespace spc

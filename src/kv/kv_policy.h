@@ -1,0 +1,102 @@
+// The KV-policy interface: everything the model knows about where K/V live and how decode
+// attention reads them. The model hands K/V over and asks for attention outputs; it never sees
+// the tiers, the low-bit copy or the prefetches. A policy never sees the model architecture:
+// only the geometry below.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace spc {
+
+class ThreadPool;
+
+struct KvGeometry {
+  int n_layer = 0;
+  int n_head = 0;     // query heads
+  int n_head_kv = 0;  // KV heads
+  int head_dim = 0;
+  int64_t n_ctx = 0;  // maximum number of cached positions
+};
+
+// Policy selection and knobs (the CLI's --kv* flags).
+struct KvConfig {
+  std::string policy = "full";  // full | kivi | specache | specache-exact | streaming | topk-oracle
+  int bits = 1;                 // low-bit copy: 1 or 2
+  int group = 64;               // quantization group g: 32 or 64
+  int topk = 64;                // 16-bit pairs fetched per layer and KV head
+  int window = 64;              // residual window R of recent 16-bit tokens
+  int sinks = 0;                // attention sinks kept in 16-bit (streaming; optional for others)
+  std::string store = "host";   // slow tier: host | file
+  std::string dir;              // directory for the file store
+  bool diagnostics = false;     // compute expensive diagnostics (exact attention mass served)
+  uint32_t inject_delay_us = 0; // test hook: random copy delays up to this many microseconds
+  uint64_t inject_seed = 1;
+};
+
+// Counters a policy reports; zero where not applicable.
+struct KvStats {
+  std::string policy;
+  uint64_t fast_bytes = 0;             // peak bytes of KV data in the fast tier
+  uint64_t slow_bytes = 0;             // bytes held by the slow tier
+  double fetched_bytes_per_step = 0;   // mean bytes copied slow -> fast per decode step
+  double prefetch_reuse_rate = 0;      // share of selected pairs already resident (not copied again)
+  double spec_recall = 0;              // overlap of speculative top-k with the real token's own top-k
+  std::vector<double> spec_recall_per_layer;
+  double exact_mass_served = -1;       // share of exact attention mass computed in 16-bit (-1: not measured)
+  double stall_ms = 0;                 // compute waiting for transfers
+  double copy_ms = 0;                  // time spent copying
+  uint64_t decode_steps = 0;
+};
+
+// The rows of one decode step: n_rows consecutive positions [pos0, pos0 + n_rows), causal among
+// themselves (row r sees the cache and rows 0..r). Rows [0, n_keep) are appended to the cache;
+// the others (SpeCache's speculative row) are discarded after the step.
+struct DecodeRows {
+  int n_rows = 1;
+  int n_keep = 1;
+  int64_t pos0 = 0;
+  const float* q = nullptr;  // [n_rows][n_head][head_dim], RoPE applied
+  const float* k = nullptr;  // [n_rows][n_head_kv][head_dim], RoPE applied
+  const float* v = nullptr;  // [n_rows][n_head_kv][head_dim]
+};
+
+class KvPolicy {
+ public:
+  virtual ~KvPolicy() = default;
+  virtual const char* name() const = 0;
+  virtual const KvGeometry& geometry() const = 0;
+
+  // Positions stored so far (the next token's position).
+  virtual int64_t n_cached() const = 0;
+
+  // Whether each decode step should carry a speculative second row (SpeCache).
+  virtual bool wants_speculative_row() const { return false; }
+
+  // Prefill hand-over, layer by layer: exact 16-bit-rounded K/V of positions [pos0, pos0+n) of
+  // layer il. The model has already attended exactly over them. k, v: [n][n_head_kv][head_dim].
+  // Called for every layer with the same range; n_cached() advances after the last layer.
+  virtual void store_prefill(int il, int64_t pos0, int64_t n, const float* k, const float* v) = 0;
+
+  // Decode: called once per step before layer 0 and once after the last layer.
+  virtual void begin_step(int n_rows, int n_keep) = 0;
+  virtual void end_step() = 0;
+
+  // Attention for the step's rows at layer il. out: [n_rows][n_head][head_dim].
+  virtual void attend(int il, const DecodeRows& rows, float* out, ThreadPool& pool) = 0;
+
+  virtual KvStats stats() const = 0;
+
+  // Copies the complete 16-bit K/V of layer il, positions [0, n_cached()), into k, v
+  // ([n][n_head_kv][head_dim] fp32). Used to hand one prefill to several policies (eval).
+  virtual void export_layer(int il, float* k, float* v) const = 0;
+};
+
+// Builds the policy named in cfg. Throws spc::Error for unknown names or inconsistent knobs.
+std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& cfg, const KvGeometry& geom);
+
+// Names accepted by make_kv_policy.
+const std::vector<std::string>& kv_policy_names();
+
+}  // namespace spc

@@ -1,0 +1,264 @@
+#include "model/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "ops/attention.h"
+#include "ops/quant.h"
+#include "util/error.h"
+#include "util/fp16.h"
+#include "util/threadpool.h"
+
+namespace spc {
+
+namespace {
+
+const GgufTensorInfo& need_tensor(const GgufFile& f, const std::string& name) {
+  const GgufTensorInfo* t = f.find_tensor(name);
+  if (!t) throw Error(strfmt("%s: missing tensor '%s'", f.path().c_str(), name.c_str()));
+  return *t;
+}
+
+WeightView matrix(const GgufFile& f, const std::string& name, int64_t n_in, int64_t n_out) {
+  const GgufTensorInfo& t = need_tensor(f, name);
+  if (t.n_dims != 2 || t.ne[0] != n_in || t.ne[1] != n_out)
+    throw Error(strfmt("%s: tensor '%s' has shape %s, expected [%lld, %lld]", f.path().c_str(), name.c_str(),
+                       t.shape_string().c_str(), (long long)n_in, (long long)n_out));
+  if (!type_traits(t.type).supported)
+    throw Error(strfmt("%s: tensor '%s' has type %s, which this engine cannot compute with", f.path().c_str(),
+                       name.c_str(), type_name(t.type)));
+  return WeightView{t.type, n_in, n_out, t.data};
+}
+
+std::vector<float> vector_f32(const GgufFile& f, const std::string& name, int64_t n) {
+  const GgufTensorInfo& t = need_tensor(f, name);
+  if (t.n_elements() != n)
+    throw Error(strfmt("%s: tensor '%s' has %lld elements, expected %lld", f.path().c_str(), name.c_str(),
+                       (long long)t.n_elements(), (long long)n));
+  SPC_CHECK(t.type == GgmlType::F32 || t.type == GgmlType::F16 || t.type == GgmlType::BF16,
+            "%s: tensor '%s' has type %s, expected F32/F16/BF16", f.path().c_str(), name.c_str(), type_name(t.type));
+  std::vector<float> out((size_t)n);
+  dequantize_row(t.type, t.data, out.data(), n);
+  return out;
+}
+
+int get_dim(const GgufFile& f, const std::string& key) {
+  const auto v = f.get_int(key);
+  if (!v) throw Error(strfmt("%s: missing metadata '%s'", f.path().c_str(), key.c_str()));
+  if (*v <= 0 || *v > (1 << 24)) throw Error(strfmt("%s: metadata '%s' = %lld is out of range", f.path().c_str(), key.c_str(), (long long)*v));
+  return (int)*v;
+}
+
+}  // namespace
+
+std::unique_ptr<Model> Model::load(const std::string& path) {
+  std::unique_ptr<Model> m(new Model());
+  m->file_ = GgufFile::open(path);
+  const GgufFile& f = *m->file_;
+  ModelConfig& c = m->cfg_;
+  c.arch = f.get_string("general.architecture").value_or("");
+  if (c.arch != "llama" && c.arch != "qwen2")
+    throw Error(strfmt("%s: unsupported architecture '%s' (supported: llama, qwen2)", path.c_str(), c.arch.c_str()));
+  const std::string a = c.arch + ".";
+  c.n_embd = get_dim(f, a + "embedding_length");
+  c.n_layer = get_dim(f, a + "block_count");
+  c.n_head = get_dim(f, a + "attention.head_count");
+  c.n_head_kv = f.get_int(a + "attention.head_count_kv") ? get_dim(f, a + "attention.head_count_kv") : c.n_head;
+  c.n_ff = get_dim(f, a + "feed_forward_length");
+  c.n_ctx_train = f.get_int(a + "context_length").value_or(2048);
+  SPC_CHECK(c.n_head % c.n_head_kv == 0, "%s: head_count %d is not a multiple of head_count_kv %d", path.c_str(), c.n_head, c.n_head_kv);
+  c.head_dim = f.get_int(a + "attention.key_length") ? get_dim(f, a + "attention.key_length") : c.n_embd / c.n_head;
+  SPC_CHECK(c.head_dim % 2 == 0 && c.head_dim <= 256, "%s: head dimension %d unsupported (even, <= 256)", path.c_str(), c.head_dim);
+  c.rms_eps = (float)f.get_float(a + "attention.layer_norm_rms_epsilon").value_or(1e-5);
+  c.rope.freq_base = (float)f.get_float(a + "rope.freq_base").value_or(10000.0);
+  c.rope.n_rot = f.get_int(a + "rope.dimension_count") ? get_dim(f, a + "rope.dimension_count") : c.head_dim;
+  SPC_CHECK(c.rope.n_rot <= c.head_dim && c.rope.n_rot % 2 == 0, "%s: rope.dimension_count %d invalid", path.c_str(), c.rope.n_rot);
+  c.rope.neox = (c.arch == "qwen2");
+  const std::string scaling = f.get_string(a + "rope.scaling.type").value_or("none");
+  if (scaling == "linear") {
+    const double factor = f.get_float(a + "rope.scaling.factor").value_or(1.0);
+    SPC_CHECK(factor > 0, "%s: rope.scaling.factor must be positive", path.c_str());
+    c.rope.freq_scale = (float)(1.0 / factor);
+  } else if (scaling != "none") {
+    throw Error(strfmt("%s: unsupported RoPE scaling type '%s' (supported: none, linear)", path.c_str(), scaling.c_str()));
+  }
+  if (f.find_tensor("rope_freqs.weight")) c.rope.freq_factors = vector_f32(f, "rope_freqs.weight", c.rope.n_rot / 2);
+
+  const GgufTensorInfo& emb = need_tensor(f, "token_embd.weight");
+  SPC_CHECK(emb.n_dims == 2 && emb.ne[0] == c.n_embd, "%s: token_embd.weight has shape %s, expected [%d, n_vocab]",
+            path.c_str(), emb.shape_string().c_str(), c.n_embd);
+  c.n_vocab = (int)emb.ne[1];
+  m->tok_embd_ = matrix(f, "token_embd.weight", c.n_embd, c.n_vocab);
+  c.tied_output = f.find_tensor("output.weight") == nullptr;
+  m->w_out_ = c.tied_output ? m->tok_embd_ : matrix(f, "output.weight", c.n_embd, c.n_vocab);
+  m->out_norm_ = vector_f32(f, "output_norm.weight", c.n_embd);
+
+  const int64_t dq = (int64_t)c.n_head * c.head_dim, dkv = (int64_t)c.n_head_kv * c.head_dim;
+  c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+  m->layers_.resize(c.n_layer);
+  for (int il = 0; il < c.n_layer; ++il) {
+    LayerWeights& L = m->layers_[il];
+    const std::string p = "blk." + std::to_string(il) + ".";
+    L.attn_norm = vector_f32(f, p + "attn_norm.weight", c.n_embd);
+    L.ffn_norm = vector_f32(f, p + "ffn_norm.weight", c.n_embd);
+    L.wq = matrix(f, p + "attn_q.weight", c.n_embd, dq);
+    L.wk = matrix(f, p + "attn_k.weight", c.n_embd, dkv);
+    L.wv = matrix(f, p + "attn_v.weight", c.n_embd, dkv);
+    L.wo = matrix(f, p + "attn_output.weight", dq, c.n_embd);
+    L.w_gate = matrix(f, p + "ffn_gate.weight", c.n_embd, c.n_ff);
+    L.w_up = matrix(f, p + "ffn_up.weight", c.n_embd, c.n_ff);
+    L.w_down = matrix(f, p + "ffn_down.weight", c.n_ff, c.n_embd);
+    if (c.qkv_bias) {
+      L.bq = vector_f32(f, p + "attn_q.bias", dq);
+      L.bk = vector_f32(f, p + "attn_k.bias", dkv);
+      L.bv = vector_f32(f, p + "attn_v.bias", dkv);
+    }
+  }
+  return m;
+}
+
+KvGeometry Model::kv_geometry(int64_t n_ctx) const {
+  return KvGeometry{cfg_.n_layer, cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim, n_ctx};
+}
+
+uint64_t Model::weight_bytes_per_token() const {
+  auto bytes = [](const WeightView& w) { return (uint64_t)row_size(w.type, w.n_in) * w.n_out; };
+  uint64_t total = bytes(w_out_) + row_size(tok_embd_.type, tok_embd_.n_in);
+  for (const auto& L : layers_)
+    total += bytes(L.wq) + bytes(L.wk) + bytes(L.wv) + bytes(L.wo) + bytes(L.w_gate) + bytes(L.w_up) + bytes(L.w_down);
+  return total;
+}
+
+void Model::embed(const int32_t* tokens, int64_t n, float* x) const {
+  for (int64_t i = 0; i < n; ++i) {
+    SPC_CHECK(tokens[i] >= 0 && tokens[i] < cfg_.n_vocab, "token id %d out of range [0, %d)", tokens[i], cfg_.n_vocab);
+    dequantize_rows(tok_embd_, tokens[i], 1, x + i * cfg_.n_embd);
+  }
+}
+
+void Model::qkv(const LayerWeights& L, const float* h, int64_t n, const int64_t* pos, ForwardScratch& s, float* q,
+                float* k, float* v, ThreadPool& pool) const {
+  const int64_t dq = (int64_t)cfg_.n_head * cfg_.head_dim, dkv = (int64_t)cfg_.n_head_kv * cfg_.head_dim;
+  matmul(L.wq, h, n, q, pool);
+  matmul(L.wk, h, n, k, pool);
+  matmul(L.wv, h, n, v, pool);
+  if (cfg_.qkv_bias)
+    for (int64_t i = 0; i < n; ++i) {
+      add_inplace(q + i * dq, L.bq.data(), dq);
+      add_inplace(k + i * dkv, L.bk.data(), dkv);
+      add_inplace(v + i * dkv, L.bv.data(), dkv);
+    }
+  rope_tables(cfg_.rope, pos, n, s.rope_cos, s.rope_sin);
+  rope_apply(cfg_.rope, q, n, cfg_.n_head, cfg_.head_dim, s.rope_cos.data(), s.rope_sin.data());
+  rope_apply(cfg_.rope, k, n, cfg_.n_head_kv, cfg_.head_dim, s.rope_cos.data(), s.rope_sin.data());
+  // The cache is 16-bit: round K/V here so prefill attention sees what decode will see.
+  for (int64_t i = 0; i < n * dkv; ++i) {
+    k[i] = fp16_to_fp32(fp32_to_fp16(k[i]));
+    v[i] = fp16_to_fp32(fp32_to_fp16(v[i]));
+  }
+}
+
+void Model::ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, ThreadPool& pool) const {
+  const int64_t e = cfg_.n_embd, ff = cfg_.n_ff;
+  s.h.resize((size_t)(n * e));
+  s.ff_g.resize((size_t)(n * ff));
+  s.ff_u.resize((size_t)(n * ff));
+  for (int64_t i = 0; i < n; ++i) rmsnorm(x + i * e, L.ffn_norm.data(), s.h.data() + i * e, e, cfg_.rms_eps);
+  matmul(L.w_gate, s.h.data(), n, s.ff_g.data(), pool);
+  matmul(L.w_up, s.h.data(), n, s.ff_u.data(), pool);
+  silu_mul(s.ff_g.data(), s.ff_u.data(), n * ff);
+  matmul(L.w_down, s.ff_g.data(), n, s.h.data(), pool);
+  add_inplace(x, s.h.data(), n * e);
+}
+
+void Model::output(const float* x, int64_t n, ForwardScratch& s, float* logits, ThreadPool& pool) const {
+  const int64_t e = cfg_.n_embd;
+  s.logits_in.resize((size_t)(n * e));
+  for (int64_t i = 0; i < n; ++i) rmsnorm(x + i * e, out_norm_.data(), s.logits_in.data() + i * e, e, cfg_.rms_eps);
+  matmul(w_out_, s.logits_in.data(), n, logits, pool);
+}
+
+void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
+                    float* last_logits, std::vector<float>* all_logits, const Progress& progress, int64_t chunk) const {
+  SPC_CHECK(n > 0, "prefill needs at least one token");
+  const int64_t pos0 = kv.n_cached();
+  SPC_CHECK(pos0 == 0, "prefill must start on an empty KV cache (%lld positions cached)", (long long)pos0);
+  SPC_CHECK(n <= kv.geometry().n_ctx, "prompt of %lld tokens does not fit the context of %lld", (long long)n,
+            (long long)kv.geometry().n_ctx);
+  const int64_t e = cfg_.n_embd, dq = (int64_t)cfg_.n_head * cfg_.head_dim, dkv = (int64_t)cfg_.n_head_kv * cfg_.head_dim;
+  chunk = std::max<int64_t>(1, std::min(chunk, n));
+  s.x.resize((size_t)(n * e));                 // [n][n_embd] residual stream of the whole prompt
+  s.k_layer.resize((size_t)(n * dkv));         // [n][n_head_kv][head_dim] this layer's keys
+  s.v_layer.resize((size_t)(n * dkv));
+  s.q.resize((size_t)(chunk * dq));            // [chunk][n_head][head_dim]
+  s.att.resize((size_t)(chunk * dq));
+  std::vector<float> hbuf((size_t)(chunk * e));
+  std::vector<int64_t> pos((size_t)chunk);
+  embed(tokens, n, s.x.data());
+  const AttnShape shape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim};
+  for (int il = 0; il < cfg_.n_layer; ++il) {
+    const LayerWeights& L = layers_[il];
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t nc = std::min(chunk, n - c0);
+      float* x = s.x.data() + c0 * e;
+      for (int64_t i = 0; i < nc; ++i) {
+        rmsnorm(x + i * e, L.attn_norm.data(), hbuf.data() + i * e, e, cfg_.rms_eps);
+        pos[i] = pos0 + c0 + i;
+      }
+      qkv(L, hbuf.data(), nc, pos.data(), s, s.q.data(), s.k_layer.data() + c0 * dkv, s.v_layer.data() + c0 * dkv, pool);
+      attention_prefill(shape, s.q.data(), nc, c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
+      matmul(L.wo, s.att.data(), nc, hbuf.data(), pool);
+      add_inplace(x, hbuf.data(), nc * e);
+      ffn(L, x, nc, s, pool);
+    }
+    kv.store_prefill(il, pos0, n, s.k_layer.data(), s.v_layer.data());
+    if (progress) progress(il + 1, cfg_.n_layer);
+  }
+  if (all_logits) {
+    all_logits->resize((size_t)(n * cfg_.n_vocab));
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t nc = std::min(chunk, n - c0);
+      output(s.x.data() + c0 * e, nc, s, all_logits->data() + c0 * cfg_.n_vocab, pool);
+    }
+    std::memcpy(last_logits, all_logits->data() + (n - 1) * cfg_.n_vocab, sizeof(float) * cfg_.n_vocab);
+  } else {
+    output(s.x.data() + (n - 1) * e, 1, s, last_logits, pool);
+  }
+  // Release the prompt-sized buffers: decode needs only a few rows.
+  std::vector<float>().swap(s.x);
+  std::vector<float>().swap(s.k_layer);
+  std::vector<float>().swap(s.v_layer);
+}
+
+void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
+                   float* logits) const {
+  SPC_CHECK(n_rows >= 1 && n_keep >= 0 && n_keep <= n_rows, "invalid decode step (%d rows, %d kept)", n_rows, n_keep);
+  const int64_t e = cfg_.n_embd, dq = (int64_t)cfg_.n_head * cfg_.head_dim, dkv = (int64_t)cfg_.n_head_kv * cfg_.head_dim;
+  const int64_t pos0 = kv.n_cached();
+  s.x.resize((size_t)(n_rows * e));
+  s.q.resize((size_t)(n_rows * dq));
+  s.k.resize((size_t)(n_rows * dkv));
+  s.v.resize((size_t)(n_rows * dkv));
+  s.att.resize((size_t)(n_rows * dq));
+  std::vector<float> hbuf((size_t)(n_rows * e));
+  int64_t pos[16];
+  SPC_ASSERT(n_rows <= 16);
+  for (int r = 0; r < n_rows; ++r) pos[r] = pos0 + r;
+  embed(tokens, n_rows, s.x.data());
+  kv.begin_step(n_rows, n_keep);
+  for (int il = 0; il < cfg_.n_layer; ++il) {
+    const LayerWeights& L = layers_[il];
+    for (int r = 0; r < n_rows; ++r) rmsnorm(s.x.data() + r * e, L.attn_norm.data(), hbuf.data() + r * e, e, cfg_.rms_eps);
+    qkv(L, hbuf.data(), n_rows, pos, s, s.q.data(), s.k.data(), s.v.data(), pool);
+    DecodeRows rows{n_rows, n_keep, pos0, s.q.data(), s.k.data(), s.v.data()};
+    kv.attend(il, rows, s.att.data(), pool);
+    matmul(L.wo, s.att.data(), n_rows, hbuf.data(), pool);
+    add_inplace(s.x.data(), hbuf.data(), n_rows * e);
+    ffn(L, s.x.data(), n_rows, s, pool);
+  }
+  kv.end_step();
+  output(s.x.data(), n_rows, s, logits, pool);
+}
+
+}  // namespace spc

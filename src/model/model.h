@@ -1,0 +1,89 @@
+// Llama-family transformer (llama, qwen2) over GGUF weights. The model owns the weights (a
+// memory map) and the forward pass; K/V go through a KvPolicy it knows only by interface.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gguf/gguf.h"
+#include "kv/kv_policy.h"
+#include "ops/matmul.h"
+#include "ops/ops.h"
+
+namespace spc {
+
+class ThreadPool;
+
+struct ModelConfig {
+  std::string arch;       // "llama" | "qwen2"
+  int n_vocab = 0;
+  int n_embd = 0;
+  int n_layer = 0;
+  int n_head = 0;
+  int n_head_kv = 0;
+  int head_dim = 0;
+  int n_ff = 0;
+  int64_t n_ctx_train = 0;
+  float rms_eps = 1e-5f;
+  RopeParams rope;
+  bool tied_output = false;  // output matrix is token_embd
+  bool qkv_bias = false;
+};
+
+struct LayerWeights {
+  std::vector<float> attn_norm, ffn_norm;  // [n_embd]
+  WeightView wq, wk, wv, wo;               // [n_head*hd, n_embd], [n_kv*hd, n_embd] x2, [n_embd, n_head*hd]
+  std::vector<float> bq, bk, bv;           // qwen2 biases (empty otherwise)
+  WeightView w_gate, w_up, w_down;         // [n_ff, n_embd] x2, [n_embd, n_ff]
+};
+
+// Reusable activation buffers of one forward caller (one per session; not shared across threads).
+struct ForwardScratch {
+  std::vector<float> x, h, q, k, v, att, ff_g, ff_u, logits_in;
+  std::vector<float> k_layer, v_layer;  // prefill: one layer's K/V for the whole prompt
+  std::vector<float> rope_cos, rope_sin;
+};
+
+class Model {
+ public:
+  // Loads a GGUF file. Throws spc::Error for unsupported architectures, missing tensors, bad shapes.
+  static std::unique_ptr<Model> load(const std::string& path);
+
+  const ModelConfig& config() const { return cfg_; }
+  const GgufFile& gguf() const { return *file_; }
+  KvGeometry kv_geometry(int64_t n_ctx) const;
+  // Bytes of weights read per decoded token (every matrix once, one embedding row).
+  uint64_t weight_bytes_per_token() const;
+
+  // Prefill of `tokens` at positions [kv.n_cached(), ...) on an empty cache, layer by layer,
+  // exact attention, chunked (chunk rows at a time). Writes the last position's logits into
+  // last_logits [n_vocab]; all_logits (optional) gets [n_tokens][n_vocab].
+  using Progress = std::function<void(int layers_done, int n_layer)>;
+  void prefill(const int32_t* tokens, int64_t n_tokens, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
+               float* last_logits, std::vector<float>* all_logits = nullptr, const Progress& progress = {},
+               int64_t chunk = 256) const;
+
+  // One decode step of n_rows consecutive tokens at positions [kv.n_cached(), ...); K/V of the
+  // first n_keep rows are kept. logits: [n_rows][n_vocab].
+  void decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
+              float* logits) const;
+
+ private:
+  Model() = default;
+  void embed(const int32_t* tokens, int64_t n, float* x) const;
+  // q/k/v projections (+bias) and RoPE for n rows of normalized input h at positions pos.
+  void qkv(const LayerWeights& L, const float* h, int64_t n, const int64_t* pos, ForwardScratch& s, float* q, float* k,
+           float* v, ThreadPool& pool) const;
+  void ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, ThreadPool& pool) const;
+  void output(const float* x, int64_t n, ForwardScratch& s, float* logits, ThreadPool& pool) const;
+
+  std::unique_ptr<GgufFile> file_;
+  ModelConfig cfg_;
+  WeightView tok_embd_, w_out_;
+  std::vector<float> out_norm_;
+  std::vector<LayerWeights> layers_;
+};
+
+}  // namespace spc

@@ -1,0 +1,209 @@
+#include "ops/attention.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "util/error.h"
+#include "util/threadpool.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace spc {
+
+float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = ((int32_t)n + 127) << 23;
+  return p * std::bit_cast<float>(e);
+}
+
+void attn_merge(AttnPartial& dst, float* dst_o, const AttnPartial& src, const float* src_o, int d) {
+  if (src.l == 0) return;
+  if (dst.l == 0) {
+    dst = src;
+    std::memcpy(dst_o, src_o, sizeof(float) * d);
+    return;
+  }
+  const float m = std::max(dst.m, src.m);
+  const float a = std::exp(dst.m - m), b = std::exp(src.m - m);
+  for (int c = 0; c < d; ++c) dst_o[c] = dst_o[c] * a + src_o[c] * b;
+  dst.l = dst.l * a + src.l * b;
+  dst.m = m;
+}
+
+namespace {
+
+constexpr int kRowTile = 16;   // query rows per prefill tile
+constexpr int kKeyBlock = 128; // keys per online-softmax block in prefill
+
+// One prefill tile: query head h, rows [r0, r0+nr) (nr <= 16) of the chunk.
+void prefill_tile(const AttnShape& s, const float* q, int64_t r0, int nr, int64_t p0, const float* k, const float* v,
+                  float* out, int h) {
+  const int d = s.head_dim;
+  const int hk = h / (s.n_head / s.n_head_kv);
+  const int64_t q_stride = (int64_t)s.n_head * d, kv_stride = (int64_t)s.n_head_kv * d;
+  const float scale = 1.0f / std::sqrt((float)d);
+  alignas(64) float qt[256 * kRowTile];  // [d][16]
+  alignas(64) float ot[256 * kRowTile];  // [d][16] unnormalized output
+  alignas(64) float sc[kKeyBlock * kRowTile];
+  float m[kRowTile], l[kRowTile];
+  SPC_ASSERT(d <= 256);
+  std::memset(qt, 0, sizeof(float) * d * kRowTile);
+  std::memset(ot, 0, sizeof(float) * d * kRowTile);
+  for (int r = 0; r < kRowTile; ++r) {
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0;
+  }
+  for (int r = 0; r < nr; ++r)
+    for (int c = 0; c < d; ++c) qt[c * kRowTile + r] = q[(r0 + r) * q_stride + h * d + c] * scale;
+  const int64_t n_keys = p0 + r0 + nr;  // last row sees keys < n_keys
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
+    const int nb = (int)std::min<int64_t>(kKeyBlock, n_keys - j0);
+    for (int j = 0; j < nb; ++j) {
+      const float* kj = k + (j0 + j) * kv_stride + hk * d;
+      float acc[kRowTile] = {};
+      for (int c = 0; c < d; ++c) {
+        const float kc = kj[c];
+        for (int r = 0; r < kRowTile; ++r) acc[r] += kc * qt[c * kRowTile + r];
+      }
+      for (int r = 0; r < kRowTile; ++r) sc[j * kRowTile + r] = acc[r];
+    }
+    // Causal mask + online softmax update per row.
+    float mnew[kRowTile], alpha[kRowTile];
+    for (int r = 0; r < kRowTile; ++r) {
+      const int64_t lim = p0 + r0 + r;  // row sees keys <= lim
+      float mx = m[r];
+      for (int j = 0; j < nb; ++j)
+        if (j0 + j <= lim) mx = std::max(mx, sc[j * kRowTile + r]);
+      mnew[r] = mx;
+      alpha[r] = (m[r] == -std::numeric_limits<float>::infinity()) ? 0.0f : std::exp(m[r] - mx);
+    }
+    for (int j = 0; j < nb; ++j)
+      for (int r = 0; r < kRowTile; ++r) {
+        const bool ok = j0 + j <= p0 + r0 + r && r < nr;
+        sc[j * kRowTile + r] = ok ? exp_approx(sc[j * kRowTile + r] - mnew[r]) : 0.0f;
+      }
+    for (int r = 0; r < kRowTile; ++r) {
+      float sum = 0;
+      for (int j = 0; j < nb; ++j) sum += sc[j * kRowTile + r];
+      l[r] = l[r] * alpha[r] + sum;
+      m[r] = mnew[r];
+    }
+    for (int c = 0; c < d; ++c)
+      for (int r = 0; r < kRowTile; ++r) ot[c * kRowTile + r] *= alpha[r];
+    for (int j = 0; j < nb; ++j) {
+      const float* vj = v + (j0 + j) * kv_stride + hk * d;
+      const float* pj = sc + j * kRowTile;
+      for (int c = 0; c < d; ++c) {
+        const float vc = vj[c];
+        for (int r = 0; r < kRowTile; ++r) ot[c * kRowTile + r] += vc * pj[r];
+      }
+    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    const float inv = 1.0f / l[r];
+    float* o = out + (r0 + r) * q_stride + h * d;
+    for (int c = 0; c < d; ++c) o[c] = ot[c * kRowTile + r] * inv;
+  }
+}
+
+}  // namespace
+
+void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
+                       float* out, ThreadPool& pool) {
+  const int64_t n_tiles = (n_rows + kRowTile - 1) / kRowTile;
+  const int64_t n_tasks = n_tiles * s.n_head;
+  // Later tiles see more keys: interleave tasks so each thread gets a similar mix.
+  pool.run([&](int t) {
+    for (int64_t task = t; task < n_tasks; task += pool.size()) {
+      const int64_t tile = n_tiles - 1 - task / s.n_head;
+      const int h = (int)(task % s.n_head);
+      const int64_t r0 = tile * kRowTile;
+      prefill_tile(s, q, r0, (int)std::min<int64_t>(kRowTile, n_rows - r0), p0, k, v, out, h);
+    }
+  });
+}
+
+void attention_decode_f16(const float* q, int n_q, int d, const fp16_t* kt, const fp16_t* v, int64_t k0, int64_t k1,
+                          const int64_t* limit, AttnPartial* part, float* o, float* scratch) {
+  SPC_ASSERT(k0 % kKeyTile == 0 && d <= 256);
+  const float scale = 1.0f / std::sqrt((float)d);
+  const int64_t n = k1 - k0;
+  const int64_t n_pad = (n + kKeyTile - 1) / kKeyTile * kKeyTile;
+  float* sc = scratch;  // [n_q][n_pad]
+  alignas(64) float qs[8 * 256];
+  SPC_ASSERT(n_q <= 8);
+  for (int i = 0; i < n_q; ++i)
+    for (int c = 0; c < d; ++c) qs[i * d + c] = q[i * d + c] * scale;
+  // Scores, one tile of 16 positions at a time.
+  for (int64_t t0 = 0; t0 < n_pad; t0 += kKeyTile) {
+    const fp16_t* tile = kt + key_tile_offset(k0 + t0, d);
+#if defined(__AVX512F__)
+    __m512 acc[8];
+    for (int i = 0; i < n_q; ++i) acc[i] = _mm512_setzero_ps();
+    for (int c = 0; c < d; ++c) {
+      const __m512 kc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(tile + c * kKeyTile)));
+      for (int i = 0; i < n_q; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qs[i * d + c]), kc, acc[i]);
+    }
+    for (int i = 0; i < n_q; ++i) _mm512_storeu_ps(sc + i * n_pad + t0, acc[i]);
+#else
+    for (int i = 0; i < n_q; ++i) {
+      float acc[kKeyTile] = {};
+      for (int c = 0; c < d; ++c)
+        for (int j = 0; j < kKeyTile; ++j) acc[j] += qs[i * d + c] * fp16_to_fp32(tile[c * kKeyTile + j]);
+      std::memcpy(sc + i * n_pad + t0, acc, sizeof(acc));
+    }
+#endif
+  }
+  // Softmax pieces per query with its causal limit.
+  for (int i = 0; i < n_q; ++i) {
+    float* si = sc + i * n_pad;
+    const int64_t ni = std::max<int64_t>(0, std::min(n, limit[i] - k0));
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < ni; ++j) mx = std::max(mx, si[j]);
+    float sum = 0;
+    for (int64_t j = 0; j < ni; ++j) {
+      si[j] = exp_approx(si[j] - mx);
+      sum += si[j];
+    }
+    for (int64_t j = ni; j < n_pad; ++j) si[j] = 0;
+    part[i] = {mx, sum};
+    std::memset(o + i * d, 0, sizeof(float) * d);
+  }
+  // Weighted sum of values.
+  for (int64_t j = 0; j < n; ++j) {
+    const fp16_t* vj = v + (k0 + j) * d;
+#if defined(__AVX512F__)
+    if (d % 16 == 0) {
+      for (int c0 = 0; c0 < d; c0 += 16) {
+        const __m512 vc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(vj + c0)));
+        for (int i = 0; i < n_q; ++i) {
+          float* oi = o + i * d + c0;
+          _mm512_storeu_ps(oi, _mm512_fmadd_ps(_mm512_set1_ps(sc[i * n_pad + j]), vc, _mm512_loadu_ps(oi)));
+        }
+      }
+      continue;
+    }
+#endif
+    for (int c = 0; c < d; ++c) {
+      const float vc = fp16_to_fp32(vj[c]);
+      for (int i = 0; i < n_q; ++i) o[i * d + c] += sc[i * n_pad + j] * vc;
+    }
+  }
+}
+
+}  // namespace spc

@@ -1,0 +1,53 @@
+// Attention kernels shared by the model (prefill) and the KV policies (decode).
+// All take the scale 1/sqrt(head_dim) into account themselves.
+#pragma once
+#include <cstdint>
+
+#include "util/fp16.h"
+
+namespace spc {
+
+class ThreadPool;
+
+struct AttnShape {
+  int n_head;     // query heads
+  int n_head_kv;  // key/value heads (n_head % n_head_kv == 0)
+  int head_dim;
+};
+
+// exp(x) for x <= 0 (and moderately positive x), max relative error ~2e-7; vectorizes.
+float exp_approx(float x);
+
+// Exact causal attention for a chunk of prefill rows.
+// q:   [n_rows][n_head][head_dim]      rows are absolute positions p0 .. p0+n_rows-1
+// k,v: [n_keys][n_head_kv][head_dim]   keys at absolute positions 0 .. n_keys-1, n_keys >= p0 + n_rows
+// out: [n_rows][n_head][head_dim]
+// Row r attends to keys 0 .. p0 + r.
+void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
+                       float* out, ThreadPool& pool);
+
+// Partial attention state over a subset of keys for one query vector: o is unnormalized.
+// Two partial states over disjoint key sets merge exactly (flash-decoding).
+struct AttnPartial {
+  float m;  // running max of scores
+  float l;  // sum of exp(score - m)
+};
+// dst <- merge(dst, src); o vectors of length d.
+void attn_merge(AttnPartial& dst, float* dst_o, const AttnPartial& src, const float* src_o, int d);
+
+// Keys of one KV head stored tile-transposed in fp16 for streaming: tiles of 16 positions,
+// tile t holds [head_dim][16] (channel-major), so 16 scores come out of head_dim FMAs.
+constexpr int kKeyTile = 16;
+inline int64_t key_tile_offset(int64_t pos, int head_dim) {  // element offset of (pos, channel 0)
+  return (pos / kKeyTile) * kKeyTile * head_dim + pos % kKeyTile;
+}
+
+// Decode attention of n_q query vectors (all sharing one KV head) over fp16 keys/values at
+// positions [k0, k1) of one KV head, with per-query causal limits (query i sees positions < limit[i]).
+// kt: tile-transposed keys (see key_tile_offset), v: [pos][head_dim] fp16.
+// q: [n_q][head_dim] (unscaled). Produces partial states; o: [n_q][head_dim] unnormalized.
+// scratch: at least n_q * (k1 - k0 + kKeyTile) floats.
+void attention_decode_f16(const float* q, int n_q, int head_dim, const fp16_t* kt, const fp16_t* v, int64_t k0,
+                          int64_t k1, const int64_t* limit, AttnPartial* part, float* o, float* scratch);
+
+}  // namespace spc

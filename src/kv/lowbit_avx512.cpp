@@ -1,0 +1,269 @@
+// AVX-512 packed kernels of the low-bit KV codec (layouts in lowbit.h).
+//
+// Keys: 16 tokens per zmm lane set. For each channel c and bit plane b, the 16-bit slices of the
+// plane word are masks; acc += (q_c * s_c * 2^b) under the mask. acc starts at sum_c q_c z_c.
+// The n_q query rows are tiled by up to 6 so (g/16) x 6 <= 24 accumulators stay in registers and
+// every code word is read once per tile.
+//
+// Values: 16 channels per zmm. For each token, acc[iq][chunk] += (p_iq,t * s_t) under the 16-bit
+// mask of the token's codes for that chunk (per plane, times 2^b); the zero-point term
+// sum_t p_t z_t is accumulated per group across 16-token batches and added at the end.
+#include "kv/lowbit.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "util/error.h"
+#include "util/fp16.h"
+
+namespace spc::lowbit_detail {
+
+namespace {
+
+constexpr int kMaxNq = 6;
+constexpr int kMaxDim = 256;
+
+// GCC 12 emits a false -Wmaybe-uninitialized (from _mm512_undefined_*) inside _mm512_cvtph_ps and
+// _mm512_reduce_add_ps; these full-mask equivalents compile to the same instructions.
+inline __m512 cvtph(const void* p) {
+  return _mm512_maskz_cvtph_ps((__mmask16)0xFFFF, _mm256_loadu_si256((const __m256i*)p));
+}
+inline float hsum(__m512 v) {
+  const __mmask16 all = 0xFFFF;
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_cvtss_f32(v);
+}
+
+// ---- keys ----
+
+// qs: [BITS][NQ][d] (q*s*2^b), qz: [NQ]. Scores for the block's g = 16*CH tokens.
+template <int CH, int BITS, int NQ>
+void score_block(int d, const uint8_t* block, const float* qs, const float* qz, float* scores,
+                 size_t score_stride) {
+  __m512 acc[NQ][CH];
+  for (int iq = 0; iq < NQ; ++iq) {
+    const __m512 z = _mm512_set1_ps(qz[iq]);
+    for (int j = 0; j < CH; ++j) acc[iq][j] = z;
+  }
+  constexpr int W = CH * 2;  // bytes per plane word
+  for (int b = 0; b < BITS; ++b) {
+    const uint8_t* pl = block + (size_t)b * d * W;
+    const float* qsb = qs + (size_t)b * NQ * d;
+    for (int c = 0; c < d; ++c) {
+      uint64_t w = 0;
+      std::memcpy(&w, pl + (size_t)c * W, W);
+      __mmask16 m[CH];
+      for (int j = 0; j < CH; ++j) m[j] = (__mmask16)(w >> (16 * j));
+      for (int iq = 0; iq < NQ; ++iq) {
+        const __m512 v = _mm512_set1_ps(qsb[iq * d + c]);
+        for (int j = 0; j < CH; ++j) acc[iq][j] = _mm512_mask_add_ps(acc[iq][j], m[j], acc[iq][j], v);
+      }
+    }
+  }
+  for (int iq = 0; iq < NQ; ++iq)
+    for (int j = 0; j < CH; ++j) _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j, acc[iq][j]);
+}
+
+using ScoreFn = void (*)(int, const uint8_t*, const float*, const float*, float*, size_t);
+
+template <int CH, int BITS>
+ScoreFn score_fn(int nq) {
+  switch (nq) {
+    case 1: return score_block<CH, BITS, 1>;
+    case 2: return score_block<CH, BITS, 2>;
+    case 3: return score_block<CH, BITS, 3>;
+    case 4: return score_block<CH, BITS, 4>;
+    case 5: return score_block<CH, BITS, 5>;
+    default: return score_block<CH, BITS, 6>;
+  }
+}
+
+ScoreFn pick_score_fn(int g, int bits, int nq) {
+  if (g == 64) return bits == 1 ? score_fn<4, 1>(nq) : score_fn<4, 2>(nq);
+  return bits == 1 ? score_fn<2, 1>(nq) : score_fn<2, 2>(nq);
+}
+
+// ---- values ----
+
+// Channels [16*ch0, 16*(ch0+NCH)) of the n_q = NQ rows.
+template <int NCH, int BITS, int NQ>
+void accumulate_tile(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, size_t p_stride,
+                     float* out, size_t out_stride, int ch0) {
+  const int bits = BITS;
+  const int gv = spec.value_group(), ng = spec.value_ngroups();
+  const size_t pb = spec.value_plane_bytes(), tb = spec.value_token_bytes();
+  const int c0 = 16 * ch0;
+  const int g_first = c0 / gv;
+  const int g_last = (c0 + 16 * NCH - 1) / gv;
+  const int ngt = g_last - g_first + 1;  // groups touched by the tile: 1 or 2 (gv >= 32 or gv == d)
+  SPC_ASSERT(ngt >= 1 && ngt <= 2);
+  int cg[NCH];  // tile-local group index of each chunk
+  for (int j = 0; j < NCH; ++j) cg[j] = (c0 + 16 * j) / gv - g_first;
+
+  __m512 acc[NQ][NCH];
+  for (int iq = 0; iq < NQ; ++iq)
+    for (int j = 0; j < NCH; ++j) acc[iq][j] = _mm512_loadu_ps(out + (size_t)iq * out_stride + c0 + 16 * j);
+  alignas(64) float zacc[NQ][2][16];
+  for (int iq = 0; iq < NQ; ++iq)
+    for (int gi = 0; gi < 2; ++gi) _mm512_store_ps(zacc[iq][gi], _mm512_setzero_ps());
+  alignas(64) float ps[BITS][NQ][2][16];  // p*s*2^b per (plane, query, group, token in batch)
+  alignas(64) fp16_t sh[2][16], zh[2][16];
+
+  const uint8_t* sbase = values + (size_t)bits * pb + 2 * (size_t)g_first;
+  const uint8_t* zbase = sbase + 2 * (size_t)ng;
+  const size_t code_off = (size_t)c0 / 8;
+  constexpr int CB = NCH * 2;  // code bytes per plane for the tile
+
+  for (int t0 = 0; t0 < n_tok; t0 += 16) {
+    const int cnt = std::min(16, n_tok - t0);
+    const __mmask16 tm = (__mmask16)((1u << cnt) - 1u);
+    if (cnt < 16) {
+      std::memset(sh, 0, sizeof sh);
+      std::memset(zh, 0, sizeof zh);
+    }
+    for (int i = 0; i < cnt; ++i) {
+      const size_t off = (size_t)(t0 + i) * tb;
+      for (int gi = 0; gi < ngt; ++gi) {
+        std::memcpy(&sh[gi][i], sbase + off + 2 * gi, 2);
+        std::memcpy(&zh[gi][i], zbase + off + 2 * gi, 2);
+      }
+    }
+    __m512 sv[2], zv[2];
+    for (int gi = 0; gi < ngt; ++gi) {
+      sv[gi] = cvtph(sh[gi]);
+      zv[gi] = cvtph(zh[gi]);
+    }
+    for (int iq = 0; iq < NQ; ++iq) {
+      const __m512 pv = _mm512_maskz_loadu_ps(tm, p + (size_t)iq * p_stride + t0);
+      for (int gi = 0; gi < ngt; ++gi) {
+        const __m512 a = _mm512_mul_ps(pv, sv[gi]);
+        _mm512_store_ps(ps[0][iq][gi], a);
+        if (BITS == 2) _mm512_store_ps(ps[BITS - 1][iq][gi], _mm512_add_ps(a, a));
+        _mm512_store_ps(zacc[iq][gi], _mm512_fmadd_ps(pv, zv[gi], _mm512_load_ps(zacc[iq][gi])));
+      }
+    }
+    const uint8_t* tok = values + (size_t)t0 * tb + code_off;
+    for (int i = 0; i < cnt; ++i, tok += tb) {
+      for (int b = 0; b < BITS; ++b) {
+        uint64_t w = 0;
+        std::memcpy(&w, tok + (size_t)b * pb, CB);
+        __mmask16 m[NCH];
+        for (int j = 0; j < NCH; ++j) m[j] = (__mmask16)(w >> (16 * j));
+        for (int iq = 0; iq < NQ; ++iq)
+          for (int j = 0; j < NCH; ++j)
+            acc[iq][j] = _mm512_mask_add_ps(acc[iq][j], m[j], acc[iq][j], _mm512_set1_ps(ps[b][iq][cg[j]][i]));
+      }
+    }
+  }
+  for (int iq = 0; iq < NQ; ++iq) {
+    float zs[2] = {0.0f, 0.0f};
+    for (int gi = 0; gi < ngt; ++gi) zs[gi] = hsum(_mm512_load_ps(zacc[iq][gi]));
+    for (int j = 0; j < NCH; ++j)
+      _mm512_storeu_ps(out + (size_t)iq * out_stride + c0 + 16 * j,
+                       _mm512_add_ps(acc[iq][j], _mm512_set1_ps(zs[cg[j]])));
+  }
+}
+
+using AccFn = void (*)(const LowBitSpec&, const uint8_t*, int, const float*, size_t, float*, size_t, int);
+
+template <int NCH, int BITS>
+AccFn acc_fn_q(int nq) {
+  switch (nq) {
+    case 1: return accumulate_tile<NCH, BITS, 1>;
+    case 2: return accumulate_tile<NCH, BITS, 2>;
+    case 3: return accumulate_tile<NCH, BITS, 3>;
+    case 4: return accumulate_tile<NCH, BITS, 4>;
+    case 5: return accumulate_tile<NCH, BITS, 5>;
+    default: return accumulate_tile<NCH, BITS, 6>;
+  }
+}
+
+template <int BITS>
+AccFn acc_fn(int nch, int nq) {
+  switch (nch) {
+    case 1: return acc_fn_q<1, BITS>(nq);
+    case 2: return acc_fn_q<2, BITS>(nq);
+    case 3: return acc_fn_q<3, BITS>(nq);
+    default: return acc_fn_q<4, BITS>(nq);
+  }
+}
+
+}  // namespace
+
+void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
+                       size_t q_stride, float* scores, size_t score_stride) {
+  spec.validate();
+  const int d = spec.head_dim, g = spec.group, bits = spec.bits;
+  const size_t bb = spec.key_block_bytes(), W = spec.key_word_bytes();
+  alignas(64) float qs[2 * kMaxNq * kMaxDim];
+  alignas(64) float s[kMaxDim], z[kMaxDim];
+  float qz[kMaxNq];
+  for (int blk = 0; blk < n_blocks; ++blk) {
+    const uint8_t* block = blocks + (size_t)blk * bb;
+    const uint8_t* sp = block + (size_t)bits * d * W;
+    const uint8_t* zp = sp + 2 * (size_t)d;
+    int c = 0;
+    for (; c + 16 <= d; c += 16) {
+      _mm512_store_ps(s + c, cvtph(sp + 2 * c));
+      _mm512_store_ps(z + c, cvtph(zp + 2 * c));
+    }
+    for (; c < d; ++c) {
+      fp16_t hs, hz;
+      std::memcpy(&hs, sp + 2 * c, 2);
+      std::memcpy(&hz, zp + 2 * c, 2);
+      s[c] = fp16_to_fp32(hs);
+      z[c] = fp16_to_fp32(hz);
+    }
+    for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
+      const int nq = std::min(kMaxNq, n_q - q0);
+      for (int iq = 0; iq < nq; ++iq) {
+        const float* qr = q + (size_t)(q0 + iq) * q_stride;
+        float* qs0 = qs + (size_t)iq * d;
+        float* qs1 = qs + (size_t)(nq + iq) * d;
+        __m512 zsum = _mm512_setzero_ps();
+        int cc = 0;
+        for (; cc + 16 <= d; cc += 16) {
+          const __m512 qv = _mm512_loadu_ps(qr + cc);
+          const __m512 a = _mm512_mul_ps(qv, _mm512_load_ps(s + cc));
+          _mm512_storeu_ps(qs0 + cc, a);
+          if (bits == 2) _mm512_storeu_ps(qs1 + cc, _mm512_add_ps(a, a));
+          zsum = _mm512_fmadd_ps(qv, _mm512_load_ps(z + cc), zsum);
+        }
+        float zs = hsum(zsum);
+        for (; cc < d; ++cc) {
+          qs0[cc] = qr[cc] * s[cc];
+          if (bits == 2) qs1[cc] = 2.0f * qs0[cc];
+          zs += qr[cc] * z[cc];
+        }
+        qz[iq] = zs;
+      }
+      pick_score_fn(g, bits, nq)(d, block, qs, qz, scores + (size_t)q0 * score_stride + (size_t)blk * g,
+                                 score_stride);
+    }
+  }
+}
+
+void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, int n_q,
+                              size_t p_stride, float* out, size_t out_stride) {
+  spec.validate();
+  SPC_ASSERT(spec.head_dim % 16 == 0);
+  const int nchunks = spec.head_dim / 16;
+  for (int ch0 = 0; ch0 < nchunks; ch0 += 4) {
+    const int nch = std::min(4, nchunks - ch0);
+    for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
+      const int nq = std::min(kMaxNq, n_q - q0);
+      const AccFn fn = spec.bits == 1 ? acc_fn<1>(nch, nq) : acc_fn<2>(nch, nq);
+      fn(spec, values, n_tok, p + (size_t)q0 * p_stride, p_stride, out + (size_t)q0 * out_stride, out_stride, ch0);
+    }
+  }
+}
+
+}  // namespace spc::lowbit_detail
+
+#endif  // __AVX512F__

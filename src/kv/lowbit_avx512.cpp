@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "util/error.h"
 #include "util/fp16.h"
@@ -40,9 +42,47 @@ inline float hsum(__m512 v) {
   return _mm512_cvtss_f32(v);
 }
 
+// acc += v in the lanes selected by m. Zen 4 runs vaddps on its FADD pipes and vfmadd on its FMA
+// pipes; alternating the two forms (acc*1 + v is exact, the same rounding as acc + v) spreads the
+// masked accumulations over both pipe pairs, nearly doubling throughput.
+template <int J>
+inline __m512 masked_acc(__m512 acc, __mmask16 m, __m512 v, __m512 ones) {
+  if constexpr (J % 2 == 0) {
+    (void)ones;
+    return _mm512_mask_add_ps(acc, m, acc, v);
+  } else {
+    return _mm512_mask_fmadd_ps(acc, m, ones, v);
+  }
+}
+
+template <int N, class F, int... I>
+inline void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+// f(std::integral_constant<int, i>) for i = 0 .. N-1.
+template <int N, class F>
+inline void unroll(F&& f) {
+  unroll_impl<N>(f, std::make_integer_sequence<int, N>{});
+}
+
 // ---- keys ----
 
-// qs: [BITS][NQ][d] (q*s*2^b), qz: [NQ]. Scores for the block's g = 16*CH tokens.
+inline __mmask16 load_mask(const uint8_t* p) {
+  uint16_t m;
+  std::memcpy(&m, p, 2);
+  return _cvtu32_mask16(m);
+}
+
+// Codes of 16 lanes as floats from the two bit-plane masks: lo + 2*hi (2 ops, shared by all rows).
+inline __m512 codes2(__mmask16 lo, __mmask16 hi) {
+  const __m512 c = _mm512_maskz_mov_ps(lo, _mm512_set1_ps(1.0f));
+  return _mm512_mask_add_ps(c, hi, c, _mm512_set1_ps(2.0f));
+}
+
+// qs: [NQ][d] (q_c * s_c), qz: [NQ]. Scores for the block's g = 16*CH tokens.
+// 1 bit: masked accumulation of q_c*s_c (6 ops per channel and 16 tokens at NQ = 6).
+// 2 bits: codes as floats once per channel and 16 tokens, then one FMA per row (2 + NQ ops instead
+// of 2*NQ masked adds).
 template <int CH, int BITS, int NQ>
 void score_block(int d, const uint8_t* block, const float* qs, const float* qz, float* scores,
                  size_t score_stride) {
@@ -51,18 +91,24 @@ void score_block(int d, const uint8_t* block, const float* qs, const float* qz, 
     const __m512 z = _mm512_set1_ps(qz[iq]);
     for (int j = 0; j < CH; ++j) acc[iq][j] = z;
   }
-  constexpr int W = CH * 2;  // bytes per plane word
-  for (int b = 0; b < BITS; ++b) {
-    const uint8_t* pl = block + (size_t)b * d * W;
-    const float* qsb = qs + (size_t)b * NQ * d;
-    for (int c = 0; c < d; ++c) {
-      uint64_t w = 0;
-      std::memcpy(&w, pl + (size_t)c * W, W);
+  constexpr size_t W = CH * 2;  // bytes per plane word
+  const __m512 ones = _mm512_set1_ps(1.0f);
+  const uint8_t* p0 = block;
+  const uint8_t* p1 = block + (size_t)d * W;  // plane 1 (2 bits only)
+  for (int c = 0; c < d; ++c) {
+    if constexpr (BITS == 1) {
       __mmask16 m[CH];
-      for (int j = 0; j < CH; ++j) m[j] = (__mmask16)(w >> (16 * j));
+      for (int j = 0; j < CH; ++j) m[j] = load_mask(p0 + c * W + 2 * j);
       for (int iq = 0; iq < NQ; ++iq) {
-        const __m512 v = _mm512_set1_ps(qsb[iq * d + c]);
-        for (int j = 0; j < CH; ++j) acc[iq][j] = _mm512_mask_add_ps(acc[iq][j], m[j], acc[iq][j], v);
+        const __m512 v = _mm512_set1_ps(qs[iq * d + c]);
+        unroll<CH>([&](auto J) { acc[iq][J] = masked_acc<J>(acc[iq][J], m[J], v, ones); });
+      }
+    } else {
+      __m512 cf[CH];
+      for (int j = 0; j < CH; ++j) cf[j] = codes2(load_mask(p0 + c * W + 2 * j), load_mask(p1 + c * W + 2 * j));
+      for (int iq = 0; iq < NQ; ++iq) {
+        const __m512 v = _mm512_set1_ps(qs[iq * d + c]);
+        for (int j = 0; j < CH; ++j) acc[iq][j] = _mm512_fmadd_ps(v, cf[j], acc[iq][j]);
       }
     }
   }
@@ -91,34 +137,33 @@ ScoreFn pick_score_fn(int g, int bits, int nq) {
 
 // ---- values ----
 
-// Channels [16*ch0, 16*(ch0+NCH)) of the n_q = NQ rows.
-template <int NCH, int BITS, int NQ>
+// Channels [16*ch0, 16*(ch0+NCH)) of the n_q = NQ rows. The tile (<= 64 channels, starting at a
+// multiple of 64) lies in one value group, or (SPLIT: gv == 32, NCH > 2) chunks 0-1 are in its first
+// group and chunks 2-3 in the next.
+template <int NCH, int BITS, int NQ, bool SPLIT>
 void accumulate_tile(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, size_t p_stride,
                      float* out, size_t out_stride, int ch0) {
-  const int bits = BITS;
+  constexpr int NG = SPLIT ? 2 : 1;  // groups touched by the tile
   const int gv = spec.value_group(), ng = spec.value_ngroups();
   const size_t pb = spec.value_plane_bytes(), tb = spec.value_token_bytes();
   const int c0 = 16 * ch0;
   const int g_first = c0 / gv;
-  const int g_last = (c0 + 16 * NCH - 1) / gv;
-  const int ngt = g_last - g_first + 1;  // groups touched by the tile: 1 or 2 (gv >= 32 or gv == d)
-  SPC_ASSERT(ngt >= 1 && ngt <= 2);
-  int cg[NCH];  // tile-local group index of each chunk
-  for (int j = 0; j < NCH; ++j) cg[j] = (c0 + 16 * j) / gv - g_first;
+  SPC_ASSERT((c0 + 16 * NCH - 1) / gv - g_first == NG - 1);
+  auto grp = [](int j) { return SPLIT ? j / 2 : 0; };
 
   __m512 acc[NQ][NCH];
   for (int iq = 0; iq < NQ; ++iq)
     for (int j = 0; j < NCH; ++j) acc[iq][j] = _mm512_loadu_ps(out + (size_t)iq * out_stride + c0 + 16 * j);
-  alignas(64) float zacc[NQ][2][16];
+  alignas(64) float zacc[NQ][NG][16];
   for (int iq = 0; iq < NQ; ++iq)
-    for (int gi = 0; gi < 2; ++gi) _mm512_store_ps(zacc[iq][gi], _mm512_setzero_ps());
-  alignas(64) float ps[BITS][NQ][2][16];  // p*s*2^b per (plane, query, group, token in batch)
-  alignas(64) fp16_t sh[2][16], zh[2][16];
+    for (int gi = 0; gi < NG; ++gi) _mm512_store_ps(zacc[iq][gi], _mm512_setzero_ps());
+  alignas(64) float ps[NQ][NG][16];  // p*s per (row, group, token in batch)
+  alignas(64) fp16_t sh[NG][16], zh[NG][16];
+  const __m512 ones = _mm512_set1_ps(1.0f);
 
-  const uint8_t* sbase = values + (size_t)bits * pb + 2 * (size_t)g_first;
+  const uint8_t* sbase = values + (size_t)BITS * pb + 2 * (size_t)g_first;
   const uint8_t* zbase = sbase + 2 * (size_t)ng;
   const size_t code_off = (size_t)c0 / 8;
-  constexpr int CB = NCH * 2;  // code bytes per plane for the tile
 
   for (int t0 = 0; t0 < n_tok; t0 += 16) {
     const int cnt = std::min(16, n_tok - t0);
@@ -129,68 +174,70 @@ void accumulate_tile(const LowBitSpec& spec, const uint8_t* values, int n_tok, c
     }
     for (int i = 0; i < cnt; ++i) {
       const size_t off = (size_t)(t0 + i) * tb;
-      for (int gi = 0; gi < ngt; ++gi) {
+      for (int gi = 0; gi < NG; ++gi) {
         std::memcpy(&sh[gi][i], sbase + off + 2 * gi, 2);
         std::memcpy(&zh[gi][i], zbase + off + 2 * gi, 2);
       }
     }
-    __m512 sv[2], zv[2];
-    for (int gi = 0; gi < ngt; ++gi) {
-      sv[gi] = cvtph(sh[gi]);
-      zv[gi] = cvtph(zh[gi]);
-    }
-    for (int iq = 0; iq < NQ; ++iq) {
-      const __m512 pv = _mm512_maskz_loadu_ps(tm, p + (size_t)iq * p_stride + t0);
-      for (int gi = 0; gi < ngt; ++gi) {
-        const __m512 a = _mm512_mul_ps(pv, sv[gi]);
-        _mm512_store_ps(ps[0][iq][gi], a);
-        if (BITS == 2) _mm512_store_ps(ps[BITS - 1][iq][gi], _mm512_add_ps(a, a));
-        _mm512_store_ps(zacc[iq][gi], _mm512_fmadd_ps(pv, zv[gi], _mm512_load_ps(zacc[iq][gi])));
+    for (int gi = 0; gi < NG; ++gi) {
+      const __m512 sv = cvtph(sh[gi]), zv = cvtph(zh[gi]);
+      for (int iq = 0; iq < NQ; ++iq) {
+        const __m512 pv = _mm512_maskz_loadu_ps(tm, p + (size_t)iq * p_stride + t0);
+        _mm512_store_ps(ps[iq][gi], _mm512_mul_ps(pv, sv));
+        _mm512_store_ps(zacc[iq][gi], _mm512_fmadd_ps(pv, zv, _mm512_load_ps(zacc[iq][gi])));
       }
     }
     const uint8_t* tok = values + (size_t)t0 * tb + code_off;
     for (int i = 0; i < cnt; ++i, tok += tb) {
-      for (int b = 0; b < BITS; ++b) {
-        uint64_t w = 0;
-        std::memcpy(&w, tok + (size_t)b * pb, CB);
+      if constexpr (BITS == 1) {
         __mmask16 m[NCH];
-        for (int j = 0; j < NCH; ++j) m[j] = (__mmask16)(w >> (16 * j));
-        for (int iq = 0; iq < NQ; ++iq)
-          for (int j = 0; j < NCH; ++j)
-            acc[iq][j] = _mm512_mask_add_ps(acc[iq][j], m[j], acc[iq][j], _mm512_set1_ps(ps[b][iq][cg[j]][i]));
+        for (int j = 0; j < NCH; ++j) m[j] = load_mask(tok + 2 * j);
+        for (int iq = 0; iq < NQ; ++iq) {
+          __m512 v[NG];
+          for (int gi = 0; gi < NG; ++gi) v[gi] = _mm512_set1_ps(ps[iq][gi][i]);
+          unroll<NCH>([&](auto J) { acc[iq][J] = masked_acc<J>(acc[iq][J], m[J], v[grp(J)], ones); });
+        }
+      } else {
+        __m512 cf[NCH];
+        for (int j = 0; j < NCH; ++j) cf[j] = codes2(load_mask(tok + 2 * j), load_mask(tok + pb + 2 * j));
+        for (int iq = 0; iq < NQ; ++iq) {
+          __m512 v[NG];
+          for (int gi = 0; gi < NG; ++gi) v[gi] = _mm512_set1_ps(ps[iq][gi][i]);
+          for (int j = 0; j < NCH; ++j) acc[iq][j] = _mm512_fmadd_ps(v[grp(j)], cf[j], acc[iq][j]);
+        }
       }
     }
   }
   for (int iq = 0; iq < NQ; ++iq) {
-    float zs[2] = {0.0f, 0.0f};
-    for (int gi = 0; gi < ngt; ++gi) zs[gi] = hsum(_mm512_load_ps(zacc[iq][gi]));
+    float zs[NG];
+    for (int gi = 0; gi < NG; ++gi) zs[gi] = hsum(_mm512_load_ps(zacc[iq][gi]));
     for (int j = 0; j < NCH; ++j)
       _mm512_storeu_ps(out + (size_t)iq * out_stride + c0 + 16 * j,
-                       _mm512_add_ps(acc[iq][j], _mm512_set1_ps(zs[cg[j]])));
+                       _mm512_add_ps(acc[iq][j], _mm512_set1_ps(zs[grp(j)])));
   }
 }
 
 using AccFn = void (*)(const LowBitSpec&, const uint8_t*, int, const float*, size_t, float*, size_t, int);
 
-template <int NCH, int BITS>
+template <int NCH, int BITS, bool SPLIT>
 AccFn acc_fn_q(int nq) {
   switch (nq) {
-    case 1: return accumulate_tile<NCH, BITS, 1>;
-    case 2: return accumulate_tile<NCH, BITS, 2>;
-    case 3: return accumulate_tile<NCH, BITS, 3>;
-    case 4: return accumulate_tile<NCH, BITS, 4>;
-    case 5: return accumulate_tile<NCH, BITS, 5>;
-    default: return accumulate_tile<NCH, BITS, 6>;
+    case 1: return accumulate_tile<NCH, BITS, 1, SPLIT>;
+    case 2: return accumulate_tile<NCH, BITS, 2, SPLIT>;
+    case 3: return accumulate_tile<NCH, BITS, 3, SPLIT>;
+    case 4: return accumulate_tile<NCH, BITS, 4, SPLIT>;
+    case 5: return accumulate_tile<NCH, BITS, 5, SPLIT>;
+    default: return accumulate_tile<NCH, BITS, 6, SPLIT>;
   }
 }
 
 template <int BITS>
-AccFn acc_fn(int nch, int nq) {
+AccFn acc_fn(int nch, bool split, int nq) {
   switch (nch) {
-    case 1: return acc_fn_q<1, BITS>(nq);
-    case 2: return acc_fn_q<2, BITS>(nq);
-    case 3: return acc_fn_q<3, BITS>(nq);
-    default: return acc_fn_q<4, BITS>(nq);
+    case 1: return acc_fn_q<1, BITS, false>(nq);
+    case 2: return acc_fn_q<2, BITS, false>(nq);
+    case 3: return split ? acc_fn_q<3, BITS, true>(nq) : acc_fn_q<3, BITS, false>(nq);
+    default: return split ? acc_fn_q<4, BITS, true>(nq) : acc_fn_q<4, BITS, false>(nq);
   }
 }
 
@@ -201,7 +248,7 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
   spec.validate();
   const int d = spec.head_dim, g = spec.group, bits = spec.bits;
   const size_t bb = spec.key_block_bytes(), W = spec.key_word_bytes();
-  alignas(64) float qs[2 * kMaxNq * kMaxDim];
+  alignas(64) float qs[kMaxNq * kMaxDim];
   alignas(64) float s[kMaxDim], z[kMaxDim];
   float qz[kMaxNq];
   for (int blk = 0; blk < n_blocks; ++blk) {
@@ -225,20 +272,17 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
       for (int iq = 0; iq < nq; ++iq) {
         const float* qr = q + (size_t)(q0 + iq) * q_stride;
         float* qs0 = qs + (size_t)iq * d;
-        float* qs1 = qs + (size_t)(nq + iq) * d;
         __m512 zsum = _mm512_setzero_ps();
         int cc = 0;
         for (; cc + 16 <= d; cc += 16) {
           const __m512 qv = _mm512_loadu_ps(qr + cc);
           const __m512 a = _mm512_mul_ps(qv, _mm512_load_ps(s + cc));
           _mm512_storeu_ps(qs0 + cc, a);
-          if (bits == 2) _mm512_storeu_ps(qs1 + cc, _mm512_add_ps(a, a));
           zsum = _mm512_fmadd_ps(qv, _mm512_load_ps(z + cc), zsum);
         }
         float zs = hsum(zsum);
         for (; cc < d; ++cc) {
           qs0[cc] = qr[cc] * s[cc];
-          if (bits == 2) qs1[cc] = 2.0f * qs0[cc];
           zs += qr[cc] * z[cc];
         }
         qz[iq] = zs;
@@ -258,7 +302,8 @@ void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int
     const int nch = std::min(4, nchunks - ch0);
     for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
       const int nq = std::min(kMaxNq, n_q - q0);
-      const AccFn fn = spec.bits == 1 ? acc_fn<1>(nch, nq) : acc_fn<2>(nch, nq);
+      const bool split = spec.value_group() == 32 && nch > 2;
+      const AccFn fn = spec.bits == 1 ? acc_fn<1>(nch, split, nq) : acc_fn<2>(nch, split, nq);
       fn(spec, values, n_tok, p + (size_t)q0 * p_stride, p_stride, out + (size_t)q0 * out_stride, out_stride, ch0);
     }
   }

@@ -291,7 +291,7 @@ TEST(LowBit, LevelsAreHalfRangeCentresAndKiviLevels) {
 // Packed scoring (dispatching and scalar paths) against the dequantize-then-double reference.
 // Tolerance is normwise per query row: max_t |err_t| <= 1e-4 * max_t |ref_t|.
 TEST(LowBit, PackedScoresMatchReference) {
-  for (const Cfg& cfg : all_cfgs({8, 24, 64, 128, 256})) {
+  for (const Cfg& cfg : all_cfgs({8, 10, 24, 64, 128, 256})) {
     const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
     for (int nb : {1, 3, 7}) {
       const int T = nb * cfg.g;
@@ -329,7 +329,7 @@ TEST(LowBit, PackedScoresMatchReference) {
 // Packed value accumulation against the reference; out starts non-zero (accumulate semantics).
 // Tolerance normwise per row: max_c |err_c| <= 1e-4 * max_c |ref_c|.
 TEST(LowBit, PackedValuesMatchReference) {
-  for (const Cfg& cfg : all_cfgs({8, 24, 48, 64, 128, 256})) {
+  for (const Cfg& cfg : all_cfgs({8, 10, 24, 48, 64, 128, 256})) {
     const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
     for (int n_tok : {1, 15, 133, 1000}) {
       auto v = gaussian((size_t)n_tok * cfg.d, 21 + n_tok);

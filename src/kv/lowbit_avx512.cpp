@@ -73,6 +73,27 @@ inline __mmask16 load_mask(const uint8_t* p) {
   return _cvtu32_mask16(m);
 }
 
+// table[idx[i]] per lane (full-mask form: see cvtph).
+inline __m512 perm16(__m512i idx, const float* table) {
+  return _mm512_maskz_permutexvar_ps((__mmask16)0xFFFF, idx, _mm512_load_ps(table));
+}
+
+// 16-entry table of the subset sums of a[0..3]: entry i = sum of a[k] over the set bits k of i.
+inline __m512 subset_sums4(float a0, float a1, float a2, float a3) {
+  __m512 l = _mm512_maskz_mov_ps(0xAAAA, _mm512_set1_ps(a0));
+  l = _mm512_mask_add_ps(l, 0xCCCC, l, _mm512_set1_ps(a1));
+  l = _mm512_mask_add_ps(l, 0xF0F0, l, _mm512_set1_ps(a2));
+  return _mm512_mask_add_ps(l, 0xFF00, l, _mm512_set1_ps(a3));
+}
+
+// Lane i = bit i of m0 | bit i of m1 << 1 | bit i of m2 << 2 | bit i of m3 << 3.
+inline __m512i nibble_index(__mmask16 m0, __mmask16 m1, __mmask16 m2, __mmask16 m3) {
+  __m512i idx = _mm512_maskz_mov_epi32(m0, _mm512_set1_epi32(1));
+  idx = _mm512_mask_or_epi32(idx, m1, idx, _mm512_set1_epi32(2));
+  idx = _mm512_mask_or_epi32(idx, m2, idx, _mm512_set1_epi32(4));
+  return _mm512_mask_or_epi32(idx, m3, idx, _mm512_set1_epi32(8));
+}
+
 // Codes of 16 lanes as floats from the two bit-plane masks: lo + 2*hi (2 ops, shared by all rows).
 inline __m512 codes2(__mmask16 lo, __mmask16 hi) {
   const __m512 c = _mm512_maskz_mov_ps(lo, _mm512_set1_ps(1.0f));
@@ -116,6 +137,39 @@ void score_block(int d, const uint8_t* block, const float* qs, const float* qz, 
     for (int j = 0; j < CH; ++j) _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j, acc[iq][j]);
 }
 
+// 1 bit, d % 4 == 0: per quad of channels and row, a 16-entry table of the subset sums of
+// q_c*s_c (built once per block: 4 ops); per quad and 16 tokens, the 4 code masks form a 4-bit
+// index (4 ops shared by all rows) and each row does one vpermps + one add. 2 + 4/NQ ops per
+// 4 channels instead of 4 masked adds.
+template <int CH, int NQ>
+void score_block_lut1(int d, const uint8_t* block, const float* qs, const float* qz, float* scores,
+                      size_t score_stride) {
+  alignas(64) float lut[kMaxDim / 4][NQ][16];
+  const int nquad = d / 4;
+  for (int u = 0; u < nquad; ++u)
+    for (int iq = 0; iq < NQ; ++iq) {
+      const float* a = qs + iq * d + 4 * u;
+      _mm512_store_ps(lut[u][iq], subset_sums4(a[0], a[1], a[2], a[3]));
+    }
+  __m512 acc[NQ][CH];
+  for (int iq = 0; iq < NQ; ++iq) {
+    const __m512 z = _mm512_set1_ps(qz[iq]);
+    for (int j = 0; j < CH; ++j) acc[iq][j] = z;
+  }
+  constexpr size_t W = CH * 2;
+  for (int u = 0; u < nquad; ++u) {
+    const uint8_t* w = block + (size_t)(4 * u) * W;
+    for (int j = 0; j < CH; ++j) {
+      const __m512i idx = nibble_index(load_mask(w + 2 * j), load_mask(w + W + 2 * j), load_mask(w + 2 * W + 2 * j),
+                                       load_mask(w + 3 * W + 2 * j));
+      for (int iq = 0; iq < NQ; ++iq)
+        acc[iq][j] = _mm512_add_ps(acc[iq][j], perm16(idx, lut[u][iq]));
+    }
+  }
+  for (int iq = 0; iq < NQ; ++iq)
+    for (int j = 0; j < CH; ++j) _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j, acc[iq][j]);
+}
+
 using ScoreFn = void (*)(int, const uint8_t*, const float*, const float*, float*, size_t);
 
 template <int CH, int BITS>
@@ -130,7 +184,20 @@ ScoreFn score_fn(int nq) {
   }
 }
 
-ScoreFn pick_score_fn(int g, int bits, int nq) {
+template <int CH>
+ScoreFn lut1_fn(int nq) {
+  switch (nq) {
+    case 1: return score_block_lut1<CH, 1>;
+    case 2: return score_block_lut1<CH, 2>;
+    case 3: return score_block_lut1<CH, 3>;
+    case 4: return score_block_lut1<CH, 4>;
+    case 5: return score_block_lut1<CH, 5>;
+    default: return score_block_lut1<CH, 6>;
+  }
+}
+
+ScoreFn pick_score_fn(int d, int g, int bits, int nq) {
+  if (bits == 1 && d % 4 == 0) return g == 64 ? lut1_fn<4>(nq) : lut1_fn<2>(nq);
   if (g == 64) return bits == 1 ? score_fn<4, 1>(nq) : score_fn<4, 2>(nq);
   return bits == 1 ? score_fn<2, 1>(nq) : score_fn<2, 2>(nq);
 }
@@ -188,7 +255,25 @@ void accumulate_tile(const LowBitSpec& spec, const uint8_t* values, int n_tok, c
       }
     }
     const uint8_t* tok = values + (size_t)t0 * tb + code_off;
-    for (int i = 0; i < cnt; ++i, tok += tb) {
+    int i = 0;
+    if constexpr (BITS == 1) {
+      // 4 tokens at a time: per row and group a table of the subset sums of the 4 tokens' p*s,
+      // per chunk a 4-bit index from the 4 tokens' code masks, then one vpermps + add per row.
+      for (; i + 4 <= cnt; i += 4, tok += 4 * tb) {
+        alignas(64) float lut[NQ][NG][16];
+        for (int iq = 0; iq < NQ; ++iq)
+          for (int gi = 0; gi < NG; ++gi) {
+            const float* a = &ps[iq][gi][i];
+            _mm512_store_ps(lut[iq][gi], subset_sums4(a[0], a[1], a[2], a[3]));
+          }
+        for (int j = 0; j < NCH; ++j) {
+          const __m512i idx = nibble_index(load_mask(tok + 2 * j), load_mask(tok + tb + 2 * j),
+                                           load_mask(tok + 2 * tb + 2 * j), load_mask(tok + 3 * tb + 2 * j));
+          for (int iq = 0; iq < NQ; ++iq) acc[iq][j] = _mm512_add_ps(acc[iq][j], perm16(idx, lut[iq][grp(j)]));
+        }
+      }
+    }
+    for (; i < cnt; ++i, tok += tb) {
       if constexpr (BITS == 1) {
         __mmask16 m[NCH];
         for (int j = 0; j < NCH; ++j) m[j] = load_mask(tok + 2 * j);
@@ -287,7 +372,7 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
         }
         qz[iq] = zs;
       }
-      pick_score_fn(g, bits, nq)(d, block, qs, qz, scores + (size_t)q0 * score_stride + (size_t)blk * g,
+      pick_score_fn(d, g, bits, nq)(d, block, qs, qz, scores + (size_t)q0 * score_stride + (size_t)blk * g,
                                  score_stride);
     }
   }

@@ -29,6 +29,19 @@ void Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* al
   spec_next_ = -1;
 }
 
+void Session::prefill_from(const Session& other) {
+  SPC_CHECK(kv_->n_cached() == 0, "prefill_from needs an empty cache");
+  const KvGeometry& g = other.kv().geometry();
+  const int64_t n = other.kv().n_cached();
+  std::vector<float> k((size_t)n * g.n_head_kv * g.head_dim), v(k.size());
+  for (int il = 0; il < g.n_layer; ++il) {
+    other.kv().export_layer(il, k.data(), v.data());
+    kv_->store_prefill(il, 0, n, k.data(), v.data());
+  }
+  logits_ = other.logits_;
+  spec_next_ = -1;
+}
+
 void Session::decode(int32_t token) {
   const int n_vocab = model_.config().n_vocab;
   const double t0 = now_ms();

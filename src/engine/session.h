@@ -27,6 +27,10 @@ class Session {
   void prefill(const std::vector<int32_t>& tokens, std::vector<float>* all_logits = nullptr,
                const Model::Progress& progress = {});
 
+  // Takes over another session's prefilled prompt (prefill once, decode under several policies):
+  // its complete 16-bit K/V are handed to this session's policy, layer by layer.
+  void prefill_from(const Session& other);
+
   // Feeds the next real token through the policy's decode path; logits() then predicts the one after it.
   // Speculative policies run [token, guess] steps; the guess is the argmax of the last step's second row.
   void decode(int32_t token);

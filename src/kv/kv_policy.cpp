@@ -6,7 +6,7 @@
 namespace spc {
 
 const std::vector<std::string>& kv_policy_names() {
-  static const std::vector<std::string> names = {"full"};
+  static const std::vector<std::string> names = {"full", "kivi", "specache", "specache-exact", "streaming", "topk-oracle"};
   return names;
 }
 
@@ -14,6 +14,15 @@ std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& cfg, const KvGeometry& 
   SPC_CHECK(g.n_layer > 0 && g.n_head_kv > 0 && g.n_head % g.n_head_kv == 0 && g.head_dim > 0 && g.n_ctx > 0,
             "invalid KV geometry");
   if (cfg.policy == "full") return make_full_policy(cfg, g);
+  if (cfg.policy == "streaming") return make_streaming_policy(cfg, g);
+  if (cfg.policy == "kivi" || cfg.policy == "specache" || cfg.policy == "specache-exact" || cfg.policy == "topk-oracle") {
+    SPC_CHECK(cfg.bits == 1 || cfg.bits == 2, "--kv-bits must be 1 or 2, got %d", cfg.bits);
+    SPC_CHECK(cfg.group == 32 || cfg.group == 64, "--kv-group must be 32 or 64, got %d", cfg.group);
+    SPC_CHECK(cfg.topk >= 0 && cfg.window >= 0, "--kv-topk and --kv-window must be >= 0");
+    SPC_CHECK(cfg.store == "host" || cfg.store == "file", "--kv-store must be host or file, got '%s'", cfg.store.c_str());
+    SPC_CHECK(cfg.store != "file" || !cfg.dir.empty(), "--kv-store file needs --kv-dir DIR");
+    return make_lowbit_policy(cfg, g);
+  }
   std::string known;
   for (const auto& n : kv_policy_names()) known += (known.empty() ? "" : ", ") + n;
   throw Error(strfmt("unknown KV policy '%s' (expected one of: %s)", cfg.policy.c_str(), known.c_str()));

@@ -6,4 +6,7 @@
 
 namespace spc {
 std::unique_ptr<KvPolicy> make_full_policy(const KvConfig& cfg, const KvGeometry& g);
+// kivi, specache, specache-exact, topk-oracle
+std::unique_ptr<KvPolicy> make_lowbit_policy(const KvConfig& cfg, const KvGeometry& g);
+std::unique_ptr<KvPolicy> make_streaming_policy(const KvConfig& cfg, const KvGeometry& g);
 }  // namespace spc

@@ -23,7 +23,12 @@ struct GroupParams {
   float inv;   // 1/s, or 0 for a degenerate group
 };
 
+constexpr float kF16Max = 65504.0f;
+
 inline GroupParams group_params(int bits, float mn, float mx) {
+  // Saturate to the fp16 range so z and s stay finite (values beyond it reconstruct as +-65504).
+  mn = std::min(std::max(mn, -kF16Max), kF16Max);
+  mx = std::min(std::max(mx, -kF16Max), kF16Max);
   float sf, zf;
   if (!(mx > mn)) {
     sf = 0.0f;

@@ -12,7 +12,7 @@
 // nearest to x (ties round up). round(v) = floor(v + 0.5).
 // Degenerate group (M == m, or s rounds to 0 in fp16): s = 0, z = fp16(m), all codes 0, so the
 // group reconstructs to fp16(m) — "exact" means equal to the fp16 rounding of the input value.
-// Inputs must be finite with |x| <= 65504 (fp16 range); larger values overflow the stored z/s.
+// Inputs must be finite; values beyond the fp16 range (|x| > 65504) saturate to +-65504.
 //
 // ---- Byte layouts (all multi-byte fields little-endian, no alignment required) ----
 // Let d = head_dim, g = group, W = g/8 bytes (one g-bit word: uint32 for g = 32, uint64 for g = 64).

@@ -234,6 +234,32 @@ TEST(LowBit, DegenerateGroupsExact) {
   }
 }
 
+// Values beyond the fp16 range saturate instead of producing inf/NaN.
+TEST(LowBit, OutOfRangeSaturates) {
+  for (int bits : {1, 2}) {
+    const LowBitSpec sp{bits, 32, 16};
+    std::vector<float> k(32 * 16, 1.0f);
+    k[0] = 1e6f;
+    k[16] = -1e6f;
+    const auto blk = make_keys(sp, 1, k);
+    std::vector<float> kh(k.size());
+    lowbit_dequantize_keys(sp, blk.data(), kh.data());
+    for (float x : kh) ASSERT_TRUE(std::isfinite(x));
+    // Channel 0 spans [-65504, 65504] after saturation: top level 65504 (2 bits) or 32752 (1 bit),
+    // up to the fp16 rounding of s (spacing 32 at this magnitude, times code 3).
+    EXPECT_NEAR(kh[0], bits == 2 ? 65504.0f : 32752.0f, 100.0f);
+    EXPECT_NEAR(kh[16], bits == 2 ? -65504.0f : -32752.0f, 100.0f);
+    std::vector<float> v(16, 1e6f), vh(16);
+    v[3] = -1e6f;
+    std::vector<uint8_t> buf(sp.value_token_bytes());
+    lowbit_quantize_value(sp, v.data(), buf.data());
+    lowbit_dequantize_value(sp, buf.data(), vh.data());
+    for (float x : vh) ASSERT_TRUE(std::isfinite(x));
+    EXPECT_GT(vh[0], 30000.0f);
+    EXPECT_LT(vh[3], -30000.0f);
+  }
+}
+
 // 1 bit: a group spanning [min, max] reconstructs to the centres of the two half-ranges,
 // (3min+max)/4 and (min+3max)/4 (chosen fp16-exact here). 2 bits: the levels min + i*(max-min)/3.
 TEST(LowBit, LevelsAreHalfRangeCentresAndKiviLevels) {

@@ -23,7 +23,12 @@ struct GroupParams {
   float inv;   // 1/s, or 0 for a degenerate group
 };
 
+constexpr float kF16Max = 65504.0f;
+
 inline GroupParams group_params(int bits, float mn, float mx) {
+  // Saturate to the fp16 range so z and s stay finite (values beyond it reconstruct as +-65504).
+  mn = std::min(std::max(mn, -kF16Max), kF16Max);
+  mx = std::min(std::max(mx, -kF16Max), kF16Max);
   float sf, zf;
   if (!(mx > mn)) {
     sf = 0.0f;
@@ -232,10 +237,16 @@ void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int
   const int d = spec.head_dim, bits = spec.bits;
   const int gv = spec.value_group(), ng = spec.value_ngroups();
   const size_t pb = spec.value_plane_bytes(), tb = spec.value_token_bytes();
+  float code[kMaxDim];  // the token's codes as floats (0..3), shared by all rows
   for (int t = 0; t < n_tok; ++t) {
     const uint8_t* tok = values + (size_t)t * tb;
     const uint8_t* sp = tok + (size_t)bits * pb;
     const uint8_t* zp = sp + 2 * (size_t)ng;
+    for (int c = 0; c < d; ++c) {
+      int cd = (tok[c >> 3] >> (c & 7)) & 1;
+      if (bits == 2) cd |= ((tok[pb + (c >> 3)] >> (c & 7)) & 1) << 1;
+      code[c] = (float)cd;
+    }
     for (int gi = 0; gi < ng; ++gi) {
       const float s = load_f16(sp + 2 * gi), z = load_f16(zp + 2 * gi);
       const int c0 = gi * gv, c1 = std::min(d, c0 + gv);
@@ -243,11 +254,7 @@ void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int
         const float pt = p[(size_t)iq * p_stride + t];
         const float a = pt * s, bz = pt * z;
         float* o = out + (size_t)iq * out_stride;
-        for (int c = c0; c < c1; ++c) {
-          int code = (tok[c >> 3] >> (c & 7)) & 1;
-          if (bits == 2) code |= ((tok[pb + (c >> 3)] >> (c & 7)) & 1) << 1;
-          o[c] += bz + a * (float)code;
-        }
+        for (int c = c0; c < c1; ++c) o[c] += bz + a * code[c];
       }
     }
   }

@@ -12,7 +12,7 @@
 // nearest to x (ties round up). round(v) = floor(v + 0.5).
 // Degenerate group (M == m, or s rounds to 0 in fp16): s = 0, z = fp16(m), all codes 0, so the
 // group reconstructs to fp16(m) — "exact" means equal to the fp16 rounding of the input value.
-// Inputs must be finite with |x| <= 65504 (fp16 range); larger values overflow the stored z/s.
+// Inputs must be finite; values beyond the fp16 range (|x| > 65504) saturate to +-65504.
 //
 // ---- Byte layouts (all multi-byte fields little-endian, no alignment required) ----
 // Let d = head_dim, g = group, W = g/8 bytes (one g-bit word: uint32 for g = 32, uint64 for g = 64).
@@ -34,11 +34,24 @@
 // i.e. 24 B/token vs 256 B/token for fp16 K+V (9.4%); 2 bits -> 20 + 20 = 40 B/token (15.6%).
 //
 // ---- Kernels ----
-// lowbit_score_keys and lowbit_accumulate_values work directly on the packed codes (AVX-512
-// masked adds of broadcast q*s / p*s under the code bit masks; portable scalar path otherwise)
-// and process all n_q query rows per read of the codes. They never allocate, keep no state and
-// are safe to call concurrently on disjoint outputs. The *_ref versions dequantize and
-// accumulate in double (test references, slow).
+// lowbit_score_keys and lowbit_accumulate_values work directly on the packed codes and process
+// all n_q query rows per read of the codes (rows are tiled by 6 so the accumulators stay in
+// registers). AVX-512 paths (lowbit_avx512.cpp), by case:
+//   score, 1 bit, d % 4 == 0 : per block, per row and quad of channels, a 16-entry table of the
+//                              subset sums of q_c*s_c; per 16 tokens and quad, the 4 code masks
+//                              form a 4-bit lane index (shared by all rows); one vpermps + add per row.
+//   score, 1 bit, other d    : masked add of broadcast(q_c*s_c) under each 16-token code mask.
+//   score, 2 bits            : per channel and 16 tokens, the codes as floats (2 ops, shared),
+//                              then one FMA with broadcast(q_c*s_c) per row.
+//   accumulate, d % 16 == 0  : per 16 channels, 1 bit: per 4 tokens a table of the subset sums of
+//                              p_t*s_t and a 4-bit index from the 4 tokens' code masks; 2 bits:
+//                              codes as floats, one FMA with broadcast(p_t*s_t) per row. The zero
+//                              terms sum_t p_t*z_t are accumulated per value group on the side.
+//   accumulate, other d      : portable scalar path.
+// Both start from the per-block constant sum_c q_c*z_c (scores) or add sum_t p_t*z_t (values).
+// Without AVX-512 the portable scalar kernels run (lowbit_detail::*_scalar).
+// They never allocate (stack use <= ~40 KB), keep no state and are safe to call concurrently on
+// disjoint outputs. The *_ref versions dequantize and accumulate in double (test references, slow).
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -1,13 +1,13 @@
-// AVX-512 packed kernels of the low-bit KV codec (layouts in lowbit.h).
+// AVX-512 packed kernels of the low-bit KV codec (layouts and the per-case method in lowbit.h).
 //
-// Keys: 16 tokens per zmm lane set. For each channel c and bit plane b, the 16-bit slices of the
-// plane word are masks; acc += (q_c * s_c * 2^b) under the mask. acc starts at sum_c q_c z_c.
-// The n_q query rows are tiled by up to 6 so (g/16) x 6 <= 24 accumulators stay in registers and
-// every code word is read once per tile.
+// Keys: 16 tokens per zmm; each 16-bit slice of a plane word is a lane mask. Scores start at
+// sum_c q_c z_c per block and add q_c*s_c*code via subset-sum tables + vpermps (1 bit, d % 4 == 0),
+// masked adds (other 1-bit d) or codes-as-floats FMAs (2 bits). Query rows are tiled by up to 6
+// so (g/16) x 6 <= 24 accumulators stay in registers and every code word is read once per tile.
 //
-// Values: 16 channels per zmm. For each token, acc[iq][chunk] += (p_iq,t * s_t) under the 16-bit
-// mask of the token's codes for that chunk (per plane, times 2^b); the zero-point term
-// sum_t p_t z_t is accumulated per group across 16-token batches and added at the end.
+// Values: 16 channels per zmm, at most 64 channels x 6 rows of accumulators per pass over the
+// tokens; p_t*s_t and p_t*z_t are formed 16 tokens at a time, the zero-point terms summed per
+// value group on the side and added at the end.
 #include "kv/lowbit.h"
 
 #if defined(__AVX512F__)

@@ -67,9 +67,11 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
   c.n_head_kv = f.get_int(a + "attention.head_count_kv") ? get_dim(f, a + "attention.head_count_kv") : c.n_head;
   c.n_ff = get_dim(f, a + "feed_forward_length");
   c.n_ctx_train = f.get_int(a + "context_length").value_or(2048);
+  SPC_CHECK(c.n_ctx_train > 0, "%s: metadata '%scontext_length' = %lld is not positive", path.c_str(), a.c_str(),
+            (long long)c.n_ctx_train);
   SPC_CHECK(c.n_head % c.n_head_kv == 0, "%s: head_count %d is not a multiple of head_count_kv %d", path.c_str(), c.n_head, c.n_head_kv);
   c.head_dim = f.get_int(a + "attention.key_length") ? get_dim(f, a + "attention.key_length") : c.n_embd / c.n_head;
-  SPC_CHECK(c.head_dim % 2 == 0 && c.head_dim <= 256, "%s: head dimension %d unsupported (even, <= 256)", path.c_str(), c.head_dim);
+  SPC_CHECK(c.head_dim > 0 && c.head_dim % 2 == 0 && c.head_dim <= 256, "%s: head dimension %d unsupported (even, <= 256)", path.c_str(), c.head_dim);
   c.rms_eps = (float)f.get_float(a + "attention.layer_norm_rms_epsilon").value_or(1e-5);
   c.rope.freq_base = (float)f.get_float(a + "rope.freq_base").value_or(10000.0);
   c.rope.n_rot = f.get_int(a + "rope.dimension_count") ? get_dim(f, a + "rope.dimension_count") : c.head_dim;
@@ -96,9 +98,11 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
 
   const int64_t dq = (int64_t)c.n_head * c.head_dim, dkv = (int64_t)c.n_head_kv * c.head_dim;
   c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
-  m->layers_.resize(c.n_layer);
+  // Layers are appended one at a time (no resize to n_layer up front): a corrupt block_count
+  // then fails at the first missing tensor instead of allocating n_layer LayerWeights first.
+  m->layers_.clear();
   for (int il = 0; il < c.n_layer; ++il) {
-    LayerWeights& L = m->layers_[il];
+    LayerWeights& L = m->layers_.emplace_back();
     const std::string p = "blk." + std::to_string(il) + ".";
     L.attn_norm = vector_f32(f, p + "attn_norm.weight", c.n_embd);
     L.ffn_norm = vector_f32(f, p + "ffn_norm.weight", c.n_embd);

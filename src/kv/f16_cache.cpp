@@ -67,11 +67,12 @@ void attend_f16_cache(const F16Cache& cache, const KvGeometry& g, int il, const 
 
   std::vector<AttnPartial> parts((size_t)n_tasks * qb);
   std::vector<float> outs((size_t)n_tasks * qb * d);
-  pool.run([&](int t) {
-    std::vector<float> scratch((size_t)qb * (chunk + kKeyTile));
+  std::vector<std::vector<float>> scratch((size_t)pool.size());
+  pool.for_each_task(n_tasks, [&](int64_t task, int t) {
+    scratch[t].resize((size_t)qb * (chunk + kKeyTile));
     float qbuf[8 * 256];
     int64_t lim[8];
-    for (int64_t task = t; task < n_tasks; task += pool.size()) {
+    {
       const int h = (int)(task / (n_qbatch * n_chunks));
       const int b = (int)(task / n_chunks % n_qbatch);
       const int64_t ch = task % n_chunks;
@@ -83,7 +84,7 @@ void attend_f16_cache(const F16Cache& cache, const KvGeometry& g, int il, const 
       }
       const int64_t k0 = ch * chunk, k1 = std::min<int64_t>(n_pos, k0 + chunk);
       attention_decode_f16(qbuf, nq, d, cache.keys(il, h), cache.values(il, h), k0, k1, lim,
-                           parts.data() + task * qb, outs.data() + task * qb * d, scratch.data());
+                           parts.data() + task * qb, outs.data() + task * qb * d, scratch[t].data());
     }
   });
   // Merge the chunks of each query and normalize.

@@ -374,8 +374,8 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   auto S = [&](int h, int iq) { return scores_.data() + ((size_t)h * n_q + iq) * nqt; };
 
   // Pass 1: low-bit scores.
-  pool.run([&](int t) {
-    for (int64_t task = t; task < n_tasks; task += pool.size()) {
+  pool.for_each_task(n_tasks, [&](int64_t task, int) {
+    {
       const int h = (int)(task % nkv);
       const int64_t b0 = task / nkv * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
       lowbit_score_keys(spec_, L.heads[h].kblocks.data() + b0 * spec_.key_block_bytes(), (int)(b1 - b0),
@@ -410,9 +410,9 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   outs_.assign((size_t)nkv * (n_chunks + 1) * n_q * d, 0.0f);
   auto P = [&](int h, int64_t ch, int iq) -> Partial& { return parts_[((size_t)h * (n_chunks + 1) + ch) * n_q + iq]; };
   auto O = [&](int h, int64_t ch, int iq) { return outs_.data() + (((size_t)h * (n_chunks + 1) + ch) * n_q + iq) * d; };
-  pool.run([&](int t) {
-    std::vector<float> vdq((size_t)d);
-    for (int64_t task = t; task < n_tasks; task += pool.size()) {
+  pool.for_each_task(n_tasks, [&](int64_t task, int) {
+    float vdq[256];
+    {
       const int h = (int)(task % nkv);
       const int64_t ch = task / nkv;
       const int64_t t0 = ch * blocks_per_chunk * g, t1 = std::min(nqt, t0 + blocks_per_chunk * g);
@@ -437,7 +437,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
                                nqt, o0, d);
       // Top-k positions: replace the low-bit value by the exact one.
       for (auto it = lo; it != hi; ++it) {
-        lowbit_dequantize_value(spec_, H.vals.data() + *it * spec_.value_token_bytes(), vdq.data());
+        lowbit_dequantize_value(spec_, H.vals.data() + *it * spec_.value_token_bytes(), vdq);
         const fp16_t* vrow = H.topk_rows.data() + (it - H.topk_pos.begin()) * row_elems_ + d;
         for (int iq = 0; iq < n_q; ++iq) {
           const float p = S(h, iq)[*it];
@@ -453,10 +453,11 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   const bool speculate = sel_ == Select::Speculative && k_ > 0;
   const int64_t n_tok_old = L.n_tok;
   if (speculate) sel_probs_.assign((size_t)nkv * n_tok_old, 0.0f);
-  pool.run([&](int t) {
+  pool.for_each_task(nkv, [&](int64_t task, int) {
     std::vector<float> sc, own;
     std::vector<int64_t> own_top;
-    for (int h = t; h < nkv; h += pool.size()) {
+    {
+      const int h = (int)task;
       const HeadState& H = L.heads[h];
       const int64_t n_win = L.n_tok - L.n_quant;
       float* winp = speculate ? sel_probs_.data() + (size_t)h * n_tok_old + nqt : nullptr;
@@ -502,7 +503,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         if (winp && r == rows.n_rows - 1)
           for (int64_t j = 0; j < n_win; ++j) winp[j] += std::exp(sc[j] - acc.m) / acc.l;
       }
-      if (!speculate) continue;
+      if (!speculate) return;
       // Attention probabilities of a row over the quantized positions, averaged over its query heads.
       auto row_probs = [&](int r, std::vector<float>& pr) {
         pr.assign((size_t)nqt, 0.0f);

@@ -121,6 +121,106 @@ void prefill_tile(const AttnShape& s, const float* q, int64_t r0, int nr, int64_
   }
 }
 
+#if defined(__AVX512F__)
+// exp for 16 lanes, same polynomial as exp_approx.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// AVX-512 version of prefill_tile: one zmm register holds the 16 rows of a tile, so every
+// score, max, exp and weight is a single vector op; keys/values are broadcast from memory.
+// Requires head_dim % 8 == 0.
+void prefill_tile_avx512(const AttnShape& s, const float* q, int64_t r0, int nr, int64_t p0, const float* k,
+                         const float* v, float* out, int h) {
+  const int d = s.head_dim;
+  const int hk = h / (s.n_head / s.n_head_kv);
+  const int64_t q_stride = (int64_t)s.n_head * d, kv_stride = (int64_t)s.n_head_kv * d;
+  const float scale = 1.0f / std::sqrt((float)d);
+  alignas(64) float qt[256 * kRowTile];  // [d][16]
+  alignas(64) float ot[256 * kRowTile];  // [d][16]
+  alignas(64) float sc[kKeyBlock * kRowTile];
+  std::memset(qt, 0, sizeof(float) * d * kRowTile);
+  std::memset(ot, 0, sizeof(float) * d * kRowTile);
+  for (int r = 0; r < nr; ++r)
+    for (int c = 0; c < d; ++c) qt[c * kRowTile + r] = q[(r0 + r) * q_stride + h * d + c] * scale;
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 l = _mm512_setzero_ps();
+  // Row r sees keys j <= lim[r]; padded rows (r >= nr) see nothing.
+  alignas(64) int32_t lim_a[kRowTile];
+  for (int r = 0; r < kRowTile; ++r) lim_a[r] = r < nr ? (int32_t)(p0 + r0 + r) : -1;
+  const __m512i lim = _mm512_load_si512(lim_a);
+  const int64_t n_keys = p0 + r0 + nr;
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
+    const int nb = (int)std::min<int64_t>(kKeyBlock, n_keys - j0);
+    // Scores: 8 keys at a time in registers.
+    int j = 0;
+    for (; j + 8 <= nb; j += 8) {
+      __m512 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+      const float* kb = k + (j0 + j) * kv_stride + hk * d;
+      for (int c = 0; c < d; ++c) {
+        const __m512 qc = _mm512_load_ps(qt + c * kRowTile);
+        for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(kb[i * kv_stride + c]), qc, acc[i]);
+      }
+      for (int i = 0; i < 8; ++i) _mm512_store_ps(sc + (j + i) * kRowTile, acc[i]);
+    }
+    for (; j < nb; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      const float* kj = k + (j0 + j) * kv_stride + hk * d;
+      for (int c = 0; c < d; ++c) acc = _mm512_fmadd_ps(_mm512_set1_ps(kj[c]), _mm512_load_ps(qt + c * kRowTile), acc);
+      _mm512_store_ps(sc + j * kRowTile, acc);
+    }
+    // Online softmax over the block with the causal mask.
+    __m512 bmax = m;
+    for (j = 0; j < nb; ++j) {
+      const __mmask16 ok = _mm512_cmp_epi32_mask(lim, _mm512_set1_epi32((int32_t)(j0 + j)), _MM_CMPINT_NLT);
+      bmax = _mm512_mask_max_ps(bmax, ok, bmax, _mm512_load_ps(sc + j * kRowTile));
+    }
+    const __mmask16 live = _mm512_cmp_ps_mask(bmax, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ);
+    const __m512 alpha = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(m, bmax)));
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < nb; ++j) {
+      const __mmask16 ok = _mm512_cmp_epi32_mask(lim, _mm512_set1_epi32((int32_t)(j0 + j)), _MM_CMPINT_NLT);
+      const __m512 p = _mm512_maskz_mov_ps(ok, exp16(_mm512_sub_ps(_mm512_load_ps(sc + j * kRowTile), bmax)));
+      _mm512_store_ps(sc + j * kRowTile, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    l = _mm512_fmadd_ps(l, alpha, sum);
+    m = bmax;
+    // Values: 8 output channels in registers at a time.
+    for (int c0 = 0; c0 < d; c0 += 8) {
+      __m512 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm512_mul_ps(_mm512_load_ps(ot + (c0 + i) * kRowTile), alpha);
+      for (j = 0; j < nb; ++j) {
+        const __m512 p = _mm512_load_ps(sc + j * kRowTile);
+        const float* vj = v + (j0 + j) * kv_stride + hk * d + c0;
+        for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(vj[i]), p, acc[i]);
+      }
+      for (int i = 0; i < 8; ++i) _mm512_store_ps(ot + (c0 + i) * kRowTile, acc[i]);
+    }
+  }
+  alignas(64) float la[kRowTile];
+  _mm512_store_ps(la, l);
+  for (int r = 0; r < nr; ++r) {
+    const float inv = 1.0f / la[r];
+    float* o = out + (r0 + r) * q_stride + h * d;
+    for (int c = 0; c < d; ++c) o[c] = ot[c * kRowTile + r] * inv;
+  }
+}
+#endif
+
 }  // namespace
 
 void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
@@ -128,12 +228,19 @@ void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64
   const int64_t n_tiles = (n_rows + kRowTile - 1) / kRowTile;
   const int64_t n_tasks = n_tiles * s.n_head;
   // Later tiles see more keys: interleave tasks so each thread gets a similar mix.
-  pool.run([&](int t) {
-    for (int64_t task = t; task < n_tasks; task += pool.size()) {
+  pool.for_each_task(n_tasks, [&](int64_t task, int) {
+    {
       const int64_t tile = n_tiles - 1 - task / s.n_head;
       const int h = (int)(task % s.n_head);
       const int64_t r0 = tile * kRowTile;
-      prefill_tile(s, q, r0, (int)std::min<int64_t>(kRowTile, n_rows - r0), p0, k, v, out, h);
+      const int nr = (int)std::min<int64_t>(kRowTile, n_rows - r0);
+#if defined(__AVX512F__)
+      if (s.head_dim % 8 == 0) {
+        prefill_tile_avx512(s, q, r0, nr, p0, k, v, out, h);
+        return;
+      }
+#endif
+      prefill_tile(s, q, r0, nr, p0, k, v, out, h);
     }
   });
 }

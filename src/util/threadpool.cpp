@@ -28,56 +28,65 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::worker_loop(int index) {
-  uint64_t seen = 0;
+void ThreadPool::work(int index) {
   for (;;) {
-    // Spin a while for the next job, then sleep on the condition variable.
-    uint64_t gen = generation_.load(std::memory_order_acquire);
-    for (int spin = 0; gen == seen && spin < 20000; ++spin) {
-      SPC_PAUSE();
-      gen = generation_.load(std::memory_order_acquire);
-    }
-    if (gen == seen) {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-      gen = generation_.load(std::memory_order_acquire);
-    }
-    seen = gen;
-    if (stop_.load()) return;
-    (*job_)(index);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    const int64_t task = next_.fetch_add(1);
+    if (task >= n_tasks_) return;
+    (*job_)(task, index);
+    done_.fetch_add(1);
   }
 }
 
-void ThreadPool::run(const std::function<void(int)>& fn) {
-  if (n_threads_ == 1) {
-    fn(0);
+void ThreadPool::worker_loop(int index) {
+  uint64_t seen = 0;
+  for (;;) {
+    uint64_t gen = generation_.load();
+    for (int spin = 0; gen == seen && spin < 20000; ++spin) {
+      SPC_PAUSE();
+      gen = generation_.load();
+    }
+    if (gen == seen) {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return generation_.load() != seen; });
+      gen = generation_.load();
+    }
+    seen = gen;
+    if (stop_.load()) return;
+    // Enter the job only if it is still open: the caller may already have finished every
+    // task and returned, in which case job_ must not be touched.
+    active_.fetch_add(1);
+    if (closed_.load() < gen) work(index);
+    active_.fetch_sub(1);
+  }
+}
+
+void ThreadPool::for_each_task(int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
+  if (n_tasks <= 0) return;
+  if (n_threads_ == 1 || n_tasks == 1) {
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
     return;
   }
   job_ = &fn;
-  pending_.store(n_threads_ - 1, std::memory_order_release);
+  n_tasks_ = n_tasks;
+  next_.store(0);
+  done_.store(0);
+  uint64_t gen;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    generation_.fetch_add(1, std::memory_order_acq_rel);
+    gen = generation_.fetch_add(1) + 1;
   }
   cv_.notify_all();
-  fn(0);
-  while (pending_.load(std::memory_order_acquire) != 0) SPC_PAUSE();
+  work(0);
+  while (done_.load() != n_tasks) SPC_PAUSE();
+  closed_.store(gen);
+  while (active_.load() != 0) SPC_PAUSE();
   job_ = nullptr;
 }
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
   if (n <= 0) return;
-  const int nt = (int)std::min<int64_t>(n_threads_, n);
-  if (nt == 1) {
-    fn(0, n, 0);
-    return;
-  }
-  run([&](int t) {
-    if (t >= nt) return;
-    const int64_t begin = n * t / nt, end = n * (t + 1) / nt;
-    fn(begin, end, t);
-  });
+  const int64_t n_chunks = std::min<int64_t>(n, n_threads_ == 1 ? 1 : 4LL * n_threads_);
+  for_each_task(n_chunks, [&](int64_t c, int t) { fn(n * c / n_chunks, n * (c + 1) / n_chunks, t); });
 }
 
 }  // namespace spc

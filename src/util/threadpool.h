@@ -1,5 +1,7 @@
 // Fixed-size thread pool for data-parallel loops. The calling thread takes part as worker 0.
-// Workers spin briefly between jobs (decode issues hundreds of small jobs per token), then sleep.
+// Work is split into tasks claimed from a shared counter, so a worker that is slow to wake (a
+// busy machine) never stalls the caller: whoever is running takes the remaining tasks. Workers
+// spin briefly between jobs (decode issues hundreds of small jobs per token), then sleep.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -21,20 +23,26 @@ class ThreadPool {
 
   int size() const { return n_threads_; }
 
-  // Runs fn(thread_index) on every thread (0 .. size()-1) and waits for all.
-  void run(const std::function<void(int)>& fn);
+  // Runs fn(task, thread_index) once for every task in [0, n_tasks), spread over the threads;
+  // thread_index < size() identifies per-thread scratch. Returns when all tasks are done.
+  void for_each_task(int64_t n_tasks, const std::function<void(int64_t, int)>& fn);
 
-  // Splits [0, n) into contiguous chunks, one per thread: fn(begin, end, thread_index).
+  // Splits [0, n) into contiguous chunks (a few per thread): fn(begin, end, thread_index).
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
 
  private:
   void worker_loop(int index);
+  void work(int index);
 
   int n_threads_;
   std::vector<std::thread> workers_;
-  const std::function<void(int)>* job_ = nullptr;
+  const std::function<void(int64_t, int)>* job_ = nullptr;
+  int64_t n_tasks_ = 0;
+  std::atomic<int64_t> next_{0};     // next task to claim
+  std::atomic<int64_t> done_{0};     // tasks finished
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> closed_{0};  // last generation whose tasks are all done
+  std::atomic<int> active_{0};       // workers inside work()
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   std::condition_variable cv_;

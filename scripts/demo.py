@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""The main job: a long-context question on the default model, answered with the full 16-bit
+KV cache and with SpeCache (1-bit copy + speculative top-k prefetch), side by side.
+
+Prints both answers, their token agreement, fast-tier KV bytes and decode speed.
+Usage: scripts/demo.py SPECACHE_BINARY MODEL.gguf [--tokens N] [--threads T] [--store host|file]
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BOOK = os.path.join(HERE, "..", "..", "shared", "data", "gutenberg", "pg2600-war-and-peace.txt")
+NEEDLE = "Note from the librarian: the secret password for the reading room is 'amber falcon 42'."
+QUESTION = "What is the secret password for the reading room?"
+
+
+def haystack(n_chars: int) -> tuple[str, str]:
+    """Real text from War and Peace when ../shared is present, else a synthetic ledger."""
+    if os.path.exists(BOOK):
+        text = open(BOOK, encoding="utf-8").read()
+        start = text.find("CHAPTER I")
+        return text[start:start + n_chars], "War and Peace (../shared/data/gutenberg)"
+    rng = random.Random(7)
+    towns = ["Arden", "Bristow", "Calder", "Dunmore", "Elmsworth", "Fairhaven", "Glenrock", "Hollins"]
+    goods = ["wool", "grain", "salt", "timber", "copper", "linen", "cider", "iron"]
+    lines = []
+    while sum(len(s) for s in lines) < n_chars:
+        lines.append(f"On day {len(lines) + 1} the cart from {rng.choice(towns)} brought {rng.randint(2, 90)} "
+                     f"sacks of {rng.choice(goods)}, and the clerk wrote it down in the ledger.\n")
+    return "".join(lines)[:n_chars], "synthetic ledger (../shared absent)"
+
+
+def run(binary, model, prompt_file, policy, threads, store, kv_dir):
+    cmd = [binary, "generate", "-m", model, "-f", prompt_file, "--chat", "-n", "48", "--temp", "0",
+           "-t", str(threads), "--json", "--kv", policy]
+    if policy == "specache":
+        cmd += ["--kv-bits", "1", "--kv-store", store] + (["--kv-dir", kv_dir] if store == "file" else [])
+    t0 = time.time()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    res = json.loads(out.stdout)
+    res["wall_s"] = time.time() - t0
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=6000, help="approximate prompt length in tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--store", default="host", choices=["host", "file"])
+    a = ap.parse_args()
+
+    text, source = haystack(a.tokens * 4)  # ~4 characters per token for English prose
+    cut = int(len(text) * 0.4)
+    cut = text.rfind("\n", 0, cut) + 1 or cut
+    doc = text[:cut] + NEEDLE + "\n" + text[cut:]
+    prompt = f"Read the following text.\n\n{doc}\n\n{QUESTION} Answer with the password only."
+    with tempfile.TemporaryDirectory() as tmp:
+        pf = os.path.join(tmp, "prompt.txt")
+        open(pf, "w", encoding="utf-8").write(prompt)
+        print(f"prompt: {source}, needle at 40% depth, question: {QUESTION}", flush=True)
+        results = {}
+        for policy in ("full", "specache"):
+            print(f"running --kv {policy} ...", flush=True)
+            results[policy] = run(a.binary, a.model, pf, policy, a.threads, a.store, tmp)
+
+    full, spec = results["full"], results["specache"]
+    n = min(len(full["tokens"]), len(spec["tokens"]))
+    same = sum(1 for i in range(n) if full["tokens"][i] == spec["tokens"][i])
+    prefix = next((i for i in range(n) if full["tokens"][i] != spec["tokens"][i]), n)
+    print()
+    print(f"prompt tokens: {len(full['prompt_tokens'])}")
+    for name, r in results.items():
+        kv, t = r["kv"], r["timings"]
+        print(f"[{name:8s}] answer: {r['text'].strip()!r}")
+        print(f"           fast-tier KV {kv['fast_bytes'] / 2**20:7.2f} MiB, slow tier {kv['slow_bytes'] / 2**20:7.2f} MiB, "
+              f"prefill {t['prefill_tok_per_s']:.0f} tok/s, decode {t['decode_ms_per_token']:.2f} ms/token")
+    ratio = spec["kv"]["fast_bytes"] / max(1, full["kv"]["fast_bytes"])
+    print()
+    print(f"SpeCache fast-tier KV = {100 * ratio:.1f}% of the full cache "
+          f"({full['kv']['fast_bytes'] / 2**20:.1f} MiB -> {spec['kv']['fast_bytes'] / 2**20:.1f} MiB)")
+    print(f"greedy agreement with full: {same}/{n} tokens identical, first {prefix} identical in a row")
+    print(f"speculative top-k recall {spec['kv']['spec_recall']:.2f}, prefetch reuse {spec['kv']['prefetch_reuse_rate']:.2f}, "
+          f"stall {spec['kv']['stall_ms']:.1f} ms over {len(spec['tokens'])} tokens")
+    found = {k: ("amber falcon 42" in r["text"].lower()) for k, r in results.items()}
+    print(f"password retrieved: full={found['full']} specache={found['specache']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

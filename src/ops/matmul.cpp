@@ -31,9 +31,9 @@ constexpr int kTileT = 4;  // tokens per tile
 
 // ---------------------------------------------------------------------------------------------
 // Activations quantized to int8 in blocks of 32: q[i], d[block] (value = d*q), and per 16-value
-// half the scaled sum s16[2*block + h] = d * sum(q over the half).
+// half the scaled sum s16[2*block + h] = d * sum(q over the half); s32[block] = both halves.
 
-void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16) {
+void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16, float* s32) {
   const int64_t nb = n / 32;
   for (int64_t b = 0; b < nb; ++b, x += 32, q += 32) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -48,6 +48,7 @@ void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16
     d[b] = db;
     s16[2 * b] = db * (float)_mm512_reduce_add_epi32(i0);
     s16[2 * b + 1] = db * (float)_mm512_reduce_add_epi32(i1);
+    s32[b] = s16[2 * b] + s16[2 * b + 1];
 #else
     float amax = 0.f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
@@ -63,6 +64,7 @@ void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16
     d[b] = db;
     s16[2 * b] = db * (float)sum[0];
     s16[2 * b + 1] = db * (float)sum[1];
+    s32[b] = s16[2 * b] + s16[2 * b + 1];
 #endif
   }
 }
@@ -158,6 +160,142 @@ QKernelFn qkernel_for(int r, int t) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fused kernels for the 32-element block types at small token counts (decode): codes are
+// expanded in registers straight from the weight blocks, no unpacked copy.
+// Block value = d * (code - kOff) (+ m for kMin types); the constant part is gathered per row
+// into mrow (m, or d) and applied after the loop as coef * dot(mrow, s32).
+
+#if defined(SPC_MM_VNNI)
+// Software prefetch distance ahead of the weight stream (decode is memory-bound).
+#ifndef SPC_PREFETCH_TILES
+#define SPC_PREFETCH_TILES 2
+#endif
+constexpr int64_t kPrefetchTiles = SPC_PREFETCH_TILES;
+inline float ld_h(const uint8_t* p) {
+  fp16_t h;
+  std::memcpy(&h, p, 2);
+  return fp16_to_fp32(h);
+}
+inline __m256i nibbles(const uint8_t* qs) {
+  const __m128i q = _mm_loadu_si128((const __m128i*)qs);
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
+}
+inline __m256i high_bits(const uint8_t* qh) {
+  uint32_t h;
+  std::memcpy(&h, qh, 4);
+  return _mm256_maskz_mov_epi8((__mmask32)h, _mm256_set1_epi8(0x10));
+}
+struct FQ4_0 {
+  static constexpr size_t kBytes = 18;
+  static constexpr bool kMin = false;
+  static constexpr float kOff = 8.f;
+  static __m256i codes(const uint8_t* b) { return nibbles(b + 2); }
+  static float m(const uint8_t*) { return 0.f; }
+};
+struct FQ4_1 {
+  static constexpr size_t kBytes = 20;
+  static constexpr bool kMin = true;
+  static constexpr float kOff = 0.f;
+  static __m256i codes(const uint8_t* b) { return nibbles(b + 4); }
+  static float m(const uint8_t* b) { return ld_h(b + 2); }
+};
+struct FQ5_0 {
+  static constexpr size_t kBytes = 22;
+  static constexpr bool kMin = false;
+  static constexpr float kOff = 16.f;
+  static __m256i codes(const uint8_t* b) { return _mm256_or_si256(nibbles(b + 6), high_bits(b + 2)); }
+  static float m(const uint8_t*) { return 0.f; }
+};
+struct FQ5_1 {
+  static constexpr size_t kBytes = 24;
+  static constexpr bool kMin = true;
+  static constexpr float kOff = 0.f;
+  static __m256i codes(const uint8_t* b) { return _mm256_or_si256(nibbles(b + 8), high_bits(b + 4)); }
+  static float m(const uint8_t* b) { return ld_h(b + 2); }
+};
+struct FQ8_0 {
+  static constexpr size_t kBytes = 34;
+  static constexpr bool kMin = false;
+  static constexpr float kOff = 128.f;
+  static __m256i codes(const uint8_t* b) {
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(b + 2)), _mm256_set1_epi8((char)0x80));
+  }
+  static float m(const uint8_t*) { return 0.f; }
+};
+
+template <class Ty, int R, int T>
+void fused_kernel(const uint8_t* w, size_t rs, int64_t nb, const int8_t* xq, const float* xd, const float* xs32,
+                  int64_t n_in, float* mrow, float* out) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i W[R];
+    __m256 DW[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = w + r * rs + b * Ty::kBytes;
+#if SPC_PREFETCH_TILES > 0
+      _mm_prefetch((const char*)(blk + kPrefetchTiles * R * rs), _MM_HINT_T0);
+#endif
+      W[r] = Ty::codes(blk);
+      const float d = ld_h(blk);
+      DW[r] = _mm256_set1_ps(d);
+      mrow[r * nb + b] = Ty::kMin ? Ty::m(blk) : d;
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256i X = _mm256_loadu_si256((const __m256i*)(xq + t * n_in + b * 32));
+      const __m256 D = _mm256_set1_ps(xd[t * nb + b]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i P = _mm256_dpbusd_epi32(zero, W[r], X);
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(P), _mm256_mul_ps(DW[r], D), acc[r][t]);
+      }
+    }
+  }
+  const float coef = Ty::kMin ? 1.f : -Ty::kOff;
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      out[r * kTileT + t] = hsum256(acc[r][t]) + coef * dot_f32(mrow + r * nb, xs32 + t * nb, nb);
+}
+
+using FusedFn = void (*)(const uint8_t*, size_t, int64_t, const int8_t*, const float*, const float*, int64_t,
+                         float*, float*);
+
+template <class Ty, int R>
+FusedFn fused_for_t(int t) {
+  return t == 1 ? fused_kernel<Ty, R, 1>
+                : t == 2 ? fused_kernel<Ty, R, 2> : t == 3 ? fused_kernel<Ty, R, 3> : fused_kernel<Ty, R, 4>;
+}
+template <class Ty>
+FusedFn fused_for_rt(int r, int t) {
+  switch (r) {
+    case 1: return fused_for_t<Ty, 1>(t);
+    case 2: return fused_for_t<Ty, 2>(t);
+    case 3: return fused_for_t<Ty, 3>(t);
+    default: return fused_for_t<Ty, 4>(t);
+  }
+}
+// nullptr when the type has no fused kernel.
+FusedFn fused_for(GgmlType type, int r, int t) {
+  switch (type) {
+    case GgmlType::Q4_0: return fused_for_rt<FQ4_0>(r, t);
+    case GgmlType::Q4_1: return fused_for_rt<FQ4_1>(r, t);
+    case GgmlType::Q5_0: return fused_for_rt<FQ5_0>(r, t);
+    case GgmlType::Q5_1: return fused_for_rt<FQ5_1>(r, t);
+    case GgmlType::Q8_0: return fused_for_rt<FQ8_0>(r, t);
+    default: return nullptr;
+  }
+}
+#else
+using FusedFn = void (*)(const uint8_t*, size_t, int64_t, const int8_t*, const float*, const float*, int64_t,
+                         float*, float*);
+FusedFn fused_for(GgmlType, int, int) { return nullptr; }
+#endif
+
+// Up to this many tokens the fused kernels (no unpacked copy) are used when available.
+constexpr int64_t kFusedMaxTokens = 4;
+
+// ---------------------------------------------------------------------------------------------
 // fp32 kernel: out[r*kTileT + t] = dot(w + r*n, x + t*n).
 
 template <int R, int T>
@@ -223,7 +361,7 @@ Scratch& thread_scratch() {
 // Per-call activation buffers, owned by the calling thread.
 struct ActBuf {
   std::vector<int8_t> q;
-  std::vector<float> d, s16;
+  std::vector<float> d, s16, s32;
 };
 ActBuf& thread_act() {
   thread_local ActBuf a;
@@ -278,16 +416,42 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   act.q.resize((size_t)(n_tok * n));
   act.d.resize((size_t)(n_tok * nvb));
   act.s16.resize((size_t)(n_tok * nvb * 2));
+  act.s32.resize((size_t)(n_tok * nvb));
   int8_t* xq = act.q.data();
   float* xd = act.d.data();
   float* xs = act.s16.data();
+  float* xs32 = act.s32.data();
   auto quant_tokens = [&](int64_t b, int64_t e, int) {
-    for (int64_t t = b; t < e; ++t) quantize_act_row(x + t * n, n, xq + t * n, xd + t * nvb, xs + t * nvb * 2);
+    for (int64_t t = b; t < e; ++t) quantize_act_row(x + t * n, n, xq + t * n, xd + t * nvb, xs + t * nvb * 2, xs32 + t * nvb);
   };
   if (n_tok * n >= 16384) pool.parallel_for(n_tok, quant_tokens);
   else quant_tokens(0, n_tok, 0);
 
   const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
+  if (n_tok <= kFusedMaxTokens && fused_for(w.type, 1, 1) != nullptr) {
+#ifndef SPC_DEC_R
+#define SPC_DEC_R 4
+#endif
+    constexpr int kDecR = SPC_DEC_R;
+    const int64_t n_dtiles = (n_out + kDecR - 1) / kDecR;
+    pool.parallel_for(n_dtiles, [&](int64_t tb, int64_t te, int) {
+      Scratch& s = thread_scratch();
+      if (s.mn2.size() < (size_t)(kTileR * nvb)) s.mn2.resize((size_t)(kTileR * nvb));
+      float out[kTileR * kTileT];
+      for (int64_t tile = tb; tile < te; ++tile) {
+        const int64_t r0 = tile * kDecR;
+        const int R = (int)std::min<int64_t>(kDecR, n_out - r0);
+        for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
+          const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
+          fused_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nvb, xq + t0 * n, xd + t0 * nvb,
+                                  xs32 + t0 * nvb, n, s.mn2.data(), out);
+          for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+        }
+      }
+    });
+    return;
+  }
   pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
     Scratch& s = thread_scratch();
     if (s.u.size() < (size_t)(kTileR * n)) s.u.resize((size_t)(kTileR * n));

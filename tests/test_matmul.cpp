@@ -156,7 +156,7 @@ TEST(Matmul, Timing) {
       for (auto& v : tmp) v = nd(rng);
       quantize_row(s.t, tmp.data(), w.data() + o * rs, s.n_in);
     }
-    for (int64_t n_tok : {1, 2, 512}) {
+    for (int64_t n_tok : {1, 2, 4, 8, 32, 512}) {
       std::vector<float> x(n_tok * s.n_in), y(n_tok * s.n_out);
       for (auto& v : x) v = nd(rng);
       const WeightView wv{s.t, s.n_in, s.n_out, w.data()};

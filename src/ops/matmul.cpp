@@ -603,18 +603,13 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
 
   const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
   if (n_tok <= kFusedMaxTokens && fused_for(w.type, 1, 1) != nullptr) {
-#ifndef SPC_DEC_R
-#define SPC_DEC_R 4
-#endif
-    constexpr int kDecR = SPC_DEC_R;
-    const int64_t n_dtiles = (n_out + kDecR - 1) / kDecR;
-    pool.parallel_for(n_dtiles, [&](int64_t tb, int64_t te, int) {
+    pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
       Scratch& s = thread_scratch();
-      if (s.mn2.size() < (size_t)(kDecR * nvb * 2)) s.mn2.resize((size_t)(kDecR * nvb * 2));
+      if (s.mn2.size() < (size_t)(kTileR * nvb * 2)) s.mn2.resize((size_t)(kTileR * nvb * 2));
       float out[kTileR * kTileT];
       for (int64_t tile = tb; tile < te; ++tile) {
-        const int64_t r0 = tile * kDecR;
-        const int R = (int)std::min<int64_t>(kDecR, n_out - r0);
+        const int64_t r0 = tile * kTileR;
+        const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
         for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
           const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
           fused_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nvb, xq + t0 * n, xd + t0 * nvb,

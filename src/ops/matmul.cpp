@@ -460,14 +460,67 @@ FusedFn fused_for(GgmlType type, int r, int t) {
     default: return nullptr;
   }
 }
+// Unpacked copies (codes, per-half scales, per-half constant terms with the offset folded in)
+// for the prefill path, built with the same SIMD decoders.
+template <class Ty>
+void unpack_simd32(const uint8_t* row, int64_t nb, uint8_t* u, float* sc8, float* m2) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * Ty::kBytes;
+    _mm256_storeu_si256((__m256i*)(u + b * 32), Ty::codes(blk));
+    const float d = ld_h(blk);
+    _mm256_storeu_ps(sc8 + b * 8, _mm256_set1_ps(d));
+    m2[2 * b] = m2[2 * b + 1] = Ty::kMin ? Ty::m(blk) : -Ty::kOff * d;
+  }
+}
+template <class Ty>
+void unpack_simd_k(const uint8_t* row, int64_t nb, uint8_t* u, float* sc8, float* m2) {
+  KDec k;
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    Ty::decode(row + sb * Ty::kBytes, k);
+    for (int v = 0; v < 8; ++v) {
+      const int64_t vb = sb * 8 + v;
+      _mm256_storeu_si256((__m256i*)(u + vb * 32), k.codes[v]);
+      _mm256_storeu_ps(sc8 + vb * 8, _mm256_set_m128(_mm_set1_ps(k.sc[2 * v + 1]), _mm_set1_ps(k.sc[2 * v])));
+    }
+    std::memcpy(m2 + sb * 16, k.mn, sizeof(k.mn));
+  }
+}
+using UnpackFn = void (*)(const uint8_t*, int64_t, uint8_t*, float*, float*);
+UnpackFn unpack_fast_for(GgmlType type) {
+  switch (type) {
+    case GgmlType::Q4_0: return unpack_simd32<FQ4_0>;
+    case GgmlType::Q4_1: return unpack_simd32<FQ4_1>;
+    case GgmlType::Q5_0: return unpack_simd32<FQ5_0>;
+    case GgmlType::Q5_1: return unpack_simd32<FQ5_1>;
+    case GgmlType::Q8_0: return unpack_simd32<FQ8_0>;
+    case GgmlType::Q2_K: return unpack_simd_k<FQ2_K>;
+    case GgmlType::Q3_K: return unpack_simd_k<FQ3_K>;
+    case GgmlType::Q4_K: return unpack_simd_k<FQ4_K>;
+    case GgmlType::Q5_K: return unpack_simd_k<FQ5_K>;
+    case GgmlType::Q6_K: return unpack_simd_k<FQ6_K>;
+    default: return nullptr;
+  }
+}
 #else
 using FusedFn = void (*)(const uint8_t*, size_t, int64_t, const int8_t*, const float*, const float*,
                          const float*, int64_t, float*, float*);
 FusedFn fused_for(GgmlType, int, int) { return nullptr; }
+using UnpackFn = void (*)(const uint8_t*, int64_t, uint8_t*, float*, float*);
+UnpackFn unpack_fast_for(GgmlType) { return nullptr; }
 #endif
 
-// Up to this many tokens the fused kernels (no unpacked copy) are used when available.
-constexpr int64_t kFusedMaxTokens = 4;
+// Tokens per outer chunk of the fused path (activations of a chunk stay in L2).
+#ifndef SPC_TOKEN_CHUNK
+#define SPC_TOKEN_CHUNK 64
+#endif
+constexpr int64_t kTokenChunk = SPC_TOKEN_CHUNK;
+// Up to this many tokens the fused kernels are used; beyond, weights are unpacked once per
+// row block and reused by all tokens.
+#ifndef SPC_FUSED_MAX
+#define SPC_FUSED_MAX 8
+#endif
+constexpr int64_t kFusedMaxTokens = SPC_FUSED_MAX;
+constexpr int kRowBlock = 16;  // rows unpacked together on the prefill path
 
 // ---------------------------------------------------------------------------------------------
 // fp32 kernel: out[r*kTileT + t] = dot(w + r*n, x + t*n).
@@ -603,52 +656,69 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
 
   const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
   if (n_tok <= kFusedMaxTokens && fused_for(w.type, 1, 1) != nullptr) {
+    // Token chunks outermost keep a chunk's activations in L2 while the thread's rows stream by;
+    // each 4-row tile is then reused (from L1) by every 4-token tile of the chunk.
     pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
       Scratch& s = thread_scratch();
       if (s.mn2.size() < (size_t)(kTileR * nvb * 2)) s.mn2.resize((size_t)(kTileR * nvb * 2));
       float out[kTileR * kTileT];
-      for (int64_t tile = tb; tile < te; ++tile) {
-        const int64_t r0 = tile * kTileR;
-        const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
-        for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
-          const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-          fused_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nvb, xq + t0 * n, xd + t0 * nvb,
-                                  xs + t0 * nvb * 2, xs32 + t0 * nvb, n, s.mn2.data(), out);
-          for (int r = 0; r < R; ++r)
-            for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+      for (int64_t c0 = 0; c0 < n_tok; c0 += kTokenChunk) {
+        const int64_t c1 = std::min<int64_t>(n_tok, c0 + kTokenChunk);
+        for (int64_t tile = tb; tile < te; ++tile) {
+          const int64_t r0 = tile * kTileR;
+          const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+          for (int64_t t0 = c0; t0 < c1; t0 += kTileT) {
+            const int T = (int)std::min<int64_t>(kTileT, c1 - t0);
+            fused_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nvb, xq + t0 * n, xd + t0 * nvb,
+                                    xs + t0 * nvb * 2, xs32 + t0 * nvb, n, s.mn2.data(), out);
+            for (int r = 0; r < R; ++r)
+              for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+          }
         }
       }
     });
     return;
   }
-  pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+  const UnpackFn fast = unpack_fast_for(w.type);
+  const int64_t n_blocks = (n_out + kRowBlock - 1) / kRowBlock;
+  pool.parallel_for(n_blocks, [&](int64_t bb, int64_t be, int) {
     Scratch& s = thread_scratch();
-    if (s.u.size() < (size_t)(kTileR * n)) s.u.resize((size_t)(kTileR * n));
-    if (s.sc8.size() < (size_t)(kTileR * nvb * 8)) s.sc8.resize((size_t)(kTileR * nvb * 8));
-    if (s.mn2.size() < (size_t)(kTileR * nvb * 2)) s.mn2.resize((size_t)(kTileR * nvb * 2));
+    if (s.u.size() < (size_t)(kRowBlock * n)) s.u.resize((size_t)(kRowBlock * n));
+    if (s.sc8.size() < (size_t)(kRowBlock * nvb * 8)) s.sc8.resize((size_t)(kRowBlock * nvb * 8));
+    if (s.mn2.size() < (size_t)(kRowBlock * nvb * 2)) s.mn2.resize((size_t)(kRowBlock * nvb * 2));
     uint8_t* u = s.u.data();
     float* sc8 = s.sc8.data();
     float* mt = s.mn2.data();
     float out[kTileR * kTileT];
-    for (int64_t tile = tb; tile < te; ++tile) {
-      const int64_t r0 = tile * kTileR;
-      const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
-      for (int r = 0; r < R; ++r) {
+    for (int64_t blk = bb; blk < be; ++blk) {
+      const int64_t rb0 = blk * kRowBlock;
+      const int RB = (int)std::min<int64_t>(kRowBlock, n_out - rb0);
+      for (int r = 0; r < RB; ++r) {
+        const uint8_t* row = (const uint8_t*)w.data + (rb0 + r) * rs;
         float* m = mt + r * nvb * 2;
         const float* sc = sc8 + r * nvb * 8;
-        detail::unpack_row(w.type, (const uint8_t*)w.data + (r0 + r) * rs, n, u + r * nvb * 32,
-                           sc8 + r * nvb * 8, m);
-        // Fold the code offset into the per-half constant term.
-        if (off != 0.f)
-          for (int64_t g = 0; g < 2 * nvb; ++g) m[g] -= off * sc[g * 4];
+        if (fast) {
+          fast(row, nvb, u + r * nvb * 32, sc8 + r * nvb * 8, m);
+        } else {
+          detail::unpack_row(w.type, row, n, u + r * nvb * 32, sc8 + r * nvb * 8, m);
+          // Fold the code offset into the per-half constant term.
+          if (off != 0.f)
+            for (int64_t g = 0; g < 2 * nvb; ++g) m[g] -= off * sc[g * 4];
+        }
       }
-      for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
-        const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-        qkernel_for(R, T)(u, sc8, nvb, xq + t0 * n, xd + t0 * nvb, n, out);
-        for (int r = 0; r < R; ++r)
-          for (int t = 0; t < T; ++t)
-            y[(t0 + t) * n_out + r0 + r] =
-                out[r * kTileT + t] + dot_f32(mt + r * nvb * 2, xs + (t0 + t) * nvb * 2, 2 * nvb);
+      for (int64_t c0 = 0; c0 < n_tok; c0 += kTokenChunk) {
+        const int64_t c1 = std::min<int64_t>(n_tok, c0 + kTokenChunk);
+        for (int rt = 0; rt < RB; rt += kTileR) {
+          const int R = std::min(kTileR, RB - rt);
+          for (int64_t t0 = c0; t0 < c1; t0 += kTileT) {
+            const int T = (int)std::min<int64_t>(kTileT, c1 - t0);
+            qkernel_for(R, T)(u + rt * nvb * 32, sc8 + rt * nvb * 8, nvb, xq + t0 * n, xd + t0 * nvb, n, out);
+            for (int r = 0; r < R; ++r)
+              for (int t = 0; t < T; ++t)
+                y[(t0 + t) * n_out + rb0 + rt + r] =
+                    out[r * kTileT + t] + dot_f32(mt + (rt + r) * nvb * 2, xs + (t0 + t) * nvb * 2, 2 * nvb);
+          }
+        }
       }
     }
   });

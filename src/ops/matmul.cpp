@@ -525,16 +525,36 @@ constexpr int kRowBlock = 16;  // rows unpacked together on the prefill path
 // ---------------------------------------------------------------------------------------------
 // fp32 kernel: out[r*kTileT + t] = dot(w + r*n, x + t*n).
 
-template <int R, int T>
-void fkernel(const float* w, const float* x, int64_t n, float* out) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// Loaders of 16 weights as fp32 from a row of the given element type (masked tail variant).
+struct LdF32 {
+  using T = float;
+  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 load_tail(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct LdF16 {
+  using T = uint16_t;
+  static __m512 load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static __m512 load_tail(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+};
+struct LdBF16 {
+  using T = uint16_t;
+  static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static __m512 load(const uint16_t* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
+  static __m512 load_tail(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+};
+
+// out[r*kTileT + t] = dot(row r of w (row stride n elements), x + t*n).
+template <class L, int R, int T>
+void fkernel_t(const void* wv, const float* x, int64_t n, float* out) {
+  const typename L::T* w = (const typename L::T*)wv;
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 W[R];
-    for (int r = 0; r < R; ++r) W[r] = _mm512_loadu_ps(w + r * n + i);
+    for (int r = 0; r < R; ++r) W[r] = L::load(w + r * n + i);
     for (int t = 0; t < T; ++t) {
       const __m512 X = _mm512_loadu_ps(x + t * n + i);
       for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(W[r], X, acc[r][t]);
@@ -543,7 +563,7 @@ void fkernel(const float* w, const float* x, int64_t n, float* out) {
   if (i < n) {
     const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
     __m512 W[R];
-    for (int r = 0; r < R; ++r) W[r] = _mm512_maskz_loadu_ps(m, w + r * n + i);
+    for (int r = 0; r < R; ++r) W[r] = L::load_tail(w + r * n + i, m);
     for (int t = 0; t < T; ++t) {
       const __m512 X = _mm512_maskz_loadu_ps(m, x + t * n + i);
       for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(W[r], X, acc[r][t]);
@@ -551,11 +571,44 @@ void fkernel(const float* w, const float* x, int64_t n, float* out) {
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) out[r * kTileT + t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+template <int R, int T>
+void fkernel(const float* w, const float* x, int64_t n, float* out) {
+  fkernel_t<LdF32, R, T>(w, x, n, out);
+}
+
+// Kernels reading F16/BF16 weight rows directly (small token counts).
+using FDirectFn = void (*)(const void*, const float*, int64_t, float*);
+template <class L, int R>
+FDirectFn fdirect_for_t(int t) {
+  return t == 1 ? fkernel_t<L, R, 1> : t == 2 ? fkernel_t<L, R, 2> : t == 3 ? fkernel_t<L, R, 3> : fkernel_t<L, R, 4>;
+}
+template <class L>
+FDirectFn fdirect_for_rt(int r, int t) {
+  switch (r) {
+    case 1: return fdirect_for_t<L, 1>(t);
+    case 2: return fdirect_for_t<L, 2>(t);
+    case 3: return fdirect_for_t<L, 3>(t);
+    default: return fdirect_for_t<L, 4>(t);
+  }
+}
+FDirectFn fdirect_for(GgmlType type, int r, int t) {
+  switch (type) {
+    case GgmlType::F32: return fdirect_for_rt<LdF32>(r, t);
+    case GgmlType::F16: return fdirect_for_rt<LdF16>(r, t);
+    case GgmlType::BF16: return fdirect_for_rt<LdBF16>(r, t);
+    default: return nullptr;
+  }
+}
 #else
+template <int R, int T>
+void fkernel(const float* w, const float* x, int64_t n, float* out) {
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) out[r * kTileT + t] = dot_f32(w + r * n, x + t * n, n);
-#endif
 }
+using FDirectFn = void (*)(const void*, const float*, int64_t, float*);
+FDirectFn fdirect_for(GgmlType, int, int) { return nullptr; }
+#endif
 
 using FKernelFn = void (*)(const float*, const float*, int64_t, float*);
 
@@ -608,27 +661,53 @@ void validate(const WeightView& w) {
 void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   const int64_t n = w.n_in, n_out = w.n_out;
   const size_t rs = row_size(w.type, n);
-  const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
-  pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+  if (n_tok <= kFusedMaxTokens && fdirect_for(w.type, 1, 1) != nullptr) {
+    // Decode: weights read (and widened) straight from the matrix.
+    const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
+    pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+      float out[kTileR * kTileT];
+      for (int64_t tile = tb; tile < te; ++tile) {
+        const int64_t r0 = tile * kTileR;
+        const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+        for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
+          const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
+          fdirect_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, x + t0 * n, n, out);
+          for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+        }
+      }
+    });
+    return;
+  }
+  // Prefill: blocks of kRowBlock rows (widened to fp32 once) x chunks of tokens (kept in L2).
+  constexpr int64_t kChunk = 32;
+  const int64_t n_blocks = (n_out + kRowBlock - 1) / kRowBlock;
+  pool.parallel_for(n_blocks, [&](int64_t bb, int64_t be, int) {
     Scratch& s = thread_scratch();
-    if (w.type != GgmlType::F32 && s.f.size() < (size_t)(kTileR * n)) s.f.resize((size_t)(kTileR * n));
+    if (w.type != GgmlType::F32 && s.f.size() < (size_t)(kRowBlock * n)) s.f.resize((size_t)(kRowBlock * n));
     float out[kTileR * kTileT];
-    for (int64_t tile = tb; tile < te; ++tile) {
-      const int64_t r0 = tile * kTileR;
-      const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+    for (int64_t blk = bb; blk < be; ++blk) {
+      const int64_t rb0 = blk * kRowBlock;
+      const int RB = (int)std::min<int64_t>(kRowBlock, n_out - rb0);
       const float* wf;
       if (w.type == GgmlType::F32) {
-        wf = (const float*)((const uint8_t*)w.data + r0 * rs);
+        wf = (const float*)((const uint8_t*)w.data + rb0 * rs);
       } else {
-        for (int r = 0; r < R; ++r)
-          dequantize_row(w.type, (const uint8_t*)w.data + (r0 + r) * rs, s.f.data() + r * n, n);
+        for (int r = 0; r < RB; ++r)
+          dequantize_row(w.type, (const uint8_t*)w.data + (rb0 + r) * rs, s.f.data() + r * n, n);
         wf = s.f.data();
       }
-      for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
-        const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-        fkernel_for(R, T)(wf, x + t0 * n, n, out);
-        for (int r = 0; r < R; ++r)
-          for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+      for (int64_t c0 = 0; c0 < n_tok; c0 += kChunk) {
+        const int64_t c1 = std::min<int64_t>(n_tok, c0 + kChunk);
+        for (int rt = 0; rt < RB; rt += kTileR) {
+          const int R = std::min(kTileR, RB - rt);
+          for (int64_t t0 = c0; t0 < c1; t0 += kTileT) {
+            const int T = (int)std::min<int64_t>(kTileT, c1 - t0);
+            fkernel_for(R, T)(wf + rt * n, x + t0 * n, n, out);
+            for (int r = 0; r < R; ++r)
+              for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + rb0 + rt + r] = out[r * kTileT + t];
+          }
+        }
       }
     }
   });

@@ -124,31 +124,36 @@ FusedFn fused_for_rt(int r, int t) {
 }
 // K types: a 256-element super-block is decoded per row into 8 sub-blocks of codes, a scale per
 // 16 values and a constant term per 16 values (mins, and the code offset times the scale).
+// For kUniform types (one scale and min per 32 values) sc[v] and mn[v], v < 8, are per
+// sub-block; otherwise sc[i] and mn[i] are per 16 values.
 struct KDec {
   __m256i codes[8];
   float sc[16];
   float mn[16];
 };
-inline void k4_sm(const uint8_t* q, int j, int* sc, int* mn) {
-  if (j < 4) {
-    *sc = q[j] & 63;
-    *mn = q[j + 4] & 63;
-  } else {
-    *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
-    *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
+// Q4_K / Q5_K: the eight 6-bit (scale, min) pairs of the 12 packed bytes, times d and -dmin.
+inline void k4_scales(const uint8_t* q, float d, float dmin, float* sc, float* mn) {
+  uint32_t w[3];
+  std::memcpy(w, q, 12);
+  const uint32_t s_lo = w[0] & 0x3f3f3f3fu, m_lo = w[1] & 0x3f3f3f3fu;
+  const uint32_t s_hi = (w[2] & 0x0f0f0f0fu) | (((w[0] >> 6) & 0x03030303u) << 4);
+  const uint32_t m_hi = ((w[2] >> 4) & 0x0f0f0f0fu) | (((w[1] >> 6) & 0x03030303u) << 4);
+  const __m256 s = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)s_hi, (int)s_lo)));
+  const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo)));
+  _mm256_storeu_ps(sc, _mm256_mul_ps(s, _mm256_set1_ps(d)));
+  _mm256_storeu_ps(mn, _mm256_mul_ps(m, _mm256_set1_ps(-dmin)));
 }
 inline __m256i bit_to(__m256i bits, int v, char val) {
   return _mm256_maskz_mov_epi8(_mm256_test_epi8_mask(bits, _mm256_set1_epi8((char)(1 << v))), _mm256_set1_epi8(val));
 }
 struct FQ2_K {
+  static constexpr bool kUniform = false;  // one scale per 32 values
   static constexpr size_t kBytes = 84;
   static void decode(const uint8_t* b, KDec& k) {
-    const float d = ld_h(b + 80), dmin = ld_h(b + 82);
-    for (int i = 0; i < 16; ++i) {
-      k.sc[i] = d * (float)(b[i] & 15);
-      k.mn[i] = -dmin * (float)(b[i] >> 4);
-    }
+    const __m128i sb = _mm_loadu_si128((const __m128i*)b);
+    const __m128i lo = _mm_and_si128(sb, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(sb, 4), _mm_set1_epi8(15));
+    _mm512_storeu_ps(k.sc, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_set1_ps(ld_h(b + 80))));
+    _mm512_storeu_ps(k.mn, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), _mm512_set1_ps(-ld_h(b + 82))));
     const __m256i m3 = _mm256_set1_epi8(3);
     for (int c = 0; c < 2; ++c) {
       const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * c));
@@ -160,16 +165,21 @@ struct FQ2_K {
   }
 };
 struct FQ3_K {
+  static constexpr bool kUniform = false;  // one scale per 32 values
   static constexpr size_t kBytes = 110;
   static void decode(const uint8_t* b, KDec& k) {
-    const float d = ld_h(b + 108);
+    // Scale i: low 4 bits from s[i] (i < 8) or s[i-8] >> 4; high 2 bits (s[8 + i%4] >> 2*(i/4)) & 3.
     const uint8_t* s = b + 96;
-    for (int i = 0; i < 16; ++i) {
-      const int lo = i < 8 ? (s[i] & 15) : (s[i - 8] >> 4);
-      const int hi = (s[8 + (i % 4)] >> (2 * (i / 4))) & 3;
-      k.sc[i] = d * (float)((lo | (hi << 4)) - 32);
-      k.mn[i] = -4.f * k.sc[i];
-    }
+    const __m128i l8 = _mm_loadl_epi64((const __m128i*)s);
+    const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(l8, _mm_set1_epi8(15)),
+                                          _mm_and_si128(_mm_srli_epi16(l8, 4), _mm_set1_epi8(15)));
+    uint32_t h;
+    std::memcpy(&h, s + 8, 4);
+    const __m128i hb = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)h), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+    const __m512i sc6 = _mm512_cvtepu8_epi32(_mm_or_si128(lo, _mm_slli_epi16(hb, 4)));
+    const __m512 scf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sc6, _mm512_set1_epi32(32))), _mm512_set1_ps(ld_h(b + 108)));
+    _mm512_storeu_ps(k.sc, scf);
+    _mm512_storeu_ps(k.mn, _mm512_mul_ps(scf, _mm512_set1_ps(-4.f)));
     const __m256i m3 = _mm256_set1_epi8(3);
     const __m256i hm = _mm256_loadu_si256((const __m256i*)b);
     for (int c = 0; c < 2; ++c) {
@@ -180,15 +190,10 @@ struct FQ3_K {
   }
 };
 struct FQ4_K {
+  static constexpr bool kUniform = true;  // one scale per 32 values
   static constexpr size_t kBytes = 144;
   static void decode(const uint8_t* b, KDec& k) {
-    const float d = ld_h(b), dmin = ld_h(b + 2);
-    for (int v = 0; v < 8; ++v) {
-      int sc, mn;
-      k4_sm(b + 4, v, &sc, &mn);
-      k.sc[2 * v] = k.sc[2 * v + 1] = d * (float)sc;
-      k.mn[2 * v] = k.mn[2 * v + 1] = -dmin * (float)mn;
-    }
+    k4_scales(b + 4, ld_h(b), ld_h(b + 2), k.sc, k.mn);
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int p = 0; p < 4; ++p) {
       const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * p));
@@ -198,15 +203,10 @@ struct FQ4_K {
   }
 };
 struct FQ5_K {
+  static constexpr bool kUniform = true;  // one scale per 32 values
   static constexpr size_t kBytes = 176;
   static void decode(const uint8_t* b, KDec& k) {
-    const float d = ld_h(b), dmin = ld_h(b + 2);
-    for (int v = 0; v < 8; ++v) {
-      int sc, mn;
-      k4_sm(b + 4, v, &sc, &mn);
-      k.sc[2 * v] = k.sc[2 * v + 1] = d * (float)sc;
-      k.mn[2 * v] = k.mn[2 * v + 1] = -dmin * (float)mn;
-    }
+    k4_scales(b + 4, ld_h(b), ld_h(b + 2), k.sc, k.mn);
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 16));
     for (int p = 0; p < 4; ++p) {
@@ -217,14 +217,13 @@ struct FQ5_K {
   }
 };
 struct FQ6_K {
+  static constexpr bool kUniform = false;  // one scale per 32 values
   static constexpr size_t kBytes = 210;
   static void decode(const uint8_t* b, KDec& k) {
-    const float d = ld_h(b + 208);
-    const int8_t* sc = (const int8_t*)(b + 192);
-    for (int i = 0; i < 16; ++i) {
-      k.sc[i] = d * (float)sc[i];
-      k.mn[i] = -32.f * k.sc[i];
-    }
+    const __m512 scf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 192)))),
+                                     _mm512_set1_ps(ld_h(b + 208)));
+    _mm512_storeu_ps(k.sc, scf);
+    _mm512_storeu_ps(k.mn, _mm512_mul_ps(scf, _mm512_set1_ps(-32.f)));
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int c = 0; c < 2; ++c) {
       const __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * c));
@@ -241,7 +240,7 @@ struct FQ6_K {
 
 template <class Ty, int R, int T>
 void fused_k_kernel(const uint8_t* w, size_t rs, int64_t nvb, const int8_t* xq, const float* xd, const float* xs16,
-                    const float* /*xs32*/, int64_t n_in, float* mrow, float* out) {
+                    const float* xs32, int64_t n_in, float* mrow, float* out) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -253,12 +252,15 @@ void fused_k_kernel(const uint8_t* w, size_t rs, int64_t nvb, const int8_t* xq, 
       const uint8_t* blk = w + r * rs + sb * Ty::kBytes;
       for (size_t o = 0; o < Ty::kBytes; o += 64) _mm_prefetch((const char*)(blk + kPrefetchTiles * R * rs + o), _MM_HINT_T0);
       Ty::decode(blk, kd[r]);
-      std::memcpy(mrow + r * 2 * nvb + sb * 16, kd[r].mn, sizeof(kd[r].mn));
+      if (Ty::kUniform) std::memcpy(mrow + r * nvb + sb * 8, kd[r].mn, 8 * sizeof(float));
+      else std::memcpy(mrow + r * 2 * nvb + sb * 16, kd[r].mn, 16 * sizeof(float));
     }
     for (int v = 0; v < 8; ++v) {
       const int64_t vb = sb * 8 + v;
       __m256 S[R];
-      for (int r = 0; r < R; ++r) S[r] = _mm256_set_m128(_mm_set1_ps(kd[r].sc[2 * v + 1]), _mm_set1_ps(kd[r].sc[2 * v]));
+      for (int r = 0; r < R; ++r)
+        S[r] = Ty::kUniform ? _mm256_set1_ps(kd[r].sc[v])
+                            : _mm256_set_m128(_mm_set1_ps(kd[r].sc[2 * v + 1]), _mm_set1_ps(kd[r].sc[2 * v]));
       for (int t = 0; t < T; ++t) {
         const __m256i X = _mm256_loadu_si256((const __m256i*)(xq + t * n_in + vb * 32));
         const __m256 D = _mm256_set1_ps(xd[t * nvb + vb]);
@@ -271,7 +273,8 @@ void fused_k_kernel(const uint8_t* w, size_t rs, int64_t nvb, const int8_t* xq, 
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t)
-      out[r * kTileT + t] = hsum256(acc[r][t]) + dot_f32(mrow + r * 2 * nvb, xs16 + t * 2 * nvb, 2 * nvb);
+      out[r * kTileT + t] = hsum256(acc[r][t]) + (Ty::kUniform ? dot_f32(mrow + r * nvb, xs32 + t * nvb, nvb)
+                                                                 : dot_f32(mrow + r * 2 * nvb, xs16 + t * 2 * nvb, 2 * nvb));
 }
 
 template <class Ty, int R>
@@ -325,9 +328,15 @@ void unpack_simd_k(const uint8_t* row, int64_t nb, uint8_t* u, float* sc8, float
     for (int v = 0; v < 8; ++v) {
       const int64_t vb = sb * 8 + v;
       _mm256_storeu_si256((__m256i*)(u + vb * 32), k.codes[v]);
-      _mm256_storeu_ps(sc8 + vb * 8, _mm256_set_m128(_mm_set1_ps(k.sc[2 * v + 1]), _mm_set1_ps(k.sc[2 * v])));
+      if (Ty::kUniform) {
+        _mm256_storeu_ps(sc8 + vb * 8, _mm256_set1_ps(k.sc[v]));
+        m2[2 * vb] = m2[2 * vb + 1] = k.mn[v];
+      } else {
+        _mm256_storeu_ps(sc8 + vb * 8, _mm256_set_m128(_mm_set1_ps(k.sc[2 * v + 1]), _mm_set1_ps(k.sc[2 * v])));
+        m2[2 * vb] = k.mn[2 * v];
+        m2[2 * vb + 1] = k.mn[2 * v + 1];
+      }
     }
-    std::memcpy(m2 + sb * 16, k.mn, sizeof(k.mn));
   }
 }
 UnpackFn unpack_impl(GgmlType type) {

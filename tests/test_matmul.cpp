@@ -115,7 +115,7 @@ TEST(Matmul, QuantizerWeightsAndOddShapes) {
     const int64_t n_in = bs == 256 ? 768 : (bs == 32 ? 96 : 101);  // odd block counts / odd length
     for (int64_t n_out : {1, 5, 130}) {
       const Case c = make_weights(t, n_in, n_out, rng, true);
-      for (int64_t n_tok : {1, 4, 9, 21}) check_matmul(t, n_in, n_out, n_tok, pool, c, rng);
+      for (int64_t n_tok : {1, 4, 9, 21, 70}) check_matmul(t, n_in, n_out, n_tok, pool, c, rng);
     }
   }
 }

@@ -30,9 +30,9 @@ bool is_float(GgmlType t) { return t == GgmlType::F32 || t == GgmlType::F16 || t
 
 // Error budget, per output, normalized by |W_o| * |x_t| (Cauchy-Schwarz bound of the dot).
 // Quantized weights: the activations are rounded to 8 bits per 32 (absmax), a relative error
-// of ~1/254 per element; the normalized error is then well below 1e-2. Float weights: fp32
+// of ~1/254 per element; measured worst cases are ~1e-3 (budget 5e-3). Float weights: fp32
 // accumulation only.
-double budget(GgmlType t) { return is_float(t) ? 1e-5 : 1e-2; }
+double budget(GgmlType t) { return is_float(t) ? 1e-5 : 5e-3; }
 
 struct Case {
   std::vector<uint8_t> w;

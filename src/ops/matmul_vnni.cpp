@@ -21,7 +21,7 @@ namespace {
 
 #if defined(SPC_MM_VNNI)
 // Software prefetch distance ahead of the weight stream (decode is memory-bound).
-constexpr int64_t kPrefetchTiles = 2;
+constexpr int64_t kPrefetchTiles = 4;
 inline float ld_h(const uint8_t* p) {
   fp16_t h;
   std::memcpy(&h, p, 2);
@@ -86,7 +86,7 @@ void fused_kernel(const uint8_t* w, size_t rs, int64_t nb, const int8_t* xq, con
     __m256 DW[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + r * rs + b * Ty::kBytes;
-      _mm_prefetch((const char*)(blk + kPrefetchTiles * R * rs), _MM_HINT_T0);
+      _mm_prefetch((const char*)(blk + kPrefetchTiles * R * rs), _MM_HINT_T1);
       W[r] = Ty::codes(blk);
       const float d = ld_h(blk);
       DW[r] = _mm256_set1_ps(d);
@@ -250,7 +250,7 @@ void fused_k_kernel(const uint8_t* w, size_t rs, int64_t nvb, const int8_t* xq, 
     KDec kd[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + r * rs + sb * Ty::kBytes;
-      for (size_t o = 0; o < Ty::kBytes; o += 64) _mm_prefetch((const char*)(blk + kPrefetchTiles * R * rs + o), _MM_HINT_T0);
+      for (size_t o = 0; o < Ty::kBytes; o += 64) _mm_prefetch((const char*)(blk + kPrefetchTiles * R * rs + o), _MM_HINT_T1);
       Ty::decode(blk, kd[r]);
       if (Ty::kUniform) std::memcpy(mrow + r * nvb + sb * 8, kd[r].mn, 8 * sizeof(float));
       else std::memcpy(mrow + r * 2 * nvb + sb * 16, kd[r].mn, 16 * sizeof(float));

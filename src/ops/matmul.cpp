@@ -157,8 +157,9 @@ struct LdBF16 {
   static __m512 load_tail(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
 };
 
-// out[r*kTileT + t] = dot(row r of w (row stride n elements), x + t*n).
-template <class L, int R, int T>
+// out[r*kTileT + t] = dot(row r of w (row stride n elements), x + t*n). kPrefetch: the rows
+// stream from memory (decode); fetch the tiles ahead into L2.
+template <class L, int R, int T, bool kPrefetch>
 void fkernel_t(const void* wv, const float* x, int64_t n, float* out) {
   const typename L::T* w = (const typename L::T*)wv;
   __m512 acc[R][T];
@@ -167,7 +168,10 @@ void fkernel_t(const void* wv, const float* x, int64_t n, float* out) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 W[R];
-    for (int r = 0; r < R; ++r) W[r] = L::load(w + r * n + i);
+    for (int r = 0; r < R; ++r) {
+      if (kPrefetch) _mm_prefetch((const char*)(w + (r + 4 * R) * n + i), _MM_HINT_T1);
+      W[r] = L::load(w + r * n + i);
+    }
     for (int t = 0; t < T; ++t) {
       const __m512 X = _mm512_loadu_ps(x + t * n + i);
       for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(W[r], X, acc[r][t]);
@@ -187,14 +191,17 @@ void fkernel_t(const void* wv, const float* x, int64_t n, float* out) {
 }
 template <int R, int T>
 void fkernel(const float* w, const float* x, int64_t n, float* out) {
-  fkernel_t<LdF32, R, T>(w, x, n, out);
+  fkernel_t<LdF32, R, T, false>(w, x, n, out);
 }
 
 // Kernels reading F16/BF16 weight rows directly (small token counts).
 using FDirectFn = void (*)(const void*, const float*, int64_t, float*);
 template <class L, int R>
 FDirectFn fdirect_for_t(int t) {
-  return t == 1 ? fkernel_t<L, R, 1> : t == 2 ? fkernel_t<L, R, 2> : t == 3 ? fkernel_t<L, R, 3> : fkernel_t<L, R, 4>;
+  return t == 1   ? fkernel_t<L, R, 1, true>
+         : t == 2 ? fkernel_t<L, R, 2, true>
+         : t == 3 ? fkernel_t<L, R, 3, true>
+                  : fkernel_t<L, R, 4, true>;
 }
 template <class L>
 FDirectFn fdirect_for_rt(int r, int t) {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <random>
 #include <vector>
 
@@ -29,9 +30,9 @@ bool is_float(GgmlType t) { return t == GgmlType::F32 || t == GgmlType::F16 || t
 
 // Error budget, per output, normalized by |W_o| * |x_t| (Cauchy-Schwarz bound of the dot).
 // Quantized weights: the activations are rounded to 8 bits per 32 (absmax), a relative error
-// of ~1/254 per element; the normalized error is then well below 1e-2. Float weights: fp32
+// of ~1/254 per element; measured worst cases are ~1e-3 (budget 5e-3). Float weights: fp32
 // accumulation only.
-double budget(GgmlType t) { return is_float(t) ? 1e-5 : 1e-2; }
+double budget(GgmlType t) { return is_float(t) ? 1e-5 : 5e-3; }
 
 struct Case {
   std::vector<uint8_t> w;
@@ -114,7 +115,7 @@ TEST(Matmul, QuantizerWeightsAndOddShapes) {
     const int64_t n_in = bs == 256 ? 768 : (bs == 32 ? 96 : 101);  // odd block counts / odd length
     for (int64_t n_out : {1, 5, 130}) {
       const Case c = make_weights(t, n_in, n_out, rng, true);
-      for (int64_t n_tok : {1, 4, 9}) check_matmul(t, n_in, n_out, n_tok, pool, c, rng);
+      for (int64_t n_tok : {1, 4, 9, 21, 70}) check_matmul(t, n_in, n_out, n_tok, pool, c, rng);
     }
   }
 }
@@ -143,7 +144,7 @@ TEST(Matmul, Timing) {
   ThreadPool pool(threads);
   std::mt19937 rng(5);
   struct Shape { GgmlType t; int64_t n_in, n_out; };
-  const Shape shapes[] = {{GgmlType::Q4_1, 576, 1536}, {GgmlType::Q4_1, 1536, 576}, {GgmlType::Q8_0, 576, 49152},
+  const Shape shapes[] = {{GgmlType::Q4_1, 576, 1536}, {GgmlType::Q4_1, 1536, 576}, {GgmlType::Q8_0, 576, 49152}, {GgmlType::Q8_0, 576, 1536},
                           {GgmlType::Q4_0, 576, 1536}, {GgmlType::Q4_K, 1536, 576}, {GgmlType::Q5_K, 1536, 576},
                           {GgmlType::Q6_K, 1536, 576}, {GgmlType::F16, 576, 1536}, {GgmlType::F32, 576, 1536}};
   for (const Shape& s : shapes) {
@@ -155,23 +156,24 @@ TEST(Matmul, Timing) {
       for (auto& v : tmp) v = nd(rng);
       quantize_row(s.t, tmp.data(), w.data() + o * rs, s.n_in);
     }
-    for (int64_t n_tok : {1, 2, 512}) {
+    for (int64_t n_tok : {1, 2, 4, 8, 32, 512}) {
       std::vector<float> x(n_tok * s.n_in), y(n_tok * s.n_out);
       for (auto& v : x) v = nd(rng);
       const WeightView wv{s.t, s.n_in, s.n_out, w.data()};
       matmul(wv, x.data(), n_tok, y.data(), pool);
-      int reps = 0;
+      // Best of many calls: the machine may be shared, and the minimum is the least disturbed.
+      double sec = 1e30, el = 0;
       const auto t0 = std::chrono::steady_clock::now();
-      double el = 0;
       do {
+        const auto c0 = std::chrono::steady_clock::now();
         matmul(wv, x.data(), n_tok, y.data(), pool);
-        ++reps;
-        el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const auto c1 = std::chrono::steady_clock::now();
+        sec = std::min(sec, std::chrono::duration<double>(c1 - c0).count());
+        el = std::chrono::duration<double>(c1 - t0).count();
       } while (el < 0.3);
-      const double sec = el / reps;
       const double gbs = (double)w.size() / sec / 1e9;
       const double gmacs = (double)s.n_in * s.n_out * n_tok / sec / 1e9;
-      std::printf("%-5s %5lld x %5lld n_tok=%3lld threads=%d: %9.3f ms  %7.2f GB/s weights  %8.2f GMAC/s\n",
+      std::printf("%-5s %5lld x %5lld n_tok=%3lld threads=%d: best %9.3f ms  %7.2f GB/s weights  %8.2f GMAC/s\n",
                   type_name(s.t), (long long)s.n_out, (long long)s.n_in, (long long)n_tok, threads, sec * 1e3, gbs,
                   gmacs);
     }

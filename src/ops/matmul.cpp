@@ -11,29 +11,21 @@
 #include <cstring>
 #include <vector>
 
+#include "ops/matmul_kernels.h"
 #include "ops/quant.h"
 #include "util/error.h"
 #include "util/fp16.h"
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define SPC_MM_VNNI 1
-#endif
-
 namespace spc {
 namespace {
 
-constexpr int kTileR = 4;  // weight rows per tile
-constexpr int kTileT = 4;  // tokens per tile
+using namespace mmk;
 
 // ---------------------------------------------------------------------------------------------
 // Activations quantized to int8 in blocks of 32: q[i], d[block] (value = d*q), and per 16-value
-// half the scaled sum s16[2*block + h] = d * sum(q over the half).
+// half the scaled sum s16[2*block + h] = d * sum(q over the half); s32[block] = both halves.
 
-void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16) {
+void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16, float* s32) {
   const int64_t nb = n / 32;
   for (int64_t b = 0; b < nb; ++b, x += 32, q += 32) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -48,6 +40,7 @@ void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16
     d[b] = db;
     s16[2 * b] = db * (float)_mm512_reduce_add_epi32(i0);
     s16[2 * b + 1] = db * (float)_mm512_reduce_add_epi32(i1);
+    s32[b] = s16[2 * b] + s16[2 * b + 1];
 #else
     float amax = 0.f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
@@ -63,40 +56,17 @@ void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16
     d[b] = db;
     s16[2 * b] = db * (float)sum[0];
     s16[2 * b + 1] = db * (float)sum[1];
+    s32[b] = s16[2 * b] + s16[2 * b + 1];
 #endif
   }
 }
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  if (i < n) {
-    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-#else
-  float s = 0.f;
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------
 // Integer kernel over unpacked weights: R rows x T tokens, out[r*kTileT + t] =
 //   sum_v sum_i sc(r,v,i) * u(r,v,i) * xd(t,v) * xq(t,v,i).
 // Weight row r: u at wu + r*nvb*32, scales at wsc + r*nvb*8. Token t: xq + t*n_in, xd + t*nvb.
 
-#if defined(SPC_MM_VNNI)
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 template <int R, int T>
 void qkernel(const uint8_t* wu, const float* wsc, int64_t nvb, const int8_t* xq, const float* xd,
@@ -157,19 +127,51 @@ QKernelFn qkernel_for(int r, int t) {
   }
 }
 
+
+// Tokens per outer chunk of the fused path (activations of a chunk stay in L2).
+constexpr int64_t kTokenChunk = 64;
+// Up to this many tokens the fused kernels are used; beyond, weights are unpacked once per
+// row block and reused by all tokens.
+constexpr int64_t kFusedMaxTokens = 8;
+constexpr int kRowBlock = 16;  // rows unpacked together on the prefill path
+
 // ---------------------------------------------------------------------------------------------
 // fp32 kernel: out[r*kTileT + t] = dot(w + r*n, x + t*n).
 
-template <int R, int T>
-void fkernel(const float* w, const float* x, int64_t n, float* out) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// Loaders of 16 weights as fp32 from a row of the given element type (masked tail variant).
+struct LdF32 {
+  using T = float;
+  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 load_tail(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct LdF16 {
+  using T = uint16_t;
+  static __m512 load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static __m512 load_tail(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+};
+struct LdBF16 {
+  using T = uint16_t;
+  static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static __m512 load(const uint16_t* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
+  static __m512 load_tail(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+};
+
+// out[r*kTileT + t] = dot(row r of w (row stride n elements), x + t*n). kPrefetch: the rows
+// stream from memory (decode); fetch the tiles ahead into L2.
+template <class L, int R, int T, bool kPrefetch>
+void fkernel_t(const void* wv, const float* x, int64_t n, float* out) {
+  const typename L::T* w = (const typename L::T*)wv;
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 W[R];
-    for (int r = 0; r < R; ++r) W[r] = _mm512_loadu_ps(w + r * n + i);
+    for (int r = 0; r < R; ++r) {
+      if (kPrefetch) _mm_prefetch((const char*)(w + (r + 4 * R) * n + i), _MM_HINT_T1);
+      W[r] = L::load(w + r * n + i);
+    }
     for (int t = 0; t < T; ++t) {
       const __m512 X = _mm512_loadu_ps(x + t * n + i);
       for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(W[r], X, acc[r][t]);
@@ -178,7 +180,7 @@ void fkernel(const float* w, const float* x, int64_t n, float* out) {
   if (i < n) {
     const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
     __m512 W[R];
-    for (int r = 0; r < R; ++r) W[r] = _mm512_maskz_loadu_ps(m, w + r * n + i);
+    for (int r = 0; r < R; ++r) W[r] = L::load_tail(w + r * n + i, m);
     for (int t = 0; t < T; ++t) {
       const __m512 X = _mm512_maskz_loadu_ps(m, x + t * n + i);
       for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(W[r], X, acc[r][t]);
@@ -186,11 +188,47 @@ void fkernel(const float* w, const float* x, int64_t n, float* out) {
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) out[r * kTileT + t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+template <int R, int T>
+void fkernel(const float* w, const float* x, int64_t n, float* out) {
+  fkernel_t<LdF32, R, T, false>(w, x, n, out);
+}
+
+// Kernels reading F16/BF16 weight rows directly (small token counts).
+using FDirectFn = void (*)(const void*, const float*, int64_t, float*);
+template <class L, int R>
+FDirectFn fdirect_for_t(int t) {
+  return t == 1   ? fkernel_t<L, R, 1, true>
+         : t == 2 ? fkernel_t<L, R, 2, true>
+         : t == 3 ? fkernel_t<L, R, 3, true>
+                  : fkernel_t<L, R, 4, true>;
+}
+template <class L>
+FDirectFn fdirect_for_rt(int r, int t) {
+  switch (r) {
+    case 1: return fdirect_for_t<L, 1>(t);
+    case 2: return fdirect_for_t<L, 2>(t);
+    case 3: return fdirect_for_t<L, 3>(t);
+    default: return fdirect_for_t<L, 4>(t);
+  }
+}
+FDirectFn fdirect_for(GgmlType type, int r, int t) {
+  switch (type) {
+    case GgmlType::F32: return fdirect_for_rt<LdF32>(r, t);
+    case GgmlType::F16: return fdirect_for_rt<LdF16>(r, t);
+    case GgmlType::BF16: return fdirect_for_rt<LdBF16>(r, t);
+    default: return nullptr;
+  }
+}
 #else
+template <int R, int T>
+void fkernel(const float* w, const float* x, int64_t n, float* out) {
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) out[r * kTileT + t] = dot_f32(w + r * n, x + t * n, n);
-#endif
 }
+using FDirectFn = void (*)(const void*, const float*, int64_t, float*);
+FDirectFn fdirect_for(GgmlType, int, int) { return nullptr; }
+#endif
 
 using FKernelFn = void (*)(const float*, const float*, int64_t, float*);
 
@@ -223,7 +261,7 @@ Scratch& thread_scratch() {
 // Per-call activation buffers, owned by the calling thread.
 struct ActBuf {
   std::vector<int8_t> q;
-  std::vector<float> d, s16;
+  std::vector<float> d, s16, s32;
 };
 ActBuf& thread_act() {
   thread_local ActBuf a;
@@ -243,27 +281,53 @@ void validate(const WeightView& w) {
 void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   const int64_t n = w.n_in, n_out = w.n_out;
   const size_t rs = row_size(w.type, n);
-  const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
-  pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+  if (n_tok <= kFusedMaxTokens && fdirect_for(w.type, 1, 1) != nullptr) {
+    // Decode: weights read (and widened) straight from the matrix.
+    const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
+    pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+      float out[kTileR * kTileT];
+      for (int64_t tile = tb; tile < te; ++tile) {
+        const int64_t r0 = tile * kTileR;
+        const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+        for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
+          const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
+          fdirect_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, x + t0 * n, n, out);
+          for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+        }
+      }
+    });
+    return;
+  }
+  // Prefill: blocks of kRowBlock rows (widened to fp32 once) x chunks of tokens (kept in L2).
+  constexpr int64_t kChunk = 32;
+  const int64_t n_blocks = (n_out + kRowBlock - 1) / kRowBlock;
+  pool.parallel_for(n_blocks, [&](int64_t bb, int64_t be, int) {
     Scratch& s = thread_scratch();
-    if (w.type != GgmlType::F32 && s.f.size() < (size_t)(kTileR * n)) s.f.resize((size_t)(kTileR * n));
+    if (w.type != GgmlType::F32 && s.f.size() < (size_t)(kRowBlock * n)) s.f.resize((size_t)(kRowBlock * n));
     float out[kTileR * kTileT];
-    for (int64_t tile = tb; tile < te; ++tile) {
-      const int64_t r0 = tile * kTileR;
-      const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+    for (int64_t blk = bb; blk < be; ++blk) {
+      const int64_t rb0 = blk * kRowBlock;
+      const int RB = (int)std::min<int64_t>(kRowBlock, n_out - rb0);
       const float* wf;
       if (w.type == GgmlType::F32) {
-        wf = (const float*)((const uint8_t*)w.data + r0 * rs);
+        wf = (const float*)((const uint8_t*)w.data + rb0 * rs);
       } else {
-        for (int r = 0; r < R; ++r)
-          dequantize_row(w.type, (const uint8_t*)w.data + (r0 + r) * rs, s.f.data() + r * n, n);
+        for (int r = 0; r < RB; ++r)
+          dequantize_row(w.type, (const uint8_t*)w.data + (rb0 + r) * rs, s.f.data() + r * n, n);
         wf = s.f.data();
       }
-      for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
-        const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-        fkernel_for(R, T)(wf, x + t0 * n, n, out);
-        for (int r = 0; r < R; ++r)
-          for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+      for (int64_t c0 = 0; c0 < n_tok; c0 += kChunk) {
+        const int64_t c1 = std::min<int64_t>(n_tok, c0 + kChunk);
+        for (int rt = 0; rt < RB; rt += kTileR) {
+          const int R = std::min(kTileR, RB - rt);
+          for (int64_t t0 = c0; t0 < c1; t0 += kTileT) {
+            const int T = (int)std::min<int64_t>(kTileT, c1 - t0);
+            fkernel_for(R, T)(wf + rt * n, x + t0 * n, n, out);
+            for (int r = 0; r < R; ++r)
+              for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + rb0 + rt + r] = out[r * kTileT + t];
+          }
+        }
       }
     }
   });
@@ -278,44 +342,82 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   act.q.resize((size_t)(n_tok * n));
   act.d.resize((size_t)(n_tok * nvb));
   act.s16.resize((size_t)(n_tok * nvb * 2));
+  act.s32.resize((size_t)(n_tok * nvb));
   int8_t* xq = act.q.data();
   float* xd = act.d.data();
   float* xs = act.s16.data();
+  float* xs32 = act.s32.data();
   auto quant_tokens = [&](int64_t b, int64_t e, int) {
-    for (int64_t t = b; t < e; ++t) quantize_act_row(x + t * n, n, xq + t * n, xd + t * nvb, xs + t * nvb * 2);
+    for (int64_t t = b; t < e; ++t) quantize_act_row(x + t * n, n, xq + t * n, xd + t * nvb, xs + t * nvb * 2, xs32 + t * nvb);
   };
   if (n_tok * n >= 16384) pool.parallel_for(n_tok, quant_tokens);
   else quant_tokens(0, n_tok, 0);
 
   const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
-  pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+  if (n_tok <= kFusedMaxTokens && fused_for(w.type, 1, 1) != nullptr) {
+    // Token chunks outermost keep a chunk's activations in L2 while the thread's rows stream by;
+    // each 4-row tile is then reused (from L1) by every 4-token tile of the chunk.
+    pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+      Scratch& s = thread_scratch();
+      if (s.mn2.size() < (size_t)(kTileR * nvb * 2)) s.mn2.resize((size_t)(kTileR * nvb * 2));
+      float out[kTileR * kTileT];
+      for (int64_t c0 = 0; c0 < n_tok; c0 += kTokenChunk) {
+        const int64_t c1 = std::min<int64_t>(n_tok, c0 + kTokenChunk);
+        for (int64_t tile = tb; tile < te; ++tile) {
+          const int64_t r0 = tile * kTileR;
+          const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+          for (int64_t t0 = c0; t0 < c1; t0 += kTileT) {
+            const int T = (int)std::min<int64_t>(kTileT, c1 - t0);
+            fused_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nvb, xq + t0 * n, xd + t0 * nvb,
+                                    xs + t0 * nvb * 2, xs32 + t0 * nvb, n, s.mn2.data(), out);
+            for (int r = 0; r < R; ++r)
+              for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+          }
+        }
+      }
+    });
+    return;
+  }
+  const UnpackFn fast = unpack_fast_for(w.type);
+  const int64_t n_blocks = (n_out + kRowBlock - 1) / kRowBlock;
+  pool.parallel_for(n_blocks, [&](int64_t bb, int64_t be, int) {
     Scratch& s = thread_scratch();
-    if (s.u.size() < (size_t)(kTileR * n)) s.u.resize((size_t)(kTileR * n));
-    if (s.sc8.size() < (size_t)(kTileR * nvb * 8)) s.sc8.resize((size_t)(kTileR * nvb * 8));
-    if (s.mn2.size() < (size_t)(kTileR * nvb * 2)) s.mn2.resize((size_t)(kTileR * nvb * 2));
+    if (s.u.size() < (size_t)(kRowBlock * n)) s.u.resize((size_t)(kRowBlock * n));
+    if (s.sc8.size() < (size_t)(kRowBlock * nvb * 8)) s.sc8.resize((size_t)(kRowBlock * nvb * 8));
+    if (s.mn2.size() < (size_t)(kRowBlock * nvb * 2)) s.mn2.resize((size_t)(kRowBlock * nvb * 2));
     uint8_t* u = s.u.data();
     float* sc8 = s.sc8.data();
     float* mt = s.mn2.data();
     float out[kTileR * kTileT];
-    for (int64_t tile = tb; tile < te; ++tile) {
-      const int64_t r0 = tile * kTileR;
-      const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
-      for (int r = 0; r < R; ++r) {
+    for (int64_t blk = bb; blk < be; ++blk) {
+      const int64_t rb0 = blk * kRowBlock;
+      const int RB = (int)std::min<int64_t>(kRowBlock, n_out - rb0);
+      for (int r = 0; r < RB; ++r) {
+        const uint8_t* row = (const uint8_t*)w.data + (rb0 + r) * rs;
         float* m = mt + r * nvb * 2;
         const float* sc = sc8 + r * nvb * 8;
-        detail::unpack_row(w.type, (const uint8_t*)w.data + (r0 + r) * rs, n, u + r * nvb * 32,
-                           sc8 + r * nvb * 8, m);
-        // Fold the code offset into the per-half constant term.
-        if (off != 0.f)
-          for (int64_t g = 0; g < 2 * nvb; ++g) m[g] -= off * sc[g * 4];
+        if (fast) {
+          fast(row, nvb, u + r * nvb * 32, sc8 + r * nvb * 8, m);
+        } else {
+          detail::unpack_row(w.type, row, n, u + r * nvb * 32, sc8 + r * nvb * 8, m);
+          // Fold the code offset into the per-half constant term.
+          if (off != 0.f)
+            for (int64_t g = 0; g < 2 * nvb; ++g) m[g] -= off * sc[g * 4];
+        }
       }
-      for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
-        const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-        qkernel_for(R, T)(u, sc8, nvb, xq + t0 * n, xd + t0 * nvb, n, out);
-        for (int r = 0; r < R; ++r)
-          for (int t = 0; t < T; ++t)
-            y[(t0 + t) * n_out + r0 + r] =
-                out[r * kTileT + t] + dot_f32(mt + r * nvb * 2, xs + (t0 + t) * nvb * 2, 2 * nvb);
+      for (int64_t c0 = 0; c0 < n_tok; c0 += kTokenChunk) {
+        const int64_t c1 = std::min<int64_t>(n_tok, c0 + kTokenChunk);
+        for (int rt = 0; rt < RB; rt += kTileR) {
+          const int R = std::min(kTileR, RB - rt);
+          for (int64_t t0 = c0; t0 < c1; t0 += kTileT) {
+            const int T = (int)std::min<int64_t>(kTileT, c1 - t0);
+            qkernel_for(R, T)(u + rt * nvb * 32, sc8 + rt * nvb * 8, nvb, xq + t0 * n, xd + t0 * nvb, n, out);
+            for (int r = 0; r < R; ++r)
+              for (int t = 0; t < T; ++t)
+                y[(t0 + t) * n_out + rb0 + rt + r] =
+                    out[r * kTileT + t] + dot_f32(mt + (rt + r) * nvb * 2, xs + (t0 + t) * nvb * 2, 2 * nvb);
+          }
+        }
       }
     }
   });

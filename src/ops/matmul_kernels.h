@@ -1,0 +1,62 @@
+// Internal to matmul: tile geometry, small helpers, and the AVX-512 VNNI kernel tables
+// (matmul_vnni.cpp). Not a public API.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/dtype.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SPC_MM_VNNI 1
+#endif
+
+namespace spc::mmk {
+
+constexpr int kTileR = 4;  // weight rows per tile
+constexpr int kTileT = 4;  // tokens per tile
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+#endif
+}
+
+#if defined(SPC_MM_VNNI)
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Fused kernel: R (1..4) consecutive weight rows starting at w (row stride rs bytes, nvb
+// 32-element sub-blocks per row) times T (1..4) tokens of quantized activations (xq: stride
+// n_in; xd: stride nvb; xs16: stride 2*nvb; xs32: stride nvb). Writes out[r*kTileT + t].
+// mrow: scratch of R*2*nvb floats.
+using FusedFn = void (*)(const uint8_t* w, size_t rs, int64_t nvb, const int8_t* xq, const float* xd,
+                         const float* xs16, const float* xs32, int64_t n_in, float* mrow, float* out);
+// nullptr when no fused kernel exists for the type (or the build lacks AVX-512 VNNI).
+FusedFn fused_for(GgmlType type, int r, int t);
+
+// Unpacks a row (nvb sub-blocks) into codes u, per-half scales sc8 (x4 each) and per-half
+// constant terms m2 with the code offset folded in. nullptr when unavailable.
+using UnpackFn = void (*)(const uint8_t* row, int64_t nvb, uint8_t* u, float* sc8, float* m2);
+UnpackFn unpack_fast_for(GgmlType type);
+
+}  // namespace spc::mmk

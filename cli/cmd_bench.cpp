@@ -100,7 +100,9 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
   std::printf("%s\n\n", report.measurement.c_str());
   std::fputs(bench::to_table(report).c_str(), stdout);
   if (!a.csv.empty()) bench::write_file(a.csv, bench::to_csv(report));
-  if (!a.json.empty()) bench::write_file(a.json, bench::to_json(report).dump(2) + "\n");
+  if (!a.json.empty())
+    bench::write_file(a.json,
+                      bench::to_json(report).dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
   if (!a.svg.empty()) bench::write_file(a.svg, bench::to_svg(report));
   return 0;
 }

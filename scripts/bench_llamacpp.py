@@ -85,6 +85,13 @@ def bench_llamacpp(args, depth, threads):
     llm = Llama(model_path=args.model, n_ctx=depth + args.gen + 16, n_threads=threads, n_threads_batch=threads,
                 n_batch=args.n_batch, n_ubatch=args.n_batch, logits_all=False, verbose=False)
     toks, source = prompt_tokens(llm, args.prompt_file, depth)
+    n_vocab = llm.n_vocab()
+
+    def last_argmax():
+        # The last evaluated token's logits straight from the context (recent llama-cpp-python no
+        # longer copies them into llm.scores unless logits_all=True).
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
     prefill_ms = []
     decode_ms = []
     perf = None
@@ -98,7 +105,7 @@ def bench_llamacpp(args, depth, threads):
         llm.eval(toks)
         prefill_ms.append((time.perf_counter() - t0) * 1e3)
         for i in range(args.gen):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = last_argmax()
             t0 = time.perf_counter()
             llm.eval([nxt])
             dt = (time.perf_counter() - t0) * 1e3

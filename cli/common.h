@@ -26,6 +26,7 @@ bool stderr_is_terminal();
 
 // Registration of the subcommands (each returns a function run after parsing).
 using Runner = std::function<int()>;
+Runner add_bench(CLI::App& app);
 Runner add_generate(CLI::App& app);
 Runner add_info(CLI::App& app);
 Runner add_tokenize(CLI::App& app);

@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "specache 0.1.0");
   std::map<std::string, spc::cli::Runner> runners;
+  runners["bench"] = spc::cli::add_bench(app);
   runners["generate"] = spc::cli::add_generate(app);
   runners["info"] = spc::cli::add_info(app);
   runners["tokenize"] = spc::cli::add_tokenize(app);

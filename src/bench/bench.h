@@ -1,0 +1,180 @@
+// `specache bench`: decode-speed measurement over (KV policy, context depth, threads), with the
+// bytes each decoded token reads per memory tier, a memory-bandwidth probe to put the times
+// against, and CSV / JSON / SVG writers. The CLI (cli/cmd_bench.cpp) only parses flags and
+// prints; everything testable lives here.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "kv/kv_policy.h"
+
+namespace spc {
+
+class Model;
+class Tokenizer;
+class ThreadPool;
+
+namespace bench {
+
+// ---- policy specs: "name[:bits]" ----------------------------------------------------------
+
+struct PolicySpec {
+  std::string text;    // as given, e.g. "specache:2"
+  std::string policy;  // "specache"
+  int bits = 0;        // 0: not given (the --kv-bits default applies)
+};
+
+// Parses one spec. Syntax errors (empty name, bad characters, bits other than 1 or 2) throw
+// spc::Error. Whether the name is a policy is checked by validate_policy_specs().
+PolicySpec parse_policy_spec(const std::string& s);
+// Comma-separated list; empty items are errors.
+std::vector<PolicySpec> parse_policy_list(const std::string& s);
+// defaults with policy (and bits, where given) replaced.
+KvConfig apply_policy_spec(const KvConfig& defaults, const PolicySpec& spec);
+// Bits of the low-bit copy as a row reports them: cfg.bits for kivi, specache, specache-exact and
+// topk-oracle; 0 for policies without a low-bit copy.
+int reported_bits(const KvConfig& cfg);
+// Builds each policy once on a tiny geometry so an unknown name or bad knob fails before any
+// model work; rethrows make_kv_policy's spc::Error prefixed with the spec.
+void validate_policy_specs(const std::vector<PolicySpec>& specs, const KvConfig& defaults);
+
+// Comma-separated positive integers ("512,2048,8192"); spc::Error on anything else.
+std::vector<int64_t> parse_int_list(const std::string& s, const char* what);
+
+// ---- byte accounting ------------------------------------------------------------------------
+
+// Bytes one decoded token reads, per tier.
+struct TokenBytes {
+  uint64_t weights = 0;  // every weight matrix once + one embedding row
+  uint64_t kv_fast = 0;  // the policy's fast-tier KV data, read in full each step
+  double kv_slow = 0;    // mean bytes fetched from the slow tier per step
+  double total() const { return (double)weights + (double)kv_fast + kv_slow; }
+};
+// kv: the policy's stats at the measured depth (fast_bytes) and after decoding (fetched_bytes_per_step).
+TokenBytes token_bytes(uint64_t weight_bytes_per_token, const KvStats& at_depth, const KvStats& after_decode);
+// 16-bit K and V of `depth` positions: depth * n_layer * n_head_kv * head_dim * 2 (K, V) * 2 bytes.
+uint64_t full_kv_bytes(const KvGeometry& g, int64_t depth);
+
+// ---- summary statistics ---------------------------------------------------------------------
+
+struct Spread {
+  size_t n = 0;
+  double median = 0, min = 0, max = 0, p25 = 0, p75 = 0, mean = 0;
+};
+// Linear-interpolated quantiles (numpy's default); all zeros for an empty input.
+Spread summarize(std::vector<double> v);
+
+// ---- memory bandwidth probe -----------------------------------------------------------------
+
+struct BandwidthResult {
+  int threads = 0;
+  size_t buffer_bytes = 0;
+  int passes = 0;
+  double best_gb_per_s = 0;    // GB = 1e9 bytes
+  double median_gb_per_s = 0;
+};
+// Reads (sums) a buffer of `bytes` with `threads` threads, `passes` times after one untimed
+// warm-up pass; the buffer is first-touched by the thread that reads each part.
+BandwidthResult probe_read_bandwidth(size_t bytes, int threads, int passes);
+
+// ---- machine / build description ------------------------------------------------------------
+
+struct BuildInfo {
+  std::string git_commit;  // short hash, "+dirty" when the tree had changes at build time
+  std::string build_type;
+  std::string compiler;
+  std::string cxx_flags;
+};
+BuildInfo build_info();
+std::string cpu_model_name();  // /proc/cpuinfo "model name", "" if unknown
+// Resets the kernel's peak-RSS counter (VmHWM) through /proc/self/clear_refs; false if refused.
+bool reset_peak_rss();
+
+// ---- prompts --------------------------------------------------------------------------------
+
+struct PromptSource {
+  std::string kind;  // "text" | "synthetic"
+  std::string path;  // text file ("" for synthetic)
+  std::vector<int32_t> tokens;  // at least the largest depth; each depth takes a prefix
+};
+// Tokenizes `text` (if not empty) and repeats it until `n_tokens` tokens exist; with empty text
+// (or no tokenizer), synthetic ids cycling through the vocabulary. Starts with BOS where the
+// model's convention adds one. Deterministic.
+PromptSource build_prompt_tokens(const Tokenizer* tok, int n_vocab, const std::string& text, const std::string& path,
+                                 int64_t n_tokens);
+
+// ---- the measurement ------------------------------------------------------------------------
+
+struct BenchOptions {
+  std::string model_path;
+  std::vector<PolicySpec> policies;
+  std::vector<int64_t> depths;
+  std::vector<int> threads;
+  int reps = 1;     // fresh-session repetitions of each (prefill + decode) measurement
+  int gen = 16;     // decoded tokens per repetition
+  int warmup = 2;   // leading decode steps of each repetition excluded from the statistics
+  KvConfig kv;      // defaults for what the specs do not set
+};
+
+struct BenchRow {
+  std::string model;
+  std::string policy_spec, policy;
+  int bits = 0;  // the low-bit copy's bits; 0 for policies without one (full, streaming)
+  int64_t depth = 0;
+  int threads = 0;
+  int reps = 0;
+  int gen = 0;
+  size_t decode_samples = 0;
+  double prefill_ms = 0;          // median over reps
+  double prefill_tok_per_s = 0;   // median over reps
+  Spread decode_ms;               // per-token decode times, warm-up steps excluded, pooled over reps
+  TokenBytes bytes;
+  double achieved_gb_per_s = 0;   // bytes.total() / median decode time
+  uint64_t kv_fast_bytes = 0;     // fast-tier KV at the end of decoding (peak)
+  uint64_t kv_slow_bytes = 0;
+  double stall_ms_per_token = 0;
+  double copy_ms_per_token = 0;
+  uint64_t peak_rss_bytes = 0;
+  bool peak_rss_reset = false;    // whether the peak was reset before this row (else process-wide)
+  // Only with --bandwidth:
+  double bandwidth_gb_per_s = 0;  // probe with this row's thread count
+  double floor_ms = 0;            // bytes.total() / bandwidth
+  double floor_ratio = 0;         // decode median / floor
+};
+
+struct BenchReport {
+  std::string model_path;
+  std::string prompt_kind, prompt_path;
+  BuildInfo build;
+  std::string cpu;
+  int hardware_threads = 0;
+  std::string measurement;  // one sentence on what the numbers are
+  std::vector<BandwidthResult> bandwidth;  // empty without --bandwidth
+  std::vector<BenchRow> rows;
+};
+
+using BenchLog = std::function<void(const std::string&)>;
+// Runs the whole grid: threads x policies x depths. `text`/`text_path`: the prompt text (may be empty).
+void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt, const std::string& text,
+               const std::string& text_path, BenchReport& report, const BenchLog& log = {});
+// Fills floor_ms / floor_ratio / bandwidth_gb_per_s from report.bandwidth (closest thread count).
+void apply_bandwidth(BenchReport& report);
+
+// ---- writers --------------------------------------------------------------------------------
+
+std::vector<std::string> csv_columns();
+std::string to_csv(const BenchReport& r);     // header + one line per row
+nlohmann::json to_json(const BenchReport& r);
+std::string to_table(const BenchReport& r);   // human-readable, fixed-width
+// Decode ms/token (median, with min-max whiskers) against depth, one polyline per series
+// (policy spec, plus "@Nt" when several thread counts were measured).
+std::string to_svg(const BenchReport& r);
+
+void write_file(const std::string& path, const std::string& content);
+
+}  // namespace bench
+}  // namespace spc

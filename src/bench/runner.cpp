@@ -1,0 +1,159 @@
+// Prompt construction and the measurement loop.
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
+#include "bench/bench.h"
+#include "engine/sampler.h"
+#include "engine/session.h"
+#include "engine/tokenizer.h"
+#include "model/model.h"
+#include "tier/rss.h"
+#include "util/error.h"
+#include "util/threadpool.h"
+
+namespace spc::bench {
+
+namespace {
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+PromptSource build_prompt_tokens(const Tokenizer* tok, int n_vocab, const std::string& text, const std::string& path,
+                                 int64_t n_tokens) {
+  SPC_CHECK(n_vocab > 0, "prompt: empty vocabulary");
+  PromptSource src;
+  std::vector<int32_t>& out = src.tokens;
+  out.reserve((size_t)n_tokens);
+  if (tok && tok->add_bos_default() && tok->bos_id() >= 0) out.push_back(tok->bos_id());
+  if (tok && !text.empty()) {
+    // Tokenize in pieces that end at a line break (about 16 KiB each), wrapping around to the
+    // start of the text as often as needed.
+    size_t pos = 0;
+    int64_t empty_rounds = 0;
+    while ((int64_t)out.size() < n_tokens) {
+      size_t end = std::min(text.size(), pos + 16384);
+      const size_t nl = text.find('\n', end);
+      end = nl == std::string::npos ? text.size() : nl + 1;
+      const std::vector<int32_t> ids = tok->encode(std::string_view(text).substr(pos, end - pos), false, false);
+      out.insert(out.end(), ids.begin(), ids.end());
+      pos = end >= text.size() ? 0 : end;
+      if (ids.empty() && ++empty_rounds > 4) break;  // text that tokenizes to nothing
+    }
+    if ((int64_t)out.size() >= n_tokens) {
+      out.resize((size_t)n_tokens);
+      src.kind = "text";
+      src.path = path;
+      return src;
+    }
+    out.clear();
+    if (tok->add_bos_default() && tok->bos_id() >= 0) out.push_back(tok->bos_id());
+  }
+  src.kind = "synthetic";
+  for (int64_t i = 0; (int64_t)out.size() < n_tokens; ++i) out.push_back((int32_t)(i % n_vocab));
+  out.resize((size_t)n_tokens);
+  return src;
+}
+
+void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt, const std::string& text,
+               const std::string& text_path, BenchReport& report, const BenchLog& log) {
+  SPC_CHECK(!opt.policies.empty() && !opt.depths.empty() && !opt.threads.empty(), "bench: empty policy/depth/thread list");
+  SPC_CHECK(opt.reps >= 1 && opt.gen >= 1 && opt.warmup >= 0, "bench: reps and gen must be >= 1");
+  const ModelConfig& mc = model.config();
+  const int64_t max_depth = *std::max_element(opt.depths.begin(), opt.depths.end());
+  const PromptSource prompt = build_prompt_tokens(tok, mc.n_vocab, text, text_path, max_depth);
+  report.model_path = opt.model_path;
+  report.prompt_kind = prompt.kind;
+  report.prompt_path = prompt.path;
+  report.build = build_info();
+  report.cpu = cpu_model_name();
+  report.hardware_threads = (int)std::thread::hardware_concurrency();
+  // With gen <= warmup nothing would be left: keep at least the last step.
+  const int warmup = std::min(opt.warmup, opt.gen - 1);
+  report.measurement = strfmt(
+      "per (policy, depth, threads): %d fresh session(s); each prefills `depth` prompt tokens once, then decodes %d "
+      "tokens greedily; decode statistics over the per-token times of all sessions with the first %d step(s) of each "
+      "excluded as warm-up; prefill figures are the median over sessions",
+      opt.reps, opt.gen, warmup);
+  const uint64_t wbytes = model.weight_bytes_per_token();
+  const std::string model_name = opt.model_path.substr(opt.model_path.find_last_of('/') + 1);
+
+  for (int nt : opt.threads) {
+    ThreadPool pool(nt);
+    for (const PolicySpec& spec : opt.policies) {
+      const KvConfig cfg = apply_policy_spec(opt.kv, spec);
+      for (int64_t depth : opt.depths) {
+        BenchRow row;
+        row.model = model_name;
+        row.policy_spec = spec.text;
+        row.policy = cfg.policy;
+        row.bits = reported_bits(cfg);
+        row.depth = depth;
+        row.threads = nt;
+        row.reps = opt.reps;
+        row.gen = opt.gen;
+        row.peak_rss_reset = reset_peak_rss();
+        const std::vector<int32_t> toks(prompt.tokens.begin(), prompt.tokens.begin() + depth);
+        std::vector<double> prefill_ms, decode_ms;
+        KvStats at_depth, after;
+        double stall = 0, copy = 0, fetched = 0;
+        for (int rep = 0; rep < opt.reps; ++rep) {
+          Session s(model, make_kv_policy(cfg, model.kv_geometry(depth + opt.gen + 2)), pool);
+          s.prefill(toks);
+          prefill_ms.push_back(s.timings().prefill_ms);
+          at_depth = s.kv().stats();
+          for (int i = 0; i < opt.gen; ++i) {
+            const int32_t t = argmax(s.logits().data(), mc.n_vocab);
+            const double t0 = now_ms();
+            s.decode(t);
+            const double dt = now_ms() - t0;
+            if (i >= warmup) decode_ms.push_back(dt);
+          }
+          after = s.kv().stats();
+          stall += after.stall_ms / opt.gen;
+          copy += after.copy_ms / opt.gen;
+          fetched += after.fetched_bytes_per_step;
+          if (log)
+            log(strfmt("%s depth %lld, %d thread(s), rep %d/%d: prefill %.0f ms", spec.text.c_str(), (long long)depth,
+                       nt, rep + 1, opt.reps, prefill_ms.back()));
+        }
+        after.fetched_bytes_per_step = fetched / opt.reps;
+        row.prefill_ms = summarize(prefill_ms).median;
+        row.prefill_tok_per_s = row.prefill_ms > 0 ? (double)depth * 1000.0 / row.prefill_ms : 0;
+        row.decode_ms = summarize(decode_ms);
+        row.decode_samples = decode_ms.size();
+        row.bytes = token_bytes(wbytes, at_depth, after);
+        row.achieved_gb_per_s = row.decode_ms.median > 0 ? row.bytes.total() / (row.decode_ms.median * 1e6) : 0;
+        row.kv_fast_bytes = after.fast_bytes;
+        row.kv_slow_bytes = after.slow_bytes;
+        row.stall_ms_per_token = stall / opt.reps;
+        row.copy_ms_per_token = copy / opt.reps;
+        row.peak_rss_bytes = peak_rss_bytes();
+        report.rows.push_back(row);
+        if (log)
+          log(strfmt("%s depth %lld, %d thread(s): prefill %.1f tok/s, decode %.3f ms/token (median of %zu)",
+                     spec.text.c_str(), (long long)depth, nt, row.prefill_tok_per_s, row.decode_ms.median,
+                     row.decode_samples));
+      }
+    }
+  }
+  apply_bandwidth(report);
+}
+
+void apply_bandwidth(BenchReport& report) {
+  if (report.bandwidth.empty()) return;
+  for (BenchRow& row : report.rows) {
+    const BandwidthResult* best = nullptr;
+    for (const auto& b : report.bandwidth)
+      if (!best || std::abs(b.threads - row.threads) < std::abs(best->threads - row.threads)) best = &b;
+    row.bandwidth_gb_per_s = best->best_gb_per_s;
+    row.floor_ms = best->best_gb_per_s > 0 ? row.bytes.total() / (best->best_gb_per_s * 1e6) : 0;
+    row.floor_ratio = row.floor_ms > 0 ? row.decode_ms.median / row.floor_ms : 0;
+  }
+}
+
+}  // namespace spc::bench

@@ -1,0 +1,343 @@
+// specache bench: byte accounting, writers, bandwidth probe, policy specs. No timing assertions.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <string>
+
+#include "bench/bench.h"
+#include "core/dtype.h"
+#include "engine/session.h"
+#include "engine/tokenizer.h"
+#include "kv/kv_policy.h"
+#include "model/model.h"
+#include "test_util.h"
+#include "util/error.h"
+#include "util/threadpool.h"
+
+using namespace spc;
+using namespace spc::bench;
+
+namespace {
+
+std::string stories_path() { return shared_path("models/stories260K/stories260K.gguf"); }
+
+// Splits one CSV line (RFC 4180 quoting) into fields.
+std::vector<std::string> csv_split(const std::string& line) {
+  std::vector<std::string> out(1);
+  bool quoted = false;
+  for (size_t i = 0; i < line.size(); ++i) {
+    const char c = line[i];
+    if (quoted) {
+      if (c == '"' && i + 1 < line.size() && line[i + 1] == '"') {
+        out.back() += '"';
+        ++i;
+      } else if (c == '"') {
+        quoted = false;
+      } else {
+        out.back() += c;
+      }
+    } else if (c == '"') {
+      quoted = true;
+    } else if (c == ',') {
+      out.emplace_back();
+    } else {
+      out.back() += c;
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> lines_of(const std::string& s) {
+  std::vector<std::string> out;
+  size_t b = 0;
+  while (b < s.size()) {
+    const size_t e = s.find('\n', b);
+    out.push_back(s.substr(b, e - b));
+    if (e == std::string::npos) break;
+    b = e + 1;
+  }
+  return out;
+}
+
+size_t count(const std::string& s, const std::string& needle) {
+  size_t n = 0;
+  for (size_t p = s.find(needle); p != std::string::npos; p = s.find(needle, p + 1)) ++n;
+  return n;
+}
+
+// A small report made by hand (two policies x two depths), for the writers.
+BenchReport fake_report(bool with_bandwidth) {
+  BenchReport r;
+  r.model_path = "/models/x.gguf";
+  r.prompt_kind = "text";
+  r.prompt_path = "/data/a, \"quoted\" path.txt";
+  r.build = build_info();
+  r.cpu = "Test CPU";
+  r.hardware_threads = 2;
+  r.measurement = "fake";
+  if (with_bandwidth) r.bandwidth.push_back(BandwidthResult{2, 1 << 20, 3, 20.0, 19.0});
+  int i = 0;
+  for (const char* spec : {"full", "specache:2"})
+    for (int64_t depth : {512, 2048}) {
+      BenchRow row;
+      row.model = "x.gguf";
+      row.policy_spec = spec;
+      row.policy = parse_policy_spec(spec).policy;
+      row.bits = parse_policy_spec(spec).bits;
+      row.depth = depth;
+      row.threads = 2;
+      row.reps = 1;
+      row.gen = 8;
+      row.decode_samples = 6;
+      row.prefill_ms = 100 + i;
+      row.prefill_tok_per_s = depth * 1000.0 / row.prefill_ms;
+      row.decode_ms = summarize({1.0 + i, 1.5 + i, 2.0 + i, 1.2 + i, 1.1 + i, 1.3 + i});
+      row.bytes = TokenBytes{80'000'000, (uint64_t)depth * 1000, i * 10.0};
+      row.achieved_gb_per_s = row.bytes.total() / (row.decode_ms.median * 1e6);
+      row.peak_rss_bytes = 123456789;
+      r.rows.push_back(row);
+      ++i;
+    }
+  apply_bandwidth(r);
+  return r;
+}
+
+}  // namespace
+
+TEST(BenchPolicySpec, ParsesNameAndBits) {
+  const PolicySpec s = parse_policy_spec("specache:2");
+  EXPECT_EQ(s.policy, "specache");
+  EXPECT_EQ(s.bits, 2);
+  EXPECT_EQ(s.text, "specache:2");
+  const PolicySpec f = parse_policy_spec("full");
+  EXPECT_EQ(f.policy, "full");
+  EXPECT_EQ(f.bits, 0);
+  EXPECT_EQ(parse_policy_spec("specache-exact:1").policy, "specache-exact");
+  EXPECT_EQ(parse_policy_spec("topk-oracle:1").bits, 1);
+
+  KvConfig defaults;
+  defaults.bits = 1;
+  defaults.topk = 32;
+  const KvConfig c = apply_policy_spec(defaults, s);
+  EXPECT_EQ(c.policy, "specache");
+  EXPECT_EQ(c.bits, 2);
+  EXPECT_EQ(c.topk, 32);
+  EXPECT_EQ(apply_policy_spec(defaults, parse_policy_spec("kivi")).bits, 1);  // default kept
+  EXPECT_EQ(reported_bits(apply_policy_spec(defaults, f)), 0);
+  EXPECT_EQ(reported_bits(c), 2);
+
+  const auto list = parse_policy_list("full, specache:1,kivi:2");
+  ASSERT_EQ(list.size(), 3u);
+  EXPECT_EQ(list[1].policy, "specache");
+  EXPECT_EQ(list[2].bits, 2);
+}
+
+TEST(BenchPolicySpec, RejectsBadSpecs) {
+  EXPECT_THROW(parse_policy_spec("bad:x"), Error);
+  EXPECT_THROW(parse_policy_spec("specache:3"), Error);
+  EXPECT_THROW(parse_policy_spec(":1"), Error);
+  EXPECT_THROW(parse_policy_spec("Spe cache"), Error);
+  EXPECT_THROW(parse_policy_spec("full:1"), Error);  // no low-bit copy
+  EXPECT_THROW(parse_policy_list("full,,kivi"), Error);
+  // Syntactically fine but not a policy: make_kv_policy's error, naming the spec.
+  try {
+    validate_policy_specs({parse_policy_spec("no-such-policy")}, KvConfig{});
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no-such-policy"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(validate_policy_specs({parse_policy_spec("full")}, KvConfig{}));
+}
+
+TEST(BenchIntList, Parses) {
+  EXPECT_EQ(parse_int_list("512,2048, 8192", "--depths"), (std::vector<int64_t>{512, 2048, 8192}));
+  EXPECT_THROW(parse_int_list("512,x", "--depths"), Error);
+  EXPECT_THROW(parse_int_list("0", "--depths"), Error);
+  EXPECT_THROW(parse_int_list("-1", "--depths"), Error);
+  EXPECT_THROW(parse_int_list("", "--depths"), Error);
+}
+
+TEST(BenchSummary, Quantiles) {
+  const Spread s = summarize({5, 1, 3, 2, 4});
+  EXPECT_EQ(s.n, 5u);
+  EXPECT_DOUBLE_EQ(s.median, 3);
+  EXPECT_DOUBLE_EQ(s.min, 1);
+  EXPECT_DOUBLE_EQ(s.max, 5);
+  EXPECT_DOUBLE_EQ(s.p25, 2);
+  EXPECT_DOUBLE_EQ(s.p75, 4);
+  EXPECT_DOUBLE_EQ(s.mean, 3);
+  EXPECT_DOUBLE_EQ(summarize({1, 2}).median, 1.5);
+  EXPECT_EQ(summarize({}).n, 0u);
+}
+
+TEST(BenchBytes, WeightsAreEveryMatrixPlusOneEmbeddingRow) {
+  SKIP_IF_MISSING(stories_path());
+  auto m = Model::load(stories_path());
+  const GgufFile& f = m->gguf();
+  uint64_t expected = 0;
+  const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");
+  ASSERT_NE(embd, nullptr);
+  expected += row_size(embd->type, embd->ne[0]);
+  const GgufTensorInfo* out = f.find_tensor("output.weight");
+  expected += out ? out->nbytes : embd->nbytes;  // tied output reads the embedding matrix
+  const std::regex matrix(R"(blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight)");
+  int n_matrices = 0;
+  for (const auto& t : f.tensors())
+    if (std::regex_match(t.name, matrix)) {
+      expected += t.nbytes;
+      ++n_matrices;
+    }
+  EXPECT_EQ(n_matrices, 7 * m->config().n_layer);
+  EXPECT_EQ(m->weight_bytes_per_token(), expected);
+  KvStats none;
+  EXPECT_EQ(token_bytes(m->weight_bytes_per_token(), none, none).weights, expected);
+}
+
+TEST(BenchBytes, FullPolicyStreamsTheWhole16BitCache) {
+  SKIP_IF_MISSING(stories_path());
+  auto m = Model::load(stories_path());
+  const ModelConfig& mc = m->config();
+  ThreadPool pool(2);
+  const int64_t depth = 40;
+  const KvGeometry g = m->kv_geometry(depth + 8);
+  Session s(*m, make_kv_policy(KvConfig{}, g), pool);
+  std::vector<int32_t> prompt;
+  for (int64_t i = 0; i < depth; ++i) prompt.push_back((int32_t)(1 + i % (mc.n_vocab - 1)));
+  s.prefill(prompt);
+  const KvStats at = s.kv().stats();
+  const uint64_t expected = (uint64_t)depth * mc.n_layer * mc.n_head_kv * mc.head_dim * 2 * 2;
+  EXPECT_EQ(full_kv_bytes(g, depth), expected);
+  const TokenBytes b = token_bytes(m->weight_bytes_per_token(), at, at);
+  EXPECT_EQ(b.kv_fast, expected);
+  EXPECT_EQ(b.kv_slow, 0.0);
+  EXPECT_DOUBLE_EQ(b.total(), (double)(m->weight_bytes_per_token() + expected));
+}
+
+TEST(BenchWriters, CsvHasHeaderAndOneLinePerRow) {
+  for (bool bw : {false, true}) {
+    const BenchReport r = fake_report(bw);
+    const auto lines = lines_of(to_csv(r));
+    ASSERT_EQ(lines.size(), 1 + r.rows.size());
+    const auto header = csv_split(lines[0]);
+    EXPECT_EQ(header, csv_columns());
+    for (size_t i = 1; i < lines.size(); ++i) {
+      const auto f = csv_split(lines[i]);
+      ASSERT_EQ(f.size(), header.size()) << lines[i];
+      EXPECT_EQ(f[1], r.rows[i - 1].policy_spec);
+      const size_t floor_col = std::find(header.begin(), header.end(), "floor_ms") - header.begin();
+      ASSERT_LT(floor_col, header.size());
+      EXPECT_EQ(f[floor_col].empty(), !bw);
+    }
+    EXPECT_NE(lines[1].find("\"text:/data/a, \"\"quoted\"\" path.txt\""), std::string::npos) << lines[1];
+  }
+}
+
+TEST(BenchWriters, JsonParsesAndHasTheFields) {
+  const BenchReport r = fake_report(true);
+  const nlohmann::json j = nlohmann::json::parse(to_json(r).dump());
+  for (const char* k : {"schema", "model", "prompt", "build", "cpu", "hardware_threads", "measurement", "bandwidth", "rows"})
+    EXPECT_TRUE(j.contains(k)) << k;
+  EXPECT_TRUE(j["build"].contains("git_commit"));
+  EXPECT_FALSE(j["build"]["git_commit"].get<std::string>().empty());
+  ASSERT_EQ(j["rows"].size(), r.rows.size());
+  for (const auto& row : j["rows"]) {
+    for (const char* k : {"model", "policy", "bits", "depth", "threads", "prefill_tok_per_s", "decode_ms_per_token",
+                          "bytes_per_token", "achieved_gb_per_s", "kv_fast_bytes", "stall_ms_per_token", "copy_ms_per_token",
+                          "peak_rss_bytes", "git_commit", "cxx_flags", "cpu", "floor_ms", "floor_ratio"})
+      EXPECT_TRUE(row.contains(k)) << k;
+    for (const char* k : {"median", "p25", "p75", "min", "max"}) EXPECT_TRUE(row["decode_ms_per_token"].contains(k)) << k;
+    for (const char* k : {"weights", "kv_fast", "kv_slow", "total"}) EXPECT_TRUE(row["bytes_per_token"].contains(k)) << k;
+    EXPECT_GT(row["floor_ms"].get<double>(), 0);
+  }
+  EXPECT_EQ(j["rows"][1]["policy"], "full");
+  EXPECT_EQ(j["rows"][3]["bits"], 2);
+  // floor = bytes / bandwidth (20 GB/s).
+  EXPECT_NEAR(j["rows"][0]["floor_ms"].get<double>(), r.rows[0].bytes.total() / 20e6, 1e-9);
+  EXPECT_FALSE(to_json(fake_report(false)).contains("bandwidth"));
+}
+
+TEST(BenchWriters, SvgHasOneLinePerPolicy) {
+  const BenchReport r = fake_report(false);
+  const std::string svg = to_svg(r);
+  EXPECT_EQ(svg.rfind("<svg", 0), 0u);
+  EXPECT_NE(svg.find("</svg>"), std::string::npos);
+  EXPECT_EQ(count(svg, "<polyline"), 2u);
+  EXPECT_NE(svg.find("data-series=\"full\""), std::string::npos);
+  EXPECT_NE(svg.find("data-series=\"specache:2\""), std::string::npos);
+  EXPECT_EQ(count(svg, "<"), count(svg, ">"));  // no stray brackets from unescaped text
+  EXPECT_EQ(count(svg, "<text"), count(svg, "</text>"));
+  // Two thread counts: one line per (policy, threads).
+  BenchReport r2 = r;
+  for (BenchRow row : r.rows) {
+    row.threads = 1;
+    r2.rows.push_back(row);
+  }
+  EXPECT_EQ(count(to_svg(r2), "<polyline"), 4u);
+  EXPECT_EQ(to_svg(BenchReport{}).rfind("<svg", 0), 0u);  // empty report still renders
+}
+
+TEST(BenchBandwidth, ProbeIsPlausible) {
+  for (int threads : {1, 2}) {
+    const BandwidthResult b = probe_read_bandwidth(8u << 20, threads, 3);
+    EXPECT_TRUE(std::isfinite(b.best_gb_per_s));
+    EXPECT_GT(b.best_gb_per_s, 0.1);
+    EXPECT_LT(b.best_gb_per_s, 10000.0);
+    EXPECT_GE(b.best_gb_per_s, b.median_gb_per_s);
+    EXPECT_EQ(b.threads, threads);
+    EXPECT_EQ(b.buffer_bytes, 8u << 20);
+  }
+  EXPECT_THROW(probe_read_bandwidth(16, 1, 1), Error);
+}
+
+TEST(BenchPrompt, TextIsRepeatedAndSyntheticCycles) {
+  SKIP_IF_MISSING(stories_path());
+  auto m = Model::load(stories_path());
+  auto tok = Tokenizer::from_gguf(m->gguf());
+  const PromptSource p = build_prompt_tokens(tok.get(), m->config().n_vocab, "Once upon a time.\n", "x.txt", 100);
+  EXPECT_EQ(p.kind, "text");
+  EXPECT_EQ(p.path, "x.txt");
+  ASSERT_EQ(p.tokens.size(), 100u);
+  EXPECT_EQ(build_prompt_tokens(tok.get(), m->config().n_vocab, "Once upon a time.\n", "x.txt", 100).tokens, p.tokens);
+  const PromptSource s = build_prompt_tokens(nullptr, 10, "", "", 25);
+  EXPECT_EQ(s.kind, "synthetic");
+  ASSERT_EQ(s.tokens.size(), 25u);
+  EXPECT_EQ(s.tokens[0], 0);
+  EXPECT_EQ(s.tokens[12], 2);
+}
+
+TEST(BenchRun, EndToEndOnStories260K) {
+  SKIP_IF_MISSING(stories_path());
+  auto m = Model::load(stories_path());
+  auto tok = Tokenizer::from_gguf(m->gguf());
+  BenchOptions opt;
+  opt.model_path = stories_path();
+  opt.policies = {parse_policy_spec("full")};
+  opt.depths = {16, 64};
+  opt.threads = {1, 2};
+  opt.gen = 5;
+  opt.reps = 2;
+  BenchReport r;
+  r.bandwidth.push_back(probe_read_bandwidth(4u << 20, 1, 2));
+  run_bench(*m, tok.get(), opt, "Lily went to the park. She saw a big dog.\n", "t.txt", r);
+  ASSERT_EQ(r.rows.size(), 4u);
+  EXPECT_EQ(r.prompt_kind, "text");
+  const ModelConfig& mc = m->config();
+  for (const BenchRow& row : r.rows) {
+    EXPECT_EQ(row.policy, "full");
+    EXPECT_EQ(row.decode_samples, 2u * (5 - 2));
+    EXPECT_GT(row.decode_ms.median, 0);
+    EXPECT_LE(row.decode_ms.min, row.decode_ms.median);
+    EXPECT_GE(row.decode_ms.max, row.decode_ms.median);
+    EXPECT_GT(row.prefill_tok_per_s, 0);
+    EXPECT_EQ(row.bytes.weights, m->weight_bytes_per_token());
+    EXPECT_EQ(row.bytes.kv_fast, (uint64_t)row.depth * mc.n_layer * mc.n_head_kv * mc.head_dim * 4);
+    EXPECT_EQ(row.kv_fast_bytes, (uint64_t)(row.depth + 5) * mc.n_layer * mc.n_head_kv * mc.head_dim * 4);
+    EXPECT_GT(row.peak_rss_bytes, 0u);
+    EXPECT_GT(row.floor_ms, 0);
+  }
+  const auto lines = lines_of(to_csv(r));
+  EXPECT_EQ(lines.size(), 5u);
+  EXPECT_EQ(count(to_svg(r), "<polyline"), 2u);  // full @1t, full @2t
+}

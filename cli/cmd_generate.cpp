@@ -9,6 +9,7 @@
 #include "engine/session.h"
 #include "engine/tokenizer.h"
 #include "model/model.h"
+#include "tier/rss.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -117,15 +118,16 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
       kv["copy_ms"] = ks.copy_ms;
     }
     j["kv"] = kv;
+    j["memory"] = {{"peak_rss_bytes", peak_rss_bytes()}};
     std::puts(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::fputc('\n', stdout);
     std::fprintf(stderr,
                  "\nspecache: prompt %zu tokens, prefill %.1f ms (%.1f tok/s); %lld decode steps, %.2f ms/token (%.1f tok/s); "
-                 "KV %s: fast %.2f MiB, slow %.2f MiB\n",
+                 "KV %s: fast %.2f MiB, slow %.2f MiB; peak RSS %.1f MiB\n",
                  prompt.size(), t.prefill_ms, t.prefill_ms > 0 ? t.prefill_tokens * 1000.0 / t.prefill_ms : 0.0,
                  (long long)t.decode_tokens, dms, dms > 0 ? 1000.0 / dms : 0.0, ks.policy.c_str(),
-                 ks.fast_bytes / 1048576.0, ks.slow_bytes / 1048576.0);
+                 ks.fast_bytes / 1048576.0, ks.slow_bytes / 1048576.0, peak_rss_bytes() / 1048576.0);
   }
   return 0;
 }

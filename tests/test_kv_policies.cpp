@@ -185,3 +185,32 @@ TEST(KvPolicy, RejectsBadConfigurations) {
   f.store = "file";
   EXPECT_THROW(make_kv_policy(f, g), Error);
 }
+
+// The same invariants on the default model (head_dim 64: the AVX-512 paths of the low-bit and
+// 16-bit kernels), with a 240-token real-text prompt.
+TEST(KvPolicy, SmolLM2SpecacheCoveringEverythingEqualsFullAndZeroTopkEqualsKivi) {
+  const std::string path = default_model_path();
+  SKIP_IF_MISSING(path);
+  Fixture fx;
+  fx.model = Model::load(path);
+  ThreadPool pool(2);
+  {
+    KvConfig kc;
+    Session s(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
+    std::vector<int32_t> all = {1};
+    s.prefill(all);
+    for (int i = 0; i < 264; ++i) {
+      const int32_t t = argmax(s.logits().data(), (int)s.logits().size());
+      all.push_back(t);
+      s.decode(t);
+    }
+    fx.prompt.assign(all.begin(), all.begin() + 240);
+    fx.cont.assign(all.begin() + 240, all.end());
+  }
+  const auto full = teacher_forced(fx, policy("full"));
+  EXPECT_LT(max_abs_diff(full, teacher_forced(fx, policy("specache", 1, 512, 8, 32))), 2e-3);
+  EXPECT_LT(max_abs_diff(full, teacher_forced(fx, policy("specache", 2, 0, 512, 64))), 2e-3);
+  const auto kivi = teacher_forced(fx, policy("kivi", 1, 0, 8, 32));
+  EXPECT_GT(max_abs_diff(full, kivi), 1e-2);
+  EXPECT_LT(max_abs_diff(kivi, teacher_forced(fx, policy("specache", 1, 0, 8, 32))), 1e-4);
+}

@@ -186,11 +186,7 @@ class LowBitPolicy final : public KvPolicy {
   void finish_fetch(int il);
   void update_peak();
   void measure_exact_mass(int il, const DecodeRows& rows);
-  float exact_dot(const float* q, const fp16_t* krow) const {
-    float s = 0;
-    for (int c = 0; c < g_.head_dim; ++c) s += q[c] * fp16_to_fp32(krow[c]);
-    return s;
-  }
+  float exact_dot(const float* q, const fp16_t* krow) const { return dot_f32_f16(q, krow, g_.head_dim); }
 
   KvGeometry g_;
   KvConfig cfg_;
@@ -482,8 +478,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
           l += p;
           const float* vr = nullptr;
           if (j < n_win) {
-            const fp16_t* vrow = H.win.data() + j * row_elems_ + d;
-            for (int c = 0; c < d; ++c) o[c] += p * fp16_to_fp32(vrow[c]);
+            axpy_f16(p, H.win.data() + j * row_elems_ + d, o, d);
           } else {
             vr = rows.v + ((int64_t)(j - n_win) * nkv + h) * d;
             for (int c = 0; c < d; ++c) o[c] += p * vr[c];

@@ -31,6 +31,32 @@ float exp_approx(float x) {
   return p * std::bit_cast<float>(e);
 }
 
+float dot_f32_f16(const float* q, const fp16_t* k, int d) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < d; c += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k + c))), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float s = 0;
+  for (int c = 0; c < d; ++c) s += q[c] * fp16_to_fp32(k[c]);
+  return s;
+}
+
+void axpy_f16(float p, const fp16_t* v, float* o, int d) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int c = 0; c < d; c += 16)
+      _mm512_storeu_ps(o + c, _mm512_fmadd_ps(pv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(v + c))), _mm512_loadu_ps(o + c)));
+    return;
+  }
+#endif
+  for (int c = 0; c < d; ++c) o[c] += p * fp16_to_fp32(v[c]);
+}
+
 void attn_merge(AttnPartial& dst, float* dst_o, const AttnPartial& src, const float* src_o, int d) {
   if (src.l == 0) return;
   if (dst.l == 0) {

@@ -15,6 +15,11 @@ struct AttnShape {
   int head_dim;
 };
 
+// q . k for fp32 q and fp16 k of length d (AVX-512 when d % 16 == 0).
+float dot_f32_f16(const float* q, const fp16_t* k, int d);
+// o += p * v for fp16 v of length d.
+void axpy_f16(float p, const fp16_t* v, float* o, int d);
+
 // exp(x) for x <= 0 (and moderately positive x), max relative error ~2e-7; vectorizes.
 float exp_approx(float x);
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <algorithm>
 #include <random>
 #include <vector>
@@ -29,10 +30,11 @@ const GgmlType kAllTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, Gg
 bool is_float(GgmlType t) { return t == GgmlType::F32 || t == GgmlType::F16 || t == GgmlType::BF16; }
 
 // Error budget, per output, normalized by |W_o| * |x_t| (Cauchy-Schwarz bound of the dot).
-// Quantized weights: the activations are rounded to 8 bits per 32 (absmax), a relative error
-// of ~1/254 per element; measured worst cases are ~1e-3 (budget 5e-3). Float weights: fp32
-// accumulation only.
-double budget(GgmlType t) { return is_float(t) ? 1e-5 : 5e-3; }
+// Default path (fp32 activations): weights widened to fp32, fp32 accumulation only; measured
+// worst cases are a few 1e-7 (budget 1e-5). Opt-in int8 activations (quantized weights): the
+// activations are rounded to 8 bits per 32 (absmax), a relative error of ~1/254 per element;
+// measured worst cases are ~1e-3 (budget 5e-3).
+double budget(GgmlType t, bool int8) { return is_float(t) || !int8 ? 1e-5 : 5e-3; }
 
 struct Case {
   std::vector<uint8_t> w;
@@ -64,13 +66,13 @@ Case make_weights(GgmlType t, int64_t n_in, int64_t n_out, std::mt19937& rng, bo
 }
 
 void check_matmul(GgmlType t, int64_t n_in, int64_t n_out, int64_t n_tok, ThreadPool& pool, const Case& c,
-                  std::mt19937& rng) {
+                  std::mt19937& rng, bool int8 = false) {
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<float> x(n_tok * n_in);
   for (auto& v : x) v = nd(rng);
   if (n_tok > 2) x[5] = 40.f;  // an outlier in one block
   std::vector<float> y(n_tok * n_out, NAN);
-  matmul(WeightView{t, n_in, n_out, c.w.data()}, x.data(), n_tok, y.data(), pool);
+  matmul(WeightView{t, n_in, n_out, c.w.data()}, x.data(), n_tok, y.data(), pool, int8);
   double worst = 0;
   for (int64_t tt = 0; tt < n_tok; ++tt) {
     double xn = 0;
@@ -86,7 +88,7 @@ void check_matmul(GgmlType t, int64_t n_in, int64_t n_out, int64_t n_tok, Thread
       worst = std::max(worst, e);
     }
   }
-  EXPECT_LE(worst, budget(t)) << type_name(t) << " n_in=" << n_in << " n_out=" << n_out << " n_tok=" << n_tok
+  EXPECT_LE(worst, budget(t, int8)) << (int8 ? "int8 " : "fp32 ") << type_name(t) << " n_in=" << n_in << " n_out=" << n_out << " n_tok=" << n_tok
                               << " threads=" << pool.size();
 }
 
@@ -99,10 +101,56 @@ TEST(Matmul, AllTypesMatchReference) {
     for (int64_t n_in : {256, 512, 1536}) {
       const int64_t n_out = 67;
       const Case c = make_weights(t, n_in, n_out, rng, false);
-      for (int64_t n_tok : {1, 2, 3, 7, 33}) {
+      for (int64_t n_tok : {1, 2, 3, 7, 8, 9, 33}) {
         check_matmul(t, n_in, n_out, n_tok, pool1, c, rng);
         check_matmul(t, n_in, n_out, n_tok, pool2, c, rng);
       }
+    }
+  }
+}
+
+// The opt-in int8-activation path keeps its (looser) budget.
+TEST(Matmul, Int8ActivationsMatchReference) {
+  std::mt19937 rng(11);
+  ThreadPool pool1(1), pool2(2);
+  for (GgmlType t : kAllTypes) {
+    if (is_float(t)) continue;
+    for (int64_t n_in : {256, 1536}) {
+      const Case c = make_weights(t, n_in, 67, rng, false);
+      for (int64_t n_tok : {1, 2, 3, 7, 8, 9, 33}) {
+        check_matmul(t, n_in, 67, n_tok, pool1, c, rng, true);
+        check_matmul(t, n_in, 67, n_tok, pool2, c, rng, true);
+      }
+    }
+  }
+}
+
+// dequantize_row (AVX-512 fast paths for the 32-element block types) is bit-identical to the
+// unpacked form: sc * (u - offset) + mn, evaluated as one fused multiply-add where the build
+// contracts it (FMA hardware), as the generic path is.
+TEST(Matmul, DequantizeRowMatchesUnpackedForm) {
+  std::mt19937 rng(9);
+  for (GgmlType t : kAllTypes) {
+    if (is_float(t)) continue;
+    const int64_t n = 512;
+    const auto row = quant_test_random_row(t, n, rng);
+    std::vector<float> got(n);
+    dequantize_row(t, row.data(), got.data(), n);
+    std::vector<uint8_t> u(n);
+    std::vector<float> sc8(n / 4), mn2(n / 16);
+    detail::unpack_row(t, row.data(), n, u.data(), sc8.data(), mn2.data());
+    const float off = (float)detail::unpack_offset(t);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t v = i / 32, h = (i % 32) / 16;
+#if defined(__FMA__)
+      const float want = std::fma(sc8[v * 8 + h * 4], (float)u[i] - off, mn2[v * 2 + h]);
+#else
+      const float want = sc8[v * 8 + h * 4] * ((float)u[i] - off) + mn2[v * 2 + h];
+#endif
+      uint32_t a, b;
+      std::memcpy(&a, &got[i], 4);
+      std::memcpy(&b, &want, 4);
+      ASSERT_EQ(a, b) << type_name(t) << " element " << i << ": " << got[i] << " vs " << want;
     }
   }
 }
@@ -138,44 +186,80 @@ TEST(Matmul, RejectsBadShapes) {
 }
 
 // Throughput report; asserts nothing about speed. Run with SPECACHE_TIMING=1.
+namespace {
+double best_seconds(const WeightView& wv, const float* x, int64_t n_tok, float* y, ThreadPool& pool, bool int8) {
+  matmul(wv, x, n_tok, y, pool, int8);
+  // Best of many calls: the machine may be shared, and the minimum is the least disturbed.
+  double sec = 1e30, el = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  do {
+    const auto c0 = std::chrono::steady_clock::now();
+    matmul(wv, x, n_tok, y, pool, int8);
+    const auto c1 = std::chrono::steady_clock::now();
+    sec = std::min(sec, std::chrono::duration<double>(c1 - c0).count());
+    el = std::chrono::duration<double>(c1 - t0).count();
+  } while (el < 0.3);
+  return sec;
+}
+struct TimingShape {
+  GgmlType t;
+  int64_t n_in, n_out;
+};
+std::vector<uint8_t> timing_weights(const TimingShape& s, std::mt19937& rng) {
+  const size_t rs = row_size(s.t, s.n_in);
+  std::vector<uint8_t> w(rs * s.n_out);
+  std::vector<float> tmp(s.n_in);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t o = 0; o < s.n_out; ++o) {
+    for (auto& v : tmp) v = nd(rng);
+    quantize_row(s.t, tmp.data(), w.data() + o * rs, s.n_in);
+  }
+  return w;
+}
+void report(const TimingShape& s, size_t bytes, int64_t n_tok, int threads, bool int8, double sec) {
+  const double gbs = (double)bytes / sec / 1e9;
+  const double gmacs = (double)s.n_in * s.n_out * n_tok / sec / 1e9;
+  std::printf("%-5s %5lld x %5lld n_tok=%3lld threads=%d %s: best %9.3f ms  %7.2f GB/s weights  %8.2f GMAC/s\n",
+              type_name(s.t), (long long)s.n_out, (long long)s.n_in, (long long)n_tok, threads,
+              int8 ? "int8" : "fp32", sec * 1e3, gbs, gmacs);
+}
+}  // namespace
+
 TEST(Matmul, Timing) {
   if (!std::getenv("SPECACHE_TIMING")) GTEST_SKIP() << "set SPECACHE_TIMING=1 to print matmul throughput";
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  // Decode shapes of the default model, fp32 vs int8 activations, 1 and 2 threads.
+  {
+    ThreadPool pool1(1), pool2(2);
+    const TimingShape focus[] = {{GgmlType::Q8_0, 576, 49152}, {GgmlType::Q4_1, 576, 1536}, {GgmlType::Q4_1, 1536, 576}};
+    for (const TimingShape& s : focus) {
+      const auto w = timing_weights(s, rng);
+      const WeightView wv{s.t, s.n_in, s.n_out, w.data()};
+      for (int64_t n_tok : {1, 2}) {
+        std::vector<float> x(n_tok * s.n_in), y(n_tok * s.n_out);
+        for (auto& v : x) v = nd(rng);
+        for (ThreadPool* p : {&pool1, &pool2})
+          for (bool int8 : {false, true})
+            report(s, w.size(), n_tok, (int)p->size(), int8, best_seconds(wv, x.data(), n_tok, y.data(), *p, int8));
+      }
+    }
+  }
   const int threads = std::getenv("SPECACHE_THREADS") ? std::atoi(std::getenv("SPECACHE_THREADS")) : 2;
   ThreadPool pool(threads);
-  std::mt19937 rng(5);
-  struct Shape { GgmlType t; int64_t n_in, n_out; };
-  const Shape shapes[] = {{GgmlType::Q4_1, 576, 1536}, {GgmlType::Q4_1, 1536, 576}, {GgmlType::Q8_0, 576, 49152}, {GgmlType::Q8_0, 576, 1536},
-                          {GgmlType::Q4_0, 576, 1536}, {GgmlType::Q4_K, 1536, 576}, {GgmlType::Q5_K, 1536, 576},
-                          {GgmlType::Q6_K, 1536, 576}, {GgmlType::F16, 576, 1536}, {GgmlType::F32, 576, 1536}};
-  for (const Shape& s : shapes) {
-    const size_t rs = row_size(s.t, s.n_in);
-    std::vector<uint8_t> w(rs * s.n_out);
-    std::vector<float> tmp(s.n_in);
-    std::normal_distribution<float> nd(0.f, 1.f);
-    for (int64_t o = 0; o < s.n_out; ++o) {
-      for (auto& v : tmp) v = nd(rng);
-      quantize_row(s.t, tmp.data(), w.data() + o * rs, s.n_in);
-    }
+  const TimingShape shapes[] = {{GgmlType::Q4_1, 576, 1536}, {GgmlType::Q4_1, 1536, 576}, {GgmlType::Q8_0, 576, 49152},
+                                {GgmlType::Q8_0, 576, 1536}, {GgmlType::Q4_0, 576, 1536}, {GgmlType::Q4_K, 1536, 576},
+                                {GgmlType::Q5_K, 1536, 576}, {GgmlType::Q6_K, 1536, 576}, {GgmlType::F16, 576, 1536},
+                                {GgmlType::F32, 576, 1536}};
+  for (const TimingShape& s : shapes) {
+    const auto w = timing_weights(s, rng);
+    const WeightView wv{s.t, s.n_in, s.n_out, w.data()};
     for (int64_t n_tok : {1, 2, 4, 8, 32, 512}) {
       std::vector<float> x(n_tok * s.n_in), y(n_tok * s.n_out);
       for (auto& v : x) v = nd(rng);
-      const WeightView wv{s.t, s.n_in, s.n_out, w.data()};
-      matmul(wv, x.data(), n_tok, y.data(), pool);
-      // Best of many calls: the machine may be shared, and the minimum is the least disturbed.
-      double sec = 1e30, el = 0;
-      const auto t0 = std::chrono::steady_clock::now();
-      do {
-        const auto c0 = std::chrono::steady_clock::now();
-        matmul(wv, x.data(), n_tok, y.data(), pool);
-        const auto c1 = std::chrono::steady_clock::now();
-        sec = std::min(sec, std::chrono::duration<double>(c1 - c0).count());
-        el = std::chrono::duration<double>(c1 - t0).count();
-      } while (el < 0.3);
-      const double gbs = (double)w.size() / sec / 1e9;
-      const double gmacs = (double)s.n_in * s.n_out * n_tok / sec / 1e9;
-      std::printf("%-5s %5lld x %5lld n_tok=%3lld threads=%d: best %9.3f ms  %7.2f GB/s weights  %8.2f GMAC/s\n",
-                  type_name(s.t), (long long)s.n_out, (long long)s.n_in, (long long)n_tok, threads, sec * 1e3, gbs,
-                  gmacs);
+      report(s, w.size(), n_tok, threads, false, best_seconds(wv, x.data(), n_tok, y.data(), pool, false));
+      if (!is_float(s.t))
+        report(s, w.size(), n_tok, threads, true, best_seconds(wv, x.data(), n_tok, y.data(), pool, true));
     }
   }
 }

@@ -278,9 +278,30 @@ void validate(const WeightView& w) {
             type_name(w.type), (long long)type_traits(w.type).block_size);
 }
 
+// fp32 activations as given, any weight type. Decode: fused kernels reading the weight rows
+// directly (F32/F16/BF16 and the 32-element block types). Otherwise (prefill, K-quants): blocks
+// of rows are dequantized into thread-local fp32 scratch once and reused by all tokens.
 void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   const int64_t n = w.n_in, n_out = w.n_out;
   const size_t rs = row_size(w.type, n);
+  if (n_tok <= kFusedMaxTokens && f32q_for(w.type, 1, 1) != nullptr) {
+    // Decode, 32-element block types: blocks widened to fp32 in registers inside the kernel.
+    const int64_t n_tiles = (n_out + kTileR - 1) / kTileR, nb = n / 32;
+    pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+      float out[kTileR * kTileT];
+      for (int64_t tile = tb; tile < te; ++tile) {
+        const int64_t r0 = tile * kTileR;
+        const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+        for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
+          const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
+          f32q_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nb, x + t0 * n, n, out);
+          for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+        }
+      }
+    });
+    return;
+  }
   if (n_tok <= kFusedMaxTokens && fdirect_for(w.type, 1, 1) != nullptr) {
     // Decode: weights read (and widened) straight from the matrix.
     const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
@@ -425,11 +446,11 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
 
 }  // namespace
 
-void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool, bool int8_activations) {
   validate(w);
   SPC_CHECK(n_tok >= 0, "matmul: negative token count %lld", (long long)n_tok);
   if (n_tok == 0 || w.n_out == 0) return;
-  if (is_float_type(w.type)) matmul_float(w, x, n_tok, y, pool);
+  if (is_float_type(w.type) || !int8_activations) matmul_float(w, x, n_tok, y, pool);
   else matmul_quant(w, x, n_tok, y, pool);
 }
 

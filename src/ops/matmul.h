@@ -16,12 +16,16 @@ struct WeightView {
 };
 
 // y[t*n_out + o] = sum_i W[o,i] * x[t*n_in + i] for t in [0, n_tok). x, y fp32, row-major.
-// Quantized weights: x is quantized per call to 8 bits (blocks of 32, absmax), then integer dot
-// products (AVX-512 VNNI; scalar fallback). The error this adds is ~1e-3 of |W_o| * |x_t| per
-// output (tests allow 5e-3). F32/F16/BF16 weights: fp32 FMA dot products on x as given.
+// Default (int8_activations = false): fp32 activations as given; quantized weights are widened
+// to fp32 (in registers at decode, into per-thread scratch per row block for prefill) and
+// accumulated in fp32 (error ~1e-6 of |W_o| * |x_t|).
+// int8_activations = true (quantized weights only): x is quantized per call to 8 bits (blocks
+// of 32, absmax), then integer dot products (AVX-512 VNNI; scalar fallback). Faster, but adds
+// an error of ~1e-3 of |W_o| * |x_t| per output (tests allow 5e-3). Ignored for F32/F16/BF16.
 // y must not overlap x. Output rows are split over the pool's threads. Not reentrant for one
 // pool; scratch is thread_local, no state is shared between calls.
-void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool);
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool,
+            bool int8_activations = false);
 
 // dst[r*n_in + i] = W[row0 + r, i] for r in [0, n_rows) (get_rows / embedding lookup).
 void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* dst);

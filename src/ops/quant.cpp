@@ -510,6 +510,52 @@ void unpack_row(GgmlType t, const void* src, int64_t n, uint8_t* u, float* sc8, 
 
 }  // namespace detail
 
+namespace {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// AVX-512 dequantization of the 32-element block types: value = fma(d, code - offset, m) with
+// m = 0 for the symmetric types, exactly the generic path's arithmetic (bit-identical results).
+template <size_t kBytes, int kQs, int kQh, bool kMin, int kOff, bool kQ8>
+void dequant_blocks(const uint8_t* p, float* dst, int64_t nb) {
+  const __m128i m4 = _mm_set1_epi8(0x0f);
+  const __m512i off = _mm512_set1_epi32(kOff), b5 = _mm512_set1_epi32(16);
+  for (int64_t b = 0; b < nb; ++b, p += kBytes, dst += 32) {
+    const __m512 d = _mm512_set1_ps(ld_f16(p));
+    const __m512 m = kMin ? _mm512_set1_ps(ld_f16(p + 2)) : _mm512_setzero_ps();
+    __m512i lo, hi;
+    if (kQ8) {
+      lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + kQs)));
+      hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + kQs + 16)));
+    } else {
+      const __m128i q = _mm_loadu_si128((const __m128i*)(p + kQs));
+      lo = _mm512_cvtepu8_epi32(_mm_and_si128(q, m4));
+      hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), m4));
+      if (kQh >= 0) {
+        const uint32_t h = ld_u32(p + kQh);
+        lo = _mm512_mask_add_epi32(lo, (__mmask16)(h & 0xffffu), lo, b5);
+        hi = _mm512_mask_add_epi32(hi, (__mmask16)(h >> 16), hi, b5);
+      }
+      if (kOff != 0) {
+        lo = _mm512_sub_epi32(lo, off);
+        hi = _mm512_sub_epi32(hi, off);
+      }
+    }
+    _mm512_storeu_ps(dst, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lo), m));
+    _mm512_storeu_ps(dst + 16, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(hi), m));
+  }
+}
+bool dequantize_row_fast(GgmlType t, const uint8_t* p, float* dst, int64_t n) {
+  switch (t) {
+    case GgmlType::Q4_0: dequant_blocks<18, 2, -1, false, 8, false>(p, dst, n / 32); return true;
+    case GgmlType::Q4_1: dequant_blocks<20, 4, -1, true, 0, false>(p, dst, n / 32); return true;
+    case GgmlType::Q5_0: dequant_blocks<22, 6, 2, false, 16, false>(p, dst, n / 32); return true;
+    case GgmlType::Q5_1: dequant_blocks<24, 8, 4, true, 0, false>(p, dst, n / 32); return true;
+    case GgmlType::Q8_0: dequant_blocks<34, 2, -1, false, 0, true>(p, dst, n / 32); return true;
+    default: return false;
+  }
+}
+#endif
+}  // namespace
+
 void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
   SPC_CHECK(quant_type_supported(t), "dequantize_row: unsupported type %s", type_name(t));
   SPC_CHECK(n % type_traits(t).block_size == 0, "dequantize_row: %lld values is not a multiple of the %s block",
@@ -533,6 +579,9 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
     return;
   }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (dequantize_row_fast(t, (const uint8_t*)src, dst, n)) return;
+#endif
   const UnpackInfo info = unpack_info(t);
   const int bs = 32 * info.vpb;
   const float off = (float)info.offset;

@@ -29,5 +29,6 @@ using Runner = std::function<int()>;
 Runner add_generate(CLI::App& app);
 Runner add_info(CLI::App& app);
 Runner add_tokenize(CLI::App& app);
+Runner add_eval(CLI::App& app);
 
 }  // namespace spc::cli

@@ -28,6 +28,7 @@ struct EvalArgs {
   eval::NiahOptions niah;
   int gen = 16, ppl_tokens = 256, agree_tokens = 64;
   std::string csv, json, heatmap_dir;
+  std::vector<std::string> merge;
   bool quiet = false;
   KvConfig kv;
 };
@@ -51,8 +52,31 @@ void write_file(const std::string& path, const std::string& text) {
   SPC_CHECK((bool)f, "%s: write error", path.c_str());
 }
 
+// --merge: reports over the cases of earlier --json outputs (runs of different lengths), no model run.
+int run_merge(EvalArgs& a) {
+  std::vector<eval::CaseResult> all;
+  for (const auto& f : a.merge) {
+    auto r = eval::results_from_json(read_text_file(f));
+    for (auto& c : r)  // re-score from the stored outputs with the current rule
+      if (c.task == "passkey" || c.task == "niah") c.score = eval::score_contains(c.output, c.answer) ? 1 : 0;
+    all.insert(all.end(), r.begin(), r.end());
+  }
+  eval::EvalOptions o;
+  o.policies.clear();
+  o.tasks.clear();
+  o.ppl_tokens = a.ppl_tokens, o.agree_tokens = a.agree_tokens;
+  if (!a.csv.empty()) write_file(a.csv, eval::csv_report(all));
+  if (!a.json.empty()) write_file(a.json, eval::json_report(all, o));
+  if (!a.heatmap_dir.empty())
+    for (const auto& p : eval::write_heatmaps(all, a.heatmap_dir)) std::fprintf(stderr, "eval: wrote %s\n", p.c_str());
+  std::fputs(eval::markdown_report(all, o).c_str(), stdout);
+  return 0;
+}
+
 int run_eval_cmd(const CLI::App& app, EvalArgs& a) {
   SPC_CHECK(app.count("--kv") == 0, "eval takes --policies, not --kv");
+  if (!a.merge.empty()) return run_merge(a);
+  SPC_CHECK(!a.m.model.empty(), "eval needs -m/--model (unless --merge)");
   eval::EvalOptions o;
   o.tasks = split(a.tasks);
   o.policies = eval::parse_policies(a.policies, a.kv);
@@ -115,6 +139,7 @@ Runner add_eval(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   CLI::App* sub = app.add_subcommand("eval", "quality of the KV policies: passkey, needle in a haystack, perplexity, agreement");
   add_model_flags(*sub, a->m);
+  sub->get_option("--model")->required(false);  // not needed with --merge; checked in run_eval_cmd
   sub->add_option("--tasks", a->tasks, "comma-separated: passkey, niah, ppl, agree")->capture_default_str();
   sub->add_option("--policies", a->policies, "comma-separated policy[:bits] list")->capture_default_str();
   sub->add_option("--lengths", a->lengths, "context lengths in tokens")->delimiter(',')->capture_default_str();
@@ -132,6 +157,7 @@ Runner add_eval(CLI::App& app) {
   sub->add_option("--csv", a->csv, "write every case as CSV");
   sub->add_option("--json", a->json, "write every case as JSON");
   sub->add_option("--heatmap-dir", a->heatmap_dir, "write one SVG heat map per policy for passkey and niah");
+  sub->add_option("--merge", a->merge, "no run: merge the cases of earlier --json files into one report")->delimiter(',');
   sub->add_flag("-q,--quiet", a->quiet, "no progress lines");
   add_kv_flags(*sub, a->kv);
   return [sub, a] { return run_eval_cmd(*sub, *a); };

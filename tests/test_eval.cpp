@@ -203,6 +203,10 @@ TEST(EvalScoring, ContainsAnswer) {
   EXPECT_TRUE(score_contains(" 48213. Remember it.", "48213"));
   EXPECT_FALSE(score_contains(" 48212. Remember it.", "48213"));
   EXPECT_FALSE(score_contains("", "48213"));
+  EXPECT_FALSE(score_contains(" 482131. The pass key is", "48213"));  // an extra digit is a wrong key
+  EXPECT_FALSE(score_contains("148213", "48213"));
+  EXPECT_TRUE(score_contains("148213 or 48213", "48213"));
+  EXPECT_TRUE(score_contains("48213", "48213"));
   EXPECT_FALSE(score_contains("anything", ""));
   const GreedyAgreement g = greedy_agreement({1, 2, 3, 4}, {1, 2, 9, 4});
   EXPECT_DOUBLE_EQ(g.prefix, 0.5);
@@ -296,6 +300,12 @@ TEST(EvalReports, CsvJsonSvgWrittenAndParse) {
   ASSERT_EQ(j["cases"].size(), r.size());
   EXPECT_EQ(j["cases"][0]["task"], "passkey");
   EXPECT_TRUE(j["cases"][0].contains("kv_stats"));
+  // Round trip (eval --merge): the same cases give the same reports.
+  const auto back = results_from_json(json_report(r, o));
+  ASSERT_EQ(back.size(), r.size());
+  EXPECT_EQ(csv_report(back), csv_report(r));
+  EXPECT_EQ(markdown_report(back, o), markdown_report(r, o));
+  EXPECT_THROW(results_from_json("{\"cases\": [{}]}"), Error);
 
   const auto dir = std::filesystem::temp_directory_path() / ("specache_eval_test_" + std::to_string(::getpid()));
   const auto files = write_heatmaps(r, dir.string());

@@ -80,7 +80,8 @@ TaskPrompt make_niah(const Tokenizer& tok, const std::string& haystack, const Ni
 // Throws when the text is too short.
 std::vector<int32_t> text_tokens(const Tokenizer& tok, const std::string& text, int64_t length);
 
-// Scoring: the answer string appears in the output.
+// Scoring: the answer string appears in the output; a numeric answer must not touch other digits
+// ("687171" does not contain the key 68717).
 bool score_contains(const std::string& output, const std::string& answer);
 
 // ---- metrics ---------------------------------------------------------------------------
@@ -151,6 +152,9 @@ std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, Threa
 std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions& o);
 std::string csv_report(const std::vector<CaseResult>& r);
 std::string json_report(const std::vector<CaseResult>& r, const EvalOptions& o);
+// Reads the cases of a json_report back (to merge runs of different lengths into one report).
+// Throws spc::Error for malformed input.
+std::vector<CaseResult> results_from_json(const std::string& text);
 // One heat map (length x depth) for task and policy; empty string when no cell exists.
 std::string heatmap_svg(const std::vector<CaseResult>& r, const std::string& task, const std::string& policy);
 // Writes <dir>/<task>_<policy>.svg for passkey and niah; returns the paths written.

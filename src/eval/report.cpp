@@ -213,6 +213,35 @@ std::string json_report(const std::vector<CaseResult>& r, const EvalOptions& o) 
   return j.dump(1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
+std::vector<CaseResult> results_from_json(const std::string& text) {
+  std::vector<CaseResult> out;
+  try {
+    const auto j = nlohmann::json::parse(text);
+    for (const auto& x : j.at("cases")) {
+      CaseResult c;
+      c.task = x.at("task"), c.policy = x.at("policy"), c.length = x.at("length"), c.prompt_tokens = x.at("prompt_tokens");
+      c.score = x.at("score"), c.answer = x.at("answer"), c.output = x.at("output");
+      c.metrics = x.at("metrics").get<std::map<std::string, double>>();
+      c.decode_ms_per_token = x.at("decode_ms_per_token"), c.prefill_ms = x.at("prefill_ms");
+      if (x.contains("depth")) c.depth = x.at("depth");
+      const auto& k = x.at("kv_config");
+      c.kv.policy = k.at("policy"), c.kv.bits = k.at("bits"), c.kv.group = k.at("group"), c.kv.topk = k.at("topk");
+      c.kv.window = k.at("window"), c.kv.sinks = k.at("sinks");
+      const auto& st = x.at("kv_stats");
+      c.stats.policy = c.kv.policy;
+      c.stats.fast_bytes = st.at("fast_bytes"), c.stats.slow_bytes = st.at("slow_bytes");
+      c.stats.fetched_bytes_per_step = st.at("fetched_bytes_per_step");
+      c.stats.prefetch_reuse_rate = st.at("prefetch_reuse_rate"), c.stats.spec_recall = st.at("spec_recall");
+      c.stats.exact_mass_served = st.at("exact_mass_served"), c.stats.stall_ms = st.at("stall_ms");
+      c.stats.copy_ms = st.at("copy_ms"), c.stats.decode_steps = st.at("decode_steps");
+      out.push_back(std::move(c));
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(strfmt("eval results JSON: %s", e.what()));
+  }
+  return out;
+}
+
 std::string heatmap_svg(const std::vector<CaseResult>& r, const std::string& task, const std::string& policy) {
   std::vector<CaseResult> sel;
   for (const auto& c : r)

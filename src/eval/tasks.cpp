@@ -136,7 +136,16 @@ std::vector<int32_t> text_tokens(const Tokenizer& tok, const std::string& text, 
 }
 
 bool score_contains(const std::string& output, const std::string& answer) {
-  return !answer.empty() && output.find(answer) != std::string::npos;
+  if (answer.empty()) return false;
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  for (size_t p = output.find(answer); p != std::string::npos; p = output.find(answer, p + 1)) {
+    // A number must stand alone: "687171" does not contain the key 68717.
+    const bool before_ok = !digit(answer.front()) || p == 0 || !digit(output[p - 1]);
+    const size_t e = p + answer.size();
+    const bool after_ok = !digit(answer.back()) || e == output.size() || !digit(output[e]);
+    if (before_ok && after_ok) return true;
+  }
+  return false;
 }
 
 // ---- passkey ---------------------------------------------------------------------------

@@ -103,6 +103,28 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
       }
       md << "\n";
     }
+    // The heat map as text: one character per depth, in depth order (1 solved, 0 not).
+    const auto Ds = depths_of(r, task);
+    md << "\nPer depth (";
+    for (size_t i = 0; i < Ds.size(); ++i) md << (i ? ", " : "") << fmt("%g", Ds[i]);
+    md << "; 1 = solved):\n\n| policy |";
+    for (auto L : Ls) md << " " << L << " |";
+    md << "\n|---|";
+    for (size_t i = 0; i < Ls.size(); ++i) md << "---|";
+    md << "\n";
+    for (const auto& p : policies) {
+      md << "| " << p << " |";
+      for (auto L : Ls) {
+        std::string cell;
+        for (double d : Ds) {
+          int n = 0, ok = 0;
+          each(r, task, p, L, [&](const CaseResult& c) { if (c.depth == d) ++n, ok += c.score > 0; });
+          cell += n == 0 ? "-" : ok == n ? "1" : ok == 0 ? "0" : "~";
+        }
+        md << " `" << cell << "` |";
+      }
+      md << "\n";
+    }
     md << "\n";
   }
   if (!lengths_of(r, "ppl").empty()) {

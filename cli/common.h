@@ -30,5 +30,6 @@ Runner add_bench(CLI::App& app);
 Runner add_generate(CLI::App& app);
 Runner add_info(CLI::App& app);
 Runner add_tokenize(CLI::App& app);
+Runner add_eval(CLI::App& app);
 
 }  // namespace spc::cli

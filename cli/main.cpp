@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
   runners["eval"] = spc::cli::add_eval(app);
   // CLI11 reports an unknown first word only as "A subcommand is required": name it instead.
   if (argc > 1 && argv[1][0] != '-' && runners.count(argv[1]) == 0) {
-    std::fprintf(stderr, "specache: error: unknown subcommand '%s' (expected generate, info or tokenize; see --help)\n", argv[1]);
+    std::fprintf(stderr, "specache: error: unknown subcommand '%s' (expected generate, info, tokenize, bench or eval; see --help)\n", argv[1]);
     return 2;
   }
   try {

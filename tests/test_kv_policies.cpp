@@ -207,10 +207,11 @@ TEST(KvPolicy, SmolLM2SpecacheCoveringEverythingEqualsFullAndZeroTopkEqualsKivi)
     fx.prompt.assign(all.begin(), all.begin() + 240);
     fx.cont.assign(all.begin() + 240, all.end());
   }
+  // 30 layers and logits of magnitude ~20: float reordering alone moves logits by a few 1e-3.
   const auto full = teacher_forced(fx, policy("full"));
-  EXPECT_LT(max_abs_diff(full, teacher_forced(fx, policy("specache", 1, 512, 8, 32))), 2e-3);
-  EXPECT_LT(max_abs_diff(full, teacher_forced(fx, policy("specache", 2, 0, 512, 64))), 2e-3);
+  EXPECT_LT(max_abs_diff(full, teacher_forced(fx, policy("specache", 1, 512, 8, 32))), 1e-2);
+  EXPECT_LT(max_abs_diff(full, teacher_forced(fx, policy("specache", 2, 0, 512, 64))), 1e-2);
   const auto kivi = teacher_forced(fx, policy("kivi", 1, 0, 8, 32));
-  EXPECT_GT(max_abs_diff(full, kivi), 1e-2);
+  EXPECT_GT(max_abs_diff(full, kivi), 0.1);
   EXPECT_LT(max_abs_diff(kivi, teacher_forced(fx, policy("specache", 1, 0, 8, 32))), 1e-4);
 }

@@ -250,6 +250,11 @@ void LowBitPolicy::flush_window(LayerState& L) {
       for (int t = 0; t < g; ++t)
         for (int c = 0; c < d; ++c) kb[t * d + c] = fp16_to_fp32(src[t * row_elems_ + c]);
       const int64_t blk = L.n_quant / g + b;
+      // Sink positions are always served in 16-bit: keep their (often extreme) keys out of the
+      // block's per-channel ranges so the other tokens of the block keep their resolution.
+      const int64_t n_sink_here = std::clamp<int64_t>(cfg_.sinks - blk * g, 0, g - 1);
+      for (int64_t t = 0; t < n_sink_here; ++t)
+        std::copy_n(kb.data() + n_sink_here * d, d, kb.data() + t * d);
       lowbit_quantize_keys(spec_, kb.data(), d, H.kblocks.data() + blk * spec_.key_block_bytes());
       for (int t = 0; t < g; ++t) {
         for (int c = 0; c < d; ++c) vt[c] = fp16_to_fp32(src[t * row_elems_ + d + c]);
@@ -266,12 +271,18 @@ void LowBitPolicy::select_topk(int il, int h, const float* probs, int64_t n_pos,
   out.clear();
   const int64_t k = std::min<int64_t>(k_, n_pos);
   if (k <= 0) return;
-  std::vector<int64_t> idx((size_t)n_pos);
-  for (int64_t j = 0; j < n_pos; ++j) idx[j] = j;
-  std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(), [&](int64_t a, int64_t b) {
-    return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
-  });
-  out.assign(idx.begin(), idx.begin() + k);
+  // Attention sinks (the first --kv-sinks positions) always take their place in the k.
+  const int64_t n_sink = std::min<int64_t>(cfg_.sinks, k);
+  for (int64_t j = 0; j < n_sink; ++j) out.push_back(j);
+  const int64_t rest = k - n_sink;
+  if (rest > 0) {
+    std::vector<int64_t> idx((size_t)(n_pos - n_sink));
+    for (int64_t j = n_sink; j < n_pos; ++j) idx[j - n_sink] = j;
+    std::nth_element(idx.begin(), idx.begin() + (rest - 1), idx.end(), [&](int64_t a, int64_t b) {
+      return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
+    });
+    out.insert(out.end(), idx.begin(), idx.begin() + rest);
+  }
   std::sort(out.begin(), out.end());
 }
 

@@ -261,7 +261,7 @@ Scratch& thread_scratch() {
 // Per-call activation buffers, owned by the calling thread.
 struct ActBuf {
   std::vector<int8_t> q;
-  std::vector<float> d, s16, s32;
+  std::vector<float> d, s16, s32, xp;
 };
 ActBuf& thread_act() {
   thread_local ActBuf a;
@@ -287,19 +287,22 @@ void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   if (n_tok <= kFusedMaxTokens && f32q_for(w.type, 1, 1) != nullptr) {
     // Decode, 32-element block types: blocks widened to fp32 in registers inside the kernel.
     const int64_t n_tiles = (n_out + kTileR - 1) / kTileR, nb = n / 32;
-    float xs[kFusedMaxTokens * 64];  // block sums of x; heap below for long rows
-    std::vector<float> xs_heap;
-    float* xsp = xs;
-    if (n_tok * nb > (int64_t)(sizeof(xs) / sizeof(xs[0]))) {
-      xs_heap.resize((size_t)(n_tok * nb));
-      xsp = xs_heap.data();
-    }
+    // Per-call activation data (calling thread): block sums of x, x permuted for the kernel.
+    ActBuf& act = thread_act();
+    if (act.s32.size() < (size_t)(n_tok * nb)) act.s32.resize((size_t)(n_tok * nb));
+    float* xsp = act.s32.data();
     for (int64_t t = 0; t < n_tok; ++t)
       for (int64_t b = 0; b < nb; ++b) {
         float s = 0.f;
         for (int i = 0; i < 32; ++i) s += x[t * n + b * 32 + i];
         xsp[t * nb + b] = s;
       }
+    const float* xk = x;
+    if (f32q_permuted(w.type)) {
+      if (act.xp.size() < (size_t)(n_tok * n)) act.xp.resize((size_t)(n_tok * n));
+      f32q_permute_x(x, n_tok * n, act.xp.data());
+      xk = act.xp.data();
+    }
     pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
       Scratch& s = thread_scratch();
       if (s.mn2.size() < (size_t)(kTileR * nb)) s.mn2.resize((size_t)(kTileR * nb));
@@ -309,7 +312,7 @@ void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, 
         const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
         for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
           const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-          f32q_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nb, x + t0 * n, n, xsp + t0 * nb, s.mn2.data(), out);
+          f32q_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nb, xk + t0 * n, n, xsp + t0 * nb, s.mn2.data(), out);
           for (int r = 0; r < R; ++r)
             for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
         }
@@ -465,9 +468,6 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
   validate(w);
   SPC_CHECK(n_tok >= 0, "matmul: negative token count %lld", (long long)n_tok);
   if (n_tok == 0 || w.n_out == 0) return;
-#ifdef SPC_INT8_DEFAULT_FOR_TIMING
-  int8_activations = true;
-#endif
   if (is_float_type(w.type) || !int8_activations) matmul_float(w, x, n_tok, y, pool);
   else matmul_quant(w, x, n_tok, y, pool);
 }

@@ -67,5 +67,9 @@ using F32QFn = void (*)(const uint8_t* w, size_t rs, int64_t nb, const float* x,
                         float* mrow, float* out);
 // nullptr when no such kernel exists for the type (K-quants, or a build without AVX-512).
 F32QFn f32q_for(GgmlType type, int r, int t);
+// True when the type's f32q kernels expect x with each 16-element group permuted by
+// f32q_permute_x (element 4*(k%4) + k/4 of the group at position k); n: multiple of 16.
+bool f32q_permuted(GgmlType type);
+void f32q_permute_x(const float* x, int64_t n, float* xp);
 
 }  // namespace spc::mmk

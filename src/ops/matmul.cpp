@@ -261,7 +261,7 @@ Scratch& thread_scratch() {
 // Per-call activation buffers, owned by the calling thread.
 struct ActBuf {
   std::vector<int8_t> q;
-  std::vector<float> d, s16, s32;
+  std::vector<float> d, s16, s32, xp;
 };
 ActBuf& thread_act() {
   thread_local ActBuf a;
@@ -287,14 +287,32 @@ void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   if (n_tok <= kFusedMaxTokens && f32q_for(w.type, 1, 1) != nullptr) {
     // Decode, 32-element block types: blocks widened to fp32 in registers inside the kernel.
     const int64_t n_tiles = (n_out + kTileR - 1) / kTileR, nb = n / 32;
+    // Per-call activation data (calling thread): block sums of x, x permuted for the kernel.
+    ActBuf& act = thread_act();
+    if (act.s32.size() < (size_t)(n_tok * nb)) act.s32.resize((size_t)(n_tok * nb));
+    float* xsp = act.s32.data();
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t b = 0; b < nb; ++b) {
+        float s = 0.f;
+        for (int i = 0; i < 32; ++i) s += x[t * n + b * 32 + i];
+        xsp[t * nb + b] = s;
+      }
+    const float* xk = x;
+    if (f32q_permuted(w.type)) {
+      if (act.xp.size() < (size_t)(n_tok * n)) act.xp.resize((size_t)(n_tok * n));
+      f32q_permute_x(x, n_tok * n, act.xp.data());
+      xk = act.xp.data();
+    }
     pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
+      Scratch& s = thread_scratch();
+      if (s.mn2.size() < (size_t)(kTileR * nb)) s.mn2.resize((size_t)(kTileR * nb));
       float out[kTileR * kTileT];
       for (int64_t tile = tb; tile < te; ++tile) {
         const int64_t r0 = tile * kTileR;
         const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
         for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
           const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-          f32q_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nb, x + t0 * n, n, out);
+          f32q_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nb, xk + t0 * n, n, xsp + t0 * nb, s.mn2.data(), out);
           for (int r = 0; r < R; ++r)
             for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
         }

@@ -7,6 +7,7 @@
 // AVX-512 fused kernels with fp32 activations for the 32-element block types (decode): each
 // weight block is widened to fp32 in registers (codes -> int32 -> float, times the scale, plus
 // the min) and FMA'd with the activations as given. No activation rounding, no unpacked copy.
+#include <cstdint>
 #include <cstring>
 
 #include "ops/matmul_kernels.h"
@@ -41,55 +42,81 @@ inline void q5_i32(const uint8_t* qh, const uint8_t* qs, __m512i& lo, __m512i& h
   hi = _mm512_mask_add_epi32(hi, (__mmask16)(h >> 16), hi, s);
 }
 
-// decode(b, w0, w1): the block's 32 values as fp32 (elements 0..15, 16..31).
+// The 16 code bytes broadcast to the four 128-bit lanes, then lane k shifted right by
+// 8*(k/4) (+4 for the high nibbles): the low 4 bits of lane k are the code of element
+// 4*(k%4) + k/4 (+16). No shuffles; the activations are permuted to match (f32q_permute_x).
+inline __m512i nib_perm(const uint8_t* qs, bool high) {
+  const __m512i z = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)qs));
+  const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+  return _mm512_srlv_epi32(z, high ? _mm512_add_epi32(sh, _mm512_set1_epi32(4)) : sh);
+}
+// 4-bit codes through a per-block table of the 16 possible values (d*k + m, or d*(k-8)):
+// vpermps picks by the low 4 bits of each 32-bit lane, so no masking and no int->float
+// conversion per element. dm: lanes (d, m) repeated.
+template <int kOff, bool kMin>
+inline void lut4(const uint8_t* dmp, const uint8_t* qs, __m512& w0, __m512& w1) {
+  __m512 tbl;
+  const __m512 iota = _mm512_setr_ps(0 - kOff, 1 - kOff, 2 - kOff, 3 - kOff, 4 - kOff, 5 - kOff, 6 - kOff, 7 - kOff,
+                                     8 - kOff, 9 - kOff, 10 - kOff, 11 - kOff, 12 - kOff, 13 - kOff, 14 - kOff, 15 - kOff);
+  if (kMin) {
+    uint32_t dm;
+    std::memcpy(&dm, dmp, 4);
+    const __m512 v = _mm512_cvtph_ps(_mm256_set1_epi32((int)dm));
+    tbl = _mm512_fmadd_ps(_mm512_permute_ps(v, 0x00), iota, _mm512_permute_ps(v, 0x55));
+  } else {
+    tbl = _mm512_mul_ps(bcast_h(dmp), iota);
+  }
+  w0 = _mm512_permutexvar_ps(nib_perm(qs, false), tbl);
+  w1 = _mm512_permutexvar_ps(nib_perm(qs, true), tbl);
+}
+
+// Per block type, one of:
+//  kFactor = false: decode(b, w0, w1), the block's 32 values as fp32 (in nib_perm order, x
+//    permuted to match), FMA'd with x directly (f32q_kernel);
+//  kFactor = true: codes(b, c0, c1), the codes (minus the offset) as fp32 in element order;
+//    the fp16 scale d at b[0..2) and, for kMin types, the min at b[2..4) (f32q_kernel_fs).
 struct DQ4_0 {
   static constexpr size_t kBytes = 18;
-  static void decode(const uint8_t* b, __m512& w0, __m512& w1) {
-    const __m512 d = bcast_h(b);
-    __m512i lo, hi;
-    nib_i32(b + 2, lo, hi);
-    const __m512i o = _mm512_set1_epi32(8);
-    w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, o)));
-    w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, o)));
-  }
+  static constexpr bool kMin = false;
+  static constexpr bool kFactor = false;  // per-block value table (lut4)
+  static void decode(const uint8_t* b, __m512& w0, __m512& w1) { lut4<8, false>(b, b + 2, w0, w1); }
 };
 struct DQ4_1 {
   static constexpr size_t kBytes = 20;
-  static void decode(const uint8_t* b, __m512& w0, __m512& w1) {
-    const __m512 d = bcast_h(b), m = bcast_h(b + 2);
-    __m512i lo, hi;
-    nib_i32(b + 4, lo, hi);
-    w0 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lo), m);
-    w1 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(hi), m);
-  }
+  static constexpr bool kMin = true;
+  static constexpr bool kFactor = false;  // per-block value table (lut4)
+  static void decode(const uint8_t* b, __m512& w0, __m512& w1) { lut4<0, true>(b, b + 4, w0, w1); }
 };
 struct DQ5_0 {
+  static constexpr bool kFactor = true;
   static constexpr size_t kBytes = 22;
-  static void decode(const uint8_t* b, __m512& w0, __m512& w1) {
-    const __m512 d = bcast_h(b);
+  static constexpr bool kMin = false;
+  static void codes(const uint8_t* b, __m512& c0, __m512& c1) {
     __m512i lo, hi;
     q5_i32(b + 2, b + 6, lo, hi);
     const __m512i o = _mm512_set1_epi32(16);
-    w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, o)));
-    w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, o)));
+    c0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, o));
+    c1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, o));
   }
 };
 struct DQ5_1 {
+  static constexpr bool kFactor = true;
   static constexpr size_t kBytes = 24;
-  static void decode(const uint8_t* b, __m512& w0, __m512& w1) {
-    const __m512 d = bcast_h(b), m = bcast_h(b + 2);
+  static constexpr bool kMin = true;
+  static void codes(const uint8_t* b, __m512& c0, __m512& c1) {
     __m512i lo, hi;
     q5_i32(b + 4, b + 8, lo, hi);
-    w0 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lo), m);
-    w1 = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(hi), m);
+    c0 = _mm512_cvtepi32_ps(lo);
+    c1 = _mm512_cvtepi32_ps(hi);
   }
 };
 struct DQ8_0 {
+  static constexpr bool kFactor = true;
   static constexpr size_t kBytes = 34;
-  static void decode(const uint8_t* b, __m512& w0, __m512& w1) {
-    const __m512 d = bcast_h(b);
-    w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2)))));
-    w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 18)))));
+  static constexpr bool kMin = false;
+  static void codes(const uint8_t* b, __m512& c0, __m512& c1) {
+    c0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2))));
+    c1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 18))));
   }
 };
 
@@ -119,12 +146,52 @@ void f32q_kernel(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_
     for (int t = 0; t < T; ++t) out[r * kTileT + t] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
+// Scale factored out of the block (fewer operations per row): out = sum_b d_b * (codes_b . x_b)
+// + sum_b m_b * sum(x_b). xs: per-token block sums of x (stride nb); mrow: scratch, R*nb floats.
+template <class Ty, int R, int T>
+void f32q_kernel_fs(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t n_in, const float* xs,
+                    float* mrow, float* out) {
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 C0[R], C1[R], D[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = w + r * rs + b * Ty::kBytes;
+      _mm_prefetch((const char*)(blk + kPrefetchTiles * R * rs), _MM_HINT_T1);
+      Ty::codes(blk, C0[r], C1[r]);
+      D[r] = bcast_h(blk);
+      if (Ty::kMin) {
+        fp16_t h;
+        std::memcpy(&h, blk + 2, 2);
+        mrow[r * nb + b] = fp16_to_fp32(h);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m512 X0 = _mm512_loadu_ps(x + t * n_in + b * 32);
+      const __m512 X1 = _mm512_loadu_ps(x + t * n_in + b * 32 + 16);
+      for (int r = 0; r < R; ++r)
+        acc[r][t] = _mm512_fmadd_ps(D[r], _mm512_fmadd_ps(C1[r], X1, _mm512_mul_ps(C0[r], X0)), acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      out[r * kTileT + t] = _mm512_reduce_add_ps(acc[r][t]) + (Ty::kMin ? dot_f32(mrow + r * nb, xs + t * nb, nb) : 0.f);
+}
+template <class Ty, int R, int T>
+void f32q_entry(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t n_in, const float* xs, float* mrow,
+                float* out) {
+  if constexpr (Ty::kFactor) f32q_kernel_fs<Ty, R, T>(w, rs, nb, x, n_in, xs, mrow, out);
+  else
+    f32q_kernel<Ty, R, T>(w, rs, nb, x, n_in, out);
+}
+
 template <class Ty, int R>
 F32QFn f32q_for_t(int t) {
-  return t == 1   ? f32q_kernel<Ty, R, 1>
-         : t == 2 ? f32q_kernel<Ty, R, 2>
-         : t == 3 ? f32q_kernel<Ty, R, 3>
-                  : f32q_kernel<Ty, R, 4>;
+  return t == 1   ? f32q_entry<Ty, R, 1>
+         : t == 2 ? f32q_entry<Ty, R, 2>
+         : t == 3 ? f32q_entry<Ty, R, 3>
+                  : f32q_entry<Ty, R, 4>;
 }
 template <class Ty>
 F32QFn f32q_for_rt(int r, int t) {
@@ -138,6 +205,13 @@ F32QFn f32q_for_rt(int r, int t) {
 #endif
 
 }  // namespace
+
+bool f32q_permuted(GgmlType type) { return type == GgmlType::Q4_0 || type == GgmlType::Q4_1; }
+
+void f32q_permute_x(const float* x, int64_t n, float* xp) {
+  for (int64_t h = 0; h < n; h += 16, x += 16, xp += 16)
+    for (int k = 0; k < 16; ++k) xp[k] = x[4 * (k % 4) + k / 4];
+}
 
 F32QFn f32q_for(GgmlType type, int r, int t) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)

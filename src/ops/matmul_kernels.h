@@ -61,9 +61,15 @@ UnpackFn unpack_fast_for(GgmlType type);
 
 // Fused kernel with fp32 activations: R (1..4) consecutive weight rows starting at w (row
 // stride rs bytes, nb 32-element blocks per row) times T (1..4) fp32 tokens (stride n_in).
-// Weight blocks are widened to fp32 in registers. Writes out[r*kTileT + t].
-using F32QFn = void (*)(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t n_in, float* out);
+// Weight blocks are widened to fp32 in registers. xs: per-token sums of each 32-block of x
+// (stride nb); mrow: scratch of R*nb floats. Writes out[r*kTileT + t].
+using F32QFn = void (*)(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t n_in, const float* xs,
+                        float* mrow, float* out);
 // nullptr when no such kernel exists for the type (K-quants, or a build without AVX-512).
 F32QFn f32q_for(GgmlType type, int r, int t);
+// True when the type's f32q kernels expect x with each 16-element group permuted by
+// f32q_permute_x (element 4*(k%4) + k/4 of the group at position k); n: multiple of 16.
+bool f32q_permuted(GgmlType type);
+void f32q_permute_x(const float* x, int64_t n, float* xp);
 
 }  // namespace spc::mmk

@@ -262,6 +262,8 @@ void LowBitPolicy::flush_window(LayerState& L) {
       }
     }
     H.win.erase(H.win.begin(), H.win.begin() + n_blocks * g * row_elems_);
+    // A prefill passes the whole prompt through the window: give that memory back.
+    if (H.win.capacity() > 4 * (size_t)(cfg_.window + g) * row_elems_) H.win.shrink_to_fit();
   }
   L.n_quant += n_blocks * g;
 }

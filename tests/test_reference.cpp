@@ -94,9 +94,9 @@ TEST(Reference, Stories260KPromptLogitsAndContinuation) {
   EXPECT_EQ(got, expected);
 }
 
-// SmolLM2-135M-Instruct Q4_1: 313-token real-text prompt. Our matmuls quantize activations to
-// 8 bits (as llama.cpp does), the reference computes in float64: logits differ by a small amount.
-constexpr double kSmolMaxLogitDiff = 0.35;
+// SmolLM2-135M-Instruct Q4_1: 313-token real-text prompt. Our matmuls keep activations in fp32
+// and the KV cache is fp16; the reference computes in float64. Measured max |diff| 0.0069.
+constexpr double kSmolMaxLogitDiff = 0.05;
 
 TEST(Reference, SmolLM2PromptLogits) {
   const std::string path = default_model_path();

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The main job: a long-context question on the default model, answered with the full 16-bit
-KV cache and with SpeCache (1-bit copy + speculative top-k prefetch), side by side.
+KV cache and with SpeCache (2-bit and 1-bit copies + speculative top-k prefetch), side by side.
 
 Prints both answers, their token agreement, fast-tier KV bytes and decode speed.
 Usage: scripts/demo.py SPECACHE_BINARY MODEL.gguf [--tokens N] [--threads T] [--store host|file]
@@ -16,8 +16,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BOOK = os.path.join(HERE, "..", "..", "shared", "data", "gutenberg", "pg2600-war-and-peace.txt")
-NEEDLE = "Note from the librarian: the secret password for the reading room is 'amber falcon 42'."
-QUESTION = "What is the secret password for the reading room?"
+NEEDLE = "The special magic number mentioned in this book is 7431."
+QUESTION = "What is the special magic number mentioned in this book?"
+ANSWER_PREFIX = "The special magic number mentioned in this book is"
+ANSWER = "7431"
 
 
 def haystack(n_chars: int) -> tuple[str, str]:
@@ -36,11 +38,12 @@ def haystack(n_chars: int) -> tuple[str, str]:
     return "".join(lines)[:n_chars], "synthetic ledger (../shared absent)"
 
 
-def run(binary, model, prompt_file, policy, threads, store, kv_dir):
-    cmd = [binary, "generate", "-m", model, "-f", prompt_file, "--chat", "-n", "48", "--temp", "0",
+def run(binary, model, prompt_file, spec, threads, store, kv_dir):
+    policy, _, bits = spec.partition(":")
+    cmd = [binary, "generate", "-m", model, "-f", prompt_file, "-n", "48", "--temp", "0",
            "-t", str(threads), "--json", "--kv", policy]
     if policy == "specache":
-        cmd += ["--kv-bits", "1", "--kv-store", store] + (["--kv-dir", kv_dir] if store == "file" else [])
+        cmd += ["--kv-bits", bits, "--kv-store", store] + (["--kv-dir", kv_dir] if store == "file" else [])
     t0 = time.time()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     res = json.loads(out.stdout)
@@ -59,38 +62,44 @@ def main():
 
     text, source = haystack(a.tokens * 4)  # ~4 characters per token for English prose
     cut = int(len(text) * 0.4)
-    cut = text.rfind("\n", 0, cut) + 1 or cut
-    doc = text[:cut] + NEEDLE + "\n" + text[cut:]
-    prompt = f"Read the following text.\n\n{doc}\n\n{QUESTION} Answer with the password only."
+    cut = text.find(". ", cut) + 2 if text.find(". ", cut) > 0 else cut
+    doc = text[:cut] + NEEDLE + " " + text[cut:]
+    # SmolLM2's ChatML turn written out, so the assistant's answer can start with a prefix
+    # (special tokens in the prompt are parsed, as with llama.cpp).
+    prompt = (f"<|im_start|>user\n{doc}\n\n{QUESTION}<|im_end|>\n"
+              f"<|im_start|>assistant\n{ANSWER_PREFIX}")
     with tempfile.TemporaryDirectory() as tmp:
         pf = os.path.join(tmp, "prompt.txt")
         open(pf, "w", encoding="utf-8").write(prompt)
         print(f"prompt: {source}, needle at 40% depth, question: {QUESTION}", flush=True)
         results = {}
-        for policy in ("full", "specache"):
+        for policy in ("full", "specache:2", "specache:1"):
             print(f"running --kv {policy} ...", flush=True)
             results[policy] = run(a.binary, a.model, pf, policy, a.threads, a.store, tmp)
 
-    full, spec = results["full"], results["specache"]
-    n = min(len(full["tokens"]), len(spec["tokens"]))
-    same = sum(1 for i in range(n) if full["tokens"][i] == spec["tokens"][i])
-    prefix = next((i for i in range(n) if full["tokens"][i] != spec["tokens"][i]), n)
+    full = results["full"]
     print()
     print(f"prompt tokens: {len(full['prompt_tokens'])}")
     for name, r in results.items():
         kv, t = r["kv"], r["timings"]
-        print(f"[{name:8s}] answer: {r['text'].strip()!r}")
-        print(f"           fast-tier KV {kv['fast_bytes'] / 2**20:7.2f} MiB, slow tier {kv['slow_bytes'] / 2**20:7.2f} MiB, "
-              f"prefill {t['prefill_tok_per_s']:.0f} tok/s, decode {t['decode_ms_per_token']:.2f} ms/token")
-    ratio = spec["kv"]["fast_bytes"] / max(1, full["kv"]["fast_bytes"])
+        print(f"[{name:10s}] answer: {r['text'].strip()[:100]!r}")
+        print(f"             fast-tier KV {kv['fast_bytes'] / 2**20:7.2f} MiB, slow tier {kv['slow_bytes'] / 2**20:7.2f} MiB, "
+              f"peak RSS {r['memory']['peak_rss_bytes'] / 2**20:.0f} MiB, prefill {t['prefill_tok_per_s']:.0f} tok/s, "
+              f"decode {t['decode_ms_per_token']:.2f} ms/token")
     print()
-    print(f"SpeCache fast-tier KV = {100 * ratio:.1f}% of the full cache "
-          f"({full['kv']['fast_bytes'] / 2**20:.1f} MiB -> {spec['kv']['fast_bytes'] / 2**20:.1f} MiB)")
-    print(f"greedy agreement with full: {same}/{n} tokens identical, first {prefix} identical in a row")
-    print(f"speculative top-k recall {spec['kv']['spec_recall']:.2f}, prefetch reuse {spec['kv']['prefetch_reuse_rate']:.2f}, "
-          f"stall {spec['kv']['stall_ms']:.1f} ms over {len(spec['tokens'])} tokens")
-    found = {k: ("amber falcon 42" in r["text"].lower()) for k, r in results.items()}
-    print(f"password retrieved: full={found['full']} specache={found['specache']}")
+    for name, r in results.items():
+        if name == "full":
+            continue
+        n = min(len(full["tokens"]), len(r["tokens"]))
+        same = sum(1 for i in range(n) if full["tokens"][i] == r["tokens"][i])
+        prefix = next((i for i in range(n) if full["tokens"][i] != r["tokens"][i]), n)
+        ratio = r["kv"]["fast_bytes"] / max(1, full["kv"]["fast_bytes"])
+        print(f"{name}: fast-tier KV = {100 * ratio:.1f}% of the full cache; greedy agreement with full "
+              f"{same}/{n} tokens ({prefix} identical in a row); speculative top-k recall "
+              f"{r['kv']['spec_recall']:.2f}, prefetch reuse {r['kv']['prefetch_reuse_rate']:.2f}, "
+              f"stall {r['kv']['stall_ms']:.1f} ms")
+    found = ", ".join(f"{k}={ANSWER in r['text']}" for k, r in results.items())
+    print(f"needle ({ANSWER}) retrieved: {found}")
 
 
 if __name__ == "__main__":

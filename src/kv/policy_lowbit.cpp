@@ -487,7 +487,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         float l = 0;
         float* o = O(h, n_chunks, iq);
         for (int64_t j = 0; j < n_ex; ++j) {
-          const float p = std::exp(sc[j] - m);
+          const float p = exp_approx(sc[j] - m);
           l += p;
           const float* vr = nullptr;
           if (j < n_win) {
@@ -509,7 +509,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         for (int c = 0; c < d; ++c) dst[c] = o[c] / acc.l;
         P(h, n_chunks, iq) = Partial{acc.m, acc.l};  // global state, used to normalize chunk probabilities
         if (winp && r == rows.n_rows - 1)
-          for (int64_t j = 0; j < n_win; ++j) winp[j] += std::exp(sc[j] - acc.m) / acc.l;
+          for (int64_t j = 0; j < n_win; ++j) winp[j] += exp_approx(sc[j] - acc.m) / acc.l;
       }
       if (!speculate) return;
       // Attention probabilities of a row over the quantized positions, averaged over its query heads.

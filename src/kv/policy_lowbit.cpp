@@ -69,11 +69,6 @@ void softmax_probs_add(std::vector<float>& s, std::vector<float>& probs) {
   for (size_t j = 0; j < s.size(); ++j) probs[j] += s[j] * inv;
 }
 
-struct Partial {  // attention partial state of one query over one key subset
-  float m = -std::numeric_limits<float>::infinity();
-  float l = 0;
-};
-
 class LowBitPolicy final : public KvPolicy {
  public:
   LowBitPolicy(const KvConfig& cfg, const KvGeometry& g, Select sel, const char* name)
@@ -98,7 +93,6 @@ class LowBitPolicy final : public KvPolicy {
         H.vals = LazyBuffer((size_t)(n_blocks * spec_.group) * spec_.value_token_bytes());
       }
     }
-    recall_layer_.assign(g.n_layer, 0.0);
   }
 
   ~LowBitPolicy() override {
@@ -181,7 +175,7 @@ class LowBitPolicy final : public KvPolicy {
  private:
   void append(int il, int64_t pos0, int64_t n, const float* k, const float* v);
   void flush_window(LayerState& L);
-  void select_topk(int il, int h, const float* probs, int64_t n_pos, std::vector<int64_t>& out) const;
+  void select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out) const;
   void start_fetch(int il, bool sync);
   void finish_fetch(int il);
   void update_peak();
@@ -202,12 +196,11 @@ class LowBitPolicy final : public KvPolicy {
   uint64_t steps_ = 0, peak_fast_ = 0, hits_ = 0, selected_ = 0;
   double mass_sum_ = 0;
   uint64_t mass_n_ = 0;
-  std::vector<double> recall_layer_;
   std::mutex recall_mu_;
   // Per-step scratch (reused).
   std::vector<float> qs_;       // [n_q][d] queries of all heads, scaled by 1/sqrt(d): index (h*n_q + iq)
   std::vector<float> scores_;   // [n_head_kv][n_q][n_quant]
-  std::vector<Partial> parts_;  // [n_head_kv][n_chunks + 1][n_q]
+  std::vector<AttnPartial> parts_;  // [n_head_kv][n_chunks + 1][n_q]
   std::vector<float> outs_;     // [n_head_kv][n_chunks + 1][n_q][d]
   std::vector<float> sel_probs_;  // [n_head_kv][n_tok] speculative row's attention, averaged over its query heads
 };
@@ -269,7 +262,7 @@ void LowBitPolicy::flush_window(LayerState& L) {
 }
 
 // Top-k positions in [0, n_pos) by probs (descending), returned ascending.
-void LowBitPolicy::select_topk(int il, int h, const float* probs, int64_t n_pos, std::vector<int64_t>& out) const {
+void LowBitPolicy::select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out) const {
   out.clear();
   const int64_t k = std::min<int64_t>(k_, n_pos);
   if (k <= 0) return;
@@ -409,15 +402,15 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
           for (int64_t j = 0; j < nqt; ++j) s[j] = exact_dot(q, ex.data() + j * row_elems_);
         softmax_probs_add(s, probs);
       }
-      select_topk(il, h, probs.data(), nqt, L.heads[h].next_pos);
+      select_topk(probs.data(), nqt, L.heads[h].next_pos);
     }
     start_fetch(il, /*sync=*/true);
   }
 
   // Pass 2: exact scores at top-k positions, chunk softmax, value sums.
-  parts_.assign((size_t)nkv * (n_chunks + 1) * n_q, Partial{});
+  parts_.assign((size_t)nkv * (n_chunks + 1) * n_q, AttnPartial{-std::numeric_limits<float>::infinity(), 0.0f});
   outs_.assign((size_t)nkv * (n_chunks + 1) * n_q * d, 0.0f);
-  auto P = [&](int h, int64_t ch, int iq) -> Partial& { return parts_[((size_t)h * (n_chunks + 1) + ch) * n_q + iq]; };
+  auto P = [&](int h, int64_t ch, int iq) -> AttnPartial& { return parts_[((size_t)h * (n_chunks + 1) + ch) * n_q + iq]; };
   auto O = [&](int h, int64_t ch, int iq) { return outs_.data() + (((size_t)h * (n_chunks + 1) + ch) * n_q + iq) * d; };
   pool.for_each_task(n_tasks, [&](int64_t task, int) {
     float vdq[256];
@@ -439,7 +432,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
           s[j] = exp_approx(s[j] - m);
           l += s[j];
         }
-        P(h, ch, iq) = Partial{m, l};
+        P(h, ch, iq) = AttnPartial{m, l};
       }
       float* o0 = O(h, ch, 0);
       lowbit_accumulate_values(spec_, H.vals.data() + t0 * spec_.value_token_bytes(), (int)(t1 - t0), S(h, 0) + t0, n_q,
@@ -497,17 +490,14 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
             for (int c = 0; c < d; ++c) o[c] += p * vr[c];
           }
         }
-        P(h, n_chunks, iq) = Partial{m, l};
+        P(h, n_chunks, iq) = AttnPartial{m, l};
         // Merge every chunk into the exact part's state.
         AttnPartial acc{m, l};
-        for (int64_t ch = 0; ch < n_chunks; ++ch) {
-          const Partial& pc = P(h, ch, iq);
-          attn_merge(acc, o, AttnPartial{pc.m, pc.l}, O(h, ch, iq), d);
-        }
+        for (int64_t ch = 0; ch < n_chunks; ++ch) attn_merge(acc, o, P(h, ch, iq), O(h, ch, iq), d);
         const int hq = h * group_ + iq % group_;
         float* dst = out + ((int64_t)r * g_.n_head + hq) * d;
         for (int c = 0; c < d; ++c) dst[c] = o[c] / acc.l;
-        P(h, n_chunks, iq) = Partial{acc.m, acc.l};  // global state, used to normalize chunk probabilities
+        P(h, n_chunks, iq) = acc;  // global state, used to normalize chunk probabilities
         if (winp && r == rows.n_rows - 1)
           for (int64_t j = 0; j < n_win; ++j) winp[j] += exp_approx(sc[j] - acc.m) / acc.l;
       }
@@ -517,7 +507,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         pr.assign((size_t)nqt, 0.0f);
         for (int hi = 0; hi < group_; ++hi) {
           const int iq = r * group_ + hi;
-          const Partial glob = P(h, n_chunks, iq);
+          const AttnPartial glob = P(h, n_chunks, iq);
           const float* s = S(h, iq);
           for (int64_t ch = 0; ch < n_chunks; ++ch) {
             const float f = std::exp(P(h, ch, iq).m - glob.m) / glob.l;
@@ -533,7 +523,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       }
       if (rows.n_rows == 2 && !H.topk_pos.empty() && nqt > 0) {  // recall of last step's guess vs the real row's own top-k
         row_probs(0, own);
-        select_topk(il, h, own.data(), nqt, own_top);
+        select_topk(own.data(), nqt, own_top);
         size_t inter = 0;
         for (int64_t p : own_top) inter += std::binary_search(H.topk_pos.begin(), H.topk_pos.end(), p);
         const double rc = own_top.empty() ? 1.0 : (double)inter / own_top.size();
@@ -551,7 +541,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   // remaining layers of this step.
   if (speculate && L.n_quant > 0) {
     for (int h = 0; h < nkv; ++h)
-      select_topk(il, h, sel_probs_.data() + (size_t)h * n_tok_old, std::min(L.n_quant, n_tok_old), L.heads[h].next_pos);
+      select_topk(sel_probs_.data() + (size_t)h * n_tok_old, std::min(L.n_quant, n_tok_old), L.heads[h].next_pos);
     start_fetch(il, /*sync=*/false);
   }
 }

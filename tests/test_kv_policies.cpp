@@ -32,11 +32,8 @@ const Fixture* stories() {
     Session s(*fx->model, make_kv_policy(kc, fx->model->kv_geometry(512)), pool);
     s.prefill({1});
     std::vector<int32_t> all = {1};
-    for (int i = 0; i < 360; ++i) {  // a 300-token "document" and 60 tokens to score
-      const int32_t t = argmax(s.logits().data(), (int)s.logits().size());
-      all.push_back(t);
-      s.decode(t);
-    }
+    const auto cont = greedy_continuation(s, 360);  // a 300-token "document" and 60 tokens to score
+    all.insert(all.end(), cont.begin(), cont.end());
     fx->prompt.assign(all.begin(), all.begin() + 300);
     fx->cont.assign(all.begin() + 300, all.end());
     return fx;
@@ -199,11 +196,8 @@ TEST(KvPolicy, SmolLM2SpecacheCoveringEverythingEqualsFullAndZeroTopkEqualsKivi)
     Session s(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
     std::vector<int32_t> all = {1};
     s.prefill(all);
-    for (int i = 0; i < 264; ++i) {
-      const int32_t t = argmax(s.logits().data(), (int)s.logits().size());
-      all.push_back(t);
-      s.decode(t);
-    }
+    const auto cont = greedy_continuation(s, 264);
+    all.insert(all.end(), cont.begin(), cont.end());
     fx.prompt.assign(all.begin(), all.begin() + 240);
     fx.cont.assign(all.begin() + 240, all.end());
   }

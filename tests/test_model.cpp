@@ -16,17 +16,6 @@ namespace {
 
 std::string stories_path() { return shared_path("models/stories260K/stories260K.gguf"); }
 
-// Greedy continuation through the decode path.
-std::vector<int32_t> greedy(Session& s, int n) {
-  std::vector<int32_t> out;
-  for (int i = 0; i < n; ++i) {
-    const int32_t t = argmax(s.logits().data(), (int)s.logits().size());
-    out.push_back(t);
-    s.decode(t);
-  }
-  return out;
-}
-
 }  // namespace
 
 TEST(Model, Stories260KGreedyMatchesPublishedText) {
@@ -36,7 +25,7 @@ TEST(Model, Stories260KGreedyMatchesPublishedText) {
   KvConfig kc;
   Session s(*m, make_kv_policy(kc, m->kv_geometry(512)), pool);
   s.prefill({1});
-  const auto toks = greedy(s, 40);
+  const auto toks = greedy_continuation(s, 40);
   auto vocab = m->gguf().get_string_array("tokenizer.ggml.tokens");
   std::string text;
   for (int32_t t : toks) {

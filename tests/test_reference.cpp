@@ -23,17 +23,6 @@ json load_json(const std::string& path) {
   return json::parse(in);
 }
 
-// Greedy continuation through the decode path; stops early after n tokens.
-std::vector<int32_t> greedy(Session& s, size_t n) {
-  std::vector<int32_t> out;
-  while (out.size() < n) {
-    const int32_t t = argmax(s.logits().data(), (int)s.logits().size());
-    out.push_back(t);
-    s.decode(t);
-  }
-  return out;
-}
-
 // Number of leading greedy steps whose reference top-1/top-2 margin is at least `margin`:
 // past a near-tie, a tiny numeric difference may legitimately pick the other token.
 size_t confident_prefix(const json& top1, const json& top2, double margin) {
@@ -69,7 +58,7 @@ TEST(Reference, Stories260KGreedyFromBos) {
   const auto expected = ref["greedy_tokens"].get<std::vector<int32_t>>();
   const size_t n = confident_prefix(ref["greedy_top1_logit"], ref["greedy_top2_logit"], 0.01);
   ASSERT_GE(n, 150u);
-  const auto got = greedy(*s, n);
+  const auto got = greedy_continuation(*s, n);
   EXPECT_EQ(got, std::vector<int32_t>(expected.begin(), expected.begin() + (long)n));
 }
 
@@ -90,7 +79,7 @@ TEST(Reference, Stories260KPromptLogitsAndContinuation) {
     for (size_t i = 0; i < 512; ++i) max_diff = std::max(max_diff, std::fabs(pl[p][i].get<double>() - all[p * 512 + i]));
   EXPECT_LT(max_diff, kStoriesMaxLogitDiff);
   const auto expected = ref["greedy_tokens"].get<std::vector<int32_t>>();
-  const auto got = greedy(*s, expected.size());
+  const auto got = greedy_continuation(*s, expected.size());
   EXPECT_EQ(got, expected);
 }
 
@@ -143,6 +132,6 @@ TEST(Reference, SmolLM2GreedyContinuation) {
   s->prefill(ref["prompt_tokens"].get<std::vector<int32_t>>());
   const auto expected = ref["greedy_tokens"].get<std::vector<int32_t>>();
   ASSERT_EQ(expected.size(), 32u);
-  const auto got = greedy(*s, expected.size());
+  const auto got = greedy_continuation(*s, expected.size());
   EXPECT_EQ(got, expected);
 }

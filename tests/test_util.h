@@ -5,6 +5,10 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <vector>
+
+#include "engine/sampler.h"
+#include "engine/session.h"
 
 inline std::string shared_path(const std::string& rel) { return std::string(SPECACHE_SHARED_DIR) + "/" + rel; }
 inline std::string testdata_path(const std::string& rel) { return std::string(SPECACHE_TESTDATA_DIR) + "/" + rel; }
@@ -25,3 +29,14 @@ inline std::string default_model_path() {
     if (!std::filesystem::exists(path)) GTEST_SKIP() << "missing " << (path)               \
         << " (../shared absent, or run scripts/setup.sh for the default model)";            \
   } while (0)
+
+// Greedy continuation of n tokens through the session's decode path (each token is fed back).
+inline std::vector<int32_t> greedy_continuation(spc::Session& s, size_t n) {
+  std::vector<int32_t> out;
+  while (out.size() < n) {
+    const int32_t t = spc::argmax(s.logits().data(), (int)s.logits().size());
+    out.push_back(t);
+    s.decode(t);
+  }
+  return out;
+}

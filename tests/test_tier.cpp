@@ -172,6 +172,23 @@ TEST_P(TierStore, RoundTripRandomRows) {
   s->read_rows(run.data(), run.size(), got.data());
   expect_rows_equal(sh, run, got);
 
+  // Scatter (RowRef::dst_row): rows land in the given slots of a larger buffer, others untouched.
+  for (int rep = 0; rep < 10; ++rep) {
+    auto refs = random_refs(*s, 1 + rng() % 300, rng);
+    const size_t n_slots = 2 * refs.size() + 3, rb = g.row_bytes();
+    std::vector<size_t> slots(n_slots);
+    for (size_t i = 0; i < n_slots; ++i) slots[i] = i;
+    std::shuffle(slots.begin(), slots.end(), rng);
+    for (size_t i = 0; i < refs.size(); ++i) refs[i].dst_row = (int64_t)slots[i];
+    std::vector<uint8_t> buf(n_slots * rb, 0xCD);
+    s->read_rows(refs.data(), refs.size(), buf.data());
+    std::vector<uint8_t> gathered(refs.size() * rb);
+    for (size_t i = 0; i < refs.size(); ++i) std::memcpy(gathered.data() + i * rb, buf.data() + slots[i] * rb, rb);
+    expect_rows_equal(sh, refs, gathered);
+    for (size_t i = refs.size(); i < n_slots; ++i)
+      for (size_t b = 0; b < rb; ++b) ASSERT_EQ(buf[slots[i] * rb + b], 0xCD) << "slot " << slots[i] << " was written";
+  }
+
   // read_range.
   for (int rep = 0; rep < 20; ++rep) {
     const int il = (int)(rng() % 2), h = (int)(rng() % 2);

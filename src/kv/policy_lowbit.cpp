@@ -4,16 +4,21 @@
 // `topk-oracle` (top-k chosen from exact 16-bit scores). See docs/specache-method.md §3-§8.
 //
 // Per layer and KV head the fast tier holds: key blocks of g tokens (per-channel codes), value
-// tokens (per-token codes), the residual window of recent 16-bit tokens, and the top-k buffer
-// (16-bit K|V rows, the slow store's row format) with the positions it holds.
-// Decode attention per layer:
-//   pass 1 (parallel over head x chunk): low-bit scores of every query against the key blocks;
-//   [exact/oracle: select top-k from row 0 and fetch it now]
-//   pass 2 (parallel over head x chunk): exact scores replace low-bit ones at top-k positions,
-//           chunk-local softmax, low-bit value sum corrected to exact V at top-k positions;
-//   pass 3 (per head): window and the step's own rows in 16-bit; merge all partial states;
-//   [specache: select top-k from the last (speculative) row, start its prefetch at once].
-// Only the first n_keep rows are appended (slow store + window); full key blocks leave the window.
+// tokens (per-token codes), the residual window of recent 16-bit tokens, and the top-k buffer:
+// k slots of 16-bit K|V rows (the slow store's row format). A new selection keeps the slots of
+// positions it shares with the old one (hit map) and the copy engine writes the misses straight
+// into the slots of evicted positions, so the buffer is k rows, not k rows plus staging.
+// Decode attention per layer (two pool dispatches):
+//   [exact/oracle: score, select top-k from row 0 and fetch it synchronously first]
+//   fused pass (parallel over head x chunk of key blocks, plus one task per head for the
+//           16-bit window and the step's own rows): low-bit scores, exact scores at top-k
+//           positions, chunk-local softmax, low-bit value sums corrected to exact V at top-k
+//           positions; merge of the partial states (serial, cheap);
+//   selection pass (parallel over heads, specache only): the speculative row's attention
+//           probabilities, averaged over its query heads, pick the next top-k (exact radix
+//           select); spec_recall from the real row's own top-k;
+//   append the kept rows (slow store + window; full key blocks leave the window), then start
+//   the prefetch of the next top-k at once so it overlaps the remaining layers of this step.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -23,7 +28,9 @@
 #include "kv/kv_policy.h"
 #include "kv/lowbit.h"
 #include "kv/policies.h"
+#include "kv/topk.h"
 #include "ops/attention.h"
+#include "ops/vec_math.h"
 #include "tier/copy_engine.h"
 #include "tier/slow_store.h"
 #include "util/error.h"
@@ -41,33 +48,36 @@ struct HeadState {
   LazyBuffer kblocks;              // [n_ctx/g + 1][key_block_bytes] low-bit key blocks
   LazyBuffer vals;                 // [n_ctx + g][value_token_bytes] low-bit value tokens
   std::vector<fp16_t> win;         // [n_win][2*head_dim] residual window, K|V rows (positions n_quant ..)
-  std::vector<int64_t> topk_pos;   // positions held by the top-k buffer (ascending)
-  std::vector<fp16_t> topk_rows;   // [topk_pos.size()][2*head_dim] their 16-bit K|V rows
-  std::vector<int64_t> next_pos;   // selection for the next step (row i <-> next_rows row i)
-  std::vector<fp16_t> next_rows;
-  std::vector<int32_t> next_miss;  // for each miss: index into next_pos; rows arrive in staging order
+  std::vector<int64_t> slot_pos;   // [k] position held by each top-k slot, -1 when empty
+  // What the top-k buffer holds, sorted by position: (position, slot). While a prefetch is in
+  // flight it already describes the buffer as it will be once the layer's ticket completes.
+  std::vector<std::pair<int64_t, int32_t>> resident;
+  std::vector<int64_t> next_pos;   // the next selection (ascending)
+
+  bool holds(int64_t p) const {
+    auto it = std::lower_bound(resident.begin(), resident.end(), std::make_pair(p, INT32_MIN));
+    return it != resident.end() && it->first == p;
+  }
 };
 
 struct LayerState {
   std::vector<HeadState> heads;
   int64_t n_quant = 0;  // positions in the low-bit copy (multiple of g)
   int64_t n_tok = 0;    // positions stored (low-bit + window)
+  std::vector<fp16_t> topk_rows;  // [n_head_kv][k][2*head_dim] the top-k buffer (allocated at the first fetch)
   CopyEngine::Ticket ticket = 0;
-  bool pending = false;             // a prefetch is in flight into next_* / staging
-  std::vector<fp16_t> staging;      // [n_miss_total][2*head_dim] gathered rows, all heads
+  bool pending = false;  // a prefetch into topk_rows is in flight
   double recall_sum = 0;
   uint64_t recall_n = 0;
 };
 
-// probs[j] += softmax(s)[j]
-void softmax_probs_add(std::vector<float>& s, std::vector<float>& probs) {
-  if (s.empty()) return;
-  const float m = *std::max_element(s.begin(), s.end());
-  double l = 0;
-  for (float& x : s) l += (x = exp_approx(x - m));
-  const float inv = (float)(1.0 / l);
-  for (size_t j = 0; j < s.size(); ++j) probs[j] += s[j] * inv;
-}
+// Per-thread scratch of the decode passes (reused across calls).
+struct ThreadScratch {
+  std::vector<float> sc, pr, own;
+  std::vector<int64_t> top;
+  std::vector<fp16_t> ex;
+  TopkScratch tk;
+};
 
 class LowBitPolicy final : public KvPolicy {
  public:
@@ -91,6 +101,7 @@ class LowBitPolicy final : public KvPolicy {
       for (auto& H : L.heads) {
         H.kblocks = LazyBuffer((size_t)n_blocks * spec_.key_block_bytes());
         H.vals = LazyBuffer((size_t)(n_blocks * spec_.group) * spec_.value_token_bytes());
+        H.slot_pos.assign((size_t)k_, -1);
       }
     }
   }
@@ -175,12 +186,16 @@ class LowBitPolicy final : public KvPolicy {
  private:
   void append(int il, int64_t pos0, int64_t n, const float* k, const float* v);
   void flush_window(LayerState& L);
-  void select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out) const;
+  int64_t n_quant_after_append(const LayerState& L, int64_t n) const;
+  void select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out, TopkScratch& tk) const;
   void start_fetch(int il, bool sync);
   void finish_fetch(int il);
   void update_peak();
   void measure_exact_mass(int il, const DecodeRows& rows);
   float exact_dot(const float* q, const fp16_t* krow) const { return dot_f32_f16(q, krow, g_.head_dim); }
+  const fp16_t* slot_row(const LayerState& L, int h, int32_t slot) const {
+    return L.topk_rows.data() + ((size_t)h * k_ + slot) * row_elems_;
+  }
 
   KvGeometry g_;
   KvConfig cfg_;
@@ -198,35 +213,51 @@ class LowBitPolicy final : public KvPolicy {
   uint64_t mass_n_ = 0;
   std::mutex recall_mu_;
   // Per-step scratch (reused).
-  std::vector<float> qs_;       // [n_q][d] queries of all heads, scaled by 1/sqrt(d): index (h*n_q + iq)
-  std::vector<float> scores_;   // [n_head_kv][n_q][n_quant]
-  std::vector<AttnPartial> parts_;  // [n_head_kv][n_chunks + 1][n_q]
-  std::vector<float> outs_;     // [n_head_kv][n_chunks + 1][n_q][d]
-  std::vector<float> sel_probs_;  // [n_head_kv][n_tok] speculative row's attention, averaged over its query heads
+  std::vector<float> qs_;           // [n_head_kv][n_q][d] queries scaled by 1/sqrt(d)
+  std::vector<float> scores_;       // [n_head_kv][n_q][n_quant] scores, then chunk-local exp(score - chunk max)
+  std::vector<AttnPartial> parts_;  // [n_head_kv][n_chunks + 1][n_q]; chunk n_chunks: window + own rows
+  std::vector<float> outs_;         // [n_head_kv][n_chunks + 1][n_q][d]
+  std::vector<AttnPartial> glob_;   // [n_head_kv][n_q] merged state of each query
+  std::vector<float> win_s_;        // [n_head_kv][n_q][n_win] exp(window score - exact part's max)
+  std::vector<ThreadScratch> thr_;
+  std::vector<fp16_t> rows_tmp_;    // append: [n][n_kv][K|V]
+  std::vector<float> kb_tmp_, vt_tmp_;
+  std::vector<RowRef> refs_;
 };
 
 void LowBitPolicy::append(int il, int64_t pos0, int64_t n, const float* k, const float* v) {
   LayerState& L = layers_[il];
   const int d = g_.head_dim, nkv = g_.n_head_kv;
-  std::vector<fp16_t> rows((size_t)n * nkv * row_elems_);  // [n][n_kv][K|V]
+  rows_tmp_.resize((size_t)n * nkv * row_elems_);
+  fp16_t* rows = rows_tmp_.data();
   for (int64_t i = 0; i < n; ++i)
     for (int h = 0; h < nkv; ++h) {
-      fp16_t* r = rows.data() + (i * nkv + h) * row_elems_;
+      fp16_t* r = rows + (i * nkv + h) * row_elems_;
       for (int c = 0; c < d; ++c) {
         r[c] = fp32_to_fp16(k[(i * nkv + h) * d + c]);
         r[d + c] = fp32_to_fp16(v[(i * nkv + h) * d + c]);
       }
     }
-  if (store_) store_->write_rows(il, pos0, n, rows.data());
+  if (store_) store_->write_rows(il, pos0, n, rows);
   for (int h = 0; h < nkv; ++h) {
     HeadState& H = L.heads[h];
     const size_t old = H.win.size();
     H.win.resize(old + (size_t)n * row_elems_);
     for (int64_t i = 0; i < n; ++i)
-      std::memcpy(H.win.data() + old + i * row_elems_, rows.data() + (i * nkv + h) * row_elems_, sizeof(fp16_t) * row_elems_);
+      std::memcpy(H.win.data() + old + i * row_elems_, rows + (i * nkv + h) * row_elems_, sizeof(fp16_t) * row_elems_);
   }
   L.n_tok = pos0 + n;
   flush_window(L);
+  // A prefill passes the whole prompt through here: give that scratch back.
+  if (rows_tmp_.capacity() > (size_t)16 * nkv * row_elems_) std::vector<fp16_t>().swap(rows_tmp_);
+}
+
+// Positions the low-bit copy will hold after n more tokens are appended (see flush_window).
+int64_t LowBitPolicy::n_quant_after_append(const LayerState& L, int64_t n) const {
+  const int g = spec_.group;
+  const int64_t n_win = L.n_tok + n - L.n_quant;
+  if (n_win < cfg_.window + g) return L.n_quant;
+  return L.n_quant + (n_win - cfg_.window) / g * g;
 }
 
 // Quantizes whole blocks of g tokens out of the window while it holds at least R + g tokens.
@@ -235,8 +266,9 @@ void LowBitPolicy::flush_window(LayerState& L) {
   const int64_t n_win = L.n_tok - L.n_quant;
   if (n_win < cfg_.window + g) return;
   const int64_t n_blocks = (n_win - cfg_.window) / g;
-  std::vector<float> kb((size_t)g * d);
-  std::vector<float> vt((size_t)d);
+  kb_tmp_.resize((size_t)g * d);
+  vt_tmp_.resize((size_t)d);
+  float* kb = kb_tmp_.data();
   for (auto& H : L.heads) {
     for (int64_t b = 0; b < n_blocks; ++b) {
       const fp16_t* src = H.win.data() + b * g * row_elems_;
@@ -246,12 +278,11 @@ void LowBitPolicy::flush_window(LayerState& L) {
       // Sink positions are always served in 16-bit: keep their (often extreme) keys out of the
       // block's per-channel ranges so the other tokens of the block keep their resolution.
       const int64_t n_sink_here = std::clamp<int64_t>(cfg_.sinks - blk * g, 0, g - 1);
-      for (int64_t t = 0; t < n_sink_here; ++t)
-        std::copy_n(kb.data() + n_sink_here * d, d, kb.data() + t * d);
-      lowbit_quantize_keys(spec_, kb.data(), d, H.kblocks.data() + blk * spec_.key_block_bytes());
+      for (int64_t t = 0; t < n_sink_here; ++t) std::copy_n(kb + n_sink_here * d, d, kb + t * d);
+      lowbit_quantize_keys(spec_, kb, d, H.kblocks.data() + blk * spec_.key_block_bytes());
       for (int t = 0; t < g; ++t) {
-        for (int c = 0; c < d; ++c) vt[c] = fp16_to_fp32(src[t * row_elems_ + d + c]);
-        lowbit_quantize_value(spec_, vt.data(), H.vals.data() + (blk * g + t) * spec_.value_token_bytes());
+        for (int c = 0; c < d; ++c) vt_tmp_[c] = fp16_to_fp32(src[t * row_elems_ + d + c]);
+        lowbit_quantize_value(spec_, vt_tmp_.data(), H.vals.data() + (blk * g + t) * spec_.value_token_bytes());
       }
     }
     H.win.erase(H.win.begin(), H.win.begin() + n_blocks * g * row_elems_);
@@ -261,79 +292,66 @@ void LowBitPolicy::flush_window(LayerState& L) {
   L.n_quant += n_blocks * g;
 }
 
-// Top-k positions in [0, n_pos) by probs (descending), returned ascending.
-void LowBitPolicy::select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out) const {
-  out.clear();
-  const int64_t k = std::min<int64_t>(k_, n_pos);
-  if (k <= 0) return;
-  // Attention sinks (the first --kv-sinks positions) always take their place in the k.
+// Top-k positions in [0, n_pos) by probs (descending, ties to the lower position), ascending.
+// Attention sinks (the first --kv-sinks positions) always take their place in the k.
+void LowBitPolicy::select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out, TopkScratch& tk) const {
+  const int64_t k = std::clamp<int64_t>(k_, 0, n_pos);
   const int64_t n_sink = std::min<int64_t>(cfg_.sinks, k);
-  for (int64_t j = 0; j < n_sink; ++j) out.push_back(j);
-  const int64_t rest = k - n_sink;
-  if (rest > 0) {
-    std::vector<int64_t> idx((size_t)(n_pos - n_sink));
-    for (int64_t j = n_sink; j < n_pos; ++j) idx[j - n_sink] = j;
-    std::nth_element(idx.begin(), idx.begin() + (rest - 1), idx.end(), [&](int64_t a, int64_t b) {
-      return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
-    });
-    out.insert(out.end(), idx.begin(), idx.begin() + rest);
-  }
-  std::sort(out.begin(), out.end());
+  topk_indices(probs + n_sink, n_pos - n_sink, k - n_sink, out, tk);
+  for (int64_t& p : out) p += n_sink;
+  out.insert(out.begin(), (size_t)n_sink, 0);
+  for (int64_t j = 0; j < n_sink; ++j) out[j] = j;
 }
 
-// Builds next_* from next_pos: rows already resident are copied from the current buffer (hit
-// map), the others are gathered from the slow tier in one batch for the whole layer.
+// Makes next_pos the layer's top-k selection: positions already resident keep their slots (hit
+// map), the misses are gathered from the slow tier straight into the slots of evicted positions,
+// in one batch for the whole layer (asynchronously unless sync).
 void LowBitPolicy::start_fetch(int il, bool sync) {
   LayerState& L = layers_[il];
-  std::vector<RowRef> refs;
+  if (L.topk_rows.empty()) L.topk_rows.assign((size_t)g_.n_head_kv * k_ * row_elems_, fp16_t{});
+  refs_.clear();
   for (int h = 0; h < g_.n_head_kv; ++h) {
     HeadState& H = L.heads[h];
-    H.next_rows.resize(H.next_pos.size() * row_elems_);
-    H.next_miss.clear();
-    for (size_t i = 0; i < H.next_pos.size(); ++i) {
-      const int64_t p = H.next_pos[i];
-      auto it = std::lower_bound(H.topk_pos.begin(), H.topk_pos.end(), p);
-      if (it != H.topk_pos.end() && *it == p) {
-        std::memcpy(H.next_rows.data() + i * row_elems_, H.topk_rows.data() + (it - H.topk_pos.begin()) * row_elems_,
-                    sizeof(fp16_t) * row_elems_);
+    // Slots whose positions the new selection drops become free.
+    std::vector<std::pair<int64_t, int32_t>> next;
+    next.reserve(H.next_pos.size());
+    size_t a = 0;
+    for (int64_t p : H.next_pos) {
+      while (a < H.resident.size() && H.resident[a].first < p) H.slot_pos[H.resident[a++].second] = -1;
+      if (a < H.resident.size() && H.resident[a].first == p) {
+        next.emplace_back(p, H.resident[a++].second);
         ++hits_;
       } else {
-        H.next_miss.push_back((int32_t)i);
-        refs.push_back(RowRef{il, h, p});
+        next.emplace_back(p, -1);
       }
       ++selected_;
     }
+    for (; a < H.resident.size(); ++a) H.slot_pos[H.resident[a].second] = -1;
+    int32_t free_slot = 0;
+    for (auto& [p, slot] : next) {
+      if (slot >= 0) continue;
+      while (H.slot_pos[free_slot] >= 0) ++free_slot;
+      slot = free_slot;
+      H.slot_pos[slot] = p;
+      refs_.push_back(RowRef{il, h, p, (int64_t)h * k_ + slot});
+    }
+    H.resident.swap(next);
+    H.next_pos.clear();
   }
-  L.staging.resize(refs.size() * row_elems_);
-  if (refs.empty()) {
-    L.pending = false;
-    finish_fetch(il);
-    return;
-  }
+  if (refs_.empty()) return;
   if (sync) {
-    copy_->gather_now(refs.data(), refs.size(), L.staging.data());
-    finish_fetch(il);
+    copy_->gather_now(refs_.data(), refs_.size(), L.topk_rows.data());
   } else {
-    L.ticket = copy_->submit_gather(std::move(refs), L.staging.data());
+    L.ticket = copy_->submit_gather(refs_, L.topk_rows.data());
     L.pending = true;
   }
 }
 
-// Places gathered rows, then the next selection becomes the current top-k buffer.
 void LowBitPolicy::finish_fetch(int il) {
   LayerState& L = layers_[il];
   if (L.pending) {
-    copy_->wait(L.ticket);
     L.pending = false;
-  }
-  size_t s = 0;
-  for (auto& H : L.heads) {
-    for (int32_t i : H.next_miss)
-      std::memcpy(H.next_rows.data() + (size_t)i * row_elems_, L.staging.data() + (s++) * row_elems_, sizeof(fp16_t) * row_elems_);
-    H.topk_pos.swap(H.next_pos);
-    H.topk_rows.swap(H.next_rows);
-    H.next_pos.clear();
-    H.next_miss.clear();
+    copy_->wait(L.ticket);
   }
 }
 
@@ -343,9 +361,7 @@ void LowBitPolicy::update_peak() {
     const uint64_t lowbit = (uint64_t)(L.n_quant / spec_.group) * spec_.key_block_bytes() +
                             (uint64_t)L.n_quant * spec_.value_token_bytes();
     const uint64_t window = (uint64_t)(L.n_tok - L.n_quant) * row_elems_ * sizeof(fp16_t);
-    // Top-k buffer: current + next selection, each k rows (the staging area holds the misses of next).
-    const uint64_t topk = (uint64_t)2 * std::min<int64_t>(k_, L.n_quant) * row_elems_ * sizeof(fp16_t);
-    total += g_.n_head_kv * (lowbit + window + topk);
+    total += g_.n_head_kv * (lowbit + window) + L.topk_rows.size() * sizeof(fp16_t);
   }
   peak_fast_ = std::max(peak_fast_, total);
 }
@@ -357,9 +373,11 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   const float scale = 1.0f / std::sqrt((float)d);
   const int64_t nqt = L.n_quant;
   const int64_t n_blocks = nqt / g;
+  const int64_t n_win = L.n_tok - L.n_quant;
+  if ((int)thr_.size() < pool.size()) thr_.resize((size_t)pool.size());
 
   // This step's top-k buffer was prefetched during the previous step.
-  if (sel_ == Select::Speculative && L.pending) finish_fetch(il);
+  finish_fetch(il);
 
   qs_.resize((size_t)nkv * n_q * d);
   for (int h = 0; h < nkv; ++h)
@@ -367,183 +385,165 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       const int r = iq / group_, hq = h * group_ + iq % group_;
       for (int c = 0; c < d; ++c) qs_[((size_t)h * n_q + iq) * d + c] = rows.q[((int64_t)r * g_.n_head + hq) * d + c] * scale;
     }
+  auto Q = [&](int h, int iq) { return qs_.data() + ((size_t)h * n_q + iq) * d; };
 
   // Chunks of key blocks, several per thread.
   const int64_t blocks_per_chunk = std::max<int64_t>(8, (n_blocks * nkv + 4 * pool.size() - 1) / (4 * pool.size()));
   const int64_t n_chunks = n_blocks ? (n_blocks + blocks_per_chunk - 1) / blocks_per_chunk : 0;
-  const int64_t n_tasks = n_chunks * nkv;
+  const int64_t chunk_tok = blocks_per_chunk * g;
   scores_.resize((size_t)nkv * n_q * std::max<int64_t>(nqt, 1));
   auto S = [&](int h, int iq) { return scores_.data() + ((size_t)h * n_q + iq) * nqt; };
-
-  // Pass 1: low-bit scores.
-  pool.for_each_task(n_tasks, [&](int64_t task, int) {
-    {
-      const int h = (int)(task % nkv);
-      const int64_t b0 = task / nkv * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
-      lowbit_score_keys(spec_, L.heads[h].kblocks.data() + b0 * spec_.key_block_bytes(), (int)(b1 - b0),
-                        qs_.data() + (size_t)h * n_q * d, n_q, d, S(h, 0) + b0 * g, nqt);
-    }
-  });
+  auto score_chunk = [&](int h, int64_t ch) {
+    const int64_t b0 = ch * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
+    lowbit_score_keys(spec_, L.heads[h].kblocks.data() + b0 * spec_.key_block_bytes(), (int)(b1 - b0), Q(h, 0), n_q, d,
+                      S(h, 0) + b0 * g, nqt);
+  };
 
   // Non-speculative selection: the real token picks its own top-k before attending.
+  bool scored = false;
   if ((sel_ == Select::OwnLowBit || sel_ == Select::Oracle) && nqt > 0 && k_ > 0) {
-    std::vector<float> probs((size_t)nqt);
-    std::vector<fp16_t> ex;
-    for (int h = 0; h < nkv; ++h) {
-      std::fill(probs.begin(), probs.end(), 0.0f);
+    pool.for_each_task(n_chunks * nkv, [&](int64_t task, int) { score_chunk((int)(task % nkv), task / nkv); });
+    scored = true;
+    pool.for_each_task(nkv, [&](int64_t task, int t) {
+      const int h = (int)task;
+      ThreadScratch& ts = thr_[t];
+      ts.pr.assign((size_t)nqt, 0.0f);
       if (sel_ == Select::Oracle) {
-        ex.resize((size_t)nqt * row_elems_);
-        store_->read_range(il, h, 0, nqt, ex.data());
+        ts.ex.resize((size_t)nqt * row_elems_);
+        store_->read_range(il, h, 0, nqt, ts.ex.data());
       }
       for (int iq = 0; iq < group_; ++iq) {  // row 0's query heads
-        const float* q = qs_.data() + ((size_t)h * n_q + iq) * d;
-        std::vector<float> s(S(h, iq), S(h, iq) + nqt);
+        ts.sc.assign(S(h, iq), S(h, iq) + nqt);
         if (sel_ == Select::Oracle)
-          for (int64_t j = 0; j < nqt; ++j) s[j] = exact_dot(q, ex.data() + j * row_elems_);
-        softmax_probs_add(s, probs);
+          for (int64_t j = 0; j < nqt; ++j) ts.sc[j] = exact_dot(Q(h, iq), ts.ex.data() + j * row_elems_);
+        const float l = vec_exp_shift_sum(ts.sc.data(), nqt, vec_max(ts.sc.data(), nqt));
+        vec_axpy(1.0f / l, ts.sc.data(), ts.pr.data(), nqt);
       }
-      select_topk(probs.data(), nqt, L.heads[h].next_pos);
-    }
+      select_topk(ts.pr.data(), nqt, L.heads[h].next_pos, ts.tk);
+    });
     start_fetch(il, /*sync=*/true);
   }
 
-  // Pass 2: exact scores at top-k positions, chunk softmax, value sums.
+  // Fused pass. Tasks [0, n_chunks*nkv): one chunk of key blocks of one head; tasks
+  // [n_chunks*nkv, +nkv): the 16-bit window and the step's own rows of one head.
   parts_.assign((size_t)nkv * (n_chunks + 1) * n_q, AttnPartial{-std::numeric_limits<float>::infinity(), 0.0f});
   outs_.assign((size_t)nkv * (n_chunks + 1) * n_q * d, 0.0f);
+  win_s_.resize((size_t)nkv * n_q * std::max<int64_t>(n_win, 1));
   auto P = [&](int h, int64_t ch, int iq) -> AttnPartial& { return parts_[((size_t)h * (n_chunks + 1) + ch) * n_q + iq]; };
   auto O = [&](int h, int64_t ch, int iq) { return outs_.data() + (((size_t)h * (n_chunks + 1) + ch) * n_q + iq) * d; };
-  pool.for_each_task(n_tasks, [&](int64_t task, int) {
-    float vdq[256];
-    {
+  auto W = [&](int h, int iq) { return win_s_.data() + ((size_t)h * n_q + iq) * n_win; };
+  pool.for_each_task(n_chunks * nkv + nkv, [&](int64_t task, int t) {
+    if (task < n_chunks * nkv) {
       const int h = (int)(task % nkv);
       const int64_t ch = task / nkv;
-      const int64_t t0 = ch * blocks_per_chunk * g, t1 = std::min(nqt, t0 + blocks_per_chunk * g);
+      if (!scored) score_chunk(h, ch);
+      const int64_t t0 = ch * chunk_tok, t1 = std::min(nqt, t0 + chunk_tok);
       const HeadState& H = L.heads[h];
-      const auto lo = std::lower_bound(H.topk_pos.begin(), H.topk_pos.end(), t0);
-      const auto hi = std::lower_bound(H.topk_pos.begin(), H.topk_pos.end(), t1);
+      const auto lo = std::lower_bound(H.resident.begin(), H.resident.end(), std::make_pair(t0, INT32_MIN));
+      const auto hi = std::lower_bound(lo, H.resident.end(), std::make_pair(t1, INT32_MIN));
       for (int iq = 0; iq < n_q; ++iq) {
         float* s = S(h, iq);
-        const float* q = qs_.data() + ((size_t)h * n_q + iq) * d;
-        for (auto it = lo; it != hi; ++it) s[*it] = exact_dot(q, H.topk_rows.data() + (it - H.topk_pos.begin()) * row_elems_);
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t j = t0; j < t1; ++j) m = std::max(m, s[j]);
-        float l = 0;
-        for (int64_t j = t0; j < t1; ++j) {
-          s[j] = exp_approx(s[j] - m);
-          l += s[j];
-        }
-        P(h, ch, iq) = AttnPartial{m, l};
+        for (auto it = lo; it != hi; ++it) s[it->first] = exact_dot(Q(h, iq), slot_row(L, h, it->second));
+        const float m = vec_max(s + t0, t1 - t0);
+        P(h, ch, iq) = AttnPartial{m, vec_exp_shift_sum(s + t0, t1 - t0, m)};
       }
-      float* o0 = O(h, ch, 0);
       lowbit_accumulate_values(spec_, H.vals.data() + t0 * spec_.value_token_bytes(), (int)(t1 - t0), S(h, 0) + t0, n_q,
-                               nqt, o0, d);
+                               nqt, O(h, ch, 0), d);
       // Top-k positions: replace the low-bit value by the exact one.
+      float vdq[256];
       for (auto it = lo; it != hi; ++it) {
-        lowbit_dequantize_value(spec_, H.vals.data() + *it * spec_.value_token_bytes(), vdq);
-        const fp16_t* vrow = H.topk_rows.data() + (it - H.topk_pos.begin()) * row_elems_ + d;
-        for (int iq = 0; iq < n_q; ++iq) {
-          const float p = S(h, iq)[*it];
-          float* o = O(h, ch, iq);
-          for (int c = 0; c < d; ++c) o[c] += p * (fp16_to_fp32(vrow[c]) - vdq[c]);
-        }
+        lowbit_dequantize_value(spec_, H.vals.data() + it->first * spec_.value_token_bytes(), vdq);
+        const fp16_t* vrow = slot_row(L, h, it->second) + d;
+        for (int c = 0; c < d; ++c) vdq[c] = fp16_to_fp32(vrow[c]) - vdq[c];
+        for (int iq = 0; iq < n_q; ++iq) vec_axpy(S(h, iq)[it->first], vdq, O(h, ch, iq), d);
       }
+      return;
+    }
+    const int h = (int)(task - n_chunks * nkv);
+    const HeadState& H = L.heads[h];
+    std::vector<float>& sc = thr_[t].sc;
+    for (int iq = 0; iq < n_q; ++iq) {
+      const int r = iq / group_;
+      const float* q = Q(h, iq);
+      const int64_t n_ex = n_win + r + 1;  // window, then rows 0..r
+      sc.resize((size_t)n_ex);
+      for (int64_t j = 0; j < n_win; ++j) sc[j] = exact_dot(q, H.win.data() + j * row_elems_);
+      for (int rr = 0; rr <= r; ++rr) {
+        const float* kr = rows.k + ((int64_t)rr * nkv + h) * d;
+        float s = 0;
+        for (int c = 0; c < d; ++c) s += q[c] * kr[c];
+        sc[n_win + rr] = s;
+      }
+      const float m = vec_max(sc.data(), n_ex);
+      const float l = vec_exp_shift_sum(sc.data(), n_ex, m);
+      float* o = O(h, n_chunks, iq);
+      for (int64_t j = 0; j < n_win; ++j) axpy_f16(sc[j], H.win.data() + j * row_elems_ + d, o, d);
+      for (int rr = 0; rr <= r; ++rr) vec_axpy(sc[n_win + rr], rows.v + ((int64_t)rr * nkv + h) * d, o, d);
+      std::copy_n(sc.data(), n_win, W(h, iq));
+      P(h, n_chunks, iq) = AttnPartial{m, l};
     }
   });
 
-  // Pass 3 (per head): the 16-bit window and the step's own rows; merge; the speculative row's
-  // probabilities over every stored position (quantized and window) for the selection.
+  // Merge every chunk into the exact part's state; normalize.
+  glob_.resize((size_t)nkv * n_q);
+  for (int h = 0; h < nkv; ++h)
+    for (int iq = 0; iq < n_q; ++iq) {
+      AttnPartial acc = P(h, n_chunks, iq);
+      float* o = O(h, n_chunks, iq);
+      for (int64_t ch = 0; ch < n_chunks; ++ch) attn_merge(acc, o, P(h, ch, iq), O(h, ch, iq), d);
+      const int r = iq / group_, hq = h * group_ + iq % group_;
+      float* dst = out + ((int64_t)r * g_.n_head + hq) * d;
+      const float inv = 1.0f / acc.l;
+      for (int c = 0; c < d; ++c) dst[c] = o[c] * inv;
+      glob_[(size_t)h * n_q + iq] = acc;
+    }
+
+  // Selection pass: the speculative (last) row's attention over every position that will be in
+  // the low-bit copy after this step's append (tokens about to leave the window compete with
+  // their exact window scores), averaged over its query heads; and spec_recall: how much of the
+  // real row's own top-k the buffer prefetched for this step held.
   const bool speculate = sel_ == Select::Speculative && k_ > 0;
-  const int64_t n_tok_old = L.n_tok;
-  if (speculate) sel_probs_.assign((size_t)nkv * n_tok_old, 0.0f);
-  pool.for_each_task(nkv, [&](int64_t task, int) {
-    std::vector<float> sc, own;
-    std::vector<int64_t> own_top;
-    {
+  const int64_t n_sel = speculate ? std::min(n_quant_after_append(L, rows.n_keep), L.n_tok) : 0;
+  const bool recall = speculate && rows.n_rows == 2 && nqt > 0 && !L.heads[0].resident.empty();
+  if (n_sel > 0 || recall) {
+    // probs over [0, n) of row r's query heads (quantized positions, then window positions).
+    auto row_probs = [&](int h, int r, int64_t n, std::vector<float>& pr) {
+      pr.assign((size_t)n, 0.0f);
+      for (int hi = 0; hi < group_; ++hi) {
+        const int iq = r * group_ + hi;
+        const AttnPartial glob = glob_[(size_t)h * n_q + iq];
+        const float* s = S(h, iq);
+        for (int64_t ch = 0; ch < n_chunks; ++ch) {
+          const int64_t t0 = ch * chunk_tok, t1 = std::min({nqt, t0 + chunk_tok, n});
+          if (t1 > t0) vec_axpy(std::exp(P(h, ch, iq).m - glob.m) / glob.l, s + t0, pr.data() + t0, t1 - t0);
+        }
+        if (n > nqt) vec_axpy(std::exp(P(h, n_chunks, iq).m - glob.m) / glob.l, W(h, iq), pr.data() + nqt, n - nqt);
+      }
+    };
+    pool.for_each_task(nkv, [&](int64_t task, int t) {
       const int h = (int)task;
-      const HeadState& H = L.heads[h];
-      const int64_t n_win = L.n_tok - L.n_quant;
-      float* winp = speculate ? sel_probs_.data() + (size_t)h * n_tok_old + nqt : nullptr;
-      for (int iq = 0; iq < n_q; ++iq) {
-        const int r = iq / group_;
-        const float* q = qs_.data() + ((size_t)h * n_q + iq) * d;
-        const int64_t n_ex = n_win + r + 1;  // window, then rows 0..r
-        sc.resize((size_t)n_ex);
-        for (int64_t j = 0; j < n_win; ++j) sc[j] = exact_dot(q, H.win.data() + j * row_elems_);
-        for (int rr = 0; rr <= r; ++rr) {
-          const float* kr = rows.k + ((int64_t)rr * nkv + h) * d;
-          float s = 0;
-          for (int c = 0; c < d; ++c) s += q[c] * kr[c];
-          sc[n_win + rr] = s;
-        }
-        float m = -std::numeric_limits<float>::infinity();
-        for (float s : sc) m = std::max(m, s);
-        float l = 0;
-        float* o = O(h, n_chunks, iq);
-        for (int64_t j = 0; j < n_ex; ++j) {
-          const float p = exp_approx(sc[j] - m);
-          l += p;
-          const float* vr = nullptr;
-          if (j < n_win) {
-            axpy_f16(p, H.win.data() + j * row_elems_ + d, o, d);
-          } else {
-            vr = rows.v + ((int64_t)(j - n_win) * nkv + h) * d;
-            for (int c = 0; c < d; ++c) o[c] += p * vr[c];
-          }
-        }
-        P(h, n_chunks, iq) = AttnPartial{m, l};
-        // Merge every chunk into the exact part's state.
-        AttnPartial acc{m, l};
-        for (int64_t ch = 0; ch < n_chunks; ++ch) attn_merge(acc, o, P(h, ch, iq), O(h, ch, iq), d);
-        const int hq = h * group_ + iq % group_;
-        float* dst = out + ((int64_t)r * g_.n_head + hq) * d;
-        for (int c = 0; c < d; ++c) dst[c] = o[c] / acc.l;
-        P(h, n_chunks, iq) = acc;  // global state, used to normalize chunk probabilities
-        if (winp && r == rows.n_rows - 1)
-          for (int64_t j = 0; j < n_win; ++j) winp[j] += exp_approx(sc[j] - acc.m) / acc.l;
-      }
-      if (!speculate) return;
-      // Attention probabilities of a row over the quantized positions, averaged over its query heads.
-      auto row_probs = [&](int r, std::vector<float>& pr) {
-        pr.assign((size_t)nqt, 0.0f);
-        for (int hi = 0; hi < group_; ++hi) {
-          const int iq = r * group_ + hi;
-          const AttnPartial glob = P(h, n_chunks, iq);
-          const float* s = S(h, iq);
-          for (int64_t ch = 0; ch < n_chunks; ++ch) {
-            const float f = std::exp(P(h, ch, iq).m - glob.m) / glob.l;
-            const int64_t t0 = ch * blocks_per_chunk * g, t1 = std::min(nqt, t0 + blocks_per_chunk * g);
-            for (int64_t j = t0; j < t1; ++j) pr[j] += s[j] * f;
-          }
-        }
-      };
-      if (nqt > 0) {
-        std::vector<float> last;
-        row_probs(rows.n_rows - 1, last);
-        std::copy(last.begin(), last.end(), sel_probs_.begin() + (ptrdiff_t)h * n_tok_old);
-      }
-      if (rows.n_rows == 2 && !H.topk_pos.empty() && nqt > 0) {  // recall of last step's guess vs the real row's own top-k
-        row_probs(0, own);
-        select_topk(own.data(), nqt, own_top);
+      ThreadScratch& ts = thr_[t];
+      if (recall) {
+        row_probs(h, 0, nqt, ts.own);
+        select_topk(ts.own.data(), nqt, ts.top, ts.tk);
         size_t inter = 0;
-        for (int64_t p : own_top) inter += std::binary_search(H.topk_pos.begin(), H.topk_pos.end(), p);
-        const double rc = own_top.empty() ? 1.0 : (double)inter / own_top.size();
+        for (int64_t p : ts.top) inter += L.heads[h].holds(p);
+        const double rc = ts.top.empty() ? 1.0 : (double)inter / ts.top.size();
         std::lock_guard<std::mutex> lock(recall_mu_);
         L.recall_sum += rc;
         L.recall_n += 1;
       }
-    }
-  });
+      if (n_sel > 0) {
+        row_probs(h, rows.n_rows - 1, n_sel, ts.pr);
+        select_topk(ts.pr.data(), n_sel, L.heads[h].next_pos, ts.tk);
+      }
+    });
+  }
 
   if (cfg_.diagnostics && nqt > 0 && rows.n_keep > 0) measure_exact_mass(il, rows);
   if (rows.n_keep > 0) append(il, rows.pos0, rows.n_keep, rows.k, rows.v);
-  // Speculative selection over every position now in the low-bit copy (tokens that just left the
-  // window compete with their exact window scores); its prefetch starts at once and overlaps the
-  // remaining layers of this step.
-  if (speculate && L.n_quant > 0) {
-    for (int h = 0; h < nkv; ++h)
-      select_topk(sel_probs_.data() + (size_t)h * n_tok_old, std::min(L.n_quant, n_tok_old), L.heads[h].next_pos);
-    start_fetch(il, /*sync=*/false);
-  }
+  // The prefetch starts at once and overlaps the remaining layers of this step.
+  if (n_sel > 0) start_fetch(il, /*sync=*/false);
 }
 
 // Diagnostics: share of the real row's exact attention mass that this step computed in 16-bit
@@ -570,7 +570,7 @@ void LowBitPolicy::measure_exact_mass(int il, const DecodeRows& rows) {
       for (int64_t j = 0; j < (int64_t)s.size(); ++j) {
         const double p = std::exp((double)s[j] - m);
         total += p;
-        if (j >= nqt || std::binary_search(H.topk_pos.begin(), H.topk_pos.end(), j)) served += p;
+        if (j >= nqt || H.holds(j)) served += p;
       }
       mass_sum_ += served / total;
       mass_n_ += 1;

@@ -42,6 +42,9 @@ const SlowGeometry& check_geometry(const SlowGeometry& g) {
 }
 
 // Shared bookkeeping: per-layer high-water marks and bounds checks.
+// Destination row of refs[i] within a batch (see RowRef::dst_row).
+inline size_t dst_index(const RowRef& r, size_t i) { return r.dst_row >= 0 ? (size_t)r.dst_row : i; }
+
 class StoreBase : public SlowStore {
  public:
   explicit StoreBase(const SlowGeometry& g)
@@ -140,7 +143,7 @@ class HostStore final : public StoreBase {
     const size_t rb = geom_.row_bytes();
     char* d = static_cast<char*>(dst);
     for (size_t i = 0; i < n; ++i)
-      std::memcpy(d + i * rb, base_ + offset_bytes(refs[i].layer, refs[i].head, refs[i].pos), rb);
+      std::memcpy(d + dst_index(refs[i], i) * rb, base_ + offset_bytes(refs[i].layer, refs[i].head, refs[i].pos), rb);
   }
 
   void read_range(int il, int head, int64_t pos0, int64_t n, void* dst) override {
@@ -236,7 +239,7 @@ class FileStore final : public StoreBase {
     std::vector<iovec> iov(n);
     std::vector<Run> runs;
     for (size_t k = 0; k < n; ++k) {
-      iov[k] = {d + order[k].second * rb, rb};
+      iov[k] = {d + dst_index(refs[order[k].second], order[k].second) * rb, rb};
       if (k > 0 && order[k].first == order[k - 1].first + 1 && runs.back().cnt < kMaxIov) {
         ++runs.back().cnt;
       } else {

@@ -21,6 +21,7 @@ struct RowRef {
   int32_t layer;
   int32_t head;
   int64_t pos;
+  int64_t dst_row = -1;  // row index in the destination buffer; -1: the ref's own index in the batch
 };
 
 // Storage only. Thread-safe for concurrent reads of written rows plus one writer.
@@ -36,7 +37,8 @@ class SlowStore {
   // Writes positions [pos0, pos0+n) of layer il for all KV heads.
   // rows: [n][n_head_kv][row_bytes], token-major as the model produces them.
   virtual void write_rows(int il, int64_t pos0, int64_t n, const void* rows) = 0;
-  // Batched gather: for each i, copies row refs[i] into dst + i*row_bytes. One call per batch.
+  // Batched gather: for each i, copies row refs[i] into dst + r*row_bytes, r = refs[i].dst_row, or
+  // i where that is -1 (a scatter into the slots of a caller's buffer). One call per batch.
   virtual void read_rows(const RowRef* refs, size_t n, void* dst) = 0;
   // Reads a contiguous position range of one (layer, head): dst [n][row_bytes].
   virtual void read_range(int il, int head, int64_t pos0, int64_t n, void* dst) = 0;

@@ -1,0 +1,23 @@
+// Exact top-k selection over float scores, used by the KV policies to pick the 16-bit pairs of
+// the next step. A radix histogram on the order-preserving bit pattern of each value finds the
+// bucket holding the k-th largest; only that bucket is sorted (partially). O(n) with small
+// constants, no allocation in steady state (the scratch is reused).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace spc {
+
+struct TopkScratch {
+  std::vector<int64_t> cand;
+};
+
+// Replaces out with the indices of the k largest values of v[0, n) — ordered by (value
+// descending, index ascending), so ties go to the lower index — sorted ascending. k is clamped
+// to [0, n]. Values must not be NaN.
+void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out, TopkScratch& scratch);
+
+// Reference: the same result with std::nth_element (tests).
+void topk_indices_ref(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out);
+
+}  // namespace spc

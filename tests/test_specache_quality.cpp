@@ -1,11 +1,16 @@
 // SpeCache on the real default model (SmolLM2-135M-Instruct Q4_1) with a ~4K-token real-text
 // prompt: teacher-forced along full's greedy continuation of 64 tokens, how often 1-bit specache
 // (default knobs) picks full's top-1 token; fast-tier bytes against full's.
-// Measured here (fp32-activation matmul): 54/64 with the defaults, 58/64 with --kv-sinks 1,
-// 59/64 for 2-bit; topk-oracle:1 54/64 and kivi:1 40/64. The 95% (61/64) is NOT reached
-// yet on this 135M model; the bound below guards against regressions, not the target.
+// Measured here (fp32-activation matmul, same prompt): 54/64 with the defaults, 58/64 with
+// --kv-sinks 1, 60/64 for 2-bit, specache-exact:1 56/64, topk-oracle:1 58/64, kivi:1 40/64.
+// The 95% (61/64) is NOT reached on this 135M model. The misses sit where full itself
+// hesitates: 8 of the 10 are at positions where full's top-1 leads its top-2 by < 0.3 logits,
+// and every position with a lead >= 1 logit agrees. The test reports agreement by margin and
+// guards both the overall count and the confident positions against regressions.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -61,10 +66,19 @@ TEST(SpecacheQuality, SmolLM2FourKTeacherForcedAgreement) {
   const int n = 64;
   const int nv = model->config().n_vocab;
   std::vector<int32_t> full_greedy;
-  int agree = 0;
+  int agree = 0, confident = 0, confident_agree = 0;
   for (int i = 0; i < n; ++i) {
-    const int32_t t = argmax(full.logits().data(), nv);
-    agree += argmax(spec.logits().data(), nv) == t;
+    const float* fl = full.logits().data();
+    const int32_t t = argmax(fl, nv);
+    float second = -INFINITY;
+    for (int j = 0; j < nv; ++j)
+      if (j != t) second = std::max(second, fl[j]);
+    const bool same = argmax(spec.logits().data(), nv) == t;
+    agree += same;
+    if (fl[t] - second >= 1.0f) {
+      ++confident;
+      confident_agree += same;
+    }
     full_greedy.push_back(t);
     full.decode(t);
     spec.decode(t);
@@ -85,13 +99,16 @@ TEST(SpecacheQuality, SmolLM2FourKTeacherForcedAgreement) {
   RecordProperty("free_running_identical_prefix", std::to_string(free_prefix));
   RecordProperty("fast_bytes_ratio", std::to_string(ratio));
   RecordProperty("spec_recall", std::to_string(ss.spec_recall));
-  std::printf("specache 1-bit g=64 vs full at %zu tokens: teacher-forced top-1 %d/%d, free-running %d/%d (identical prefix %d), "
-              "fast bytes %.1f%% of full (%.2f / %.2f MiB), spec recall %.2f, reuse %.2f\n",
-              prompt.size(), agree, n, free_same, n, free_prefix, 100 * ratio, ss.fast_bytes / 1048576.0,
-              fs.fast_bytes / 1048576.0, ss.spec_recall, ss.prefetch_reuse_rate);
+  RecordProperty("confident_top1_agreement", std::to_string(confident_agree) + "/" + std::to_string(confident));
+  std::printf("specache 1-bit g=64 vs full at %zu tokens: teacher-forced top-1 %d/%d (%d/%d where full's top-1 leads by "
+              ">= 1 logit), free-running %d/%d (identical prefix %d), fast bytes %.1f%% of full (%.2f / %.2f MiB), "
+              "spec recall %.2f, reuse %.2f\n",
+              prompt.size(), agree, n, confident_agree, confident, free_same, n, free_prefix, 100 * ratio,
+              ss.fast_bytes / 1048576.0, fs.fast_bytes / 1048576.0, ss.spec_recall, ss.prefetch_reuse_rate);
   EXPECT_GE(agree, 52) << "teacher-forced top-1 agreement regressed";
+  EXPECT_GE(confident_agree * 100, confident * 95) << "disagreement where full is confident";
   // The fast tier holds the 1-bit copy (24 B per token and head at g = 64, 9.4% of 16-bit), the
-  // window (R..R+g-1 tokens) and the top-k buffer (current + next selection): at 4K tokens the
-  // (R + g + 2k) fixed rows weigh ~5% on top of the 9.4%.
-  EXPECT_LT(ratio, 0.16);
+  // window (R..R+g-1 tokens) and the top-k buffer (k rows, filled in place): at 4K tokens the
+  // (R + g - 1 + k) fixed rows weigh ~4.6% on top of the 9.4% (13.7% measured).
+  EXPECT_LT(ratio, 0.14);
 }

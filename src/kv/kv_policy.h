@@ -43,6 +43,7 @@ struct KvStats {
   double fetched_bytes_per_step = 0;   // mean bytes copied slow -> fast per decode step
   double prefetch_reuse_rate = 0;      // share of selected pairs already resident (not copied again)
   double spec_recall = 0;              // overlap of speculative top-k with the real token's own top-k
+                                       // (low-bit policies: sampled every 4th step; every step with diagnostics)
   std::vector<double> spec_recall_per_layer;
   double exact_mass_served = -1;       // share of exact attention mass computed in 16-bit (-1: not measured)
   double stall_ms = 0;                 // compute waiting for transfers

@@ -44,6 +44,8 @@ namespace {
 
 enum class Select { None, Speculative, OwnLowBit, Oracle };
 
+constexpr uint64_t kRecallEvery = 4;  // spec_recall sampling period in decode steps
+
 struct HeadState {
   LazyBuffer kblocks;              // [n_ctx/g + 1][key_block_bytes] low-bit key blocks
   LazyBuffer vals;                 // [n_ctx + g][value_token_bytes] low-bit value tokens
@@ -504,7 +506,10 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   // real row's own top-k the buffer prefetched for this step held.
   const bool speculate = sel_ == Select::Speculative && k_ > 0;
   const int64_t n_sel = speculate ? std::min(n_quant_after_append(L, rows.n_keep), L.n_tok) : 0;
-  const bool recall = speculate && rows.n_rows == 2 && nqt > 0 && !L.heads[0].resident.empty();
+  // spec_recall costs a second selection per head: measured on every kRecallEvery-th step
+  // (every step with --kv-diagnostics).
+  const bool recall = speculate && rows.n_rows == 2 && nqt > 0 && !L.heads[0].resident.empty() &&
+                      (cfg_.diagnostics || steps_ % kRecallEvery == 0);
   if (n_sel > 0 || recall) {
     // probs over [0, n) of row r's query heads (quantized positions, then window positions).
     auto row_probs = [&](int h, int r, int64_t n, std::vector<float>& pr) {

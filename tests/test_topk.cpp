@@ -32,6 +32,31 @@ TEST(Topk, MatchesReferenceOnRandomInputsWithTies) {
   }
 }
 
+// Long inputs with small k take the block-maxima path: attention-like (peaky), flat, ties and a
+// length that is not a multiple of the block.
+TEST(Topk, MatchesReferenceOnLongInputs) {
+  std::mt19937 rng(11);
+  TopkScratch scratch;
+  std::vector<int64_t> got, want;
+  for (int64_t n : {(int64_t)2111, (int64_t)8192, (int64_t)40003}) {
+    std::vector<float> v((size_t)n);
+    for (int mode = 0; mode < 4; ++mode) {
+      for (auto& x : v) {
+        if (mode == 0) x = std::exp(std::normal_distribution<float>(0, 3)(rng)) * 1e-4f;
+        if (mode == 1) x = std::uniform_real_distribution<float>(0, 1)(rng);
+        if (mode == 2) x = (float)(rng() % 3);
+        if (mode == 3) x = 0.0f;
+      }
+      if (mode == 3) v[n - 1] = 1.0f;  // the only non-zero value sits in the tail
+      for (int64_t k : {(int64_t)1, (int64_t)7, (int64_t)64, (int64_t)65}) {
+        topk_indices(v.data(), n, k, got, scratch);
+        topk_indices_ref(v.data(), n, k, want);
+        ASSERT_EQ(got, want) << "n " << n << " mode " << mode << " k " << k;
+      }
+    }
+  }
+}
+
 TEST(Topk, AllEqualValuesPreferLowerIndices) {
   std::vector<float> v(100, 0.5f);
   TopkScratch scratch;

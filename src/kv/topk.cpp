@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <bit>
+#include <functional>
 #include <cstring>
+
+#include "ops/vec_math.h"
 
 namespace spc {
 
@@ -17,6 +20,42 @@ inline uint32_t order_key(float x) {
 constexpr int kBucketBits = 12;
 constexpr int kShift = 32 - kBucketBits;
 
+// Candidates by block maxima: the k-th largest of the per-block maxima is a lower bound T of the
+// k-th largest value (the top-k blocks hold k distinct values >= T), so every member of the
+// top-k is >= T. One vectorized pass computes the maxima, a small nth_element finds T, a second
+// pass keeps the values >= T (typically a few times k), and an exact selection among them
+// settles the order, ties included. False when the blocks would be too few.
+bool topk_by_block_max(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out, TopkScratch& scratch) {
+  const int64_t bs = n >= 128 * k ? 64 : (n >= 32 * k ? 16 : 0);
+  if (bs == 0) return false;
+  const int64_t nb = n / bs;  // full blocks; a tail shorter than bs is only filtered
+  auto& bmax = scratch.fbuf;
+  bmax.resize((size_t)nb);
+  for (int64_t b = 0; b < nb; ++b) bmax[b] = vec_max(v + b * bs, bs);
+  std::nth_element(bmax.begin(), bmax.begin() + (k - 1), bmax.end(), std::greater<float>());
+  const float thr = bmax[k - 1];
+  auto& cand = scratch.cand;
+  cand.clear();
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 tv = _mm512_set1_ps(thr);
+  for (; i + 16 <= n; i += 16) {
+    uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), tv, _CMP_GE_OQ);
+    while (m) {
+      cand.push_back(i + std::countr_zero(m));
+      m &= m - 1;
+    }
+  }
+#endif
+  for (; i < n; ++i)
+    if (v[i] >= thr) cand.push_back(i);
+  std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(),
+                   [&](int64_t a, int64_t c) { return v[a] > v[c] || (v[a] == v[c] && a < c); });
+  out.assign(cand.begin(), cand.begin() + k);
+  std::sort(out.begin(), out.end());
+  return true;
+}
+
 }  // namespace
 
 void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out, TopkScratch& scratch) {
@@ -27,6 +66,7 @@ void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& ou
     for (int64_t i = 0; i < n; ++i) out.push_back(i);
     return;
   }
+  if (topk_by_block_max(v, n, k, out, scratch)) return;
   uint32_t hist[1u << kBucketBits];
   std::memset(hist, 0, sizeof(hist));
   for (int64_t i = 0; i < n; ++i) ++hist[order_key(v[i]) >> kShift];

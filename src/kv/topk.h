@@ -1,7 +1,9 @@
 // Exact top-k selection over float scores, used by the KV policies to pick the 16-bit pairs of
-// the next step. A radix histogram on the order-preserving bit pattern of each value finds the
-// bucket holding the k-th largest; only that bucket is sorted (partially). O(n) with small
-// constants, no allocation in steady state (the scratch is reused).
+// the next step. For n >= 32k: block maxima give a lower bound of the k-th largest value and a
+// vectorized filter keeps the few candidates above it. Otherwise a radix histogram on the
+// order-preserving bit pattern of each value finds the bucket holding the k-th largest. Either
+// way only a small candidate set is sorted (partially): O(n) with small constants, no
+// allocation in steady state (the scratch is reused).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -10,6 +12,7 @@ namespace spc {
 
 struct TopkScratch {
   std::vector<int64_t> cand;
+  std::vector<float> fbuf;
 };
 
 // Replaces out with the indices of the k largest values of v[0, n) — ordered by (value

@@ -49,8 +49,8 @@ void Session::decode(int32_t token) {
     model_.decode(&token, 1, 1, *kv_, pool_, scratch_, logits_.data());
   } else {
     if (spec_next_ < 0) {
-      // Pre-decoding: one row over the low-bit copy; selects the first top-k, keeps no K/V,
-      // and its logits give the first speculative token.
+      // Pre-decoding: one row that selects its own top-k from the low-bit copy layer by layer
+      // (n_keep = 0 tells the policy), keeps no K/V, and its logits give the first guess.
       step_logits_.resize((size_t)n_vocab);
       model_.decode(&token, 1, 0, *kv_, pool_, scratch_, step_logits_.data());
       spec_next_ = argmax(step_logits_.data(), n_vocab);

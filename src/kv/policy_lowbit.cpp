@@ -401,9 +401,13 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
                       S(h, 0) + b0 * g, nqt);
   };
 
-  // Non-speculative selection: the real token picks its own top-k before attending.
+  // Non-speculative selection: the real token picks its own top-k before attending. SpeCache's
+  // pre-decoding row (n_keep == 0, once after prefill) does the same, so its deeper layers see
+  // queries already corrected by the top-k of the layers before (our choice; see ARCHITECTURE).
   bool scored = false;
-  if ((sel_ == Select::OwnLowBit || sel_ == Select::Oracle) && nqt > 0 && k_ > 0) {
+  const bool own_select = sel_ == Select::OwnLowBit || sel_ == Select::Oracle ||
+                          (sel_ == Select::Speculative && rows.n_keep == 0);
+  if (own_select && nqt > 0 && k_ > 0) {
     pool.for_each_task(n_chunks * nkv, [&](int64_t task, int) { score_chunk((int)(task % nkv), task / nkv); });
     scored = true;
     pool.for_each_task(nkv, [&](int64_t task, int t) {

@@ -6,8 +6,8 @@
 // specache-exact:1 56/64, topk-oracle:1 58/64, kivi:1 40/64, kivi:2 58/64.
 // The 95% (61/64) is NOT reached at 1 bit on this 135M model. The misses sit mostly
 // where full itself hesitates: of the 6, three are at positions where full's top-1 leads its
-// top-2 by < 0.3 logits, one at 0.71, two at 1.26 and 1.39 (39/41 agree where the lead is >= 1). The test reports agreement by margin and
-// guards both the overall count and the confident positions against regressions.
+// top-2 by < 0.3 logits, one at 0.71, two at 1.26 and 1.39 (39/41 agree where the lead is >= 1).
+// The test reports agreement by margin and guards both the overall count and the confident positions against regressions.
 #include <gtest/gtest.h>
 
 #include <algorithm>

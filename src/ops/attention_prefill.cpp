@@ -203,85 +203,129 @@ void tile_values(const float* pt, const float* vb, int64_t vs, int d, int nb, co
   }
 }
 
-// Floats of per-thread scratch for one tile: Q^T and O^T [d][48], scores [kKeyBlock][48].
-inline size_t tile_scratch_floats(int d) { return (size_t)(2 * d + kKeyBlock) * kTileLanes; }
+// Up to kGroupTiles tiles of one KV head run together, key block by key block, so each K/V
+// block is fetched from memory once for all of them and then served from L1/L2: at depth the
+// K/V of a head (n_keys * head_dim * 8 bytes) is far larger than the caches.
+constexpr int kGroupTiles = 4;
 
-// One tile: KV head hk, chunk rows [r0, r0 + nr) with nr * g <= 48, all g query heads of hk.
-void prefill_tile_gqa(const AttnShape& s, const float* q, int64_t r0, int nr, int64_t p0, const float* k,
-                      const float* v, float* out, int hk, float* scratch) {
+// State of one tile between key blocks.
+struct Tile {
+  float* qt;             // [d][48] scaled queries, lane i = (row i / g, head i % g)
+  float* ot;             // [d][48] unnormalized outputs
+  __m512 m[3], l[3];     // running max and sum per lane
+  __m512i lim[3];        // lane i sees keys j <= lim[i]
+  int64_t r0;            // first chunk row
+  int nr;                // rows (nr * g <= 48)
+  int64_t n_keys;        // keys seen by the last row
+  int64_t all_see;       // keys < all_see are visible to every lane
+};
+
+// Floats of per-thread scratch: Q^T and O^T [d][48] per tile, scores [kKeyBlock][48].
+inline size_t group_scratch_floats(int d) { return ((size_t)2 * d * kGroupTiles + kKeyBlock) * kTileLanes; }
+
+void tile_init(Tile& t, const AttnShape& s, const float* q, int64_t p0, int hk) {
   const int d = s.head_dim, g = s.n_head / s.n_head_kv;
-  const int64_t q_stride = (int64_t)s.n_head * d, kv_stride = (int64_t)s.n_head_kv * d;
+  const int64_t q_stride = (int64_t)s.n_head * d;
   const float scale = 1.0f / std::sqrt((float)d);
-  float* qt = scratch;                   // [d][48] scaled queries, lane i = (row i / g, head i % g)
-  float* ot = qt + d * kTileLanes;       // [d][48] unnormalized outputs
-  float* st = ot + d * kTileLanes;       // [kKeyBlock][48] scores, then weights
-  const int used = nr * g;
-  std::memset(qt, 0, sizeof(float) * d * kTileLanes);
-  std::memset(ot, 0, sizeof(float) * d * kTileLanes);
-  for (int r = 0; r < nr; ++r) {
-    const float* qr = q + (r0 + r) * q_stride + (int64_t)hk * g * d;  // the g heads of hk are contiguous
+  const int used = t.nr * g;
+  std::memset(t.qt, 0, sizeof(float) * d * kTileLanes);
+  std::memset(t.ot, 0, sizeof(float) * d * kTileLanes);
+  for (int r = 0; r < t.nr; ++r) {
+    const float* qr = q + (t.r0 + r) * q_stride + (int64_t)hk * g * d;  // the g heads of hk are contiguous
     for (int hl = 0; hl < g; ++hl)
-      for (int c = 0; c < d; ++c) qt[c * kTileLanes + r * g + hl] = qr[hl * d + c] * scale;
+      for (int c = 0; c < d; ++c) t.qt[c * kTileLanes + r * g + hl] = qr[hl * d + c] * scale;
   }
-  // Lane i sees keys j <= lim[i]; unused lanes see everything (their scores are 0, never stored).
+  // Unused lanes see everything (their scores are 0 and their outputs are never stored).
   alignas(64) int32_t lim_a[kTileLanes];
   for (int i = 0; i < kTileLanes; ++i)
-    lim_a[i] = i < used ? (int32_t)(p0 + r0 + i / g) : std::numeric_limits<int32_t>::max();
-  __m512i lim[3];
-  __m512 m[3], l[3];
+    lim_a[i] = i < used ? (int32_t)(p0 + t.r0 + i / g) : std::numeric_limits<int32_t>::max();
   for (int u = 0; u < 3; ++u) {
-    lim[u] = _mm512_load_si512(lim_a + 16 * u);
-    m[u] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    l[u] = _mm512_setzero_ps();
+    t.lim[u] = _mm512_load_si512(lim_a + 16 * u);
+    t.m[u] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    t.l[u] = _mm512_setzero_ps();
   }
-  const int64_t n_keys = p0 + r0 + nr;     // keys seen by the last row
-  const int64_t all_see = p0 + r0 + 1;     // keys < all_see are visible to every lane
-  const float* kh = k + (int64_t)hk * d;
-  const float* vh = v + (int64_t)hk * d;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
-    const int nb = (int)std::min<int64_t>(kKeyBlock, n_keys - j0);
-    tile_scores(qt, kh + j0 * kv_stride, kv_stride, d, nb, st);
-    if (j0 + nb > all_see) {  // causal diagonal: masked scores become -inf (weight exactly 0)
-      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int j = (int)std::max<int64_t>(0, all_see - j0); j < nb; ++j) {
-        const __m512i pj = _mm512_set1_epi32((int32_t)(j0 + j));
-        for (int u = 0; u < 3; ++u) {
-          const __mmask16 hidden = _mm512_cmp_epi32_mask(lim[u], pj, _MM_CMPINT_LT);
-          float* sj = st + j * kTileLanes + 16 * u;
-          _mm512_store_ps(sj, _mm512_mask_mov_ps(_mm512_load_ps(sj), hidden, ninf));
-        }
-      }
-    }
-    // Online softmax. Key 0 is in the first block and visible to every lane, so m is finite
-    // from then on; exp16(-inf) is 0 for the first block's alpha and for masked scores.
-    __m512 bm[3] = {m[0], m[1], m[2]};
-    for (int j = 0; j < nb; ++j)
-      for (int u = 0; u < 3; ++u) bm[u] = _mm512_max_ps(bm[u], _mm512_load_ps(st + j * kTileLanes + 16 * u));
-    __m512 alpha[3], sum[3];
-    for (int u = 0; u < 3; ++u) {
-      alpha[u] = exp16(_mm512_sub_ps(m[u], bm[u]));
-      m[u] = bm[u];
-      sum[u] = _mm512_setzero_ps();
-    }
-    for (int j = 0; j < nb; ++j)
+  t.n_keys = p0 + t.r0 + t.nr;
+  t.all_see = p0 + t.r0 + 1;
+}
+
+// Keys [j0, j0 + nb) for one tile; kb/vb point at key j0 of this KV head.
+void tile_block(Tile& t, int64_t j0, int nb, const float* kb, const float* vb, int64_t kv_stride, int d, float* st) {
+  tile_scores(t.qt, kb, kv_stride, d, nb, st);
+  if (j0 + nb > t.all_see) {  // causal diagonal: masked scores become -inf (weight exactly 0)
+    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j) {
+      const __m512i pj = _mm512_set1_epi32((int32_t)(j0 + j));
       for (int u = 0; u < 3; ++u) {
+        const __mmask16 hidden = _mm512_cmp_epi32_mask(t.lim[u], pj, _MM_CMPINT_LT);
         float* sj = st + j * kTileLanes + 16 * u;
-        const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(sj), m[u]));
-        _mm512_store_ps(sj, p);
-        sum[u] = _mm512_add_ps(sum[u], p);
+        _mm512_store_ps(sj, _mm512_mask_mov_ps(_mm512_load_ps(sj), hidden, ninf));
       }
-    for (int u = 0; u < 3; ++u) l[u] = _mm512_fmadd_ps(l[u], alpha[u], sum[u]);
-    tile_values(st, vh + j0 * kv_stride, kv_stride, d, nb, alpha, ot);
+    }
   }
+  // Online softmax. Key 0 is in the first block and visible to every lane, so m is finite from
+  // then on; exp16(-inf) is 0 for the first block's alpha and for masked scores.
+  __m512 bm[3] = {t.m[0], t.m[1], t.m[2]};
+  for (int j = 0; j < nb; ++j)
+    for (int u = 0; u < 3; ++u) bm[u] = _mm512_max_ps(bm[u], _mm512_load_ps(st + j * kTileLanes + 16 * u));
+  __m512 alpha[3], sum[3];
+  for (int u = 0; u < 3; ++u) {
+    alpha[u] = exp16(_mm512_sub_ps(t.m[u], bm[u]));
+    t.m[u] = bm[u];
+    sum[u] = _mm512_setzero_ps();
+  }
+  for (int j = 0; j < nb; ++j)
+    for (int u = 0; u < 3; ++u) {
+      float* sj = st + j * kTileLanes + 16 * u;
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(sj), t.m[u]));
+      _mm512_store_ps(sj, p);
+      sum[u] = _mm512_add_ps(sum[u], p);
+    }
+  for (int u = 0; u < 3; ++u) t.l[u] = _mm512_fmadd_ps(t.l[u], alpha[u], sum[u]);
+  tile_values(st, vb, kv_stride, d, nb, alpha, t.ot);
+}
+
+void tile_finish(const Tile& t, const AttnShape& s, float* out, int hk) {
+  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
+  const int64_t q_stride = (int64_t)s.n_head * d;
   alignas(64) float inv[kTileLanes];
-  for (int u = 0; u < 3; ++u) _mm512_store_ps(inv + 16 * u, _mm512_div_ps(_mm512_set1_ps(1.0f), l[u]));
-  for (int r = 0; r < nr; ++r) {
-    float* orow = out + (r0 + r) * q_stride + (int64_t)hk * g * d;
+  for (int u = 0; u < 3; ++u) _mm512_store_ps(inv + 16 * u, _mm512_div_ps(_mm512_set1_ps(1.0f), t.l[u]));
+  for (int r = 0; r < t.nr; ++r) {
+    float* orow = out + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
     for (int hl = 0; hl < g; ++hl) {
       const int i = r * g + hl;
-      for (int c = 0; c < d; ++c) orow[hl * d + c] = ot[c * kTileLanes + i] * inv[i];
+      for (int c = 0; c < d; ++c) orow[hl * d + c] = t.ot[c * kTileLanes + i] * inv[i];
     }
   }
+}
+
+// Tiles [tile0, tile1) (at most kGroupTiles) of KV head hk; a tile is `rows` chunk rows.
+void prefill_group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
+                   float* out, int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
+  const int d = s.head_dim;
+  const int64_t kv_stride = (int64_t)s.n_head_kv * d;
+  const int nt = (int)(tile1 - tile0);
+  Tile tiles[kGroupTiles];
+  float* st = scratch + (size_t)2 * d * kGroupTiles * kTileLanes;  // [kKeyBlock][48]
+  int64_t n_keys = 0;
+  for (int i = 0; i < nt; ++i) {
+    Tile& t = tiles[i];
+    t.qt = scratch + (size_t)2 * i * d * kTileLanes;
+    t.ot = t.qt + (size_t)d * kTileLanes;
+    t.r0 = (tile0 + i) * rows;
+    t.nr = (int)std::min<int64_t>(rows, n_rows - t.r0);
+    tile_init(t, s, q, p0, hk);
+    n_keys = std::max(n_keys, t.n_keys);
+  }
+  const float* kh = k + (int64_t)hk * d;
+  const float* vh = v + (int64_t)hk * d;
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock)
+    for (int i = 0; i < nt; ++i) {
+      Tile& t = tiles[i];
+      if (j0 >= t.n_keys) continue;
+      const int nb = (int)std::min<int64_t>(kKeyBlock, t.n_keys - j0);
+      tile_block(t, j0, nb, kh + j0 * kv_stride, vh + j0 * kv_stride, kv_stride, d, st);
+    }
+  for (int i = 0; i < nt; ++i) tile_finish(tiles[i], s, out, hk);
 }
 #endif
 
@@ -308,20 +352,22 @@ void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64
   if (g <= kTileLanes) {
     const int rows = kTileLanes / g;  // rows per tile: all g heads of a row share the tile
     const int64_t n_tiles = (n_rows + rows - 1) / rows;
-    const int64_t n_tasks = n_tiles * s.n_head_kv;
+    const int64_t n_groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
+    const int64_t n_tasks = n_groups * s.n_head_kv;
     // 64-byte aligned scratch per thread.
-    const size_t per_thread = (tile_scratch_floats(s.head_dim) + 15) / 16 * 16;
+    const size_t per_thread = (group_scratch_floats(s.head_dim) + 15) / 16 * 16;
     std::vector<float> scratch(per_thread * (size_t)pool.size() + 16);
     float* base = scratch.data();
     base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
-    // Cost of a tile grows with its last row: hand out the most expensive tiles first (largest
-    // first with dynamic claiming balances the causal triangle).
+    // The cost of a group grows with its last row: hand out the most expensive groups first
+    // (largest first with dynamic claiming balances the causal triangle). Groups are aligned
+    // from the end of the chunk so the last, most expensive ones are full.
     pool.for_each_task(n_tasks, [&](int64_t task, int thread) {
-      const int64_t tile = n_tiles - 1 - task / s.n_head_kv;
+      const int64_t grp = task / s.n_head_kv;
       const int hk = (int)(task % s.n_head_kv);
-      const int64_t r0 = tile * rows;
-      const int nr = (int)std::min<int64_t>(rows, n_rows - r0);
-      prefill_tile_gqa(s, q, r0, nr, p0, k, v, out, hk, base + per_thread * (size_t)thread);
+      const int64_t tile1 = n_tiles - grp * kGroupTiles;
+      const int64_t tile0 = std::max<int64_t>(0, tile1 - kGroupTiles);
+      prefill_group(s, q, n_rows, p0, k, v, out, hk, tile0, tile1, rows, base + per_thread * (size_t)thread);
     });
     return;
   }

@@ -1,7 +1,7 @@
 // Exact causal attention for prefill chunks (see attention_prefill in attention.h).
 //
-// AVX-512 path: a flash-attention style fp32 kernel. A task is one KV head and one tile of
-// query rows; the query heads that share the KV head (GQA) are stacked into the tile, so a tile
+// AVX-512 path: a flash-attention style fp32 kernel. A tile is a block of query rows of one
+// KV head; the query heads that share the KV head (GQA) are stacked into the tile, so a tile
 // holds kTileLanes = 48 query vectors (3 zmm registers, lane i = row i / g, head i % g). Queries
 // live in the lanes, which makes everything per-query (running max, sum, rescale) a plain
 // vector op with no horizontal reductions, and lets K and V be read in their natural
@@ -9,7 +9,9 @@
 //   scores  S^T[j][i] = sum_c K[j][c] * Q^T[c][i]     8 keys x 48 queries in 24 zmm accumulators
 //   values  O^T[c][i] += V[j][c] * P^T[j][i]          8 channels x 48 queries in 24 zmm accumulators
 // Keys are processed in blocks of kKeyBlock with an online softmax; only the block(s) on the
-// causal diagonal are masked. Every K/V element loaded is used by all 48 query vectors.
+// causal diagonal are masked. Every K/V element loaded is used by all 48 query vectors, and a
+// task (KV head, group of up to kGroupTiles consecutive tiles) walks the keys once for the whole
+// group so K/V come from memory once per group. Tasks go out most expensive first.
 //
 // Portable path: the scalar tile kernel (16 rows of one query head per task).
 #include <algorithm>
@@ -31,7 +33,7 @@ namespace spc {
 
 namespace {
 
-constexpr int kRowTile = 16;    // query rows per portable prefill tile
+constexpr int kRowTile = 16;          // query rows per portable prefill tile
 constexpr int kScalarKeyBlock = 128;  // keys per online-softmax block in the portable path
 
 // One portable prefill tile: query head h, rows [r0, r0+nr) (nr <= 16) of the chunk.

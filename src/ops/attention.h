@@ -30,6 +30,10 @@ float exp_approx(float x);
 // Row r attends to keys 0 .. p0 + r.
 void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
                        float* out, ThreadPool& pool);
+// The same with the portable scalar kernel (what attention_prefill uses without AVX-512);
+// exposed so tests can check both paths on any build.
+void attention_prefill_portable(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k,
+                                const float* v, float* out, ThreadPool& pool);
 
 // Partial attention state over a subset of keys for one query vector: o is unnormalized.
 // Two partial states over disjoint key sets merge exactly (flash-decoding).

@@ -1,0 +1,380 @@
+// Exact causal attention for prefill chunks (see attention_prefill in attention.h).
+//
+// AVX-512 path: a flash-attention style fp32 kernel. A tile is a block of query rows of one
+// KV head; the query heads that share the KV head (GQA) are stacked into the tile, so a tile
+// holds kTileLanes = 48 query vectors (3 zmm registers, lane i = row i / g, head i % g). Queries
+// live in the lanes, which makes everything per-query (running max, sum, rescale) a plain
+// vector op with no horizontal reductions, and lets K and V be read in their natural
+// [pos][n_head_kv][head_dim] layout by broadcasts:
+//   scores  S^T[j][i] = sum_c K[j][c] * Q^T[c][i]     8 keys x 48 queries in 24 zmm accumulators
+//   values  O^T[c][i] += V[j][c] * P^T[j][i]          8 channels x 48 queries in 24 zmm accumulators
+// Keys are processed in blocks of kKeyBlock with an online softmax; only the block(s) on the
+// causal diagonal are masked. Every K/V element loaded is used by all 48 query vectors, and a
+// task (KV head, group of up to kGroupTiles consecutive tiles) walks the keys once for the whole
+// group so K/V come from memory once per group. Tasks go out most expensive first.
+//
+// Portable path: the scalar tile kernel (16 rows of one query head per task).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "ops/attention.h"
+#include "util/error.h"
+#include "util/threadpool.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace spc {
+
+namespace {
+
+constexpr int kRowTile = 16;          // query rows per portable prefill tile
+constexpr int kScalarKeyBlock = 128;  // keys per online-softmax block in the portable path
+
+// One portable prefill tile: query head h, rows [r0, r0+nr) (nr <= 16) of the chunk.
+void prefill_tile(const AttnShape& s, const float* q, int64_t r0, int nr, int64_t p0, const float* k, const float* v,
+                  float* out, int h) {
+  const int d = s.head_dim;
+  const int hk = h / (s.n_head / s.n_head_kv);
+  const int64_t q_stride = (int64_t)s.n_head * d, kv_stride = (int64_t)s.n_head_kv * d;
+  const float scale = 1.0f / std::sqrt((float)d);
+  alignas(64) float qt[256 * kRowTile];  // [d][16]
+  alignas(64) float ot[256 * kRowTile];  // [d][16] unnormalized output
+  alignas(64) float sc[kScalarKeyBlock * kRowTile];
+  float m[kRowTile], l[kRowTile];
+  SPC_ASSERT(d <= 256);
+  std::memset(qt, 0, sizeof(float) * d * kRowTile);
+  std::memset(ot, 0, sizeof(float) * d * kRowTile);
+  for (int r = 0; r < kRowTile; ++r) {
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0;
+  }
+  for (int r = 0; r < nr; ++r)
+    for (int c = 0; c < d; ++c) qt[c * kRowTile + r] = q[(r0 + r) * q_stride + h * d + c] * scale;
+  const int64_t n_keys = p0 + r0 + nr;  // last row sees keys < n_keys
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kScalarKeyBlock) {
+    const int nb = (int)std::min<int64_t>(kScalarKeyBlock, n_keys - j0);
+    for (int j = 0; j < nb; ++j) {
+      const float* kj = k + (j0 + j) * kv_stride + hk * d;
+      float acc[kRowTile] = {};
+      for (int c = 0; c < d; ++c) {
+        const float kc = kj[c];
+        for (int r = 0; r < kRowTile; ++r) acc[r] += kc * qt[c * kRowTile + r];
+      }
+      for (int r = 0; r < kRowTile; ++r) sc[j * kRowTile + r] = acc[r];
+    }
+    // Causal mask + online softmax update per row.
+    float mnew[kRowTile], alpha[kRowTile];
+    for (int r = 0; r < kRowTile; ++r) {
+      const int64_t lim = p0 + r0 + r;  // row sees keys <= lim
+      float mx = m[r];
+      for (int j = 0; j < nb; ++j)
+        if (j0 + j <= lim) mx = std::max(mx, sc[j * kRowTile + r]);
+      mnew[r] = mx;
+      alpha[r] = (m[r] == -std::numeric_limits<float>::infinity()) ? 0.0f : std::exp(m[r] - mx);
+    }
+    for (int j = 0; j < nb; ++j)
+      for (int r = 0; r < kRowTile; ++r) {
+        const bool ok = j0 + j <= p0 + r0 + r && r < nr;
+        sc[j * kRowTile + r] = ok ? exp_approx(sc[j * kRowTile + r] - mnew[r]) : 0.0f;
+      }
+    for (int r = 0; r < kRowTile; ++r) {
+      float sum = 0;
+      for (int j = 0; j < nb; ++j) sum += sc[j * kRowTile + r];
+      l[r] = l[r] * alpha[r] + sum;
+      m[r] = mnew[r];
+    }
+    for (int c = 0; c < d; ++c)
+      for (int r = 0; r < kRowTile; ++r) ot[c * kRowTile + r] *= alpha[r];
+    for (int j = 0; j < nb; ++j) {
+      const float* vj = v + (j0 + j) * kv_stride + hk * d;
+      const float* pj = sc + j * kRowTile;
+      for (int c = 0; c < d; ++c) {
+        const float vc = vj[c];
+        for (int r = 0; r < kRowTile; ++r) ot[c * kRowTile + r] += vc * pj[r];
+      }
+    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    const float inv = 1.0f / l[r];
+    float* o = out + (r0 + r) * q_stride + h * d;
+    for (int c = 0; c < d; ++c) o[c] = ot[c * kRowTile + r] * inv;
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr int kTileLanes = 48;  // query vectors per tile (3 zmm)
+constexpr int kKeyBlock = 64;   // keys per online-softmax block
+
+// exp for 16 lanes, same polynomial as exp_approx. Valid for x <= ~88; x below -110 (or -inf)
+// gives exactly 0 (scalef underflows), so masked scores need no separate zeroing.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-110.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// st[j][48] = sum_c K[j][c] * qt[c][48] for keys j < nb; kb points at key 0 of the block
+// (this KV head), ks is the key stride in floats.
+void tile_scores(const float* qt, const float* kb, int64_t ks, int d, int nb, float* st) {
+  int j = 0;
+  for (; j + 8 <= nb; j += 8) {
+    __m512 a[8][3];
+    for (int i = 0; i < 8; ++i) a[i][0] = a[i][1] = a[i][2] = _mm512_setzero_ps();
+    const float* kp = kb + j * ks;
+    for (int c = 0; c < d; ++c) {
+      const __m512 q0 = _mm512_load_ps(qt + c * kTileLanes);
+      const __m512 q1 = _mm512_load_ps(qt + c * kTileLanes + 16);
+      const __m512 q2 = _mm512_load_ps(qt + c * kTileLanes + 32);
+      for (int i = 0; i < 8; ++i) {
+        const __m512 kc = _mm512_set1_ps(kp[i * ks + c]);
+        a[i][0] = _mm512_fmadd_ps(kc, q0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(kc, q1, a[i][1]);
+        a[i][2] = _mm512_fmadd_ps(kc, q2, a[i][2]);
+      }
+    }
+    for (int i = 0; i < 8; ++i) {
+      float* sj = st + (j + i) * kTileLanes;
+      _mm512_store_ps(sj, a[i][0]);
+      _mm512_store_ps(sj + 16, a[i][1]);
+      _mm512_store_ps(sj + 32, a[i][2]);
+    }
+  }
+  for (; j < nb; ++j) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0;
+    const float* kp = kb + j * ks;
+    for (int c = 0; c < d; ++c) {
+      const __m512 kc = _mm512_set1_ps(kp[c]);
+      a0 = _mm512_fmadd_ps(kc, _mm512_load_ps(qt + c * kTileLanes), a0);
+      a1 = _mm512_fmadd_ps(kc, _mm512_load_ps(qt + c * kTileLanes + 16), a1);
+      a2 = _mm512_fmadd_ps(kc, _mm512_load_ps(qt + c * kTileLanes + 32), a2);
+    }
+    float* sj = st + j * kTileLanes;
+    _mm512_store_ps(sj, a0);
+    _mm512_store_ps(sj + 16, a1);
+    _mm512_store_ps(sj + 32, a2);
+  }
+}
+
+// ot[c][48] = ot[c][48] * alpha + sum_{j < nb} V[j][c] * pt[j][48]; vb points at key 0 of the
+// block (this KV head).
+void tile_values(const float* pt, const float* vb, int64_t vs, int d, int nb, const __m512 alpha[3], float* ot) {
+  int c0 = 0;
+  for (; c0 + 8 <= d; c0 += 8) {
+    __m512 a[8][3];
+    for (int i = 0; i < 8; ++i)
+      for (int u = 0; u < 3; ++u) a[i][u] = _mm512_mul_ps(_mm512_load_ps(ot + (c0 + i) * kTileLanes + 16 * u), alpha[u]);
+    const float* vp = vb + c0;
+    for (int j = 0; j < nb; ++j, vp += vs) {
+      const __m512 p0 = _mm512_load_ps(pt + j * kTileLanes);
+      const __m512 p1 = _mm512_load_ps(pt + j * kTileLanes + 16);
+      const __m512 p2 = _mm512_load_ps(pt + j * kTileLanes + 32);
+      for (int i = 0; i < 8; ++i) {
+        const __m512 vc = _mm512_set1_ps(vp[i]);
+        a[i][0] = _mm512_fmadd_ps(vc, p0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(vc, p1, a[i][1]);
+        a[i][2] = _mm512_fmadd_ps(vc, p2, a[i][2]);
+      }
+    }
+    for (int i = 0; i < 8; ++i)
+      for (int u = 0; u < 3; ++u) _mm512_store_ps(ot + (c0 + i) * kTileLanes + 16 * u, a[i][u]);
+  }
+  for (; c0 < d; ++c0) {  // head_dim % 8 tail, one channel at a time
+    __m512 a[3];
+    for (int u = 0; u < 3; ++u) a[u] = _mm512_mul_ps(_mm512_load_ps(ot + c0 * kTileLanes + 16 * u), alpha[u]);
+    for (int j = 0; j < nb; ++j) {
+      const __m512 vc = _mm512_set1_ps(vb[j * vs + c0]);
+      for (int u = 0; u < 3; ++u) a[u] = _mm512_fmadd_ps(vc, _mm512_load_ps(pt + j * kTileLanes + 16 * u), a[u]);
+    }
+    for (int u = 0; u < 3; ++u) _mm512_store_ps(ot + c0 * kTileLanes + 16 * u, a[u]);
+  }
+}
+
+// Up to kGroupTiles tiles of one KV head run together, key block by key block, so each K/V
+// block is fetched from memory once for all of them and then served from L1/L2: at depth the
+// K/V of a head (n_keys * head_dim * 8 bytes) is far larger than the caches.
+constexpr int kGroupTiles = 4;
+
+// State of one tile between key blocks.
+struct Tile {
+  float* qt;             // [d][48] scaled queries, lane i = (row i / g, head i % g)
+  float* ot;             // [d][48] unnormalized outputs
+  __m512 m[3], l[3];     // running max and sum per lane
+  __m512i lim[3];        // lane i sees keys j <= lim[i]
+  int64_t r0;            // first chunk row
+  int nr;                // rows (nr * g <= 48)
+  int64_t n_keys;        // keys seen by the last row
+  int64_t all_see;       // keys < all_see are visible to every lane
+};
+
+// Floats of per-thread scratch: Q^T and O^T [d][48] per tile, scores [kKeyBlock][48].
+inline size_t group_scratch_floats(int d) { return ((size_t)2 * d * kGroupTiles + kKeyBlock) * kTileLanes; }
+
+void tile_init(Tile& t, const AttnShape& s, const float* q, int64_t p0, int hk) {
+  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
+  const int64_t q_stride = (int64_t)s.n_head * d;
+  const float scale = 1.0f / std::sqrt((float)d);
+  const int used = t.nr * g;
+  std::memset(t.qt, 0, sizeof(float) * d * kTileLanes);
+  std::memset(t.ot, 0, sizeof(float) * d * kTileLanes);
+  for (int r = 0; r < t.nr; ++r) {
+    const float* qr = q + (t.r0 + r) * q_stride + (int64_t)hk * g * d;  // the g heads of hk are contiguous
+    for (int hl = 0; hl < g; ++hl)
+      for (int c = 0; c < d; ++c) t.qt[c * kTileLanes + r * g + hl] = qr[hl * d + c] * scale;
+  }
+  // Unused lanes see everything (their scores are 0 and their outputs are never stored).
+  alignas(64) int32_t lim_a[kTileLanes];
+  for (int i = 0; i < kTileLanes; ++i)
+    lim_a[i] = i < used ? (int32_t)(p0 + t.r0 + i / g) : std::numeric_limits<int32_t>::max();
+  for (int u = 0; u < 3; ++u) {
+    t.lim[u] = _mm512_load_si512(lim_a + 16 * u);
+    t.m[u] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    t.l[u] = _mm512_setzero_ps();
+  }
+  t.n_keys = p0 + t.r0 + t.nr;
+  t.all_see = p0 + t.r0 + 1;
+}
+
+// Keys [j0, j0 + nb) for one tile; kb/vb point at key j0 of this KV head.
+void tile_block(Tile& t, int64_t j0, int nb, const float* kb, const float* vb, int64_t kv_stride, int d, float* st) {
+  tile_scores(t.qt, kb, kv_stride, d, nb, st);
+  if (j0 + nb > t.all_see) {  // causal diagonal: masked scores become -inf (weight exactly 0)
+    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j) {
+      const __m512i pj = _mm512_set1_epi32((int32_t)(j0 + j));
+      for (int u = 0; u < 3; ++u) {
+        const __mmask16 hidden = _mm512_cmp_epi32_mask(t.lim[u], pj, _MM_CMPINT_LT);
+        float* sj = st + j * kTileLanes + 16 * u;
+        _mm512_store_ps(sj, _mm512_mask_mov_ps(_mm512_load_ps(sj), hidden, ninf));
+      }
+    }
+  }
+  // Online softmax. Key 0 is in the first block and visible to every lane, so m is finite from
+  // then on; exp16(-inf) is 0 for the first block's alpha and for masked scores.
+  __m512 bm[3] = {t.m[0], t.m[1], t.m[2]};
+  for (int j = 0; j < nb; ++j)
+    for (int u = 0; u < 3; ++u) bm[u] = _mm512_max_ps(bm[u], _mm512_load_ps(st + j * kTileLanes + 16 * u));
+  __m512 alpha[3], sum[3];
+  for (int u = 0; u < 3; ++u) {
+    alpha[u] = exp16(_mm512_sub_ps(t.m[u], bm[u]));
+    t.m[u] = bm[u];
+    sum[u] = _mm512_setzero_ps();
+  }
+  for (int j = 0; j < nb; ++j)
+    for (int u = 0; u < 3; ++u) {
+      float* sj = st + j * kTileLanes + 16 * u;
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(sj), t.m[u]));
+      _mm512_store_ps(sj, p);
+      sum[u] = _mm512_add_ps(sum[u], p);
+    }
+  for (int u = 0; u < 3; ++u) t.l[u] = _mm512_fmadd_ps(t.l[u], alpha[u], sum[u]);
+  tile_values(st, vb, kv_stride, d, nb, alpha, t.ot);
+}
+
+void tile_finish(const Tile& t, const AttnShape& s, float* out, int hk) {
+  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
+  const int64_t q_stride = (int64_t)s.n_head * d;
+  alignas(64) float inv[kTileLanes];
+  for (int u = 0; u < 3; ++u) _mm512_store_ps(inv + 16 * u, _mm512_div_ps(_mm512_set1_ps(1.0f), t.l[u]));
+  for (int r = 0; r < t.nr; ++r) {
+    float* orow = out + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
+    for (int hl = 0; hl < g; ++hl) {
+      const int i = r * g + hl;
+      for (int c = 0; c < d; ++c) orow[hl * d + c] = t.ot[c * kTileLanes + i] * inv[i];
+    }
+  }
+}
+
+// Tiles [tile0, tile1) (at most kGroupTiles) of KV head hk; a tile is `rows` chunk rows.
+void prefill_group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
+                   float* out, int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
+  const int d = s.head_dim;
+  const int64_t kv_stride = (int64_t)s.n_head_kv * d;
+  const int nt = (int)(tile1 - tile0);
+  Tile tiles[kGroupTiles];
+  float* st = scratch + (size_t)2 * d * kGroupTiles * kTileLanes;  // [kKeyBlock][48]
+  int64_t n_keys = 0;
+  for (int i = 0; i < nt; ++i) {
+    Tile& t = tiles[i];
+    t.qt = scratch + (size_t)2 * i * d * kTileLanes;
+    t.ot = t.qt + (size_t)d * kTileLanes;
+    t.r0 = (tile0 + i) * rows;
+    t.nr = (int)std::min<int64_t>(rows, n_rows - t.r0);
+    tile_init(t, s, q, p0, hk);
+    n_keys = std::max(n_keys, t.n_keys);
+  }
+  const float* kh = k + (int64_t)hk * d;
+  const float* vh = v + (int64_t)hk * d;
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock)
+    for (int i = 0; i < nt; ++i) {
+      Tile& t = tiles[i];
+      if (j0 >= t.n_keys) continue;
+      const int nb = (int)std::min<int64_t>(kKeyBlock, t.n_keys - j0);
+      tile_block(t, j0, nb, kh + j0 * kv_stride, vh + j0 * kv_stride, kv_stride, d, st);
+    }
+  for (int i = 0; i < nt; ++i) tile_finish(tiles[i], s, out, hk);
+}
+#endif
+
+}  // namespace
+
+void attention_prefill_portable(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k,
+                                const float* v, float* out, ThreadPool& pool) {
+  const int64_t n_tiles = (n_rows + kRowTile - 1) / kRowTile;
+  const int64_t n_tasks = n_tiles * s.n_head;
+  // Later tiles see more keys: hand them out first so the threads finish together.
+  pool.for_each_task(n_tasks, [&](int64_t task, int) {
+    const int64_t tile = n_tiles - 1 - task / s.n_head;
+    const int h = (int)(task % s.n_head);
+    const int64_t r0 = tile * kRowTile;
+    const int nr = (int)std::min<int64_t>(kRowTile, n_rows - r0);
+    prefill_tile(s, q, r0, nr, p0, k, v, out, h);
+  });
+}
+
+void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
+                       float* out, ThreadPool& pool) {
+#if defined(__AVX512F__)
+  const int g = s.n_head / s.n_head_kv;
+  if (g <= kTileLanes) {
+    const int rows = kTileLanes / g;  // rows per tile: all g heads of a row share the tile
+    const int64_t n_tiles = (n_rows + rows - 1) / rows;
+    const int64_t n_groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
+    const int64_t n_tasks = n_groups * s.n_head_kv;
+    // 64-byte aligned scratch per thread.
+    const size_t per_thread = (group_scratch_floats(s.head_dim) + 15) / 16 * 16;
+    std::vector<float> scratch(per_thread * (size_t)pool.size() + 16);
+    float* base = scratch.data();
+    base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
+    // The cost of a group grows with its last row: hand out the most expensive groups first
+    // (largest first with dynamic claiming balances the causal triangle). Groups are aligned
+    // from the end of the chunk so the last, most expensive ones are full.
+    pool.for_each_task(n_tasks, [&](int64_t task, int thread) {
+      const int64_t grp = task / s.n_head_kv;
+      const int hk = (int)(task % s.n_head_kv);
+      const int64_t tile1 = n_tiles - grp * kGroupTiles;
+      const int64_t tile0 = std::max<int64_t>(0, tile1 - kGroupTiles);
+      prefill_group(s, q, n_rows, p0, k, v, out, hk, tile0, tile1, rows, base + per_thread * (size_t)thread);
+    });
+    return;
+  }
+#endif
+  attention_prefill_portable(s, q, n_rows, p0, k, v, out, pool);
+}
+
+}  // namespace spc

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "ops/attention.h"
+#include "ops/vec_math.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -110,24 +111,6 @@ void prefill_tile(const AttnShape& s, const float* q, int64_t r0, int nr, int64_
 #if defined(__AVX512F__)
 constexpr int kTileLanes = 48;  // query vectors per tile (3 zmm)
 constexpr int kKeyBlock = 64;   // keys per online-softmax block
-
-// exp for 16 lanes, same polynomial as exp_approx. Valid for x <= ~88; x below -110 (or -inf)
-// gives exactly 0 (scalef underflows), so masked scores need no separate zeroing.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-110.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 // st[j][48] = sum_c K[j][c] * qt[c][48] for keys j < nb; kb points at key 0 of the block
 // (this KV head), ks is the key stride in floats.
@@ -265,20 +248,20 @@ void tile_block(Tile& t, int64_t j0, int nb, const float* kb, const float* vb, i
     }
   }
   // Online softmax. Key 0 is in the first block and visible to every lane, so m is finite from
-  // then on; exp16(-inf) is 0 for the first block's alpha and for masked scores.
+  // then on; exp_approx16(-inf) is 0 for the first block's alpha and for masked scores.
   __m512 bm[3] = {t.m[0], t.m[1], t.m[2]};
   for (int j = 0; j < nb; ++j)
     for (int u = 0; u < 3; ++u) bm[u] = _mm512_max_ps(bm[u], _mm512_load_ps(st + j * kTileLanes + 16 * u));
   __m512 alpha[3], sum[3];
   for (int u = 0; u < 3; ++u) {
-    alpha[u] = exp16(_mm512_sub_ps(t.m[u], bm[u]));
+    alpha[u] = exp_approx16(_mm512_sub_ps(t.m[u], bm[u]));
     t.m[u] = bm[u];
     sum[u] = _mm512_setzero_ps();
   }
   for (int j = 0; j < nb; ++j)
     for (int u = 0; u < 3; ++u) {
       float* sj = st + j * kTileLanes + 16 * u;
-      const __m512 p = exp16(_mm512_sub_ps(_mm512_load_ps(sj), t.m[u]));
+      const __m512 p = exp_approx16(_mm512_sub_ps(_mm512_load_ps(sj), t.m[u]));
       _mm512_store_ps(sj, p);
       sum[u] = _mm512_add_ps(sum[u], p);
     }

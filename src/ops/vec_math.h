@@ -13,10 +13,11 @@
 namespace spc {
 
 #if defined(__AVX512F__)
-// exp(x) on 16 lanes: the same range reduction and polynomial as exp_approx (x clamped to
-// [-87, 88]; max relative error ~2e-7).
+// exp(x) on 16 lanes: the range reduction and polynomial of exp_approx (max relative error
+// ~2e-7 where exp_approx is exact to that). x is clamped to [-110, 88]; below ~-104 the result
+// underflows to exactly 0 (scalef), so -inf (masked) scores need no separate zeroing.
 inline __m512 exp_approx16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-110.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);

@@ -109,6 +109,26 @@ TEST(Matmul, AllTypesMatchReference) {
   }
 }
 
+// The decode shapes of SmolLM2-135M (n_in 576 and 1536; row counts a multiple of the 4-row
+// tile and not), single and two-token steps (the SpeCache real + speculative rows), every type,
+// with inputs from the quantizer (realistic scales) and from random payloads.
+TEST(Matmul, DecodeShapesOneAndTwoTokens) {
+  std::mt19937 rng(5);
+  ThreadPool pool1(1), pool2(2);
+  for (GgmlType t : kAllTypes) {
+    for (auto [n_in, n_out] : std::vector<std::pair<int64_t, int64_t>>{{576, 192}, {576, 197}, {1536, 64}}) {
+      if (n_in % type_traits(t).block_size != 0) continue;
+      for (bool from_quantizer : {false, true}) {
+        const Case c = make_weights(t, n_in, n_out, rng, from_quantizer);
+        for (int64_t n_tok : {1, 2}) {
+          check_matmul(t, n_in, n_out, n_tok, pool1, c, rng);
+          check_matmul(t, n_in, n_out, n_tok, pool2, c, rng);
+        }
+      }
+    }
+  }
+}
+
 // The opt-in int8-activation path keeps its (looser) budget.
 TEST(Matmul, Int8ActivationsMatchReference) {
   std::mt19937 rng(11);

@@ -58,19 +58,35 @@ void attend_f16_cache(const F16Cache& cache, const KvGeometry& g, int il, const 
   // Queries of one KV head: rows x group heads, in batches of at most 8 per kernel call.
   const int n_q = rows.n_rows * group;
   const int qb = std::min(n_q, 8), n_qbatch = (n_q + qb - 1) / qb;
-  // Split positions into chunks (multiples of the key tile) so both threads stay busy.
-  const int64_t target_tasks = 4LL * pool.size();
+  // Split positions into chunks (multiples of the key tile) so both threads stay busy: many
+  // more tasks than threads (tasks are claimed dynamically, so the tail is one small chunk).
+  const int64_t target_tasks = 8LL * pool.size();
   int64_t chunk = std::max<int64_t>(256, (int64_t)n_pos * g.n_head_kv * n_qbatch / target_tasks);
   chunk = (chunk + kKeyTile - 1) / kKeyTile * kKeyTile;
   const int64_t n_chunks = (n_pos + chunk - 1) / chunk;
   const int64_t n_tasks = (int64_t)g.n_head_kv * n_qbatch * n_chunks;
 
-  std::vector<AttnPartial> parts((size_t)n_tasks * qb);
-  std::vector<float> outs((size_t)n_tasks * qb * d);
-  std::vector<std::vector<float>> scratch((size_t)pool.size());
+  // Partial states and outputs: thread-local buffers of the calling thread, grown as needed
+  // (no allocation per call once warm). Scratch is only needed by the non-streaming fallback.
+  struct Buffers {
+    std::vector<AttnPartial> parts;
+    std::vector<float> outs;
+    std::vector<std::vector<float>> scratch;
+  };
+  thread_local Buffers tl_buf;
+  Buffers& buf = tl_buf;  // the caller's instance (a thread_local named in the lambda would be the worker's)
+  if (buf.parts.size() < (size_t)n_tasks * qb) buf.parts.resize((size_t)n_tasks * qb);
+  if (buf.outs.size() < (size_t)n_tasks * qb * d) buf.outs.resize((size_t)n_tasks * qb * d);
+  const bool streams = attention_decode_f16_streams(d);
+  if (!streams) {
+    if (buf.scratch.size() < (size_t)pool.size()) buf.scratch.resize((size_t)pool.size());
+    for (auto& sc : buf.scratch)
+      if (sc.size() < (size_t)qb * (chunk + kKeyTile)) sc.resize((size_t)qb * (chunk + kKeyTile));
+  }
+  AttnPartial* parts = buf.parts.data();
+  float* outs = buf.outs.data();
   pool.for_each_task(n_tasks, [&](int64_t task, int t) {
-    scratch[t].resize((size_t)qb * (chunk + kKeyTile));
-    float qbuf[8 * 256];
+    alignas(64) float qbuf[8 * 256];
     int64_t lim[8];
     {
       const int h = (int)(task / (n_qbatch * n_chunks));
@@ -83,8 +99,8 @@ void attend_f16_cache(const F16Cache& cache, const KvGeometry& g, int il, const 
         lim[i] = rows.pos0 + r + 1;
       }
       const int64_t k0 = ch * chunk, k1 = std::min<int64_t>(n_pos, k0 + chunk);
-      attention_decode_f16(qbuf, nq, d, cache.keys(il, h), cache.values(il, h), k0, k1, lim,
-                           parts.data() + task * qb, outs.data() + task * qb * d, scratch[t].data());
+      attention_decode_f16(qbuf, nq, d, cache.keys(il, h), cache.values(il, h), k0, k1, lim, parts + task * qb,
+                           outs + task * qb * d, streams ? nullptr : buf.scratch[t].data());
     }
   });
   // Merge the chunks of each query and normalize.
@@ -94,9 +110,9 @@ void attend_f16_cache(const F16Cache& cache, const KvGeometry& g, int il, const 
       const int64_t base = ((int64_t)h * n_qbatch + b) * n_chunks;
       for (int i = 0; i < nq; ++i) {
         AttnPartial acc = parts[base * qb + i];
-        float* o = outs.data() + (base * qb + i) * d;
+        float* o = outs + (base * qb + i) * d;
         for (int64_t ch = 1; ch < n_chunks; ++ch)
-          attn_merge(acc, o, parts[(base + ch) * qb + i], outs.data() + ((base + ch) * qb + i) * d, d);
+          attn_merge(acc, o, parts[(base + ch) * qb + i], outs + ((base + ch) * qb + i) * d, d);
         const int r = (q0 + i) / group, hq = h * group + (q0 + i) % group;
         float* dst = out + ((int64_t)r * g.n_head + hq) * d;
         const float inv = 1.0f / acc.l;

@@ -1,4 +1,5 @@
 #include "ops/attention.h"
+#include "ops/vec_math.h"
 
 #include <algorithm>
 #include <bit>
@@ -71,9 +72,130 @@ void attn_merge(AttnPartial& dst, float* dst_o, const AttnPartial& src, const fl
   dst.m = m;
 }
 
+namespace {
+
+#if defined(__AVX512F__)
+// Keys per block of the streaming decode kernel: scores of a block (NQ x kDecBlock floats) and
+// its values (kDecBlock x head_dim fp16) stay in L1 between the passes.
+constexpr int kDecBlock = 128;
+
+// Value pass over one block for G channel vectors (16 channels each) starting at channel c0:
+// NQ x G accumulators live in registers for the whole block (loaded from o and rescaled by
+// alpha once per block, stored once).
+template <int NQ, int G>
+inline void decode_values(const fp16_t* v, int d, int c0, int nb, const float* p, const float* alpha, float* o) {
+  __m512 acc[NQ][G];
+  for (int i = 0; i < NQ; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = _mm512_mul_ps(_mm512_loadu_ps(o + i * d + c0 + 16 * g), _mm512_set1_ps(alpha[i]));
+  for (int j = 0; j < nb; ++j) {
+    const fp16_t* vj = v + (int64_t)j * d + c0;
+    __m512 V[G];
+    for (int g = 0; g < G; ++g) V[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(vj + 16 * g)));
+    for (int i = 0; i < NQ; ++i) {
+      const __m512 pj = _mm512_set1_ps(p[i * kDecBlock + j]);
+      for (int g = 0; g < G; ++g) acc[i][g] = _mm512_fmadd_ps(pj, V[g], acc[i][g]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(o + i * d + c0 + 16 * g, acc[i][g]);
+}
+
+// Streaming decode attention for head_dim % 16 == 0: one pass over the keys and values of
+// [k0, k1), block by block with an online softmax (per block: scores in registers per key tile,
+// block max, rescale of the running state, exp, then the value pass). No heap, no scratch.
+template <int NQ>
+void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v, int64_t k0, int64_t k1,
+                       const int64_t* limit, AttnPartial* part, float* o) {
+  const float scale = 1.0f / std::sqrt((float)d);
+  alignas(64) float qs[NQ * 256];
+  alignas(64) float sc[NQ * kDecBlock];
+  float m[NQ], l[NQ], alpha[NQ];
+  for (int i = 0; i < NQ; ++i) {
+    for (int c = 0; c < d; ++c) qs[i * d + c] = q[i * d + c] * scale;
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = 0;
+  }
+  std::memset(o, 0, sizeof(float) * NQ * d);
+  // Channel vectors per value pass: as many as the registers hold with NQ rows of accumulators.
+  constexpr int G = NQ <= 6 ? 4 : 2;
+  for (int64_t b0 = k0; b0 < k1; b0 += kDecBlock) {
+    const int nb = (int)std::min<int64_t>(kDecBlock, k1 - b0);
+    const int ntile = (nb + kKeyTile - 1) / kKeyTile;
+    // Scores of the block: one 16-key tile at a time, d FMAs per query.
+    for (int t = 0; t < ntile; ++t) {
+      const fp16_t* tile = kt + key_tile_offset(b0 + t * kKeyTile, d);
+      __m512 acc[NQ];
+      for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
+      for (int c = 0; c < d; ++c) {
+        const __m512 kc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(tile + c * kKeyTile)));
+        for (int i = 0; i < NQ; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qs[i * d + c]), kc, acc[i]);
+      }
+      for (int i = 0; i < NQ; ++i) _mm512_store_ps(sc + i * kDecBlock + t * kKeyTile, acc[i]);
+    }
+    // Online softmax per query, with its causal limit (positions >= limit get weight 0).
+    for (int i = 0; i < NQ; ++i) {
+      float* si = sc + i * kDecBlock;
+      const int ni = (int)std::max<int64_t>(0, std::min<int64_t>(nb, limit[i] - b0));
+      if (ni == 0) {
+        alpha[i] = 1.0f;
+        std::memset(si, 0, sizeof(float) * ntile * kKeyTile);
+        continue;
+      }
+      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int j = 0; j < ni; j += 16) {
+        const __mmask16 k = ni - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ni - j)) - 1);
+        mx = _mm512_mask_max_ps(mx, k, mx, _mm512_load_ps(si + j));
+      }
+      const float mnew = std::max(m[i], _mm512_reduce_max_ps(mx));
+      alpha[i] = m[i] == -std::numeric_limits<float>::infinity() ? 0.0f : exp_approx(m[i] - mnew);
+      const __m512 mv = _mm512_set1_ps(mnew);
+      __m512 sum = _mm512_setzero_ps();
+      for (int j = 0; j < ntile * kKeyTile; j += 16) {
+        const int left = ni - j;
+        const __mmask16 k = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+        const __m512 pj = _mm512_maskz_mov_ps(k, exp_approx16(_mm512_sub_ps(_mm512_load_ps(si + j), mv)));
+        _mm512_store_ps(si + j, pj);
+        sum = _mm512_add_ps(sum, pj);
+      }
+      l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(sum);
+      m[i] = mnew;
+    }
+    // Weighted values of the block.
+    const fp16_t* vb = v + b0 * d;
+    int c0 = 0;
+    for (; c0 + 16 * G <= d; c0 += 16 * G) decode_values<NQ, G>(vb, d, c0, nb, sc, alpha, o);
+    for (; c0 < d; c0 += 16) decode_values<NQ, 1>(vb, d, c0, nb, sc, alpha, o);
+  }
+  for (int i = 0; i < NQ; ++i) part[i] = {m[i], l[i]};
+}
+
+using DecodeStreamFn = void (*)(const float*, int, const fp16_t*, const fp16_t*, int64_t, int64_t, const int64_t*,
+                                AttnPartial*, float*);
+constexpr DecodeStreamFn kDecodeStream[8] = {decode_f16_stream<1>, decode_f16_stream<2>, decode_f16_stream<3>,
+                                             decode_f16_stream<4>, decode_f16_stream<5>, decode_f16_stream<6>,
+                                             decode_f16_stream<7>, decode_f16_stream<8>};
+#endif
+
+}  // namespace
+
+bool attention_decode_f16_streams(int head_dim) {
+#if defined(__AVX512F__)
+  return head_dim % 16 == 0 && head_dim <= 256;
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
 void attention_decode_f16(const float* q, int n_q, int d, const fp16_t* kt, const fp16_t* v, int64_t k0, int64_t k1,
                           const int64_t* limit, AttnPartial* part, float* o, float* scratch) {
-  SPC_ASSERT(k0 % kKeyTile == 0 && d <= 256);
+  SPC_ASSERT(k0 % kKeyTile == 0 && d <= 256 && n_q >= 1 && n_q <= 8);
+#if defined(__AVX512F__)
+  if (attention_decode_f16_streams(d)) {
+    kDecodeStream[n_q - 1](q, d, kt, v, k0, k1, limit, part, o);
+    return;
+  }
+#endif
   const float scale = 1.0f / std::sqrt((float)d);
   const int64_t n = k1 - k0;
   const int64_t n_pad = (n + kKeyTile - 1) / kKeyTile * kKeyTile;

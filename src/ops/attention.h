@@ -55,8 +55,12 @@ inline int64_t key_tile_offset(int64_t pos, int head_dim) {  // element offset o
 // positions [k0, k1) of one KV head, with per-query causal limits (query i sees positions < limit[i]).
 // kt: tile-transposed keys (see key_tile_offset), v: [pos][head_dim] fp16.
 // q: [n_q][head_dim] (unscaled). Produces partial states; o: [n_q][head_dim] unnormalized.
-// scratch: at least n_q * (k1 - k0 + kKeyTile) floats.
+// n_q: 1..8. When attention_decode_f16_streams(head_dim) (AVX-512, head_dim % 16 == 0), keys and
+// values are streamed once, block by block with an online softmax and the accumulators in
+// registers, and scratch is not used (may be null); otherwise scratch must hold at least
+// n_q * (k1 - k0 + kKeyTile) floats.
 void attention_decode_f16(const float* q, int n_q, int head_dim, const fp16_t* kt, const fp16_t* v, int64_t k0,
                           int64_t k1, const int64_t* limit, AttnPartial* part, float* o, float* scratch);
+bool attention_decode_f16_streams(int head_dim);
 
 }  // namespace spc

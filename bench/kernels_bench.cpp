@@ -1,0 +1,132 @@
+// Microbenchmarks of the decode kernels (Google Benchmark), reporting bytes streamed per second:
+// fused fp32-activation quantized matmul at the SmolLM2-135M shapes (n_tok 1 and 2) and decode
+// attention over an fp16 cache. The machine is small and shared: run with --benchmark_repetitions
+// and compare the best (max) bytes_per_second, not the mean.
+//   ./build/specache_kernel_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=false
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "core/dtype.h"
+#include "kv/f16_cache.h"
+#include "ops/attention.h"
+#include "ops/matmul.h"
+#include "ops/quant.h"
+#include "util/fp16.h"
+#include "util/threadpool.h"
+
+using namespace spc;
+
+namespace {
+
+ThreadPool& pool_of(int n) {
+  static ThreadPool p1(1), p2(2);
+  return n == 1 ? p1 : p2;
+}
+
+// Several copies of the weights so that the working set exceeds the caches (decode streams every
+// matrix from DRAM once per token): at least 64 MiB in all, cycled through.
+struct Weights {
+  std::vector<std::vector<uint8_t>> copies;
+  size_t bytes = 0;
+};
+Weights make_weights(GgmlType t, int64_t n_out, int64_t n_in, bool hot) {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd(0.f, 0.05f);
+  const size_t rs = row_size(t, n_in);
+  std::vector<float> row(n_in);
+  std::vector<uint8_t> w(rs * n_out);
+  for (int64_t o = 0; o < n_out; ++o) {
+    for (auto& v : row) v = nd(rng);
+    quantize_row(t, row.data(), w.data() + o * rs, n_in);
+  }
+  Weights ws;
+  ws.bytes = w.size();
+  const size_t n_copies = hot ? 1 : std::max<size_t>(1, (64u << 20) / w.size() + 1);
+  for (size_t i = 0; i < n_copies; ++i) ws.copies.push_back(w);
+  return ws;
+}
+
+// hot: one copy of the weights, cache-resident when small (the kernel's compute ceiling).
+void BM_Matmul(benchmark::State& st, GgmlType t, int64_t n_out, int64_t n_in, bool hot) {
+  const int64_t n_tok = st.range(0);
+  const int threads = (int)st.range(1);
+  const Weights ws = make_weights(t, n_out, n_in, hot);
+  std::vector<float> x(n_tok * n_in), y(n_tok * n_out);
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (auto& v : x) v = nd(rng);
+  ThreadPool& pool = pool_of(threads);
+  size_t i = 0;
+  for (auto _ : st) {
+    matmul(WeightView{t, n_in, n_out, ws.copies[i].data()}, x.data(), n_tok, y.data(), pool);
+    benchmark::DoNotOptimize(y.data());
+    i = (i + 1) % ws.copies.size();
+  }
+  st.SetBytesProcessed((int64_t)st.iterations() * (int64_t)ws.bytes);
+}
+
+// Decode attention of one layer over n_pos cached positions (3 KV heads, head_dim 64, 9 query
+// heads): n_rows 1 -> n_q 3 per KV head, n_rows 2 -> n_q 6. Several layers cycled so the cache
+// streams from DRAM.
+void BM_AttnDecode(benchmark::State& st) {
+  const int64_t n_pos = st.range(0);
+  const int n_rows = (int)st.range(1);
+  const int threads = (int)st.range(2);
+  KvGeometry g{};
+  g.n_layer = 8;
+  g.n_head = 9;
+  g.n_head_kv = 3;
+  g.head_dim = 64;
+  F16Cache cache(g, n_pos);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> k(n_pos * g.n_head_kv * g.head_dim), v(k.size());
+  for (auto& e : k) e = nd(rng);
+  for (auto& e : v) e = nd(rng);
+  for (int il = 0; il < g.n_layer; ++il) cache.write(il, 0, n_pos, k.data(), v.data());
+  std::vector<float> q(n_rows * g.n_head * g.head_dim), out(q.size());
+  for (auto& e : q) e = nd(rng);
+  DecodeRows rows{};
+  rows.q = q.data();
+  rows.n_rows = n_rows;
+  rows.pos0 = n_pos - n_rows;
+  ThreadPool& pool = pool_of(threads);
+  int il = 0;
+  for (auto _ : st) {
+    attend_f16_cache(cache, g, il, rows, out.data(), pool);
+    benchmark::DoNotOptimize(out.data());
+    il = (il + 1) % g.n_layer;
+  }
+  st.SetBytesProcessed((int64_t)st.iterations() * (int64_t)cache.bytes_for(n_pos) / g.n_layer);
+}
+
+void matmul_args(benchmark::internal::Benchmark* b) {
+  for (int threads : {1, 2})
+    for (int n_tok : {1, 2}) b->Args({n_tok, threads});
+  b->ArgNames({"tok", "thr"})->UseRealTime()->MinTime(0.2);
+}
+
+}  // namespace
+
+#define SPC_MM(T, O, I) \
+  BENCHMARK_CAPTURE(BM_Matmul, T##_##O##x##I, GgmlType::T, O, I, false)->Apply(matmul_args);
+SPC_MM(Q4_1, 576, 576)
+SPC_MM(Q4_1, 192, 576)
+SPC_MM(Q4_1, 1536, 576)
+SPC_MM(Q4_1, 576, 1536)
+SPC_MM(Q8_0, 576, 576)
+SPC_MM(Q8_0, 1536, 576)
+SPC_MM(Q8_0, 49152, 576)
+BENCHMARK_CAPTURE(BM_Matmul, hot_Q4_1_576x576, GgmlType::Q4_1, 576, 576, true)->Apply(matmul_args);
+BENCHMARK_CAPTURE(BM_Matmul, hot_Q8_0_576x576, GgmlType::Q8_0, 576, 576, true)->Apply(matmul_args);
+
+BENCHMARK(BM_AttnDecode)
+    ->ArgsProduct({{8192}, {1, 2}, {1, 2}})
+    ->ArgNames({"pos", "rows", "thr"})
+    ->UseRealTime()
+    ->MinTime(0.2);
+
+BENCHMARK_MAIN();

@@ -1,0 +1,193 @@
+// Decode attention over the fp16 cache (ops/attention.h attention_decode_f16, kv/f16_cache.h
+// attend_f16_cache) vs a double-precision scalar reference: n_q 1..8, head_dim 64 (the streaming
+// AVX-512 kernel), other multiples of 16 and a non-multiple (the generic fallback), causal
+// limits inside / before / after the range, ranges that are not multiples of the key tile or
+// of the kernel's key block, and chunked (flash-decoding) splits over 1 and 2 threads.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "kv/f16_cache.h"
+#include "ops/attention.h"
+#include "util/fp16.h"
+#include "util/threadpool.h"
+
+using namespace spc;
+
+namespace {
+
+// One KV head's keys/values at positions [0, n): keys tile-transposed, values row-major, plus the
+// fp16-rounded values as doubles for the reference.
+struct Head {
+  int d;
+  int64_t n;
+  std::vector<fp16_t> kt, v;
+  std::vector<double> kd, vd;  // [n][d]
+};
+
+Head make_head(int d, int64_t n, std::mt19937& rng) {
+  Head h{d, n, {}, {}, {}, {}};
+  const int64_t cap = (n + kKeyTile - 1) / kKeyTile * kKeyTile;
+  h.kt.assign(cap * d, fp32_to_fp16(0.f));
+  h.v.assign(cap * d, fp32_to_fp16(0.f));
+  h.kd.resize(n * d);
+  h.vd.resize(n * d);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t p = 0; p < n; ++p)
+    for (int c = 0; c < d; ++c) {
+      // A few large keys so the softmax is peaked somewhere (exercises the running max).
+      const float kv = nd(rng) * (p % 37 == 5 ? 3.f : 1.f);
+      const fp16_t kh = fp32_to_fp16(kv), vh = fp32_to_fp16(nd(rng));
+      h.kt[key_tile_offset(p, d) + (int64_t)c * kKeyTile] = kh;
+      h.v[p * d + c] = vh;
+      h.kd[p * d + c] = fp16_to_fp32(kh);
+      h.vd[p * d + c] = fp16_to_fp32(vh);
+    }
+  return h;
+}
+
+// Reference over positions [k0, min(k1, lim)): max score, sum of exp, normalized output.
+struct Ref {
+  double m, l;
+  std::vector<double> o;
+};
+Ref reference(const Head& h, const float* q, int64_t k0, int64_t k1, int64_t lim) {
+  const int d = h.d;
+  const double scale = 1.0 / std::sqrt((double)d);
+  Ref r{-std::numeric_limits<double>::infinity(), 0, std::vector<double>(d, 0.0)};
+  const int64_t e = std::min(k1, lim);
+  std::vector<double> s;
+  for (int64_t p = k0; p < e; ++p) {
+    double acc = 0;
+    for (int c = 0; c < d; ++c) acc += (double)q[c] * h.kd[p * d + c];
+    s.push_back(acc * scale);
+    r.m = std::max(r.m, s.back());
+  }
+  for (int64_t p = k0; p < e; ++p) {
+    const double w = std::exp(s[p - k0] - r.m);
+    r.l += w;
+    for (int c = 0; c < d; ++c) r.o[c] += w * h.vd[p * d + c];
+  }
+  if (r.l > 0)
+    for (double& x : r.o) x /= r.l;
+  return r;
+}
+
+void check_range(const Head& h, int n_q, int64_t k0, int64_t k1, const std::vector<int64_t>& lim, std::mt19937& rng) {
+  const int d = h.d;
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> q(n_q * d);
+  for (auto& x : q) x = nd(rng);
+  std::vector<AttnPartial> part(n_q);
+  std::vector<float> o(n_q * d, NAN);
+  std::vector<float> scratch(n_q * (k1 - k0 + kKeyTile), NAN);
+  attention_decode_f16(q.data(), n_q, d, h.kt.data(), h.v.data(), k0, k1, lim.data(), part.data(), o.data(),
+                       scratch.data());
+  for (int i = 0; i < n_q; ++i) {
+    const Ref r = reference(h, q.data() + i * d, k0, k1, lim[i]);
+    SCOPED_TRACE(testing::Message() << "d=" << d << " n_q=" << n_q << " k0=" << k0 << " k1=" << k1 << " q=" << i
+                                    << " lim=" << lim[i]);
+    if (r.l == 0) {  // sees nothing in this range: an empty partial state
+      EXPECT_EQ(part[i].l, 0.f);
+      continue;
+    }
+    EXPECT_NEAR(part[i].m, r.m, 1e-4 * (1 + std::fabs(r.m)));
+    // l and o relative to this kernel's own max (equal to the reference max up to rounding).
+    const double rescale = std::exp(r.m - (double)part[i].m);
+    EXPECT_NEAR(part[i].l, r.l * rescale, 1e-4 * r.l * rescale);
+    double worst = 0;
+    for (int c = 0; c < d; ++c) worst = std::max(worst, std::fabs(o[i * d + c] / part[i].l - r.o[c]));
+    EXPECT_LE(worst, 2e-5);
+  }
+}
+
+}  // namespace
+
+TEST(AttentionDecode, MatchesReferenceAllShapes) {
+  std::mt19937 rng(7);
+  for (int d : {64, 32, 128, 40, 24}) {
+    const Head h = make_head(d, 700, rng);
+    for (int n_q = 1; n_q <= 8; ++n_q) {
+      // [k0, k1): tile-aligned starts; lengths around the tile (16) and the kernel block (128).
+      for (auto [k0, k1] : std::vector<std::pair<int64_t, int64_t>>{
+               {0, 1}, {0, 15}, {0, 16}, {16, 33}, {0, 127}, {0, 128}, {128, 257}, {32, 300}, {0, 700}}) {
+        std::vector<int64_t> lim(n_q);
+        // All see everything.
+        for (int i = 0; i < n_q; ++i) lim[i] = k1 + 5;
+        check_range(h, n_q, k0, k1, lim, rng);
+        // Decode-like limits: query i sees positions < k1 - (n_q - 1 - i) (the last rows of a
+        // multi-token step), some limits inside the range, one before it.
+        for (int i = 0; i < n_q; ++i) lim[i] = std::max<int64_t>(k0 - 1, k1 - (n_q - 1 - i) * 7);
+        lim[0] = k0;  // sees nothing
+        check_range(h, n_q, k0, k1, lim, rng);
+      }
+    }
+  }
+}
+
+// attend_f16_cache: chunked over the pool, merged with attn_merge, normalized; GQA groups and
+// 1..3 rows per step (n_q up to 9 per KV head: two kernel batches), 1 and 2 threads.
+TEST(AttentionDecode, F16CacheMatchesReference) {
+  std::mt19937 rng(9);
+  ThreadPool pool1(1), pool2(2);
+  for (int d : {64, 40}) {
+    KvGeometry g{};
+    g.n_layer = 2;
+    g.n_head = 9;
+    g.n_head_kv = 3;
+    g.head_dim = d;
+    for (int64_t n_pos : {1, 17, 300, 2100}) {
+      F16Cache cache(g, n_pos + 4);
+      std::normal_distribution<float> nd(0.f, 1.f);
+      std::vector<float> k(n_pos * g.n_head_kv * d), v(k.size());
+      for (auto& x : k) x = nd(rng);
+      for (auto& x : v) x = nd(rng);
+      cache.write(1, 0, n_pos, k.data(), v.data());
+      std::vector<float> kr(k.size()), vr(v.size());  // fp16-rounded
+      cache.read(1, n_pos, kr.data(), vr.data());
+      for (int n_rows : {1, 2, 3}) {
+        if (n_rows > n_pos) continue;
+        std::vector<float> q(n_rows * g.n_head * d);
+        for (auto& x : q) x = nd(rng);
+        DecodeRows rows{};
+        rows.n_rows = n_rows;
+        rows.n_keep = n_rows;
+        rows.pos0 = n_pos - n_rows;
+        rows.q = q.data();
+        for (ThreadPool* pool : {&pool1, &pool2}) {
+          std::vector<float> out(q.size(), NAN);
+          attend_f16_cache(cache, g, 1, rows, out.data(), *pool);
+          double worst = 0;
+          for (int r = 0; r < n_rows; ++r)
+            for (int hq = 0; hq < g.n_head; ++hq) {
+              const int hk = hq / (g.n_head / g.n_head_kv);
+              const float* qi = q.data() + (r * g.n_head + hq) * d;
+              const int64_t e = rows.pos0 + r + 1;
+              std::vector<double> s(e);
+              double mx = -1e300;
+              for (int64_t p = 0; p < e; ++p) {
+                double acc = 0;
+                for (int c = 0; c < d; ++c) acc += (double)qi[c] * kr[(p * g.n_head_kv + hk) * d + c];
+                s[p] = acc / std::sqrt((double)d);
+                mx = std::max(mx, s[p]);
+              }
+              double l = 0;
+              std::vector<double> o(d, 0.0);
+              for (int64_t p = 0; p < e; ++p) {
+                const double w = std::exp(s[p] - mx);
+                l += w;
+                for (int c = 0; c < d; ++c) o[c] += w * vr[(p * g.n_head_kv + hk) * d + c];
+              }
+              for (int c = 0; c < d; ++c)
+                worst = std::max(worst, std::fabs(out[(r * g.n_head + hq) * d + c] - o[c] / l));
+            }
+          EXPECT_LE(worst, 2e-5) << "d=" << d << " n_pos=" << n_pos << " rows=" << n_rows << " threads=" << pool->size();
+        }
+      }
+    }
+  }
+}

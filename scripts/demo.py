@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The main job: a long-context question on the default model, answered with the full 16-bit
-KV cache and with SpeCache (2-bit and 1-bit copies + speculative top-k prefetch), side by side.
+KV cache and with SpeCache (2-bit and 1-bit copies + speculative top-k prefetch), and with
+SpeCache's non-speculative variant (1-bit copy, the real token's own top-k fetched at once),
+side by side.
 
-Prints both answers, their token agreement, fast-tier KV bytes and decode speed.
+Prints the answers, their token agreement, fast-tier KV bytes, peak RSS and decode speed.
 Usage: scripts/demo.py SPECACHE_BINARY MODEL.gguf [--tokens N] [--threads T] [--store host|file]
 """
 import argparse
@@ -42,7 +44,7 @@ def run(binary, model, prompt_file, spec, threads, store, kv_dir):
     policy, _, bits = spec.partition(":")
     cmd = [binary, "generate", "-m", model, "-f", prompt_file, "-n", "48", "--temp", "0",
            "-t", str(threads), "--json", "--kv", policy]
-    if policy == "specache":
+    if policy.startswith("specache"):
         cmd += ["--kv-bits", bits, "--kv-store", store] + (["--kv-dir", kv_dir] if store == "file" else [])
     t0 = time.time()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -73,7 +75,7 @@ def main():
         open(pf, "w", encoding="utf-8").write(prompt)
         print(f"prompt: {source}, needle at 40% depth, question: {QUESTION}", flush=True)
         results = {}
-        for policy in ("full", "specache:2", "specache:1"):
+        for policy in ("full", "specache:2", "specache:1", "specache-exact:1"):
             print(f"running --kv {policy} ...", flush=True)
             results[policy] = run(a.binary, a.model, pf, policy, a.threads, a.store, tmp)
 
@@ -82,8 +84,8 @@ def main():
     print(f"prompt tokens: {len(full['prompt_tokens'])}")
     for name, r in results.items():
         kv, t = r["kv"], r["timings"]
-        print(f"[{name:10s}] answer: {r['text'].strip()[:100]!r}")
-        print(f"             fast-tier KV {kv['fast_bytes'] / 2**20:7.2f} MiB, slow tier {kv['slow_bytes'] / 2**20:7.2f} MiB, "
+        print(f"[{name:16s}] answer: {r['text'].strip()[:100]!r}")
+        print(f"                   fast-tier KV {kv['fast_bytes'] / 2**20:7.2f} MiB, slow tier {kv['slow_bytes'] / 2**20:7.2f} MiB, "
               f"peak RSS {r['memory']['peak_rss_bytes'] / 2**20:.0f} MiB, prefill {t['prefill_tok_per_s']:.0f} tok/s, "
               f"decode {t['decode_ms_per_token']:.2f} ms/token")
     print()
@@ -94,10 +96,10 @@ def main():
         same = sum(1 for i in range(n) if full["tokens"][i] == r["tokens"][i])
         prefix = next((i for i in range(n) if full["tokens"][i] != r["tokens"][i]), n)
         ratio = r["kv"]["fast_bytes"] / max(1, full["kv"]["fast_bytes"])
+        spec = (f"speculative top-k recall {r['kv']['spec_recall']:.2f}, " if name.startswith("specache:") else "")
         print(f"{name}: fast-tier KV = {100 * ratio:.1f}% of the full cache; greedy agreement with full "
-              f"{same}/{n} tokens ({prefix} identical in a row); speculative top-k recall "
-              f"{r['kv']['spec_recall']:.2f}, prefetch reuse {r['kv']['prefetch_reuse_rate']:.2f}, "
-              f"stall {r['kv']['stall_ms']:.1f} ms")
+              f"{same}/{n} tokens ({prefix} identical in a row); {spec}prefetch reuse "
+              f"{r['kv']['prefetch_reuse_rate']:.2f}, stall {r['kv']['stall_ms']:.1f} ms")
     found = ", ".join(f"{k}={ANSWER in r['text']}" for k, r in results.items())
     print(f"needle ({ANSWER}) retrieved: {found}")
 

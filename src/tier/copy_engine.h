@@ -24,7 +24,8 @@ class CopyEngine {
 
   using Ticket = uint64_t;  // 1, 2, 3, ... in submission order
 
-  // Enqueues a gather of refs into dst (dst + i*row_bytes <- row refs[i]); returns at once.
+  // Enqueues a gather of refs into dst (dst + i*row_bytes <- row refs[i], or row refs[i].dst_row
+  // of dst when that is set: a scatter into slots); returns at once.
   // dst must stay valid until the ticket has been waited on (or the engine destroyed).
   Ticket submit_gather(std::vector<RowRef> refs, void* dst);
   // Blocks until the ticket's copy is complete; the time blocked is added to stall time.

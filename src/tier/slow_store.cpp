@@ -41,10 +41,10 @@ const SlowGeometry& check_geometry(const SlowGeometry& g) {
   return g;
 }
 
-// Shared bookkeeping: per-layer high-water marks and bounds checks.
 // Destination row of refs[i] within a batch (see RowRef::dst_row).
 inline size_t dst_index(const RowRef& r, size_t i) { return r.dst_row >= 0 ? (size_t)r.dst_row : i; }
 
+// Shared bookkeeping: per-layer high-water marks and bounds checks.
 class StoreBase : public SlowStore {
  public:
   explicit StoreBase(const SlowGeometry& g)

@@ -129,6 +129,42 @@ TEST(Matmul, DecodeShapesOneAndTwoTokens) {
   }
 }
 
+// matmul_many gives exactly what separate matmul calls give: fused (one dispatch) when all
+// matrices have a fused decode kernel and the same n_in, separate calls otherwise.
+TEST(Matmul, ManySharedInputEqualsSeparateCalls) {
+  std::mt19937 rng(9);
+  ThreadPool pool(2);
+  const int64_t n_in = 576;
+  const std::vector<std::vector<std::pair<GgmlType, int64_t>>> sets = {
+      {{GgmlType::Q4_1, 576}, {GgmlType::Q4_1, 192}, {GgmlType::Q4_1, 197}},  // SmolLM2's q, k, v (+ a ragged one)
+      {{GgmlType::Q8_0, 1536}, {GgmlType::Q8_0, 1536}},
+      {{GgmlType::Q4_0, 64}, {GgmlType::Q4_1, 100}},   // mixed types, same activation layout: fused
+      {{GgmlType::Q4_1, 64}, {GgmlType::Q8_0, 61}},    // mixed types, one permuted one not: separate calls
+      {{GgmlType::Q4_0, 96}, {GgmlType::F16, 40}},     // a type without a fused kernel: separate calls
+      {{GgmlType::Q5_1, 33}},
+  };
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (const auto& set : sets)
+    for (int64_t n_tok : {1, 2, 5, 40}) {
+      std::vector<Case> cs;
+      std::vector<WeightView> ws;
+      for (auto [t, n_out] : set) cs.push_back(make_weights(t, n_in, n_out, rng, true));
+      for (size_t i = 0; i < set.size(); ++i) ws.push_back({set[i].first, n_in, set[i].second, cs[i].w.data()});
+      std::vector<float> x((size_t)(n_tok * n_in));
+      for (auto& v : x) v = nd(rng);
+      std::vector<std::vector<float>> got(set.size()), want(set.size());
+      std::vector<float*> ys;
+      for (size_t i = 0; i < set.size(); ++i) {
+        got[i].assign((size_t)(n_tok * set[i].second), -1.f);
+        want[i].assign(got[i].size(), -2.f);
+        ys.push_back(got[i].data());
+        matmul(ws[i], x.data(), n_tok, want[i].data(), pool);
+      }
+      matmul_many(ws.data(), ys.data(), (int)ws.size(), x.data(), n_tok, pool);
+      for (size_t i = 0; i < set.size(); ++i) ASSERT_EQ(got[i], want[i]) << "set of " << set.size() << " n_tok " << n_tok;
+    }
+}
+
 // The opt-in int8-activation path keeps its (looser) budget.
 TEST(Matmul, Int8ActivationsMatchReference) {
   std::mt19937 rng(11);

@@ -144,9 +144,9 @@ void Model::embed(const int32_t* tokens, int64_t n, float* x) const {
 void Model::qkv(const LayerWeights& L, const float* h, int64_t n, const int64_t* pos, ForwardScratch& s, float* q,
                 float* k, float* v, ThreadPool& pool) const {
   const int64_t dq = (int64_t)cfg_.n_head * cfg_.head_dim, dkv = (int64_t)cfg_.n_head_kv * cfg_.head_dim;
-  matmul(L.wq, h, n, q, pool);
-  matmul(L.wk, h, n, k, pool);
-  matmul(L.wv, h, n, v, pool);
+  const WeightView ws[3] = {L.wq, L.wk, L.wv};
+  float* const ys[3] = {q, k, v};
+  matmul_many(ws, ys, 3, h, n, pool);
   if (cfg_.qkv_bias)
     for (int64_t i = 0; i < n; ++i) {
       add_inplace(q + i * dq, L.bq.data(), dq);
@@ -169,8 +169,9 @@ void Model::ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, T
   s.ff_g.resize((size_t)(n * ff));
   s.ff_u.resize((size_t)(n * ff));
   for (int64_t i = 0; i < n; ++i) rmsnorm(x + i * e, L.ffn_norm.data(), s.h.data() + i * e, e, cfg_.rms_eps);
-  matmul(L.w_gate, s.h.data(), n, s.ff_g.data(), pool);
-  matmul(L.w_up, s.h.data(), n, s.ff_u.data(), pool);
+  const WeightView ws[2] = {L.w_gate, L.w_up};
+  float* const ys[2] = {s.ff_g.data(), s.ff_u.data()};
+  matmul_many(ws, ys, 2, s.h.data(), n, pool);
   silu_mul(s.ff_g.data(), s.ff_u.data(), n * ff);
   matmul(L.w_down, s.ff_g.data(), n, s.h.data(), pool);
   add_inplace(x, s.h.data(), n * e);

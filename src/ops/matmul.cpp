@@ -278,6 +278,52 @@ void validate(const WeightView& w) {
             type_name(w.type), (long long)type_traits(w.type).block_size);
 }
 
+// Activation data of a fused fp32-activation decode matmul (calling thread's buffers): block
+// sums of x, and x permuted for the kernel where its type wants that.
+struct F32qAct {
+  const float* xk;
+  const float* xsp;
+};
+
+F32qAct f32q_prepare(GgmlType type, const float* x, int64_t n_tok, int64_t n) {
+  const int64_t nb = n / 32;
+  ActBuf& act = thread_act();
+  if (act.s32.size() < (size_t)(n_tok * nb)) act.s32.resize((size_t)(n_tok * nb));
+  float* xsp = act.s32.data();
+  for (int64_t t = 0; t < n_tok; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      float s = 0.f;
+      for (int i = 0; i < 32; ++i) s += x[t * n + b * 32 + i];
+      xsp[t * nb + b] = s;
+    }
+  const float* xk = x;
+  if (f32q_permuted(type)) {
+    if (act.xp.size() < (size_t)(n_tok * n)) act.xp.resize((size_t)(n_tok * n));
+    f32q_permute_x(x, n_tok * n, act.xp.data());
+    xk = act.xp.data();
+  }
+  return {xk, xsp};
+}
+
+// Output tiles [tb, te) (kTileR rows each) of a fused decode matmul.
+void f32q_tiles(const WeightView& w, const F32qAct& a, int64_t n_tok, float* y, int64_t tb, int64_t te) {
+  const int64_t n = w.n_in, n_out = w.n_out, nb = n / 32;
+  const size_t rs = row_size(w.type, n);
+  Scratch& s = thread_scratch();
+  if (s.mn2.size() < (size_t)(kTileR * nb)) s.mn2.resize((size_t)(kTileR * nb));
+  float out[kTileR * kTileT];
+  for (int64_t tile = tb; tile < te; ++tile) {
+    const int64_t r0 = tile * kTileR;
+    const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
+    for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
+      const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
+      f32q_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nb, a.xk + t0 * n, n, a.xsp + t0 * nb, s.mn2.data(), out);
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
+    }
+  }
+}
+
 // fp32 activations as given, any weight type. Decode: fused kernels reading the weight rows
 // directly (F32/F16/BF16 and the 32-element block types). Otherwise (prefill, K-quants): blocks
 // of rows are dequantized into thread-local fp32 scratch once and reused by all tokens.
@@ -286,38 +332,9 @@ void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   const size_t rs = row_size(w.type, n);
   if (n_tok <= kFusedMaxTokens && f32q_for(w.type, 1, 1) != nullptr) {
     // Decode, 32-element block types: blocks widened to fp32 in registers inside the kernel.
-    const int64_t n_tiles = (n_out + kTileR - 1) / kTileR, nb = n / 32;
-    // Per-call activation data (calling thread): block sums of x, x permuted for the kernel.
-    ActBuf& act = thread_act();
-    if (act.s32.size() < (size_t)(n_tok * nb)) act.s32.resize((size_t)(n_tok * nb));
-    float* xsp = act.s32.data();
-    for (int64_t t = 0; t < n_tok; ++t)
-      for (int64_t b = 0; b < nb; ++b) {
-        float s = 0.f;
-        for (int i = 0; i < 32; ++i) s += x[t * n + b * 32 + i];
-        xsp[t * nb + b] = s;
-      }
-    const float* xk = x;
-    if (f32q_permuted(w.type)) {
-      if (act.xp.size() < (size_t)(n_tok * n)) act.xp.resize((size_t)(n_tok * n));
-      f32q_permute_x(x, n_tok * n, act.xp.data());
-      xk = act.xp.data();
-    }
-    pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
-      Scratch& s = thread_scratch();
-      if (s.mn2.size() < (size_t)(kTileR * nb)) s.mn2.resize((size_t)(kTileR * nb));
-      float out[kTileR * kTileT];
-      for (int64_t tile = tb; tile < te; ++tile) {
-        const int64_t r0 = tile * kTileR;
-        const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
-        for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
-          const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-          f32q_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nb, xk + t0 * n, n, xsp + t0 * nb, s.mn2.data(), out);
-          for (int r = 0; r < R; ++r)
-            for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
-        }
-      }
-    });
+    const F32qAct a = f32q_prepare(w.type, x, n_tok, n);
+    const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
+    pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) { f32q_tiles(w, a, n_tok, y, tb, te); });
     return;
   }
   if (n_tok <= kFusedMaxTokens && fdirect_for(w.type, 1, 1) != nullptr) {
@@ -470,6 +487,30 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
   if (n_tok == 0 || w.n_out == 0) return;
   if (is_float_type(w.type) || !int8_activations) matmul_float(w, x, n_tok, y, pool);
   else matmul_quant(w, x, n_tok, y, pool);
+}
+
+void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x, int64_t n_tok, ThreadPool& pool) {
+  SPC_CHECK(n_tok >= 0, "matmul: negative token count %lld", (long long)n_tok);
+  bool fuse = n_w > 1 && n_tok > 0 && n_tok <= kFusedMaxTokens;
+  for (int i = 0; i < n_w; ++i) {
+    validate(ws[i]);
+    fuse = fuse && f32q_for(ws[i].type, 1, 1) != nullptr && ws[i].n_in == ws[0].n_in &&
+           f32q_permuted(ws[i].type) == f32q_permuted(ws[0].type);
+  }
+  if (!fuse) {
+    for (int i = 0; i < n_w; ++i) matmul(ws[i], x, n_tok, ys[i], pool);
+    return;
+  }
+  // One dispatch over the output tiles of all matrices (fewer pool hand-offs per token).
+  const F32qAct a = f32q_prepare(ws[0].type, x, n_tok, ws[0].n_in);
+  std::vector<int64_t> first(n_w + 1, 0);  // first tile of each matrix in the joint range
+  for (int i = 0; i < n_w; ++i) first[i + 1] = first[i] + (ws[i].n_out + kTileR - 1) / kTileR;
+  pool.parallel_for(first[n_w], [&](int64_t tb, int64_t te, int) {
+    for (int i = 0; i < n_w; ++i) {
+      const int64_t b = std::max(tb, first[i]), e = std::min(te, first[i + 1]);
+      if (b < e) f32q_tiles(ws[i], a, n_tok, ys[i], b - first[i], e - first[i]);
+    }
+  });
 }
 
 void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* dst) {

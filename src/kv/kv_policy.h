@@ -53,7 +53,9 @@ struct KvStats {
 
 // The rows of one decode step: n_rows consecutive positions [pos0, pos0 + n_rows), causal among
 // themselves (row r sees the cache and rows 0..r). Rows [0, n_keep) are appended to the cache;
-// the others (SpeCache's speculative row) are discarded after the step.
+// the others (SpeCache's speculative row) are discarded after the step. n_keep = 0 is SpeCache's
+// pre-decoding pass (once after prefill): the low-bit policies let that row select and use its
+// own top-k.
 struct DecodeRows {
   int n_rows = 1;
   int n_keep = 1;

@@ -50,7 +50,6 @@ struct HeadState {
   LazyBuffer kblocks;              // [n_ctx/g + 1][key_block_bytes] low-bit key blocks
   LazyBuffer vals;                 // [n_ctx + g][value_token_bytes] low-bit value tokens
   std::vector<fp16_t> win;         // [n_win][2*head_dim] residual window, K|V rows (positions n_quant ..)
-  std::vector<int64_t> slot_pos;   // [k] position held by each top-k slot, -1 when empty
   // What the top-k buffer holds, sorted by position: (position, slot). While a prefetch is in
   // flight it already describes the buffer as it will be once the layer's ticket completes.
   std::vector<std::pair<int64_t, int32_t>> resident;
@@ -103,7 +102,6 @@ class LowBitPolicy final : public KvPolicy {
       for (auto& H : L.heads) {
         H.kblocks = LazyBuffer((size_t)n_blocks * spec_.key_block_bytes());
         H.vals = LazyBuffer((size_t)(n_blocks * spec_.group) * spec_.value_token_bytes());
-        H.slot_pos.assign((size_t)k_, -1);
       }
     }
   }
@@ -225,6 +223,8 @@ class LowBitPolicy final : public KvPolicy {
   std::vector<fp16_t> rows_tmp_;    // append: [n][n_kv][K|V]
   std::vector<float> kb_tmp_, vt_tmp_;
   std::vector<RowRef> refs_;
+  std::vector<std::pair<int64_t, int32_t>> next_tmp_;  // start_fetch: the new (position, slot) list
+  std::vector<uint8_t> slot_used_;                     // start_fetch: slots kept by hits
 };
 
 void LowBitPolicy::append(int il, int64_t pos0, int64_t n, const float* k, const float* v) {
@@ -314,27 +314,27 @@ void LowBitPolicy::start_fetch(int il, bool sync) {
   refs_.clear();
   for (int h = 0; h < g_.n_head_kv; ++h) {
     HeadState& H = L.heads[h];
-    // Slots whose positions the new selection drops become free.
-    std::vector<std::pair<int64_t, int32_t>> next;
-    next.reserve(H.next_pos.size());
+    // Positions the new selection shares with the buffer keep their slots; the others are free.
+    auto& next = next_tmp_;
+    next.clear();
+    slot_used_.assign((size_t)k_, 0);
     size_t a = 0;
     for (int64_t p : H.next_pos) {
-      while (a < H.resident.size() && H.resident[a].first < p) H.slot_pos[H.resident[a++].second] = -1;
+      while (a < H.resident.size() && H.resident[a].first < p) ++a;
       if (a < H.resident.size() && H.resident[a].first == p) {
-        next.emplace_back(p, H.resident[a++].second);
+        next.emplace_back(p, H.resident[a].second);
+        slot_used_[H.resident[a++].second] = 1;
         ++hits_;
       } else {
         next.emplace_back(p, -1);
       }
       ++selected_;
     }
-    for (; a < H.resident.size(); ++a) H.slot_pos[H.resident[a].second] = -1;
     int32_t free_slot = 0;
     for (auto& [p, slot] : next) {
       if (slot >= 0) continue;
-      while (H.slot_pos[free_slot] >= 0) ++free_slot;
-      slot = free_slot;
-      H.slot_pos[slot] = p;
+      while (slot_used_[free_slot]) ++free_slot;
+      slot = free_slot++;
       refs_.push_back(RowRef{il, h, p, (int64_t)h * k_ + slot});
     }
     H.resident.swap(next);

@@ -305,23 +305,32 @@ F32qAct f32q_prepare(GgmlType type, const float* x, int64_t n_tok, int64_t n) {
   return {xk, xsp};
 }
 
-// Output tiles [tb, te) (kTileR rows each) of a fused decode matmul.
-void f32q_tiles(const WeightView& w, const F32qAct& a, int64_t n_tok, float* y, int64_t tb, int64_t te) {
-  const int64_t n = w.n_in, n_out = w.n_out, nb = n / 32;
-  const size_t rs = row_size(w.type, n);
-  Scratch& s = thread_scratch();
-  if (s.mn2.size() < (size_t)(kTileR * nb)) s.mn2.resize((size_t)(kTileR * nb));
+// Decode output tiles [tb, te) (kTileR rows each) of y [n_tok][n_out]: kernel(r0, R, t0, T, out)
+// fills out[r * kTileT + t] for rows r0.. and tokens t0.., which land in y.
+template <class Kernel>
+void decode_tiles(int64_t n_out, int64_t n_tok, float* y, int64_t tb, int64_t te, Kernel&& kernel) {
   float out[kTileR * kTileT];
   for (int64_t tile = tb; tile < te; ++tile) {
     const int64_t r0 = tile * kTileR;
     const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
     for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
       const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-      f32q_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nb, a.xk + t0 * n, n, a.xsp + t0 * nb, s.mn2.data(), out);
+      kernel(r0, R, t0, T, out);
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
     }
   }
+}
+
+// Output tiles [tb, te) of a fused decode matmul (blocks widened to fp32 inside the kernel).
+void f32q_tiles(const WeightView& w, const F32qAct& a, int64_t n_tok, float* y, int64_t tb, int64_t te) {
+  const int64_t n = w.n_in, nb = n / 32;
+  const size_t rs = row_size(w.type, n);
+  Scratch& s = thread_scratch();
+  if (s.mn2.size() < (size_t)(kTileR * nb)) s.mn2.resize((size_t)(kTileR * nb));
+  decode_tiles(w.n_out, n_tok, y, tb, te, [&](int64_t r0, int R, int64_t t0, int T, float* out) {
+    f32q_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nb, a.xk + t0 * n, n, a.xsp + t0 * nb, s.mn2.data(), out);
+  });
 }
 
 // fp32 activations as given, any weight type. Decode: fused kernels reading the weight rows
@@ -341,17 +350,9 @@ void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, 
     // Decode: weights read (and widened) straight from the matrix.
     const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
     pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
-      float out[kTileR * kTileT];
-      for (int64_t tile = tb; tile < te; ++tile) {
-        const int64_t r0 = tile * kTileR;
-        const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
-        for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
-          const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
-          fdirect_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, x + t0 * n, n, out);
-          for (int r = 0; r < R; ++r)
-            for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
-        }
-      }
+      decode_tiles(n_out, n_tok, y, tb, te, [&](int64_t r0, int R, int64_t t0, int T, float* out) {
+        fdirect_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, x + t0 * n, n, out);
+      });
     });
     return;
   }

@@ -53,6 +53,7 @@ Weights make_weights(GgmlType t, int64_t n_out, int64_t n_in, bool hot) {
 void BM_Matmul(benchmark::State& st, GgmlType t, int64_t n_out, int64_t n_in, bool hot) {
   const int64_t n_tok = st.range(0);
   const int threads = (int)st.range(1);
+  const bool int8 = st.range(2) != 0;
   const Weights ws = make_weights(t, n_out, n_in, hot);
   std::vector<float> x(n_tok * n_in), y(n_tok * n_out);
   std::mt19937 rng(2);
@@ -61,7 +62,7 @@ void BM_Matmul(benchmark::State& st, GgmlType t, int64_t n_out, int64_t n_in, bo
   ThreadPool& pool = pool_of(threads);
   size_t i = 0;
   for (auto _ : st) {
-    matmul(WeightView{t, n_in, n_out, ws.copies[i].data()}, x.data(), n_tok, y.data(), pool);
+    matmul(WeightView{t, n_in, n_out, ws.copies[i].data()}, x.data(), n_tok, y.data(), pool, int8);
     benchmark::DoNotOptimize(y.data());
     i = (i + 1) % ws.copies.size();
   }
@@ -105,8 +106,9 @@ void BM_AttnDecode(benchmark::State& st) {
 
 void matmul_args(benchmark::internal::Benchmark* b) {
   for (int threads : {1, 2})
-    for (int n_tok : {1, 2}) b->Args({n_tok, threads});
-  b->ArgNames({"tok", "thr"})->UseRealTime()->MinTime(0.2);
+    for (int n_tok : {1, 2})
+      for (int i8 : {0, 1}) b->Args({n_tok, threads, i8});
+  b->ArgNames({"tok", "thr", "i8"})->UseRealTime()->MinTime(0.2);
 }
 
 }  // namespace

@@ -1,7 +1,6 @@
 // specache eval: passkey / needle-in-a-haystack / perplexity / agreement of the KV policies
 // over context length x depth; prefill once per case, decode under every policy.
 #include <cstdio>
-#include <fstream>
 #include <memory>
 
 #include "common.h"
@@ -10,6 +9,7 @@
 #include "eval/eval.h"
 #include "model/model.h"
 #include "util/error.h"
+#include "util/text_out.h"
 #include "util/threadpool.h"
 
 namespace spc::cli {
@@ -45,13 +45,6 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
-void write_file(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  SPC_CHECK((bool)f, "%s: cannot write", path.c_str());
-  f << text;
-  SPC_CHECK((bool)f, "%s: write error", path.c_str());
-}
-
 // --merge: reports over the cases of earlier --json outputs (runs of different lengths), no model run.
 int run_merge(EvalArgs& a) {
   std::vector<eval::CaseResult> all;
@@ -65,8 +58,8 @@ int run_merge(EvalArgs& a) {
   o.policies.clear();
   o.tasks.clear();
   o.ppl_tokens = a.ppl_tokens, o.agree_tokens = a.agree_tokens;
-  if (!a.csv.empty()) write_file(a.csv, eval::csv_report(all));
-  if (!a.json.empty()) write_file(a.json, eval::json_report(all, o));
+  if (!a.csv.empty()) write_text_file(a.csv, eval::csv_report(all));
+  if (!a.json.empty()) write_text_file(a.json, eval::json_report(all, o));
   if (!a.heatmap_dir.empty())
     for (const auto& p : eval::write_heatmaps(all, a.heatmap_dir)) std::fprintf(stderr, "eval: wrote %s\n", p.c_str());
   std::fputs(eval::markdown_report(all, o).c_str(), stdout);
@@ -119,8 +112,8 @@ int run_eval_cmd(const CLI::App& app, EvalArgs& a) {
   ThreadPool pool(resolve_threads(a.m.threads));
   std::vector<eval::CaseResult> partial;
   auto flush = [&](const std::vector<eval::CaseResult>& r) {
-    if (!a.csv.empty()) write_file(a.csv, eval::csv_report(r));
-    if (!a.json.empty()) write_file(a.json, eval::json_report(r, o));
+    if (!a.csv.empty()) write_text_file(a.csv, eval::csv_report(r));
+    if (!a.json.empty()) write_text_file(a.json, eval::json_report(r, o));
   };
   const auto results = eval::run_eval(*model, *tok, pool, o, [&](const eval::CaseResult& c) {
     partial.push_back(c);

@@ -2,48 +2,19 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <map>
 #include <set>
 #include <sstream>
 
 #include "bench/bench.h"
 #include "util/error.h"
+#include "util/text_out.h"
 
 namespace spc::bench {
 
 namespace {
 
-std::string num(double v, int prec = 6) {
-  if (!std::isfinite(v)) return "";
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.*g", prec, v);
-  return buf;
-}
-
-std::string csv_field(const std::string& s) {
-  if (s.find_first_of(",\"\n\r") == std::string::npos) return s;
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"') out += '"';
-    out += c;
-  }
-  return out + "\"";
-}
-
-std::string xml_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
-    }
-  }
-  return out;
-}
+std::string num(double v, int prec = 6) { return format_number(v, prec); }
 
 bool several_thread_counts(const BenchReport& r) {
   std::set<int> t;
@@ -308,12 +279,6 @@ std::string to_svg(const BenchReport& r) {
   return o.str();
 }
 
-void write_file(const std::string& path, const std::string& content) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  SPC_CHECK(out.good(), "%s: cannot open for writing", path.c_str());
-  out << content;
-  out.close();
-  SPC_CHECK(!out.fail(), "%s: error writing", path.c_str());
-}
+void write_file(const std::string& path, const std::string& content) { write_text_file(path, content); }
 
 }  // namespace spc::bench

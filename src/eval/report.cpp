@@ -3,13 +3,13 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
 #include "eval/eval.h"
 #include "util/error.h"
+#include "util/text_out.h"
 
 namespace spc::eval {
 
@@ -53,33 +53,7 @@ void each(const std::vector<CaseResult>& r, const std::string& task, const std::
     if (c.task == task && c.policy == policy && c.length == L) f(c);
 }
 
-std::string xml_escape(const std::string& s) {
-  std::string o;
-  for (char ch : s) {
-    switch (ch) {
-      case '&': o += "&amp;"; break;
-      case '<': o += "&lt;"; break;
-      case '>': o += "&gt;"; break;
-      case '"': o += "&quot;"; break;
-      default: o += ch;
-    }
-  }
-  return o;
-}
-
-std::string csv_field(const std::string& s) {
-  if (s.find_first_of(",\"\n\r") == std::string::npos) return s;
-  std::string o = "\"";
-  for (char ch : s) o += ch == '"' ? std::string("\"\"") : std::string(1, ch);
-  return o + "\"";
-}
-
-std::string num(double v) {
-  if (std::isnan(v)) return "";
-  char b[64];
-  std::snprintf(b, sizeof b, "%.9g", v);
-  return b;
-}
+std::string num(double v) { return format_number(v, 9); }
 
 }  // namespace
 
@@ -330,10 +304,7 @@ std::vector<std::string> write_heatmaps(const std::vector<CaseResult>& r, const 
       for (char& ch : name)
         if (!std::isalnum((unsigned char)ch) && ch != '-' && ch != '_') ch = '-';
       const std::string path = (std::filesystem::path(dir) / (std::string(task) + "_" + name + ".svg")).string();
-      std::ofstream f(path, std::ios::binary);
-      SPC_CHECK((bool)f, "%s: cannot write", path.c_str());
-      f << svg;
-      SPC_CHECK((bool)f, "%s: write error", path.c_str());
+      write_text_file(path, svg);
       written.push_back(path);
     }
   return written;

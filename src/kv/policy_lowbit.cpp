@@ -430,7 +430,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   auto Q = [&](int h, int iq) { return qs_.data() + ((size_t)h * n_q + iq) * d; };
 
   // Chunks of key blocks, several per thread.
-  const int64_t blocks_per_chunk = std::max<int64_t>(8, (n_blocks * nkv + 4 * pool.size() - 1) / (4 * pool.size()));
+  const int64_t blocks_per_chunk = std::max<int64_t>(8, (n_blocks * nkv + 8 * pool.size() - 1) / (8 * pool.size()));
   const int64_t n_chunks = n_blocks ? (n_blocks + blocks_per_chunk - 1) / blocks_per_chunk : 0;
   const int64_t chunk_tok = blocks_per_chunk * g;
   scores_.resize((size_t)nkv * n_q * std::max<int64_t>(nqt, 1));
@@ -574,23 +574,26 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         for (int64_t j = nqt; j < n; ++j) pr[j] += std::exp(win_dot(L.heads[h], Q(h, iq), j - nqt) - glob.m) * inv_l;
       }
     };
-    pool.for_each_task(nkv, [&](int64_t task, int t) {
-      const int h = (int)task;
+    // One task per (KV head, selection) and, on recall steps, per (KV head, recall): 3 KV heads
+    // on 2 threads would otherwise leave one thread idle for a third of the pass.
+    const int64_t n_sel_tasks = n_sel > 0 ? nkv : 0;
+    pool.for_each_task(n_sel_tasks + (recall ? nkv : 0), [&](int64_t task, int t) {
       ThreadScratch& ts = thr_[t];
-      if (recall) {
-        row_probs(h, 0, nqt, ts.own);
-        select_topk(ts.own.data(), nqt, ts.top, ts.tk);
-        size_t inter = 0;
-        for (int64_t p : ts.top) inter += L.heads[h].holds(p);
-        const double rc = ts.top.empty() ? 1.0 : (double)inter / ts.top.size();
-        std::lock_guard<std::mutex> lock(recall_mu_);
-        L.recall_sum += rc;
-        L.recall_n += 1;
-      }
-      if (n_sel > 0) {
+      if (task < n_sel_tasks) {
+        const int h = (int)task;
         row_probs(h, rows.n_rows - 1, n_sel, ts.pr);
         select_topk(ts.pr.data(), n_sel, L.heads[h].next_pos, ts.tk);
+        return;
       }
+      const int h = (int)(task - n_sel_tasks);
+      row_probs(h, 0, nqt, ts.own);
+      select_topk(ts.own.data(), nqt, ts.top, ts.tk);
+      size_t inter = 0;
+      for (int64_t p : ts.top) inter += L.heads[h].holds(p);
+      const double rc = ts.top.empty() ? 1.0 : (double)inter / ts.top.size();
+      std::lock_guard<std::mutex> lock(recall_mu_);
+      L.recall_sum += rc;
+      L.recall_n += 1;
     });
   }
 

@@ -30,6 +30,7 @@ struct BenchArgs {
   int bandwidth_mib = 1024;
   int bandwidth_passes = 5;
   KvConfig kv;
+  bool int8_act = false;
 };
 
 std::string default_text_path() {
@@ -66,6 +67,7 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
   const std::string text = text_path.empty() ? "" : read_text_file(text_path);
 
   auto model = Model::load(a.model);
+  model->set_int8_decode(a.int8_act);
   const ModelConfig& mc = model->config();
   std::unique_ptr<Tokenizer> tok;
   try {
@@ -93,8 +95,8 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
   bench::run_bench(*model, tok.get(), opt, text, text_path, report, log);
 
   const auto& b = report.build;
-  std::printf("model %s; prompt %s%s%s\n", a.model.c_str(), report.prompt_kind.c_str(),
-              report.prompt_path.empty() ? "" : " from ", report.prompt_path.c_str());
+  std::printf("model %s; prompt %s%s%s; decode matmul activations %s\n", a.model.c_str(), report.prompt_kind.c_str(),
+              report.prompt_path.empty() ? "" : " from ", report.prompt_path.c_str(), report.decode_act.c_str());
   std::printf("build %s %s (%s; %s); cpu %s, %d hardware threads\n", b.git_commit.c_str(), b.build_type.c_str(),
               b.compiler.c_str(), b.cxx_flags.c_str(), report.cpu.c_str(), report.hardware_threads);
   std::printf("%s\n\n", report.measurement.c_str());
@@ -113,6 +115,7 @@ Runner add_bench(CLI::App& app) {
   auto a = std::make_shared<BenchArgs>();
   CLI::App* sub = app.add_subcommand("bench", "measure prefill and decode speed across KV policies, depths and threads");
   sub->add_option("-m,--model", a->model, "GGUF model file")->required();
+  add_int8_act_flag(*sub, a->int8_act);
   sub->add_option("--policies", a->policies,
                   "comma-separated policy specs name[:bits], e.g. full,specache:1,kivi:2 (other knobs from --kv-*)")
       ->capture_default_str();

@@ -15,6 +15,12 @@ void add_model_flags(CLI::App& app, ModelArgs& a) {
   app.add_option("-t,--threads", a.threads, "threads (default: all hardware threads)")->check(CLI::Range(0, 1024));
 }
 
+void add_int8_act_flag(CLI::App& app, bool& on) {
+  app.add_flag("--int8-act", on,
+               "decode matmuls with activations quantized to int8 (VNNI integer dot products, as llama.cpp does): "
+               "faster, with a small error against the default fp32 activations");
+}
+
 int resolve_threads(int requested) {
   if (requested > 0) return requested;
   const unsigned hc = std::thread::hardware_concurrency();

@@ -12,8 +12,11 @@ namespace spc::cli {
 struct ModelArgs {
   std::string model;
   int threads = 0;  // 0: all hardware threads
+  bool int8_act = false;  // --int8-act: decode matmuls with int8 activations
 };
 void add_model_flags(CLI::App& app, ModelArgs& a);
+// --int8-act (decode matmuls with int8 activations), for subcommands that run decode steps.
+void add_int8_act_flag(CLI::App& app, bool& on);
 int resolve_threads(int requested);
 
 // --kv* flags.

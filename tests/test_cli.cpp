@@ -272,6 +272,16 @@ TEST(Cli, GenerateJsonIsOneObjectWithTheDocumentedKeys) {
   EXPECT_GE(kv["slow_bytes"].get<double>(), 0);
 }
 
+TEST(Cli, Int8ActFlagIsRecorded) {
+  SKIP_IF_MISSING(stories_path());
+  RunResult r = run_cli(gen_args({"-p", "Once", "-n", "4", "--json", "--temp", "0"}));
+  expect_success(r);
+  EXPECT_EQ(parse_single_json(r)["timings"]["decode_act"], "fp32");
+  r = run_cli(gen_args({"-p", "Once", "-n", "4", "--json", "--temp", "0", "--int8-act"}));
+  expect_success(r);
+  EXPECT_EQ(parse_single_json(r)["timings"]["decode_act"], "int8");
+}
+
 TEST(Cli, GreedyGenerationIsRepeatable) {
   SKIP_IF_MISSING(stories_path());
   const auto args = gen_args({"-p", "", "-n", "20", "--json", "--temp", "0"});

@@ -129,8 +129,9 @@ TEST(Matmul, DecodeShapesOneAndTwoTokens) {
   }
 }
 
-// matmul_many gives exactly what separate matmul calls give: fused (one dispatch) when all
-// matrices have a fused decode kernel and the same n_in, separate calls otherwise.
+// matmul_many gives exactly what separate matmul calls give, with fp32 or int8 activations: fused
+// (one dispatch) when all matrices have a fused decode kernel and the same n_in, separate calls
+// otherwise.
 TEST(Matmul, ManySharedInputEqualsSeparateCalls) {
   std::mt19937 rng(9);
   ThreadPool pool(2);
@@ -144,6 +145,7 @@ TEST(Matmul, ManySharedInputEqualsSeparateCalls) {
       {{GgmlType::Q5_1, 33}},
   };
   std::normal_distribution<float> nd(0.f, 1.f);
+  for (bool int8 : {false, true})
   for (const auto& set : sets)
     for (int64_t n_tok : {1, 2, 5, 40}) {
       std::vector<Case> cs;
@@ -158,10 +160,11 @@ TEST(Matmul, ManySharedInputEqualsSeparateCalls) {
         got[i].assign((size_t)(n_tok * set[i].second), -1.f);
         want[i].assign(got[i].size(), -2.f);
         ys.push_back(got[i].data());
-        matmul(ws[i], x.data(), n_tok, want[i].data(), pool);
+        matmul(ws[i], x.data(), n_tok, want[i].data(), pool, int8);
       }
-      matmul_many(ws.data(), ys.data(), (int)ws.size(), x.data(), n_tok, pool);
-      for (size_t i = 0; i < set.size(); ++i) ASSERT_EQ(got[i], want[i]) << "set of " << set.size() << " n_tok " << n_tok;
+      matmul_many(ws.data(), ys.data(), (int)ws.size(), x.data(), n_tok, pool, int8);
+      for (size_t i = 0; i < set.size(); ++i)
+        ASSERT_EQ(got[i], want[i]) << "set of " << set.size() << " n_tok " << n_tok << " int8 " << int8;
     }
 }
 

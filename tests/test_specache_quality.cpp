@@ -13,8 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include "engine/sampler.h"
 #include "engine/session.h"
@@ -25,17 +23,6 @@
 
 using namespace spc;
 
-namespace {
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-}  // namespace
-
 TEST(SpecacheQuality, SmolLM2FourKTeacherForcedAgreement) {
   const std::string model_path = default_model_path();
   const std::string book = shared_path("data/gutenberg/pg2600-war-and-peace.txt");
@@ -43,11 +30,7 @@ TEST(SpecacheQuality, SmolLM2FourKTeacherForcedAgreement) {
   SKIP_IF_MISSING(book);
   auto model = Model::load(model_path);
   auto tok = Tokenizer::from_gguf(model->gguf());
-  const std::string text = read_file(book);
-  const size_t start = text.find("CHAPTER I");
-  ASSERT_NE(start, std::string::npos);
-  std::vector<int32_t> prompt = tok->encode(text.substr(start, 17500), false, false);
-  prompt.resize(std::min<size_t>(prompt.size(), 4096));
+  const std::vector<int32_t> prompt = war_and_peace_tokens(*tok, 17500, 4096);
   ASSERT_GE(prompt.size(), 4000u);
 
   ThreadPool pool(2);

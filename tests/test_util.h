@@ -2,13 +2,17 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "engine/sampler.h"
 #include "engine/session.h"
+#include "engine/tokenizer.h"
 
 inline std::string shared_path(const std::string& rel) { return std::string(SPECACHE_SHARED_DIR) + "/" + rel; }
 inline std::string testdata_path(const std::string& rel) { return std::string(SPECACHE_TESTDATA_DIR) + "/" + rel; }
@@ -39,4 +43,18 @@ inline std::vector<int32_t> greedy_continuation(spc::Session& s, size_t n) {
     s.decode(t);
   }
   return out;
+}
+
+// The first n_chars characters of War and Peace from "CHAPTER I" on (../shared), tokenized without
+// BOS and cut to at most n_tokens. Empty when the book is missing.
+inline std::vector<int32_t> war_and_peace_tokens(const spc::Tokenizer& tok, size_t n_chars, size_t n_tokens) {
+  std::ifstream in(shared_path("data/gutenberg/pg2600-war-and-peace.txt"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string text = ss.str();
+  const size_t start = text.find("CHAPTER I");
+  if (start == std::string::npos) return {};
+  std::vector<int32_t> ids = tok.encode(text.substr(start, n_chars), false, false);
+  ids.resize(std::min(ids.size(), n_tokens));
+  return ids;
 }

@@ -72,6 +72,7 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
   report.build = build_info();
   report.cpu = cpu_model_name();
   report.hardware_threads = (int)std::thread::hardware_concurrency();
+  report.decode_act = model.int8_decode() ? "int8" : "fp32";
   // With gen <= warmup nothing would be left: keep at least the last step.
   const int warmup = std::min(opt.warmup, opt.gen - 1);
   report.measurement = strfmt(

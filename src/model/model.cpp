@@ -142,11 +142,11 @@ void Model::embed(const int32_t* tokens, int64_t n, float* x) const {
 }
 
 void Model::qkv(const LayerWeights& L, const float* h, int64_t n, const int64_t* pos, ForwardScratch& s, float* q,
-                float* k, float* v, ThreadPool& pool) const {
+                float* k, float* v, ThreadPool& pool, bool i8) const {
   const int64_t dq = (int64_t)cfg_.n_head * cfg_.head_dim, dkv = (int64_t)cfg_.n_head_kv * cfg_.head_dim;
   const WeightView ws[3] = {L.wq, L.wk, L.wv};
   float* const ys[3] = {q, k, v};
-  matmul_many(ws, ys, 3, h, n, pool);
+  matmul_many(ws, ys, 3, h, n, pool, i8);
   if (cfg_.qkv_bias)
     for (int64_t i = 0; i < n; ++i) {
       add_inplace(q + i * dq, L.bq.data(), dq);
@@ -163,7 +163,7 @@ void Model::qkv(const LayerWeights& L, const float* h, int64_t n, const int64_t*
   }
 }
 
-void Model::ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, ThreadPool& pool) const {
+void Model::ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, ThreadPool& pool, bool i8) const {
   const int64_t e = cfg_.n_embd, ff = cfg_.n_ff;
   s.h.resize((size_t)(n * e));
   s.ff_g.resize((size_t)(n * ff));
@@ -171,17 +171,17 @@ void Model::ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, T
   for (int64_t i = 0; i < n; ++i) rmsnorm(x + i * e, L.ffn_norm.data(), s.h.data() + i * e, e, cfg_.rms_eps);
   const WeightView ws[2] = {L.w_gate, L.w_up};
   float* const ys[2] = {s.ff_g.data(), s.ff_u.data()};
-  matmul_many(ws, ys, 2, s.h.data(), n, pool);
+  matmul_many(ws, ys, 2, s.h.data(), n, pool, i8);
   silu_mul(s.ff_g.data(), s.ff_u.data(), n * ff);
-  matmul(L.w_down, s.ff_g.data(), n, s.h.data(), pool);
+  matmul(L.w_down, s.ff_g.data(), n, s.h.data(), pool, i8);
   add_inplace(x, s.h.data(), n * e);
 }
 
-void Model::output(const float* x, int64_t n, ForwardScratch& s, float* logits, ThreadPool& pool) const {
+void Model::output(const float* x, int64_t n, ForwardScratch& s, float* logits, ThreadPool& pool, bool i8) const {
   const int64_t e = cfg_.n_embd;
   s.logits_in.resize((size_t)(n * e));
   for (int64_t i = 0; i < n; ++i) rmsnorm(x + i * e, out_norm_.data(), s.logits_in.data() + i * e, e, cfg_.rms_eps);
-  matmul(w_out_, s.logits_in.data(), n, logits, pool);
+  matmul(w_out_, s.logits_in.data(), n, logits, pool, i8);
 }
 
 void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
@@ -211,11 +211,11 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
         rmsnorm(x + i * e, L.attn_norm.data(), hbuf.data() + i * e, e, cfg_.rms_eps);
         pos[i] = pos0 + c0 + i;
       }
-      qkv(L, hbuf.data(), nc, pos.data(), s, s.q.data(), s.k_layer.data() + c0 * dkv, s.v_layer.data() + c0 * dkv, pool);
+      qkv(L, hbuf.data(), nc, pos.data(), s, s.q.data(), s.k_layer.data() + c0 * dkv, s.v_layer.data() + c0 * dkv, pool, false);
       attention_prefill(shape, s.q.data(), nc, c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
       matmul(L.wo, s.att.data(), nc, hbuf.data(), pool);
       add_inplace(x, hbuf.data(), nc * e);
-      ffn(L, x, nc, s, pool);
+      ffn(L, x, nc, s, pool, false);
     }
     kv.store_prefill(il, pos0, n, s.k_layer.data(), s.v_layer.data());
     if (progress) progress(il + 1, cfg_.n_layer);
@@ -224,11 +224,11 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
     all_logits->resize((size_t)(n * cfg_.n_vocab));
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
       const int64_t nc = std::min(chunk, n - c0);
-      output(s.x.data() + c0 * e, nc, s, all_logits->data() + c0 * cfg_.n_vocab, pool);
+      output(s.x.data() + c0 * e, nc, s, all_logits->data() + c0 * cfg_.n_vocab, pool, false);
     }
     std::memcpy(last_logits, all_logits->data() + (n - 1) * cfg_.n_vocab, sizeof(float) * cfg_.n_vocab);
   } else {
-    output(s.x.data() + (n - 1) * e, 1, s, last_logits, pool);
+    output(s.x.data() + (n - 1) * e, 1, s, last_logits, pool, false);
   }
   // Release the prompt-sized buffers: decode needs only a few rows.
   std::vector<float>().swap(s.x);
@@ -255,15 +255,15 @@ void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, 
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
     for (int r = 0; r < n_rows; ++r) rmsnorm(s.x.data() + r * e, L.attn_norm.data(), hbuf.data() + r * e, e, cfg_.rms_eps);
-    qkv(L, hbuf.data(), n_rows, pos, s, s.q.data(), s.k.data(), s.v.data(), pool);
+    qkv(L, hbuf.data(), n_rows, pos, s, s.q.data(), s.k.data(), s.v.data(), pool, int8_decode_);
     DecodeRows rows{n_rows, n_keep, pos0, s.q.data(), s.k.data(), s.v.data()};
     kv.attend(il, rows, s.att.data(), pool);
-    matmul(L.wo, s.att.data(), n_rows, hbuf.data(), pool);
+    matmul(L.wo, s.att.data(), n_rows, hbuf.data(), pool, int8_decode_);
     add_inplace(s.x.data(), hbuf.data(), n_rows * e);
-    ffn(L, s.x.data(), n_rows, s, pool);
+    ffn(L, s.x.data(), n_rows, s, pool, int8_decode_);
   }
   kv.end_step();
-  output(s.x.data(), n_rows, s, logits, pool);
+  output(s.x.data(), n_rows, s, logits, pool, int8_decode_);
 }
 
 }  // namespace spc

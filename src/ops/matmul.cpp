@@ -128,7 +128,7 @@ QKernelFn qkernel_for(int r, int t) {
 }
 
 
-// Tokens per outer chunk of the fused path (activations of a chunk stay in L2).
+// Tokens per outer chunk of the unpacked (prefill) path (activations of a chunk stay in L2).
 constexpr int64_t kTokenChunk = 64;
 // Up to this many tokens the fused kernels are used; beyond, weights are unpacked once per
 // row block and reused by all tokens.
@@ -390,11 +390,16 @@ void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   });
 }
 
-void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
-  const int64_t n = w.n_in, n_out = w.n_out, nvb = n / 32;
-  const size_t rs = row_size(w.type, n);
-  const float off = (float)detail::unpack_offset(w.type);
+// Activations of an int8 matmul (calling thread's buffers, see quantize_act_row).
+struct QAct {
+  const int8_t* xq;
+  const float* xd;
+  const float* xs16;
+  const float* xs32;
+};
 
+QAct quant_prepare(const float* x, int64_t n_tok, int64_t n, ThreadPool& pool) {
+  const int64_t nvb = n / 32;
   ActBuf& act = thread_act();
   act.q.resize((size_t)(n_tok * n));
   act.d.resize((size_t)(n_tok * nvb));
@@ -409,30 +414,35 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   };
   if (n_tok * n >= 16384) pool.parallel_for(n_tok, quant_tokens);
   else quant_tokens(0, n_tok, 0);
+  return {xq, xd, xs, xs32};
+}
 
-  const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
+// Output tiles [tb, te) of a fused int8 decode matmul (codes expanded in registers).
+void quant_tiles(const WeightView& w, const QAct& a, int64_t n_tok, float* y, int64_t tb, int64_t te) {
+  const int64_t n = w.n_in, nvb = n / 32;
+  const size_t rs = row_size(w.type, n);
+  Scratch& s = thread_scratch();
+  if (s.mn2.size() < (size_t)(kTileR * nvb * 2)) s.mn2.resize((size_t)(kTileR * nvb * 2));
+  decode_tiles(w.n_out, n_tok, y, tb, te, [&](int64_t r0, int R, int64_t t0, int T, float* out) {
+    fused_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nvb, a.xq + t0 * n, a.xd + t0 * nvb, a.xs16 + t0 * nvb * 2,
+                            a.xs32 + t0 * nvb, n, s.mn2.data(), out);
+  });
+}
+
+void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
+  const int64_t n = w.n_in, n_out = w.n_out, nvb = n / 32;
+  const size_t rs = row_size(w.type, n);
+  const float off = (float)detail::unpack_offset(w.type);
+
+  const QAct a = quant_prepare(x, n_tok, n, pool);
+  const int8_t* xq = a.xq;
+  const float* xd = a.xd;
+  const float* xs = a.xs16;
+
   if (n_tok <= kFusedMaxTokens && fused_for(w.type, 1, 1) != nullptr) {
-    // Token chunks outermost keep a chunk's activations in L2 while the thread's rows stream by;
-    // each 4-row tile is then reused (from L1) by every 4-token tile of the chunk.
-    pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
-      Scratch& s = thread_scratch();
-      if (s.mn2.size() < (size_t)(kTileR * nvb * 2)) s.mn2.resize((size_t)(kTileR * nvb * 2));
-      float out[kTileR * kTileT];
-      for (int64_t c0 = 0; c0 < n_tok; c0 += kTokenChunk) {
-        const int64_t c1 = std::min<int64_t>(n_tok, c0 + kTokenChunk);
-        for (int64_t tile = tb; tile < te; ++tile) {
-          const int64_t r0 = tile * kTileR;
-          const int R = (int)std::min<int64_t>(kTileR, n_out - r0);
-          for (int64_t t0 = c0; t0 < c1; t0 += kTileT) {
-            const int T = (int)std::min<int64_t>(kTileT, c1 - t0);
-            fused_for(w.type, R, T)((const uint8_t*)w.data + r0 * rs, rs, nvb, xq + t0 * n, xd + t0 * nvb,
-                                    xs + t0 * nvb * 2, xs32 + t0 * nvb, n, s.mn2.data(), out);
-            for (int r = 0; r < R; ++r)
-              for (int t = 0; t < T; ++t) y[(t0 + t) * n_out + r0 + r] = out[r * kTileT + t];
-          }
-        }
-      }
-    });
+    // Decode: each thread's 4-row tiles stream by once; the few tokens' activations stay in L1.
+    const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
+    pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) { quant_tiles(w, a, n_tok, y, tb, te); });
     return;
   }
   const UnpackFn fast = unpack_fast_for(w.type);
@@ -490,28 +500,39 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
   else matmul_quant(w, x, n_tok, y, pool);
 }
 
-void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x, int64_t n_tok, ThreadPool& pool) {
+void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x, int64_t n_tok, ThreadPool& pool,
+                 bool int8_activations) {
   SPC_CHECK(n_tok >= 0, "matmul: negative token count %lld", (long long)n_tok);
   bool fuse = n_w > 1 && n_tok > 0 && n_tok <= kFusedMaxTokens;
   for (int i = 0; i < n_w; ++i) {
     validate(ws[i]);
-    fuse = fuse && f32q_for(ws[i].type, 1, 1) != nullptr && ws[i].n_in == ws[0].n_in &&
-           f32q_permuted(ws[i].type) == f32q_permuted(ws[0].type);
+    fuse = fuse && ws[i].n_in == ws[0].n_in &&
+           (int8_activations ? !is_float_type(ws[i].type) && fused_for(ws[i].type, 1, 1) != nullptr
+                             : f32q_for(ws[i].type, 1, 1) != nullptr &&
+                                   f32q_permuted(ws[i].type) == f32q_permuted(ws[0].type));
   }
   if (!fuse) {
-    for (int i = 0; i < n_w; ++i) matmul(ws[i], x, n_tok, ys[i], pool);
+    for (int i = 0; i < n_w; ++i) matmul(ws[i], x, n_tok, ys[i], pool, int8_activations);
     return;
   }
   // One dispatch over the output tiles of all matrices (fewer pool hand-offs per token).
-  const F32qAct a = f32q_prepare(ws[0].type, x, n_tok, ws[0].n_in);
   std::vector<int64_t> first(n_w + 1, 0);  // first tile of each matrix in the joint range
   for (int i = 0; i < n_w; ++i) first[i + 1] = first[i] + (ws[i].n_out + kTileR - 1) / kTileR;
-  pool.parallel_for(first[n_w], [&](int64_t tb, int64_t te, int) {
-    for (int i = 0; i < n_w; ++i) {
-      const int64_t b = std::max(tb, first[i]), e = std::min(te, first[i + 1]);
-      if (b < e) f32q_tiles(ws[i], a, n_tok, ys[i], b - first[i], e - first[i]);
-    }
-  });
+  auto run = [&](auto&& tiles) {
+    pool.parallel_for(first[n_w], [&](int64_t tb, int64_t te, int) {
+      for (int i = 0; i < n_w; ++i) {
+        const int64_t b = std::max(tb, first[i]), e = std::min(te, first[i + 1]);
+        if (b < e) tiles(i, b - first[i], e - first[i]);
+      }
+    });
+  };
+  if (int8_activations) {
+    const QAct a = quant_prepare(x, n_tok, ws[0].n_in, pool);
+    run([&](int i, int64_t b, int64_t e) { quant_tiles(ws[i], a, n_tok, ys[i], b, e); });
+  } else {
+    const F32qAct a = f32q_prepare(ws[0].type, x, n_tok, ws[0].n_in);
+    run([&](int i, int64_t b, int64_t e) { f32q_tiles(ws[i], a, n_tok, ys[i], b, e); });
+  }
 }
 
 void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* dst) {

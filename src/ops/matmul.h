@@ -28,10 +28,12 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
             bool int8_activations = false);
 
 // Several matrices applied to the same x: ys[i] = W_i x for i < n_w. At decode sizes, when every
-// W_i has the same n_in and a fused fp32-activation kernel, one pool dispatch covers all of them
-// (same kernels and summation order as separate matmul calls, so the results are identical);
-// otherwise it is separate matmul calls.
-void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x, int64_t n_tok, ThreadPool& pool);
+// W_i has the same n_in and a fused decode kernel (fp32 activations, or int8 activations for
+// quantized weights), x is prepared once and one pool dispatch covers all of them (same kernels
+// and summation order as separate matmul calls, so the results are identical); otherwise it is
+// separate matmul calls.
+void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x, int64_t n_tok, ThreadPool& pool,
+                 bool int8_activations = false);
 
 // dst[r*n_in + i] = W[row0 + r, i] for r in [0, n_rows) (get_rows / embedding lookup).
 void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* dst);

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Peer comparison: llama.cpp (through llama-cpp-python) against `specache bench --policies full`.
 
-Same GGUF, same prompt length (depth), same thread count, greedy decode of --gen tokens. Prints both
-side by side and writes a JSON file. Not part of CI: the first run creates a throwaway venv and
+Same GGUF, same prompt length (depth), same thread count, greedy decode of --gen tokens. specache
+runs twice: with its default fp32 decode activations and with --int8-act (int8 activations, what
+llama.cpp's CPU matmuls use; --no-int8 skips that row). Prints all side by side and writes a JSON file. Not part of CI: the first run creates a throwaway venv and
 pip-installs llama-cpp-python, which compiles llama.cpp from source (several minutes on 2 cores).
 
   python3 scripts/bench_llamacpp.py --depths 2048 --threads 2 --json /tmp/peer.json
@@ -131,10 +132,12 @@ def bench_llamacpp(args, depth, threads):
     }
 
 
-def bench_specache(args, depth, threads):
+def bench_specache(args, depth, threads, int8_act=False):
     out = f"/tmp/specache-peer-{os.getpid()}-{depth}-{threads}.json"
     cmd = [args.specache, "bench", "-m", args.model, "--policies", "full", "--depths", str(depth), "-t", str(threads),
            "--gen", str(args.gen), "--warmup", str(args.warmup), "--reps", str(args.reps), "--json", out]
+    if int8_act:
+        cmd += ["--int8-act"]
     if args.prompt_file and os.path.exists(args.prompt_file):
         cmd += ["--prompt-file", args.prompt_file]
     else:
@@ -146,8 +149,9 @@ def bench_specache(args, depth, threads):
     os.unlink(out)
     row = rep["rows"][0]
     return {
-        "engine": "specache",
+        "engine": "specache-i8" if int8_act else "specache",
         "version": rep["build"]["git_commit"],
+        "decode_act": rep.get("decode_act", "fp32"),
         "depth": depth,
         "threads": threads,
         "prompt": rep["prompt"]["kind"],
@@ -172,6 +176,8 @@ def main():
     ap.add_argument("--venv", default=DEFAULT_VENV)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--skip-specache", action="store_true")
+    ap.add_argument("--no-int8", action="store_true",
+                    help="skip the specache row with --int8-act (int8 decode activations, as llama.cpp uses)")
     args = ap.parse_args()
     ensure_venv(args.venv)
 
@@ -182,6 +188,8 @@ def main():
             results.append(bench_llamacpp(args, d, t))
             if not args.skip_specache:
                 results.append(bench_specache(args, d, t))
+                if not args.no_int8:
+                    results.append(bench_specache(args, d, t, int8_act=True))
 
     print(f"{'engine':<10} {'depth':>6} {'thr':>3} {'prefill tok/s':>14} {'decode ms/tok':>14} {'p25 .. p75':>18} {'tok/s':>7}")
     for r in results:

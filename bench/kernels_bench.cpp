@@ -159,9 +159,9 @@ LowBitBenchData make_lowbit_data(int bits, int n_q, int n_pos) {
   b.keys.resize((size_t)n_blocks * b.spec.key_block_bytes());
   for (int blk = 0; blk < n_blocks; ++blk)
     lowbit_quantize_keys(b.spec, k.data() + (size_t)blk * g * d, d, b.keys.data() + blk * b.spec.key_block_bytes());
-  b.values.resize((size_t)n_pos * b.spec.value_token_bytes());
-  for (int t = 0; t < n_pos; ++t)
-    lowbit_quantize_value(b.spec, v.data() + (size_t)t * d, b.values.data() + (size_t)t * b.spec.value_token_bytes());
+  b.values.resize((size_t)n_blocks * b.spec.value_block_bytes());
+  for (int blk = 0; blk < n_blocks; ++blk)
+    lowbit_quantize_values(b.spec, v.data() + (size_t)blk * g * d, d, b.values.data() + blk * b.spec.value_block_bytes());
   b.q.resize((size_t)n_q * d);
   for (auto& e : b.q) e = nd(rng) * 0.125f;
   b.p.resize((size_t)n_q * n_pos);  // softmax numerators exp(s - max): in (0, 1]
@@ -185,8 +185,9 @@ void BM_LowBitScore(benchmark::State& st) {
 
 void BM_LowBitAccumulate(benchmark::State& st) {
   auto b = make_lowbit_data((int)st.range(0), (int)st.range(1), 8192);
+  const int n_blocks = b.n_pos / b.spec.group;
   for (auto _ : st) {
-    lowbit_accumulate_values(b.spec, b.values.data(), b.n_pos, b.p.data(), b.n_q, b.n_pos, b.out.data(),
+    lowbit_accumulate_values(b.spec, b.values.data(), n_blocks, b.p.data(), b.n_q, b.n_pos, b.out.data(),
                              b.spec.head_dim);
     benchmark::DoNotOptimize(b.out.data());
     benchmark::ClobberMemory();

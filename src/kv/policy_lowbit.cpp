@@ -48,7 +48,7 @@ constexpr uint64_t kRecallEvery = 4;  // spec_recall sampling period in decode s
 
 struct HeadState {
   LazyBuffer kblocks;              // [n_ctx/g + 1][key_block_bytes] low-bit key blocks
-  LazyBuffer vals;                 // [n_ctx + g][value_token_bytes] low-bit value tokens
+  LazyBuffer vals;                 // [n_ctx/g + 1][value_block_bytes] low-bit value blocks
   std::vector<fp16_t> win;         // [n_win][2*head_dim] residual window, K|V rows (positions n_quant ..)
   // What the top-k buffer holds, sorted by position: (position, slot). While a prefetch is in
   // flight it already describes the buffer as it will be once the layer's ticket completes.
@@ -74,7 +74,7 @@ struct LayerState {
 
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
-  std::vector<float> sc, pr, own;
+  std::vector<float> sc, pr, own, saved;
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
   TopkScratch tk;
@@ -101,7 +101,7 @@ class LowBitPolicy final : public KvPolicy {
       L.heads.resize(g.n_head_kv);
       for (auto& H : L.heads) {
         H.kblocks = LazyBuffer((size_t)n_blocks * spec_.key_block_bytes());
-        H.vals = LazyBuffer((size_t)(n_blocks * spec_.group) * spec_.value_token_bytes());
+        H.vals = LazyBuffer((size_t)n_blocks * spec_.value_block_bytes());
       }
     }
   }
@@ -221,7 +221,7 @@ class LowBitPolicy final : public KvPolicy {
   std::vector<float> win_s_;        // [n_head_kv][n_q][n_win] exp(window score - exact part's max)
   std::vector<ThreadScratch> thr_;
   std::vector<fp16_t> rows_tmp_;    // append: [n][n_kv][K|V]
-  std::vector<float> kb_tmp_, vt_tmp_;
+  std::vector<float> kb_tmp_, vb_tmp_;
   std::vector<RowRef> refs_;
   std::vector<std::pair<int64_t, int32_t>> next_tmp_;  // start_fetch: the new (position, slot) list
   std::vector<uint8_t> slot_used_;                     // start_fetch: slots kept by hits
@@ -269,8 +269,9 @@ void LowBitPolicy::flush_window(LayerState& L) {
   if (n_win < cfg_.window + g) return;
   const int64_t n_blocks = (n_win - cfg_.window) / g;
   kb_tmp_.resize((size_t)g * d);
-  vt_tmp_.resize((size_t)d);
+  vb_tmp_.resize((size_t)g * d);
   float* kb = kb_tmp_.data();
+  float* vb = vb_tmp_.data();
   for (auto& H : L.heads) {
     for (int64_t b = 0; b < n_blocks; ++b) {
       const fp16_t* src = H.win.data() + b * g * row_elems_;
@@ -282,10 +283,9 @@ void LowBitPolicy::flush_window(LayerState& L) {
       const int64_t n_sink_here = std::clamp<int64_t>(cfg_.sinks - blk * g, 0, g - 1);
       for (int64_t t = 0; t < n_sink_here; ++t) std::copy_n(kb + n_sink_here * d, d, kb + t * d);
       lowbit_quantize_keys(spec_, kb, d, H.kblocks.data() + blk * spec_.key_block_bytes());
-      for (int t = 0; t < g; ++t) {
-        for (int c = 0; c < d; ++c) vt_tmp_[c] = fp16_to_fp32(src[t * row_elems_ + d + c]);
-        lowbit_quantize_value(spec_, vt_tmp_.data(), H.vals.data() + (blk * g + t) * spec_.value_token_bytes());
-      }
+      for (int t = 0; t < g; ++t)
+        for (int c = 0; c < d; ++c) vb[t * d + c] = fp16_to_fp32(src[t * row_elems_ + d + c]);
+      lowbit_quantize_values(spec_, vb, d, H.vals.data() + blk * spec_.value_block_bytes());
     }
     H.win.erase(H.win.begin(), H.win.begin() + n_blocks * g * row_elems_);
     // A prefill passes the whole prompt through the window: give that memory back.
@@ -360,8 +360,7 @@ void LowBitPolicy::finish_fetch(int il) {
 void LowBitPolicy::update_peak() {
   uint64_t total = 0;
   for (const auto& L : layers_) {
-    const uint64_t lowbit = (uint64_t)(L.n_quant / spec_.group) * spec_.key_block_bytes() +
-                            (uint64_t)L.n_quant * spec_.value_token_bytes();
+    const uint64_t lowbit = (uint64_t)(L.n_quant / spec_.group) * (spec_.key_block_bytes() + spec_.value_block_bytes());
     const uint64_t window = (uint64_t)(L.n_tok - L.n_quant) * row_elems_ * sizeof(fp16_t);
     total += g_.n_head_kv * (lowbit + window) + L.topk_rows.size() * sizeof(fp16_t);
   }
@@ -453,15 +452,27 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         const float m = vec_max(s + t0, t1 - t0);
         P(h, ch, iq) = AttnPartial{m, vec_exp_shift_sum(s + t0, t1 - t0, m)};
       }
-      lowbit_accumulate_values(spec_, H.vals.data() + t0 * spec_.value_token_bytes(), (int)(t1 - t0), S(h, 0) + t0, n_q,
-                               nqt, O(h, ch, 0), d);
-      // Top-k positions: replace the low-bit value by the exact one.
-      float vdq[256];
+      // Top-k positions use their exact values: their weights are taken out of the packed sum
+      // (whose u8 weight quantization is approximate, lowbit.h) and restored for the selection.
+      std::vector<float>& saved = thr_[t].saved;
+      saved.resize((size_t)(hi - lo) * n_q);
+      for (auto it = lo; it != hi; ++it)
+        for (int iq = 0; iq < n_q; ++iq) {
+          float& w = S(h, iq)[it->first];
+          saved[(size_t)(it - lo) * n_q + iq] = w;
+          w = 0.0f;
+        }
+      lowbit_accumulate_values(spec_, H.vals.data() + t0 / g * spec_.value_block_bytes(), (int)((t1 - t0) / g),
+                               S(h, 0) + t0, n_q, nqt, O(h, ch, 0), d);
+      float vx[256];
       for (auto it = lo; it != hi; ++it) {
-        lowbit_dequantize_value(spec_, H.vals.data() + it->first * spec_.value_token_bytes(), vdq);
         const fp16_t* vrow = slot_row(L, h, it->second) + d;
-        for (int c = 0; c < d; ++c) vdq[c] = fp16_to_fp32(vrow[c]) - vdq[c];
-        for (int iq = 0; iq < n_q; ++iq) vec_axpy(S(h, iq)[it->first], vdq, O(h, ch, iq), d);
+        for (int c = 0; c < d; ++c) vx[c] = fp16_to_fp32(vrow[c]);
+        for (int iq = 0; iq < n_q; ++iq) {
+          const float pw = saved[(size_t)(it - lo) * n_q + iq];
+          S(h, iq)[it->first] = pw;
+          vec_axpy(pw, vx, O(h, ch, iq), d);
+        }
       }
       return;
     }

@@ -69,6 +69,16 @@ inline float load_f16(const uint8_t* p) {
   return fp16_to_fp32(h);
 }
 
+}  // namespace
+
+namespace lowbit_detail {
+float key_scale_levels(int bits) { return bits == 1 ? 255.0f : 85.0f; }
+}  // namespace lowbit_detail
+
+namespace {
+
+using lowbit_detail::key_scale_levels;
+
 // Codes of one block (0 .. 3): keys [c][t], values [t][c].
 using KeyCodes = uint8_t[kMaxDim][64];
 using ValueCodes = uint8_t[64][kMaxDim];
@@ -295,42 +305,45 @@ void score_keys_scalar(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
                        size_t q_stride, float* scores, size_t score_stride) {
   spec.validate();
   const int d = spec.head_dim, g = spec.group, bits = spec.bits;
-  const float h = 0.5f * (float)((1 << bits) - 1);
+  const float h = 0.5f * (float)((1 << bits) - 1), lim = key_scale_levels(bits);
   const size_t bb = spec.key_block_bytes();
-  float s[kMaxDim], zc[kMaxDim], w[kMaxDim];
-  int wq[kMaxDim];
+  float s[kMaxDim], zc[kMaxDim];
+  int qs[kMaxDim];  // qq_c * sq_c
   int32_t acc[64];
   KeyCodes codes;
   for (int blk = 0; blk < n_blocks; ++blk) {
     const uint8_t* block = blocks + (size_t)blk * bb;
     const uint8_t* sp = block + (size_t)bits * spec.key_plane_bytes();
     const uint8_t* zp = sp + 2 * (size_t)d;
+    // u8 key scales sq_c = rne(s_c * lim/smax), step as = smax/lim (shared by the rows).
+    float smax = 0.0f;
     for (int c = 0; c < d; ++c) {
       s[c] = load_f16(sp + 2 * c);
       zc[c] = load_f16(zp + 2 * c) + h * s[c];
+      smax = std::max(smax, s[c]);
     }
+    const float invs = smax > 0.0f ? lim / smax : 0.0f, as = smax / lim;
     unpack_key_codes(spec, block, codes);
     for (int iq = 0; iq < n_q; ++iq) {
       const float* qr = q + (size_t)iq * q_stride;
-      float mx = 0.0f, qz = 0.0f;
+      // int8 query qq_c = rne(q_c * 127/qmax), step aq = qmax/127 (per row, the same for every block).
+      float qmax = 0.0f;
+      for (int c = 0; c < d; ++c) qmax = std::max(qmax, std::fabs(qr[c]));
+      const float invq = qmax > 0.0f ? 127.0f / qmax : 0.0f, aq = qmax / 127.0f;
+      const float A = aq * as;
+      float qz = 0.0f;
+      int sum_qs = 0;
       for (int c = 0; c < d; ++c) {
-        w[c] = qr[c] * s[c];
-        mx = std::max(mx, std::fabs(w[c]));
+        qs[c] = (int)std::nearbyint(qr[c] * invq) * (int)std::nearbyint(s[c] * invs);
+        sum_qs += qs[c];
         qz += qr[c] * zc[c];
       }
-      // int8 weights: wq_c = rne(w_c * 127/M), step a = M/127.
-      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f, a = mx / 127.0f;
-      int sum_wq = 0;
-      for (int c = 0; c < d; ++c) {
-        wq[c] = (int)std::nearbyint(w[c] * inv);
-        sum_wq += wq[c];
-      }
-      qz -= h * a * (float)sum_wq;
+      qz -= h * A * (float)sum_qs;
       std::fill(acc, acc + g, 0);
       for (int c = 0; c < d; ++c)
-        for (int t = 0; t < g; ++t) acc[t] += wq[c] * (int32_t)codes[c][t];
+        for (int t = 0; t < g; ++t) acc[t] += qs[c] * (int32_t)codes[c][t];
       float* out = scores + (size_t)iq * score_stride + (size_t)blk * g;
-      for (int t = 0; t < g; ++t) out[t] = qz + a * (float)acc[t];
+      for (int t = 0; t < g; ++t) out[t] = qz + A * (float)acc[t];
     }
   }
 }

@@ -47,34 +47,42 @@
 //
 // ---- Kernels ----
 // lowbit_score_keys and lowbit_accumulate_values work directly on the packed codes: 8-bit integer
-// dot products (vpdpbusd) of the codes with the float weights quantized per block and query row.
-// h = (2^bits - 1)/2, rne = round to nearest, ties to even.
-//   score, per block and row: w_c = q_c*s_c -> int8 wq_c = rne(w_c * 127/M), step a = M/127,
-//     M = max_c |w_c|. Per quad of channels and chunk of 16 tokens the 64-bit code word expands
-//     (kmov + masked byte move; +1 masked add for 2 bits) into 64 code bytes shared by the rows,
-//     and each row does one vpdpbusd with its 4 weights (one dword, embedded broadcast):
-//       score_t = qz + a * sum_c wq_c*code_ct,  qz = sum_c q_c*(z_c + h*s_c) - h*a*sum_c wq_c,
-//     the per-block constant qz centring the rounding error on code - h.
+// dot products (vpdpbusd: unsigned bytes x signed bytes, 4 per int32 lane) of the codes with
+// quantized float operands. h = (2^bits - 1)/2; rne = round to nearest, ties to even.
+//   score: q_c*s_c*code is split over both byte operands. Per query row (once per call):
+//     int8 qq_c = rne(q_c * 127/qmax), aq = qmax/127. Per key block (shared by all rows): u8
+//     sq_c = rne(s_c * L/smax), as = smax/L, with L = 255 (1 bit) or 85 (2 bits, code*sq <= 255).
+//     Per quad of channels and chunk of 16 tokens the 64-bit code word expands (kmov + masked
+//     byte move of the quad's sq dword; +1 masked add of 2*sq for 2 bits) into 64 bytes code*sq,
+//     shared by the rows, and each row does one vpdpbusd with its qq dword (embedded broadcast):
+//       score_t = qz + A * sum_c qq_c*sq_c*code_ct,   A = aq*as,
+//       qz = sum_c q_c*(z_c + h*s_c) - h*A*sum_c qq_c*sq_c   (per block and row; centres the
+//       rounding error on code - h).
+//     The key scale absorbed by the code bytes keeps channels with small s_c precise: on
+//     SmolLM2-135M keys at 4K tokens the score error RMS is 0.022 logits (1 bit; 0.030 for 2 bits)
+//     vs 0.035 (0.039) for int8 weights q_c*s_c quantized per block and row, for scores of RMS
+//     ~11.7, and the per-block work per row is one dot product of q with z + h*s.
 //   accumulate, per block and row: u_t = p_t*s_t -> uint8 uq_t = rne(u_t * 255/M), step b = M/255,
 //     M = max of u_t over the block's tokens and value groups. Per quad of tokens and chunk of
 //     16 channels the code word expands into 64 signed bytes 2*code - 2h (shared by the rows) and
 //     each row does one vpdpbusd with its 4 u8 weights; per block the int32 sums are scaled by
 //     b/2 into fp32 accumulators. The zero terms sum_t p_t*(z_t + h*s_t) stay fp32.
 //     Requires p >= 0 (softmax numerators): a negative weight throws spc::Error.
-//   AVX-512 (F + BW; VNNI, else vpmaddubsw + vpmaddwd, whose int16 pair sums cannot saturate
-//   here: |u8*s8| <= 255*3 per product): the weights of a batch of 8 blocks are prepared first
-//   (their dependency chains overlap), then the dot products run with <= 12 int32 accumulators
-//   (scores: 4 chunks x <= 3 rows or 2 chunks x <= 6 rows; values: 32-channel tiles x <= 6 rows).
+//   AVX-512 (F + BW; VNNI, else an exact emulation with vpmaddwd on the bytes widened to int16):
+//   the per-block operands of 8 blocks are prepared first, then the dot products run with <= 12
+//   int32 accumulators (scores: 4 chunks x <= 3 rows or 2 chunks x <= 6 rows; values: 32-channel
+//   tiles x <= 6 rows).
 // Error bound vs the exact dot products with the dequantized codes (the *_ref functions),
-// beyond fp32 rounding: each weight's rounding error is at most half a step and multiplies the
-// centred code, |code - h| <= h, so
-//   score      |err_t| <= a/2 * sum_c |code_ct - h|                  <= a*h*d/2
+// beyond fp32 rounding. Each rounding is at most half a step and the errors multiply the centred
+// codes, |code - h| <= h:
+//   score      |err_t| <= h*A/2 * sum_c (|qq_c| + sq_c + 1/2)   (from |A*qq*sq - q*s| <=
+//              A*(|qq|/2 + sq/2 + 1/4)) <= h*d*qmax*smax*(1/L + 1/127)/2 roughly;
 //   accumulate |err_c| <= sum over blocks of b/2 * sum_t |code_tc - h|  <= sum_blocks b*h*g/2.
-// The errors are unbiased and typically ~ step * sqrt(n/12) * rms(code - h) for n terms
-// (measured on SmolLM2-135M keys at 4K tokens: score error RMS 0.03 logits, max 0.6, for score
-// RMS 11.7). Weights that are all +-M (or 0) are exact, so are degenerate groups (s = 0: weight 0).
+// The errors are unbiased and typically ~ h*A*sqrt(sum_c (qq_c^2 + sq_c^2)/12) (scores),
+// h*sqrt(sum_blocks b^2 * g/12) (sums). Operands that are all +-max (or 0) are exact, so are
+// degenerate groups (s = 0).
 // Without AVX-512 F+BW the portable scalar kernels run (lowbit_detail::*_scalar): the same
-// integer method with the same quantized weights (same float operations), so both paths agree
+// integer method with the same quantized operands (same float operations), so both paths agree
 // to fp32 rounding and results do not depend on the machine.
 // They never allocate (stack use <= ~40 KB), keep no state and are safe to call concurrently on
 // disjoint outputs. The *_ref versions dequantize and accumulate in double (test references, slow).
@@ -139,6 +147,8 @@ void score_keys_scalar(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
                        size_t q_stride, float* scores, size_t score_stride);
 void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
+// Levels of the u8 key scales in the score kernels: 255 (1 bit) or 85 (2 bits: code*sq <= 255).
+float key_scale_levels(int bits);
 // True when the calls above dispatch to SIMD code for this spec (for test/benchmark labels).
 bool score_keys_simd(const LowBitSpec& spec);
 bool accumulate_values_simd(const LowBitSpec& spec);

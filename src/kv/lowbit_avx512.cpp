@@ -133,13 +133,9 @@ SPC_AI inline __m512 row_lane(const __m512* v) {
   return _mm512_maskz_permutexvar_ps(kAll16, _mm512_set1_epi32(4 * (I % 4)), v[I / 4]);
 }
 
-// 4 int32 vectors (values within the int8 / uint8 range) -> 64 bytes: a[0..15], b[0..15], ...
+// 4 int32 vectors (values within 0..255) -> 64 bytes: a[0..15], b[0..15], ...
 // (the packs work per 128-bit lane; one dword permutation restores the order).
 inline __m512i dword_lane_order() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
-inline __m512i pack_s8(__m512i a, __m512i b, __m512i c, __m512i d) {
-  const __m512i x = _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
-  return _mm512_maskz_permutexvar_epi32(kAll16, dword_lane_order(), x);
-}
 inline __m512i pack_u8(__m512i a, __m512i b, __m512i c, __m512i d) {
   const __m512i x = _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
   return _mm512_maskz_permutexvar_epi32(kAll16, dword_lane_order(), x);
@@ -155,9 +151,13 @@ inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
 #elif defined(__AVX512VNNI__)
   return _mm512_dpbusd_epi32(acc, u8, s8);
 #else
-  // Pair sums stay within int16 (|u8*s8| <= 255*3 here, the codes being the small operand).
-  const __m512i p16 = _mm512_maddubs_epi16(u8, s8);
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(p16, _mm512_set1_epi16(1)));
+  // Exact emulation (vpmaddubsw would saturate its int16 pair sums: 2*255*127 for the keys):
+  // even and odd bytes widened to int16, then vpmaddwd.
+  const __m512i lo8 = _mm512_set1_epi16(0x00FF);
+  const __m512i u_even = _mm512_and_si512(u8, lo8), u_odd = _mm512_srli_epi16(u8, 8);
+  const __m512i s_even = _mm512_srai_epi16(_mm512_slli_epi16(s8, 8), 8), s_odd = _mm512_srai_epi16(s8, 8);
+  acc = _mm512_add_epi32(acc, _mm512_madd_epi16(u_even, s_even));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(u_odd, s_odd));
 #endif
 }
 // The same with the signed operand the dword at s8 broadcast to all lanes (keys: the row's int8
@@ -203,37 +203,42 @@ inline uint64_t spread_nibbles(uint64_t w, int r) {
 
 // ---- keys ----
 
-// 64 code bytes (0 .. 3) from the plane words.
+// 64 code bytes code * sq (sq = the quad's 4 u8 key scales, one per byte of each lane; <= 255).
 template <int BITS>
-inline __m512i key_code_bytes(uint64_t w0, uint64_t w1) {
-  __m512i c = _mm512_maskz_mov_epi8(_cvtu64_mask64(w0), _mm512_set1_epi8(1));
-  if constexpr (BITS == 2) c = _mm512_mask_add_epi8(c, _cvtu64_mask64(w1), c, _mm512_set1_epi8(2));
+inline __m512i key_code_bytes(uint64_t w0, uint64_t w1, __m512i sq, __m512i sq2) {
+  __m512i c = _mm512_maskz_mov_epi8(_cvtu64_mask64(w0), sq);
+  if constexpr (BITS == 2) c = _mm512_mask_add_epi8(c, _cvtu64_mask64(w1), c, sq2);
   (void)w1;
+  (void)sq2;
   return c;
 }
 
 // Scores of JT chunks (16 tokens each) of one block for NQ rows: words = plane 0's first word of
-// the tile's first chunk, quads quad_stride bytes apart (plane 1 at + plane_bytes); wq
-// [NQ][kMaxQuads] int8x4 weight dwords; a / qz [NQ]. NQ*JT <= 12 accumulators: GCC 12 spills
-// beyond that (24 accumulators + codes + broadcast did not fit its allocation).
+// the tile's first chunk, quads quad_stride bytes apart (plane 1 at + plane_bytes); sq / sq2:
+// the block's u8 key scales (and doubled) as one dword per quad; qq [NQ][kMaxQuads] int8x4
+// query dwords; A / qz [NQ]. NQ*JT <= 12 accumulators: GCC 12 spills beyond that.
 template <int JT, int BITS, int NQ>
-void score_block(const uint8_t* words, int nquads, size_t quad_stride, size_t plane_bytes, const uint32_t* wq,
-                 const float* a, const float* qz, float* scores, size_t score_stride) {
+void score_block(const uint8_t* words, int nquads, size_t quad_stride, size_t plane_bytes, const uint32_t* sq,
+                 const uint32_t* sq2, const uint32_t* qq, const float* A, const float* qz, float* scores,
+                 size_t score_stride) {
   __m512i acc[NQ][JT];
   unroll<NQ>([&](auto iq) SPC_AI { unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = _mm512_setzero_si512(); }); });
   for (int u = 0; u < nquads; ++u, words += quad_stride) {
-    // The codes of the JT chunks of the quad (shared by the rows), then per row one broadcast
-    // weight dword and JT vpdpbusd.
+    // The scaled codes of the JT chunks of the quad (shared by the rows), then per row JT
+    // vpdpbusd with its query dword as an embedded broadcast.
+    const __m512i s1 = _mm512_set1_epi32((int)sq[u]);
+    const __m512i s2 = BITS == 2 ? _mm512_set1_epi32((int)sq2[u]) : s1;
     __m512i codes[JT];
     unroll<JT>([&](auto j) SPC_AI {
-      codes[j] = key_code_bytes<BITS>(load_u64(words + 8 * j), BITS == 2 ? load_u64(words + plane_bytes + 8 * j) : 0);
+      codes[j] = key_code_bytes<BITS>(load_u64(words + 8 * j), BITS == 2 ? load_u64(words + plane_bytes + 8 * j) : 0,
+                                      s1, s2);
     });
     unroll<NQ>([&](auto iq) SPC_AI {
-      unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = dpbusd_bcast_s8(acc[iq][j], codes[j], wq + iq * kMaxQuads + u); });
+      unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = dpbusd_bcast_s8(acc[iq][j], codes[j], qq + iq * kMaxQuads + u); });
     });
   }
   unroll<NQ>([&](auto iq) SPC_AI {
-    const __m512 av = _mm512_set1_ps(a[iq]), zv = _mm512_set1_ps(qz[iq]);
+    const __m512 av = _mm512_set1_ps(A[iq]), zv = _mm512_set1_ps(qz[iq]);
     unroll<JT>([&](auto j) SPC_AI {
       _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j,
                        _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, acc[iq][j]), av, zv));
@@ -241,8 +246,8 @@ void score_block(const uint8_t* words, int nquads, size_t quad_stride, size_t pl
   });
 }
 
-using ScoreFn = void (*)(const uint8_t*, int, size_t, size_t, const uint32_t*, const float*, const float*, float*,
-                         size_t);
+using ScoreFn = void (*)(const uint8_t*, int, size_t, size_t, const uint32_t*, const uint32_t*, const uint32_t*,
+                         const float*, const float*, float*, size_t);
 
 template <int JT, int BITS>
 ScoreFn score_fn_q(int nq) {
@@ -343,9 +348,16 @@ ValueFn pick_value_fn(int bits, int nch, bool tail, int nq) {
 // overlap, and the dot products then run at the vpdpbusd throughput.
 constexpr int kBatch = 8;
 
+// The rows' int8 queries (once per call and row tile).
+struct KeyRows {
+  alignas(64) uint32_t qq[kMaxNq * kMaxQuads];  // int8x4 per (row, quad), 0 beyond d
+  float aq[kMaxNq];                              // qmax/127
+};
+
 struct KeyPrep {
-  alignas(64) uint32_t wq[kMaxNq * kMaxQuads];  // int8x4 weights per (row, quad)
-  float a[kMaxNq], qz[kMaxNq];
+  alignas(64) uint32_t sq[kMaxQuads];   // u8 key scales, 4 per quad, 0 beyond d
+  alignas(64) uint32_t sq2[kMaxQuads];  // 2*sq (2 bits)
+  float A[kMaxNq], qz[kMaxNq];
   const uint8_t* words;  // plane 0's code words [nquads][J]
   size_t plane_bytes;
 };
@@ -353,13 +365,37 @@ struct KeyPrep {
 struct KeyCtx {
   int d, g, bits, nv, J, nq4, r, nquads;
   size_t bb, pb;
-  float h;
+  float h, lim;
 };
 
-// Weights of rows q[0..nq) (q_stride apart) for one key block: any shape. padded: room for
-// bits*nquads*J words, used when d % 4 != 0.
-void prep_key_generic(const KeyCtx& k, const uint8_t* block, const float* q, size_t q_stride, int nq, KeyPrep& kp,
-                      uint8_t* padded) {
+inline __mmask16 first_n(int n) { return n >= 16 ? kAll16 : (__mmask16)((1u << n) - 1u); }
+
+// int8 queries qq_c = rne(q_c * 127/qmax), aq = qmax/127 (the scalar path's operations).
+void prep_key_rows(const KeyCtx& k, const float* q, size_t q_stride, int nq, KeyRows& kr) {
+  for (int iq = 0; iq < nq; ++iq) {
+    const float* qr = q + (size_t)iq * q_stride;
+    __m512 m = _mm512_setzero_ps();
+    for (int v = 0; v < k.nv; ++v)
+      m = _mm512_maskz_range_ps(kAll16, m, _mm512_maskz_loadu_ps(first_n(k.d - 16 * v), qr + 16 * v), 0xB);
+    const float qmax = hmax(m);
+    const __m512 inv = _mm512_set1_ps(qmax > 0.0f ? 127.0f / qmax : 0.0f);
+    kr.aq[iq] = qmax / 127.0f;
+    uint8_t* dst = (uint8_t*)(kr.qq + iq * kMaxQuads);
+    std::memset(dst, 0, 4 * kMaxQuads);
+    for (int v = 0; v < k.nv; ++v) {
+      const __m512 qv = _mm512_maskz_loadu_ps(first_n(k.d - 16 * v), qr + 16 * v);
+      _mm_store_si128((__m128i*)(dst + 16 * v),
+                      _mm512_maskz_cvtsepi32_epi8(kAll16, _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(qv, inv))));
+    }
+  }
+}
+
+// One key block: u8 scales sq_c = rne(s_c * lim/smax), as = smax/lim; per row A = aq*as and
+// qz = sum_c q_c*(z_c + h*s_c) - h*A*sum_c qq_c*sq_c (reduced for 4 rows at a time).
+// padded: room for bits*nquads*J words, used when d % 4 != 0.
+template <int NQ>
+void prep_key_block(const KeyCtx& k, const uint8_t* block, const float* q, size_t q_stride, const KeyRows& kr,
+                    KeyPrep& kp, uint8_t* padded) {
   const int d = k.d, nv = k.nv;
   const uint8_t* sp = block + (size_t)k.bits * k.pb;
   const uint8_t* zp = sp + 2 * (size_t)d;
@@ -380,96 +416,46 @@ void prep_key_generic(const KeyCtx& k, const uint8_t* block, const float* q, siz
     kp.plane_bytes = (size_t)k.nquads * k.J * 8;
   }
   const __m512 hv = _mm512_set1_ps(k.h);
-  alignas(64) float s[kMaxDim], zc[kMaxDim], w[kMaxNq * kMaxDim];
+  alignas(64) float s[kMaxDim], zc[kMaxDim];
+  __m512 sm = _mm512_setzero_ps();
   for (int v = 0; v < nv; ++v) {  // lanes beyond d: s = z = 0
     const int n = std::min(16, d - 16 * v);
     const __m512 sv = cvtph_n(sp + 32 * v, n);
     _mm512_store_ps(s + 16 * v, sv);
     _mm512_store_ps(zc + 16 * v, _mm512_fmadd_ps(sv, hv, cvtph_n(zp + 32 * v, n)));
+    sm = _mm512_maskz_max_ps(kAll16, sm, sv);
   }
-  // Per row: w = q*s, max |w| (vrangeps: max of absolute values), sum q*(z + h*s) as a vector.
-  __m512 mx[kMaxNq], t[kMaxNq];
-  for (int iq = 0; iq < nq; ++iq) {
-    const float* qr = q + (size_t)iq * q_stride;
-    __m512 m = _mm512_setzero_ps(), tz = _mm512_setzero_ps();
-    for (int v = 0; v < nv; ++v) {
-      const int n = std::min(16, d - 16 * v);
-      const __m512 qv = _mm512_maskz_loadu_ps(n >= 16 ? kAll16 : (__mmask16)((1u << n) - 1u), qr + 16 * v);
-      const __m512 wv = _mm512_mul_ps(qv, _mm512_load_ps(s + 16 * v));
-      _mm512_store_ps(w + iq * kMaxDim + 16 * v, wv);
-      m = _mm512_maskz_range_ps(kAll16, m, wv, 0xB);  // imm 0xB: max(|m|, |w|) with the sign bit cleared
-      tz = _mm512_fmadd_ps(qv, _mm512_load_ps(zc + 16 * v), tz);
+  const float smax = hmax(sm);
+  const __m512 invs = _mm512_set1_ps(smax > 0.0f ? k.lim / smax : 0.0f);
+  const float as = smax / k.lim;
+  // The scales as bytes, built in registers (64 channels per vector, 0 beyond d) and stored
+  // once: 16-byte stores read back as one 64-byte load would defeat store forwarding.
+  const int n64 = (d + 63) / 64;
+  __m512i sqv[kMaxDim / 64];
+  for (int v4 = 0; v4 < n64; ++v4) {
+    __m512i si[4];
+    for (int i = 0; i < 4; ++i) {
+      const int v = 4 * v4 + i;
+      si[i] = v < nv ? _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(_mm512_load_ps(s + 16 * v), invs))
+                     : _mm512_setzero_si512();
     }
-    mx[iq] = m;
-    t[iq] = tz;
+    sqv[v4] = pack_u8(si[0], si[1], si[2], si[3]);
+    _mm512_store_si512(kp.sq + 16 * v4, sqv[v4]);
+    if (k.bits == 2) _mm512_store_si512(kp.sq2 + 16 * v4, _mm512_add_epi8(sqv[v4], sqv[v4]));  // <= 170
   }
-  // int8 weights rne(w * 127/M) (vcvtps2dq rounds to nearest even), step a = M/127; the
-  // constant qz = sum q*(z + h*s) - h*a*sum wq, reduced for all rows together.
-  float inv[kMaxNq];
-  row_scales(mx, nq, 127.0f, inv, kp.a);
-  for (int iq = 0; iq < nq; ++iq) {
-    const __m512 iv = _mm512_set1_ps(inv[iq]), ha = _mm512_set1_ps(k.h * kp.a[iq]);
-    uint8_t* wq8 = (uint8_t*)(kp.wq + iq * kMaxQuads);
-    for (int v = 0; v < nv; ++v) {
-      const __m512i wi = _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(_mm512_load_ps(w + iq * kMaxDim + 16 * v), iv));
-      _mm_store_si128((__m128i*)(wq8 + 16 * v), _mm512_maskz_cvtsepi32_epi8(kAll16, wi));
-      t[iq] = _mm512_fnmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, wi), ha, t[iq]);
-    }
-  }
-  for (int r0 = 0; r0 < nq; r0 += 4) {
-    __m512 x[4];
-    for (int i = 0; i < 4; ++i) x[i] = r0 + i < nq ? t[r0 + i] : _mm512_setzero_ps();
-    alignas(64) float red[16];
-    _mm512_store_ps(red, reduce4(x, vadd));
-    for (int i = 0; i < 4 && r0 + i < nq; ++i) kp.qz[r0 + i] = red[4 * i];
-  }
-}
-
-// The same for d = 16*NV and NQ rows, unrolled with everything in registers.
-template <int NQ, int NV>
-void prep_key_fast(const KeyCtx& k, const uint8_t* block, const float* q, size_t q_stride, KeyPrep& kp) {
-  const uint8_t* sp = block + (size_t)k.bits * k.pb;
-  const uint8_t* zp = sp + 2 * (size_t)k.d;
-  kp.words = block;
-  kp.plane_bytes = k.pb;
-  const __m512 hv = _mm512_set1_ps(k.h);
-  __m512 s[NV], zc[NV];
-  unroll<NV>([&](auto v) SPC_AI {
-    s[v] = cvtph(sp + 32 * v);
-    zc[v] = _mm512_fmadd_ps(s[v], hv, cvtph(zp + 32 * v));
-  });
-  __m512 mx[NQ], t[NQ];
+  __m512 t[NQ];
   unroll<NQ>([&](auto iq) SPC_AI {
     const float* qr = q + iq * q_stride;
-    mx[iq] = _mm512_setzero_ps();
-    t[iq] = _mm512_setzero_ps();
-    unroll<NV>([&](auto v) SPC_AI {
-      const __m512 qv = _mm512_loadu_ps(qr + 16 * v);
-      mx[iq] = _mm512_maskz_range_ps(kAll16, mx[iq], _mm512_mul_ps(qv, s[v]), 0xB);  // max(|.|, |.|)
-      t[iq] = _mm512_fmadd_ps(qv, zc[v], t[iq]);
-    });
+    __m512 tz = _mm512_setzero_ps();
+    for (int v = 0; v < nv; ++v)
+      tz = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(first_n(d - 16 * v), qr + 16 * v), _mm512_load_ps(zc + 16 * v), tz);
+    __m512i isum = _mm512_setzero_si512();
+    const uint32_t* qq = kr.qq + iq * kMaxQuads;
+    for (int v4 = 0; v4 < n64; ++v4) isum = dpbusd(isum, sqv[v4], _mm512_load_si512(qq + 16 * v4));
+    kp.A[iq] = kr.aq[iq] * as;
+    t[iq] = _mm512_fnmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, isum), _mm512_set1_ps(k.h * kp.A[iq]), tz);
   });
   constexpr int NG = (NQ + 3) / 4;
-  __m512 inv[NG], a[NG], ha[NG];
-  row_scales_v<NQ>(mx, 127.0f, inv, a);
-  unroll<NG>([&](auto g4) SPC_AI { ha[g4] = _mm512_mul_ps(hv, a[g4]); });
-  unroll<NQ>([&](auto iq) SPC_AI {
-    const float* qr = q + iq * q_stride;
-    const __m512 iv = row_lane<iq>(inv), hav = row_lane<iq>(ha);
-    kp.a[iq] = _mm512_cvtss_f32(row_lane<iq>(a));
-    __m512i wi[NV];
-    unroll<NV>([&](auto v) SPC_AI {
-      wi[v] = _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(qr + 16 * v), s[v]), iv));
-      t[iq] = _mm512_fnmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, wi[v]), hav, t[iq]);
-    });
-    uint8_t* wq8 = (uint8_t*)(kp.wq + iq * kMaxQuads);
-    unroll<NV / 4>([&](auto v4) SPC_AI {
-      _mm512_store_si512(wq8 + 64 * v4, pack_s8(wi[4 * v4], wi[4 * v4 + 1], wi[4 * v4 + 2], wi[4 * v4 + 3]));
-    });
-    unroll<NV % 4>([&](auto v) SPC_AI {
-      _mm_store_si128((__m128i*)(wq8 + 16 * (NV / 4 * 4 + v)), _mm512_maskz_cvtsepi32_epi8(kAll16, wi[NV / 4 * 4 + v]));
-    });
-  });
   unroll<NG>([&](auto g4) SPC_AI {
     __m512 x[4];
     unroll<4>([&](auto i) SPC_AI { x[i] = 4 * g4 + i < NQ ? t[(4 * g4 + i) % NQ] : _mm512_setzero_ps(); });
@@ -481,33 +467,90 @@ void prep_key_fast(const KeyCtx& k, const uint8_t* block, const float* q, size_t
   });
 }
 
-using KeyPrepFn = void (*)(const KeyCtx&, const uint8_t*, const float*, size_t, KeyPrep&);
+// The same for d = 16*NV (NV a multiple of 4, no tail quad), unrolled with everything in registers.
+template <int NQ, int NV>
+void prep_key_block_fast(const KeyCtx& k, const uint8_t* block, const float* q, size_t q_stride, const KeyRows& kr,
+                         KeyPrep& kp, uint8_t*) {
+  static_assert(NV % 4 == 0);
+  const uint8_t* sp = block + (size_t)k.bits * k.pb;
+  const uint8_t* zp = sp + 32 * NV;
+  kp.words = block;
+  kp.plane_bytes = k.pb;
+  const __m512 hv = _mm512_set1_ps(k.h);
+  __m512 s[NV], zc[NV];
+  __m512 sm = _mm512_setzero_ps();
+  unroll<NV>([&](auto v) SPC_AI {
+    s[v] = cvtph(sp + 32 * v);
+    zc[v] = _mm512_fmadd_ps(s[v], hv, cvtph(zp + 32 * v));
+    sm = _mm512_maskz_max_ps(kAll16, sm, s[v]);
+  });
+  // smax broadcast to all lanes without leaving the vector unit.
+  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_shuffle_f32x4(kAll16, sm, sm, _MM_SHUFFLE(1, 0, 3, 2)));
+  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_shuffle_f32x4(kAll16, sm, sm, _MM_SHUFFLE(2, 3, 0, 1)));
+  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_permute_ps(kAll16, sm, _MM_SHUFFLE(1, 0, 3, 2)));
+  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_permute_ps(kAll16, sm, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512 lim = _mm512_set1_ps(k.lim);
+  const __m512 invs = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(sm, _mm512_setzero_ps(), _CMP_GT_OQ), lim, sm);
+  const float as = _mm512_cvtss_f32(_mm512_maskz_div_ps(kAll16, sm, lim));
+  __m512i sqv[NV / 4];
+  unroll<NV / 4>([&](auto v4) SPC_AI {
+    __m512i si[4];
+    unroll<4>([&](auto i) SPC_AI {
+      si[i] = _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(s[4 * v4 + i], invs));
+    });
+    sqv[v4] = pack_u8(si[0], si[1], si[2], si[3]);
+    _mm512_store_si512(kp.sq + 16 * v4, sqv[v4]);
+    if (k.bits == 2) _mm512_store_si512(kp.sq2 + 16 * v4, _mm512_add_epi8(sqv[v4], sqv[v4]));  // <= 170
+  });
+  __m512 t[NQ];
+  unroll<NQ>([&](auto iq) SPC_AI {
+    const float* qr = q + iq * q_stride;
+    __m512 tz = _mm512_setzero_ps();
+    unroll<NV>([&](auto v) SPC_AI { tz = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * v), zc[v], tz); });
+    __m512i isum = _mm512_setzero_si512();
+    unroll<NV / 4>([&](auto v4) SPC_AI {
+      isum = dpbusd(isum, sqv[v4], _mm512_load_si512(kr.qq + iq * kMaxQuads + 16 * v4));
+    });
+    kp.A[iq] = kr.aq[iq] * as;
+    t[iq] = _mm512_fnmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, isum), _mm512_set1_ps(k.h * kp.A[iq]), tz);
+  });
+  constexpr int NG = (NQ + 3) / 4;
+  unroll<NG>([&](auto g4) SPC_AI {
+    __m512 x[4];
+    unroll<4>([&](auto i) SPC_AI { x[i] = 4 * g4 + i < NQ ? t[(4 * g4 + i) % NQ] : _mm512_setzero_ps(); });
+    const __m512 red = reduce4(x, vadd);
+    unroll<4>([&](auto i) SPC_AI {
+      if constexpr (4 * g4 + i < NQ)
+        kp.qz[4 * g4 + i] = _mm512_cvtss_f32(_mm512_maskz_permutexvar_ps(kAll16, _mm512_set1_epi32(4 * i), red));
+    });
+  });
+}
 
-template <int NQ>
-KeyPrepFn key_prep_nv(int nv) {
-  switch (nv) {
-    case 1: return prep_key_fast<NQ, 1>;
-    case 2: return prep_key_fast<NQ, 2>;
-    case 3: return prep_key_fast<NQ, 3>;
-    case 4: return prep_key_fast<NQ, 4>;
-    case 5: return prep_key_fast<NQ, 5>;
-    case 6: return prep_key_fast<NQ, 6>;
-    case 7: return prep_key_fast<NQ, 7>;
-    default: return prep_key_fast<NQ, 8>;
+using KeyPrepFn = void (*)(const KeyCtx&, const uint8_t*, const float*, size_t, const KeyRows&, KeyPrep&, uint8_t*);
+
+template <int NV>
+KeyPrepFn key_prep_fast(int nq) {
+  switch (nq) {
+    case 1: return prep_key_block_fast<1, NV>;
+    case 2: return prep_key_block_fast<2, NV>;
+    case 3: return prep_key_block_fast<3, NV>;
+    case 4: return prep_key_block_fast<4, NV>;
+    case 5: return prep_key_block_fast<5, NV>;
+    default: return prep_key_block_fast<6, NV>;
   }
 }
 
-// The fast preparation for d % 16 == 0, d <= 128; nullptr otherwise (generic path).
+// The unrolled preparation for d = 64 and d = 128, the generic one otherwise.
 KeyPrepFn pick_key_prep(int d, int nq) {
-  if (d % 16 != 0 || d > 128) return nullptr;
-  const int nv = d / 16;
+  if (d == 64) return key_prep_fast<4>(nq);
+  if (d == 128) return key_prep_fast<8>(nq);
   switch (nq) {
-    case 1: return key_prep_nv<1>(nv);
-    case 2: return key_prep_nv<2>(nv);
-    case 3: return key_prep_nv<3>(nv);
-    case 4: return key_prep_nv<4>(nv);
-    case 5: return key_prep_nv<5>(nv);
-    default: return key_prep_nv<6>(nv);
+    case 1: return prep_key_block<1>;
+    case 2: return prep_key_block<2>;
+    case 3: return prep_key_block<3>;
+    case 4: return prep_key_block<4>;
+    case 5: return prep_key_block<5>;
+    default: return prep_key_block<6>;
   }
 }
 
@@ -657,26 +700,25 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
   k.bb = spec.key_block_bytes();
   k.pb = spec.key_plane_bytes();
   k.h = 0.5f * (float)((1 << k.bits) - 1);
+  k.lim = key_scale_levels(k.bits);
+  KeyRows rows;
   KeyPrep prep[kBatch];
-  alignas(64) uint8_t padded[2 * kMaxQuads * 4 * 8];  // generic path, d % 4 != 0: one block at a time
+  alignas(64) uint8_t padded[2 * kMaxQuads * 4 * 8];  // d % 4 != 0: one block at a time
   for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
     const int nq = std::min(kMaxNq, n_q - q0);
     const float* qt = q + (size_t)q0 * q_stride;
+    prep_key_rows(k, qt, q_stride, nq, rows);
     const int jt = score_chunks_per_pass(k.g, nq);
     const ScoreFn fn = pick_score_fn(k.g, k.bits, nq);
-    const KeyPrepFn fast = pick_key_prep(k.d, nq);
-    const int batch = fast || k.r == 0 ? kBatch : 1;
+    const KeyPrepFn pfn = pick_key_prep(k.d, nq);
+    const int batch = k.r == 0 ? kBatch : 1;
     for (int b0 = 0; b0 < n_blocks; b0 += batch) {
       const int nb = std::min(batch, n_blocks - b0);
-      for (int i = 0; i < nb; ++i) {
-        const uint8_t* block = blocks + (size_t)(b0 + i) * k.bb;
-        if (fast) fast(k, block, qt, q_stride, prep[i]);
-        else prep_key_generic(k, block, qt, q_stride, nq, prep[i], padded);
-      }
+      for (int i = 0; i < nb; ++i) pfn(k, blocks + (size_t)(b0 + i) * k.bb, qt, q_stride, rows, prep[i], padded);
       for (int i = 0; i < nb; ++i) {
         const KeyPrep& kp = prep[i];
         for (int j0 = 0; j0 < k.J; j0 += jt)
-          fn(kp.words + 8 * j0, k.nquads, (size_t)k.J * 8, kp.plane_bytes, kp.wq, kp.a, kp.qz,
+          fn(kp.words + 8 * j0, k.nquads, (size_t)k.J * 8, kp.plane_bytes, kp.sq, kp.sq2, rows.qq, kp.A, kp.qz,
              scores + (size_t)q0 * score_stride + (size_t)(b0 + i) * k.g + 16 * j0, score_stride);
       }
     }

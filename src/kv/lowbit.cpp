@@ -1,5 +1,5 @@
 // Low-bit KV codec: quantization, dequantization, scalar packed kernels, references, dispatch.
-// Layouts and formulas: see lowbit.h.
+// Layouts, formulas and the kernels' integer method: see lowbit.h.
 #include "kv/lowbit.h"
 
 #include <algorithm>
@@ -55,21 +55,109 @@ inline int encode(float x, const GroupParams& p, int maxc) {
   return (int)std::min(std::max(v, 0.0f), (float)maxc);
 }
 
-inline uint64_t load_word(const uint8_t* p, int g) {
-  if (g == 64) {
-    uint64_t w;
-    std::memcpy(&w, p, 8);
-    return w;
-  }
-  uint32_t w;
-  std::memcpy(&w, p, 4);
+// n <= 8 bytes, little-endian.
+inline uint64_t load_bytes(const uint8_t* p, size_t n) {
+  uint64_t w = 0;
+  std::memcpy(&w, p, n);
   return w;
 }
+inline void store_bytes(uint8_t* p, uint64_t w, size_t n) { std::memcpy(p, &w, n); }
 
 inline float load_f16(const uint8_t* p) {
   fp16_t h;
   std::memcpy(&h, p, 2);
   return fp16_to_fp32(h);
+}
+
+}  // namespace
+
+namespace lowbit_detail {
+float key_scale_levels(int bits) { return bits == 1 ? 255.0f : 85.0f; }
+}  // namespace lowbit_detail
+
+namespace {
+
+using lowbit_detail::key_scale_levels;
+
+// Codes of one block (0 .. 3): keys [c][t], values [t][c].
+using KeyCodes = uint8_t[kMaxDim][64];
+using ValueCodes = uint8_t[64][kMaxDim];
+
+// Key planes (lowbit.h): full channel quads as 64-bit words (bit 4t+k) per 16-token chunk, then
+// the tail quad of r = d % 4 channels as a 16r-bit field (bit r*t+k) per chunk.
+void pack_key_codes(const LowBitSpec& spec, const KeyCodes& codes, uint8_t* block) {
+  const int d = spec.head_dim, J = spec.group / 16, nq4 = d / 4, r = d % 4;
+  for (int b = 0; b < spec.bits; ++b) {
+    uint8_t* out = block + (size_t)b * spec.key_plane_bytes();
+    for (int u = 0; u < nq4; ++u)
+      for (int j = 0; j < J; ++j, out += 8) {
+        uint64_t w = 0;
+        for (int t = 0; t < 16; ++t)
+          for (int k = 0; k < 4; ++k) w |= (uint64_t)((codes[4 * u + k][16 * j + t] >> b) & 1) << (4 * t + k);
+        store_bytes(out, w, 8);
+      }
+    for (int j = 0; j < J && r > 0; ++j, out += 2 * r) {
+      uint64_t w = 0;
+      for (int t = 0; t < 16; ++t)
+        for (int k = 0; k < r; ++k) w |= (uint64_t)((codes[4 * nq4 + k][16 * j + t] >> b) & 1) << (r * t + k);
+      store_bytes(out, w, 2 * (size_t)r);
+    }
+  }
+}
+
+void unpack_key_codes(const LowBitSpec& spec, const uint8_t* block, KeyCodes& codes) {
+  const int d = spec.head_dim, g = spec.group, J = g / 16, nq4 = d / 4, r = d % 4;
+  for (int c = 0; c < d; ++c) std::memset(codes[c], 0, (size_t)g);
+  for (int b = 0; b < spec.bits; ++b) {
+    const uint8_t* in = block + (size_t)b * spec.key_plane_bytes();
+    for (int u = 0; u < nq4; ++u)
+      for (int j = 0; j < J; ++j, in += 8) {
+        const uint64_t w = load_bytes(in, 8);
+        for (int i = 0; i < 64; ++i) codes[4 * u + i % 4][16 * j + i / 4] |= (uint8_t)(((w >> i) & 1) << b);
+      }
+    for (int j = 0; j < J && r > 0; ++j, in += 2 * r) {
+      const uint64_t w = load_bytes(in, 2 * (size_t)r);
+      for (int i = 0; i < 16 * r; ++i) codes[4 * nq4 + i % r][16 * j + i / r] |= (uint8_t)(((w >> i) & 1) << b);
+    }
+  }
+}
+
+// Value planes (lowbit.h): per token quad a record of the full 16-channel chunks as 64-bit words
+// (bit 4c+k), then the tail chunk of r = d % 16 channels in ceil(r/2) bytes.
+void pack_value_codes(const LowBitSpec& spec, const ValueCodes& codes, uint8_t* block) {
+  const int d = spec.head_dim, G4 = spec.group / 4, M16 = d / 16, r = d % 16;
+  const size_t tail_bytes = ((size_t)r + 1) / 2;
+  for (int b = 0; b < spec.bits; ++b) {
+    uint8_t* out = block + (size_t)b * spec.value_plane_bytes();
+    for (int i = 0; i < G4; ++i)
+      for (int m = 0; m < M16 + (r > 0); ++m) {
+        const int nc = m < M16 ? 16 : r;
+        const size_t nb = m < M16 ? 8 : tail_bytes;
+        uint64_t w = 0;
+        for (int c = 0; c < nc; ++c)
+          for (int k = 0; k < 4; ++k) w |= (uint64_t)((codes[4 * i + k][16 * m + c] >> b) & 1) << (4 * c + k);
+        store_bytes(out, w, nb);
+        out += nb;
+      }
+  }
+}
+
+void unpack_value_codes(const LowBitSpec& spec, const uint8_t* block, ValueCodes& codes) {
+  const int d = spec.head_dim, g = spec.group, M16 = d / 16, r = d % 16;
+  const size_t tail_bytes = ((size_t)r + 1) / 2;
+  for (int t = 0; t < g; ++t) std::memset(codes[t], 0, (size_t)d);
+  for (int b = 0; b < spec.bits; ++b) {
+    const uint8_t* in = block + (size_t)b * spec.value_plane_bytes();
+    for (int i = 0; i < g / 4; ++i)
+      for (int m = 0; m < M16 + (r > 0); ++m) {
+        const int nc = m < M16 ? 16 : r;
+        const size_t nb = m < M16 ? 8 : tail_bytes;
+        const uint64_t w = load_bytes(in, nb);
+        in += nb;
+        for (int c = 0; c < nc; ++c)
+          for (int k = 0; k < 4; ++k) codes[4 * i + k][16 * m + c] |= (uint8_t)(((w >> (4 * c + k)) & 1) << b);
+      }
+  }
 }
 
 }  // namespace
@@ -99,182 +187,232 @@ void lowbit_quantize_keys(const LowBitSpec& spec, const float* k, size_t k_strid
   GroupParams prm[kMaxDim];
   for (int c = 0; c < d; ++c) prm[c] = group_params(bits, mn[c], mx[c]);
 
-  uint64_t words[2][kMaxDim] = {};
+  KeyCodes codes;
   for (int t = 0; t < g; ++t) {
     const float* row = k + (size_t)t * k_stride;
-    for (int c = 0; c < d; ++c) {
-      const uint64_t code = (uint64_t)encode(row[c], prm[c], maxc);
-      words[0][c] |= (code & 1) << t;
-      if (bits == 2) words[1][c] |= (code >> 1) << t;
-    }
+    for (int c = 0; c < d; ++c) codes[c][t] = (uint8_t)encode(row[c], prm[c], maxc);
   }
-  const size_t W = spec.key_word_bytes();
-  uint8_t* out = block;
-  for (int b = 0; b < bits; ++b)
-    for (int c = 0; c < d; ++c, out += W) {
-      if (g == 64) {
-        std::memcpy(out, &words[b][c], 8);
-      } else {
-        const uint32_t w = (uint32_t)words[b][c];
-        std::memcpy(out, &w, 4);
-      }
-    }
-  for (int c = 0; c < d; ++c) std::memcpy(out + 2 * c, &prm[c].s16, 2);
-  out += 2 * (size_t)d;
-  for (int c = 0; c < d; ++c) std::memcpy(out + 2 * c, &prm[c].z16, 2);
+  pack_key_codes(spec, codes, block);
+  uint8_t* sp = block + (size_t)bits * spec.key_plane_bytes();
+  uint8_t* zp = sp + 2 * (size_t)d;
+  for (int c = 0; c < d; ++c) {
+    std::memcpy(sp + 2 * c, &prm[c].s16, 2);
+    std::memcpy(zp + 2 * c, &prm[c].z16, 2);
+  }
 }
 
 void lowbit_dequantize_keys(const LowBitSpec& spec, const uint8_t* block, float* k) {
   spec.validate();
-  const int d = spec.head_dim, g = spec.group, bits = spec.bits;
-  const size_t W = spec.key_word_bytes();
-  const uint8_t* sp = block + (size_t)bits * d * W;
+  const int d = spec.head_dim, g = spec.group;
+  KeyCodes codes;
+  unpack_key_codes(spec, block, codes);
+  const uint8_t* sp = block + (size_t)spec.bits * spec.key_plane_bytes();
   const uint8_t* zp = sp + 2 * (size_t)d;
   for (int c = 0; c < d; ++c) {
     const float s = load_f16(sp + 2 * c), z = load_f16(zp + 2 * c);
-    const uint64_t w0 = load_word(block + (size_t)c * W, g);
-    const uint64_t w1 = bits == 2 ? load_word(block + (size_t)(d + c) * W, g) : 0;
-    for (int t = 0; t < g; ++t) {
-      const int code = (int)((w0 >> t) & 1) | (int)(((w1 >> t) & 1) << 1);
-      k[(size_t)t * d + c] = z + s * (float)code;
-    }
+    for (int t = 0; t < g; ++t) k[(size_t)t * d + c] = z + s * (float)codes[c][t];
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Values
 
-void lowbit_quantize_value(const LowBitSpec& spec, const float* v, uint8_t* out) {
+void lowbit_quantize_values(const LowBitSpec& spec, const float* v, size_t v_stride, uint8_t* block) {
   spec.validate();
-  const int d = spec.head_dim, bits = spec.bits, maxc = (1 << bits) - 1;
+  const int d = spec.head_dim, g = spec.group, bits = spec.bits, maxc = (1 << bits) - 1;
   const int gv = spec.value_group(), ng = spec.value_ngroups();
-  const size_t pb = spec.value_plane_bytes();
-  uint8_t* planes = out;
-  std::memset(planes, 0, (size_t)bits * pb);
-  uint8_t* sp = out + (size_t)bits * pb;
-  uint8_t* zp = sp + 2 * (size_t)ng;
-  for (int gi = 0; gi < ng; ++gi) {
-    const int c0 = gi * gv, c1 = std::min(d, c0 + gv);
-    float mn = v[c0], mx = v[c0];
-    for (int c = c0 + 1; c < c1; ++c) {
-      mn = std::min(mn, v[c]);
-      mx = std::max(mx, v[c]);
-    }
-    const GroupParams prm = group_params(bits, mn, mx);
-    std::memcpy(sp + 2 * gi, &prm.s16, 2);
-    std::memcpy(zp + 2 * gi, &prm.z16, 2);
-    for (int c = c0; c < c1; ++c) {
-      const int code = encode(v[c], prm, maxc);
-      planes[c >> 3] |= (uint8_t)((code & 1) << (c & 7));
-      if (bits == 2) planes[pb + (c >> 3)] |= (uint8_t)((code >> 1) << (c & 7));
+  uint8_t* sp = block + (size_t)bits * spec.value_plane_bytes();
+  uint8_t* zp = sp + 2 * (size_t)ng * g;
+  ValueCodes codes;
+  for (int t = 0; t < g; ++t) {
+    const float* row = v + (size_t)t * v_stride;
+    for (int gi = 0; gi < ng; ++gi) {
+      const int c0 = gi * gv, c1 = std::min(d, c0 + gv);
+      float mn = row[c0], mx = row[c0];
+      for (int c = c0 + 1; c < c1; ++c) {
+        mn = std::min(mn, row[c]);
+        mx = std::max(mx, row[c]);
+      }
+      const GroupParams prm = group_params(bits, mn, mx);
+      std::memcpy(sp + 2 * ((size_t)gi * g + t), &prm.s16, 2);
+      std::memcpy(zp + 2 * ((size_t)gi * g + t), &prm.z16, 2);
+      for (int c = c0; c < c1; ++c) codes[t][c] = (uint8_t)encode(row[c], prm, maxc);
     }
   }
+  pack_value_codes(spec, codes, block);
 }
 
-void lowbit_dequantize_value(const LowBitSpec& spec, const uint8_t* in, float* v) {
+void lowbit_dequantize_value(const LowBitSpec& spec, const uint8_t* block, int t, float* v) {
   spec.validate();
-  const int d = spec.head_dim, bits = spec.bits;
+  SPC_ASSERT(t >= 0 && t < spec.group);
+  const int d = spec.head_dim, g = spec.group, M16 = d / 16, r = d % 16;
   const int gv = spec.value_group(), ng = spec.value_ngroups();
-  const size_t pb = spec.value_plane_bytes();
-  const uint8_t* sp = in + (size_t)bits * pb;
-  const uint8_t* zp = sp + 2 * (size_t)ng;
-  for (int gi = 0; gi < ng; ++gi) {
-    const float s = load_f16(sp + 2 * gi), z = load_f16(zp + 2 * gi);
-    const int c0 = gi * gv, c1 = std::min(d, c0 + gv);
-    for (int c = c0; c < c1; ++c) {
-      int code = (in[c >> 3] >> (c & 7)) & 1;
-      if (bits == 2) code |= ((in[pb + (c >> 3)] >> (c & 7)) & 1) << 1;
-      v[c] = z + s * (float)code;
+  const size_t R = spec.value_record_bytes(), tail_bytes = ((size_t)r + 1) / 2;
+  const uint8_t* sp = block + (size_t)spec.bits * spec.value_plane_bytes();
+  const uint8_t* zp = sp + 2 * (size_t)ng * g;
+  int code[kMaxDim] = {};
+  for (int b = 0; b < spec.bits; ++b) {
+    const uint8_t* rec = block + (size_t)b * spec.value_plane_bytes() + (size_t)(t / 4) * R;
+    for (int m = 0; m < M16 + (r > 0); ++m) {
+      const int nc = m < M16 ? 16 : r;
+      const uint64_t w = load_bytes(rec + (size_t)m * 8, m < M16 ? 8 : tail_bytes) >> (t % 4);
+      for (int c = 0; c < nc; ++c) code[16 * m + c] |= (int)((w >> (4 * c)) & 1) << b;
     }
+  }
+  for (int gi = 0; gi < ng; ++gi) {
+    const float s = load_f16(sp + 2 * ((size_t)gi * g + t)), z = load_f16(zp + 2 * ((size_t)gi * g + t));
+    for (int c = gi * gv, c1 = std::min(d, c + gv); c < c1; ++c) v[c] = z + s * (float)code[c];
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scalar packed kernels
+// Scalar packed kernels: the integer method of lowbit.h, with the same quantized weights as the
+// AVX-512 kernels (the same float operations, rne rounding), so the two agree to fp32 rounding.
 
 namespace lowbit_detail {
+
+int key_code(const LowBitSpec& spec, const uint8_t* block, int t, int c) {
+  const int J = spec.group / 16, nq4 = spec.head_dim / 4, r = spec.head_dim % 4;
+  const int u = c / 4, k = c % 4, j = t / 16, tt = t % 16;
+  int code = 0;
+  for (int b = 0; b < spec.bits; ++b) {
+    const uint8_t* plane = block + (size_t)b * spec.key_plane_bytes();
+    uint64_t bit;
+    if (u < nq4) {
+      bit = load_bytes(plane + (size_t)(u * J + j) * 8, 8) >> (4 * tt + k);
+    } else {
+      bit = load_bytes(plane + (size_t)nq4 * J * 8 + (size_t)j * 2 * r, 2 * (size_t)r) >> (r * tt + k);
+    }
+    code |= (int)(bit & 1) << b;
+  }
+  return code;
+}
+
+int value_code(const LowBitSpec& spec, const uint8_t* block, int t, int c) {
+  const int M16 = spec.head_dim / 16, r = spec.head_dim % 16;
+  const int m = c / 16, cc = c % 16;
+  int code = 0;
+  for (int b = 0; b < spec.bits; ++b) {
+    const uint8_t* rec =
+        block + (size_t)b * spec.value_plane_bytes() + (size_t)(t / 4) * spec.value_record_bytes() + (size_t)m * 8;
+    const uint64_t w = load_bytes(rec, m < M16 ? 8 : ((size_t)r + 1) / 2);
+    code |= (int)((w >> (4 * cc + t % 4)) & 1) << b;
+  }
+  return code;
+}
 
 void score_keys_scalar(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride) {
   spec.validate();
   const int d = spec.head_dim, g = spec.group, bits = spec.bits;
-  const size_t W = spec.key_word_bytes(), bb = spec.key_block_bytes();
-  float s[kMaxDim], z[kMaxDim], qs[2][kMaxDim];
+  const float h = 0.5f * (float)((1 << bits) - 1), lim = key_scale_levels(bits);
+  const size_t bb = spec.key_block_bytes();
+  float s[kMaxDim], zc[kMaxDim];
+  int qs[kMaxDim];  // qq_c * sq_c
+  int32_t acc[64];
+  KeyCodes codes;
   for (int blk = 0; blk < n_blocks; ++blk) {
     const uint8_t* block = blocks + (size_t)blk * bb;
-    const uint8_t* sp = block + (size_t)bits * d * W;
+    const uint8_t* sp = block + (size_t)bits * spec.key_plane_bytes();
     const uint8_t* zp = sp + 2 * (size_t)d;
+    // u8 key scales sq_c = rne(s_c * lim/smax), step as = smax/lim (shared by the rows).
+    float smax = 0.0f;
     for (int c = 0; c < d; ++c) {
       s[c] = load_f16(sp + 2 * c);
-      z[c] = load_f16(zp + 2 * c);
+      zc[c] = load_f16(zp + 2 * c) + h * s[c];
+      smax = std::max(smax, s[c]);
     }
+    const float invs = smax > 0.0f ? lim / smax : 0.0f, as = smax / lim;
+    unpack_key_codes(spec, block, codes);
     for (int iq = 0; iq < n_q; ++iq) {
       const float* qr = q + (size_t)iq * q_stride;
+      // int8 query qq_c = rne(q_c * 127/qmax), step aq = qmax/127 (per row, the same for every block).
+      float qmax = 0.0f;
+      for (int c = 0; c < d; ++c) qmax = std::max(qmax, std::fabs(qr[c]));
+      const float invq = qmax > 0.0f ? 127.0f / qmax : 0.0f, aq = qmax / 127.0f;
+      const float A = aq * as;
       float qz = 0.0f;
+      int sum_qs = 0;
       for (int c = 0; c < d; ++c) {
-        qs[0][c] = qr[c] * s[c];
-        qs[1][c] = 2.0f * qs[0][c];
-        qz += qr[c] * z[c];
+        qs[c] = (int)std::nearbyint(qr[c] * invq) * (int)std::nearbyint(s[c] * invs);
+        sum_qs += qs[c];
+        qz += qr[c] * zc[c];
       }
+      qz -= h * A * (float)sum_qs;
+      std::fill(acc, acc + g, 0);
+      for (int c = 0; c < d; ++c)
+        for (int t = 0; t < g; ++t) acc[t] += qs[c] * (int32_t)codes[c][t];
       float* out = scores + (size_t)iq * score_stride + (size_t)blk * g;
-      for (int t = 0; t < g; ++t) out[t] = qz;
-      for (int b = 0; b < bits; ++b)
-        for (int c = 0; c < d; ++c) {
-          uint64_t w = load_word(block + (size_t)(b * d + c) * W, g);
-          const float a = qs[b][c];
-          while (w) {
-            out[__builtin_ctzll(w)] += a;
-            w &= w - 1;
-          }
-        }
+      for (int t = 0; t < g; ++t) out[t] = qz + A * (float)acc[t];
     }
   }
 }
 
-void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, int n_q,
+void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride) {
   spec.validate();
-  const int d = spec.head_dim, bits = spec.bits;
+  const int d = spec.head_dim, g = spec.group, bits = spec.bits, maxc = (1 << bits) - 1;
   const int gv = spec.value_group(), ng = spec.value_ngroups();
-  const size_t pb = spec.value_plane_bytes(), tb = spec.value_token_bytes();
-  float code[kMaxDim];  // the token's codes as floats (0..3), shared by all rows
-  for (int t = 0; t < n_tok; ++t) {
-    const uint8_t* tok = values + (size_t)t * tb;
-    const uint8_t* sp = tok + (size_t)bits * pb;
-    const uint8_t* zp = sp + 2 * (size_t)ng;
-    for (int c = 0; c < d; ++c) {
-      int cd = (tok[c >> 3] >> (c & 7)) & 1;
-      if (bits == 2) cd |= ((tok[pb + (c >> 3)] >> (c & 7)) & 1) << 1;
-      code[c] = (float)cd;
-    }
-    for (int gi = 0; gi < ng; ++gi) {
-      const float s = load_f16(sp + 2 * gi), z = load_f16(zp + 2 * gi);
-      const int c0 = gi * gv, c1 = std::min(d, c0 + gv);
-      for (int iq = 0; iq < n_q; ++iq) {
-        const float pt = p[(size_t)iq * p_stride + t];
-        const float a = pt * s, bz = pt * z;
-        float* o = out + (size_t)iq * out_stride;
-        for (int c = c0; c < c1; ++c) o[c] += bz + a * code[c];
+  const float h = 0.5f * (float)maxc;
+  const size_t vb = spec.value_block_bytes();
+  ValueCodes codes;  // then the centred codes 2*code - maxc as int8
+  float s[8][64], zc[8][64];
+  float facc[kMaxDim], zsum[8];
+  int32_t acc[kMaxDim];
+  int uq[8 * 64];  // [group][t]
+  for (int iq = 0; iq < n_q; ++iq) {
+    const float* pr = p + (size_t)iq * p_stride;
+    std::fill(facc, facc + d, 0.0f);
+    std::fill(zsum, zsum + ng, 0.0f);
+    for (int blk = 0; blk < n_blocks; ++blk) {
+      const uint8_t* block = values + (size_t)blk * vb;
+      const uint8_t* sp = block + (size_t)bits * spec.value_plane_bytes();
+      const uint8_t* zp = sp + 2 * (size_t)ng * g;
+      unpack_value_codes(spec, block, codes);
+      for (int t = 0; t < g; ++t)
+        for (int c = 0; c < d; ++c) codes[t][c] = (uint8_t)(int8_t)(2 * codes[t][c] - maxc);
+      for (int gi = 0; gi < ng; ++gi)
+        for (int t = 0; t < g; ++t) {
+          s[gi][t] = load_f16(sp + 2 * ((size_t)gi * g + t));
+          zc[gi][t] = load_f16(zp + 2 * ((size_t)gi * g + t)) + h * s[gi][t];
+        }
+      const float* pb = pr + (size_t)blk * g;
+      // u8 weights: uq = rne(p_t*s_t * 255/M), step b = M/255.
+      float mx = 0.0f;
+      for (int t = 0; t < g; ++t) {
+        SPC_CHECK(!(pb[t] < 0.0f), "low-bit values: weights must be >= 0, got %g", (double)pb[t]);
+        for (int gi = 0; gi < ng; ++gi) {
+          mx = std::max(mx, pb[t] * s[gi][t]);
+          zsum[gi] += pb[t] * zc[gi][t];
+        }
       }
+      const float inv = mx > 0.0f ? 255.0f / mx : 0.0f, half_b = 0.5f * (mx / 255.0f);
+      for (int gi = 0; gi < ng; ++gi)
+        for (int t = 0; t < g; ++t) uq[(size_t)gi * g + t] = (int)std::nearbyint(pb[t] * s[gi][t] * inv);
+      std::fill(acc, acc + d, 0);
+      for (int t = 0; t < g; ++t)
+        for (int c = 0; c < d; ++c) acc[c] += uq[(size_t)(c / gv) * g + t] * (int32_t)(int8_t)codes[t][c];
+      for (int c = 0; c < d; ++c) facc[c] += half_b * (float)acc[c];
     }
+    float* o = out + (size_t)iq * out_stride;
+    for (int c = 0; c < d; ++c) o[c] += facc[c] + zsum[c / gv];
   }
 }
 
 bool score_keys_simd(const LowBitSpec& spec) {
-#if defined(__AVX512F__)
   (void)spec;
+#if defined(SPC_LOWBIT_AVX512)
   return true;
 #else
-  (void)spec;
   return false;
 #endif
 }
 
 bool accumulate_values_simd(const LowBitSpec& spec) {
-#if defined(__AVX512F__)
-  return spec.head_dim % 16 == 0;
-#else
   (void)spec;
+#if defined(SPC_LOWBIT_AVX512)
+  return true;
+#else
   return false;
 #endif
 }
@@ -287,7 +425,7 @@ bool accumulate_values_simd(const LowBitSpec& spec) {
 void lowbit_score_keys(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride) {
   if (n_blocks <= 0 || n_q <= 0) return;
-#if defined(__AVX512F__)
+#if defined(SPC_LOWBIT_AVX512)
   if (lowbit_detail::score_keys_simd(spec)) {
     lowbit_detail::score_keys_avx512(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride);
     return;
@@ -296,16 +434,16 @@ void lowbit_score_keys(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
   lowbit_detail::score_keys_scalar(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride);
 }
 
-void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, int n_q,
+void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride) {
-  if (n_tok <= 0 || n_q <= 0) return;
-#if defined(__AVX512F__)
+  if (n_blocks <= 0 || n_q <= 0) return;
+#if defined(SPC_LOWBIT_AVX512)
   if (lowbit_detail::accumulate_values_simd(spec)) {
-    lowbit_detail::accumulate_values_avx512(spec, values, n_tok, p, n_q, p_stride, out, out_stride);
+    lowbit_detail::accumulate_values_avx512(spec, values, n_blocks, p, n_q, p_stride, out, out_stride);
     return;
   }
 #endif
-  lowbit_detail::accumulate_values_scalar(spec, values, n_tok, p, n_q, p_stride, out, out_stride);
+  lowbit_detail::accumulate_values_scalar(spec, values, n_blocks, p, n_q, p_stride, out, out_stride);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,19 +465,20 @@ void lowbit_score_keys_ref(const LowBitSpec& spec, const uint8_t* blocks, int n_
   }
 }
 
-void lowbit_accumulate_values_ref(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p,
+void lowbit_accumulate_values_ref(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p,
                                   int n_q, size_t p_stride, float* out, size_t out_stride) {
   spec.validate();
-  const int d = spec.head_dim;
+  const int d = spec.head_dim, g = spec.group;
   std::vector<float> v((size_t)d);
   std::vector<double> acc((size_t)n_q * d, 0.0);
-  for (int t = 0; t < n_tok; ++t) {
-    lowbit_dequantize_value(spec, values + (size_t)t * spec.value_token_bytes(), v.data());
-    for (int iq = 0; iq < n_q; ++iq) {
-      const double pt = p[(size_t)iq * p_stride + t];
-      for (int c = 0; c < d; ++c) acc[(size_t)iq * d + c] += pt * (double)v[c];
+  for (int blk = 0; blk < n_blocks; ++blk)
+    for (int t = 0; t < g; ++t) {
+      lowbit_dequantize_value(spec, values + (size_t)blk * spec.value_block_bytes(), t, v.data());
+      for (int iq = 0; iq < n_q; ++iq) {
+        const double pt = p[(size_t)iq * p_stride + (size_t)blk * g + t];
+        for (int c = 0; c < d; ++c) acc[(size_t)iq * d + c] += pt * (double)v[c];
+      }
     }
-  }
   for (int iq = 0; iq < n_q; ++iq)
     for (int c = 0; c < d; ++c) out[(size_t)iq * out_stride + c] += (float)acc[(size_t)iq * d + c];
 }

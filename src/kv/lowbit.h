@@ -15,41 +15,75 @@
 // Inputs must be finite; values beyond the fp16 range (|x| > 65504) saturate to +-65504.
 //
 // ---- Byte layouts (all multi-byte fields little-endian, no alignment required) ----
-// Let d = head_dim, g = group, W = g/8 bytes (one g-bit word: uint32 for g = 32, uint64 for g = 64).
+// Let d = head_dim, g = group, J = g/16 (16-token chunks of a key block), h = (2^bits - 1)/2
+// (0.5 for 1 bit, 1.5 for 2 bits). Both layouts put 4 codes of one operand of a vpdpbusd in
+// 4 consecutive bits, so one 64-bit word expands (bit i -> byte i) into 16 dword lanes.
 //
-// Key block (g tokens x d channels), key_block_bytes() = bits*d*W + 4*d:
-//   uint{g}  planes[bits][d]   bit t of planes[b][c] = bit b of the code of token t, channel c
+// Key block (g tokens x d channels), key_block_bytes() = bits*d*g/8 + 4*d:
+//   planes[bits], each key_plane_bytes() = d*g/8:
+//     for each full channel quad u < d/4, for each chunk j < J:
+//       uint64   bit (4t + k) = code bit of token 16j+t, channel 4u+k
+//     then, when r = d % 4 > 0, the tail quad compactly, for each chunk j < J:
+//       uint{16r} bit (r*t + k) = code bit of token 16j+t, channel 4*(d/4)+k     (2r bytes)
 //   fp16     scale[d]          per-channel scale s_c
 //   fp16     zero[d]           per-channel zero  z_c
-//   => K_hat[t][c] = zero[c] + scale[c] * sum_b 2^b * bit_t(planes[b][c])
+//   => K_hat[t][c] = zero[c] + scale[c] * (bit of plane 0 + 2 * bit of plane 1)
 //
-// Value token (1 token x d channels), value_token_bytes() = bits*ceil(d/8) + 4*ngroups,
-// with ngroups = ceil(d / gv):
-//   uint8    planes[bits][ceil(d/8)]  bit (c%8) of byte planes[b][c/8] = bit b of channel c's code
-//   fp16     scale[ngroups]
-//   fp16     zero[ngroups]
-//   => V_hat[c] = zero[c/gv] + scale[c/gv] * sum_b 2^b * bit_c(planes[b])
+// Value block (g tokens x d channels, quantized token by token), value_block_bytes() =
+// bits*value_plane_bytes() + 4*ngroups*g, with ngroups = ceil(d / gv):
+//   planes[bits], each value_plane_bytes() = (g/4) * R, R = value_record_bytes() = 8*(d/16) + ceil(r/2):
+//     for each token quad i < g/4 (a record of R bytes):
+//       for each full channel chunk m < d/16:
+//         uint64   bit (4c + k) = code bit of token 4i+k, channel 16m+c
+//       then, when r = d % 16 > 0: ceil(r/2) bytes, bit (4c + k) = code bit of token 4i+k,
+//       channel 16*(d/16)+c, for c < r (the unused high bits are 0)
+//   fp16     scale[ngroups][g]  scale of token t's group gi at [gi][t]
+//   fp16     zero[ngroups][g]
+//   => V_hat[t][c] = zero[c/gv][t] + scale[c/gv][t] * (bit of plane 0 + 2 * bit of plane 1)
 //
-// Sizes for d = 64, g = 64: 1 bit -> 768 B per key block (12 B/token) + 12 B per value token,
-// i.e. 24 B/token vs 256 B/token for fp16 K+V (9.4%); 2 bits -> 20 + 20 = 40 B/token (15.6%).
+// Sizes for d = 64, g = 64: 1 bit -> 768 B per key block + 768 B per value block = 24 B/token vs
+// 256 B/token for fp16 K+V (9.4%); 2 bits -> 20 + 20 = 40 B/token (15.6%). For every d, g the
+// sizes per token equal (keys) or never exceed (values) those of the earlier per-token layout.
 //
 // ---- Kernels ----
-// lowbit_score_keys and lowbit_accumulate_values work directly on the packed codes and process
-// all n_q query rows per read of the codes (rows are tiled by 6 so the accumulators stay in
-// registers). AVX-512 paths (lowbit_avx512.cpp), by case:
-//   score, 1 bit, d % 4 == 0 : per block, per row and quad of channels, a 16-entry table of the
-//                              subset sums of q_c*s_c; per 16 tokens and quad, the 4 code masks
-//                              form a 4-bit lane index (shared by all rows); one vpermps + add per row.
-//   score, 1 bit, other d    : masked add of broadcast(q_c*s_c) under each 16-token code mask.
-//   score, 2 bits            : per channel and 16 tokens, the codes as floats (2 ops, shared),
-//                              then one FMA with broadcast(q_c*s_c) per row.
-//   accumulate, d % 16 == 0  : per 16 channels, 1 bit: per 4 tokens a table of the subset sums of
-//                              p_t*s_t and a 4-bit index from the 4 tokens' code masks; 2 bits:
-//                              codes as floats, one FMA with broadcast(p_t*s_t) per row. The zero
-//                              terms sum_t p_t*z_t are accumulated per value group on the side.
-//   accumulate, other d      : portable scalar path.
-// Both start from the per-block constant sum_c q_c*z_c (scores) or add sum_t p_t*z_t (values).
-// Without AVX-512 the portable scalar kernels run (lowbit_detail::*_scalar).
+// lowbit_score_keys and lowbit_accumulate_values work directly on the packed codes: 8-bit integer
+// dot products (vpdpbusd: unsigned bytes x signed bytes, 4 per int32 lane) of the codes with
+// quantized float operands. h = (2^bits - 1)/2; rne = round to nearest, ties to even.
+//   score: q_c*s_c*code is split over both byte operands. Per query row (once per call):
+//     int8 qq_c = rne(q_c * 127/qmax), aq = qmax/127. Per key block (shared by all rows): u8
+//     sq_c = rne(s_c * L/smax), as = smax/L, with L = 255 (1 bit) or 85 (2 bits, code*sq <= 255).
+//     Per quad of channels and chunk of 16 tokens the 64-bit code word expands (kmov + masked
+//     byte move of the quad's sq dword; +1 masked add of 2*sq for 2 bits) into 64 bytes code*sq,
+//     shared by the rows, and each row does one vpdpbusd with its qq dword (embedded broadcast):
+//       score_t = qz + A * sum_c qq_c*sq_c*code_ct,   A = aq*as,
+//       qz = sum_c q_c*(z_c + h*s_c) - h*A*sum_c qq_c*sq_c   (per block and row; centres the
+//       rounding error on code - h).
+//     The key scale absorbed by the code bytes keeps channels with small s_c precise: on
+//     SmolLM2-135M keys at 4K tokens the score error RMS is 0.022 logits (1 bit; 0.030 for 2 bits)
+//     vs 0.035 (0.039) for int8 weights q_c*s_c quantized per block and row, for scores of RMS
+//     ~11.7, and the per-block work per row is one dot product of q with z + h*s.
+//   accumulate, per block and row: u_t = p_t*s_t -> uint8 uq_t = rne(u_t * 255/M), step b = M/255,
+//     M = max of u_t over the block's tokens and value groups. Per quad of tokens and chunk of
+//     16 channels the code word expands into 64 signed bytes 2*code - 2h (shared by the rows) and
+//     each row does one vpdpbusd with its 4 u8 weights; per block the int32 sums are scaled by
+//     b/2 into fp32 accumulators. The zero terms sum_t p_t*(z_t + h*s_t) stay fp32.
+//     Requires p >= 0 (softmax numerators): a negative weight throws spc::Error.
+//   AVX-512 (F + BW; VNNI, else an exact emulation with vpmaddwd on the bytes widened to int16):
+//   the per-block operands of 8 blocks are prepared first, then the dot products run with <= 12
+//   int32 accumulators (scores: 4 chunks x <= 3 rows or 2 chunks x <= 6 rows; values: 32-channel
+//   tiles x <= 6 rows).
+// Error bound vs the exact dot products with the dequantized codes (the *_ref functions),
+// beyond fp32 rounding. Each rounding is at most half a step and the errors multiply the centred
+// codes, |code - h| <= h:
+//   score      |err_t| <= h*A/2 * sum_c (|qq_c| + sq_c + 1/2)   (from |A*qq*sq - q*s| <=
+//              A*(|qq|/2 + sq/2 + 1/4)) <= h*d*qmax*smax*(1/L + 1/127)/2 roughly;
+//   accumulate |err_c| <= sum over blocks of b/2 * sum_t |code_tc - h|  <= sum_blocks b*h*g/2.
+// The errors are unbiased and typically ~ h*A*sqrt(sum_c (qq_c^2 + sq_c^2)/12) (scores),
+// h*sqrt(sum_blocks b^2 * g/12) (sums). Operands that are all +-max (or 0) are exact, so are
+// degenerate groups (s = 0).
+// Without AVX-512 F+BW the portable scalar kernels run (lowbit_detail::*_scalar): the same
+// integer method with the same quantized operands (same float operations), so both paths agree
+// to fp32 rounding and results do not depend on the machine.
 // They never allocate (stack use <= ~40 KB), keep no state and are safe to call concurrently on
 // disjoint outputs. The *_ref versions dequantize and accumulate in double (test references, slow).
 #pragma once
@@ -60,18 +94,21 @@ namespace spc {
 
 struct LowBitSpec {
   int bits = 2;       // 1 or 2
-  int group = 64;     // g: 32 or 64 (tokens per key block; channels per value group, capped at d)
-  int head_dim = 64;  // d: 1 .. 256 (the AVX-512 value path needs d % 16 == 0; others use scalar)
+  int group = 64;     // g: 32 or 64 (tokens per key/value block; channels per value group, capped at d)
+  int head_dim = 64;  // d: 1 .. 256
 
   // Throws spc::Error unless bits in {1,2}, group in {32,64}, 1 <= head_dim <= 256.
   void validate() const;
 
   int value_group() const { return group < head_dim ? group : head_dim; }      // gv
   int value_ngroups() const { return (head_dim + value_group() - 1) / value_group(); }
-  size_t key_word_bytes() const { return (size_t)group / 8; }
-  size_t key_block_bytes() const { return (size_t)bits * head_dim * key_word_bytes() + 4 * (size_t)head_dim; }
-  size_t value_plane_bytes() const { return ((size_t)head_dim + 7) / 8; }
-  size_t value_token_bytes() const { return (size_t)bits * value_plane_bytes() + 4 * (size_t)value_ngroups(); }
+  size_t key_plane_bytes() const { return (size_t)head_dim * group / 8; }
+  size_t key_block_bytes() const { return (size_t)bits * key_plane_bytes() + 4 * (size_t)head_dim; }
+  size_t value_record_bytes() const { return 8 * (size_t)(head_dim / 16) + ((size_t)(head_dim % 16) + 1) / 2; }
+  size_t value_plane_bytes() const { return (size_t)group / 4 * value_record_bytes(); }
+  size_t value_block_bytes() const {
+    return (size_t)bits * value_plane_bytes() + 4 * (size_t)value_ngroups() * group;
+  }
 };
 
 // ---- Quantization / dequantization ----
@@ -79,26 +116,28 @@ struct LowBitSpec {
 void lowbit_quantize_keys(const LowBitSpec& spec, const float* k, size_t k_stride, uint8_t* block);
 // k: [g][d] contiguous.
 void lowbit_dequantize_keys(const LowBitSpec& spec, const uint8_t* block, float* k);
-// v: [d]; out: value_token_bytes().
-void lowbit_quantize_value(const LowBitSpec& spec, const float* v, uint8_t* out);
-void lowbit_dequantize_value(const LowBitSpec& spec, const uint8_t* in, float* v);
+// v: g token rows, row t at v + t*v_stride (first d floats used), each quantized on its own.
+// block: value_block_bytes().
+void lowbit_quantize_values(const LowBitSpec& spec, const float* v, size_t v_stride, uint8_t* block);
+// Token t (0 <= t < g) of a value block: v[0..d).
+void lowbit_dequantize_value(const LowBitSpec& spec, const uint8_t* block, int t, float* v);
 
 // ---- Packed kernels ----
 // blocks: n_blocks consecutive key blocks (n_blocks*key_block_bytes() bytes), tokens
 // t in [0, n_blocks*g) in order. q: n_q rows of d floats, row iq at q + iq*q_stride.
-// Writes (overwrites) scores[iq*score_stride + t] = q_iq . K_hat_t.
+// Writes (overwrites) scores[iq*score_stride + t] = q_iq . K_hat_t (approximately: see the error bound).
 void lowbit_score_keys(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride);
-// values: n_tok consecutive value tokens (n_tok*value_token_bytes() bytes). p: n_q rows of n_tok
-// weights, row iq at p + iq*p_stride. Accumulates out[iq*out_stride + c] += sum_t p[iq][t] * V_hat_t[c]
-// for c < d.
-void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, int n_q,
+// values: n_blocks consecutive value blocks (n_blocks*value_block_bytes() bytes), tokens
+// t in [0, n_blocks*g). p: n_q rows of n_blocks*g weights >= 0, row iq at p + iq*p_stride.
+// Accumulates out[iq*out_stride + c] += sum_t p[iq][t] * V_hat_t[c] for c < d (approximately).
+void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
 
 // ---- References (dequantize, then double accumulation) ----
 void lowbit_score_keys_ref(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                            size_t q_stride, float* scores, size_t score_stride);
-void lowbit_accumulate_values_ref(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p,
+void lowbit_accumulate_values_ref(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p,
                                   int n_q, size_t p_stride, float* out, size_t out_stride);
 
 namespace lowbit_detail {
@@ -106,16 +145,22 @@ namespace lowbit_detail {
 // AVX-512); exposed so the tests cover them on AVX-512 machines too.
 void score_keys_scalar(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride);
-void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, int n_q,
+void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
+// Levels of the u8 key scales in the score kernels: 255 (1 bit) or 85 (2 bits: code*sq <= 255).
+float key_scale_levels(int bits);
 // True when the calls above dispatch to SIMD code for this spec (for test/benchmark labels).
 bool score_keys_simd(const LowBitSpec& spec);
 bool accumulate_values_simd(const LowBitSpec& spec);
-#if defined(__AVX512F__)
-// AVX-512 kernels (lowbit_avx512.cpp). score: any spec; accumulate: head_dim % 16 == 0 only.
+// The code of token t, channel c of a key / value block (0 .. 2^bits - 1), read through the layout.
+int key_code(const LowBitSpec& spec, const uint8_t* block, int t, int c);
+int value_code(const LowBitSpec& spec, const uint8_t* block, int t, int c);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define SPC_LOWBIT_AVX512 1
+// AVX-512 kernels (lowbit_avx512.cpp), any spec.
 void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride);
-void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, int n_q,
+void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
 #endif
 }  // namespace lowbit_detail

@@ -1,16 +1,19 @@
-// AVX-512 packed kernels of the low-bit KV codec (layouts and the per-case method in lowbit.h).
+// AVX-512 (F + BW, VNNI when available) packed kernels of the low-bit KV codec; layouts, the
+// integer method and its error bound in lowbit.h.
 //
-// Keys: 16 tokens per zmm; each 16-bit slice of a plane word is a lane mask. Scores start at
-// sum_c q_c z_c per block and add q_c*s_c*code via subset-sum tables + vpermps (1 bit, d % 4 == 0),
-// masked adds (other 1-bit d) or codes-as-floats FMAs (2 bits). Query rows are tiled by up to 6
-// so (g/16) x 6 <= 24 accumulators stay in registers and every code word is read once per tile.
+// Keys: per block and row tile (<= 6 rows), the rows' int8 weights (4 per channel quad, one dword)
+// are formed first; then per channel quad and 16-token chunk, one 64-bit code word becomes 64
+// code bytes (lane t, byte k = code of token t, channel 4u+k) shared by the rows, and each row
+// does one vpdpbusd with its broadcast weight dword. (g/16) x 6 <= 24 int32 accumulators.
 //
-// Values: 16 channels per zmm, at most 64 channels x 6 rows of accumulators per pass over the
-// tokens; p_t*s_t and p_t*z_t are formed 16 tokens at a time, the zero-point terms summed per
-// value group on the side and added at the end.
+// Values: per block and row tile, the rows' u8 weights per token (and value group) are formed
+// first; then per token quad and 16-channel chunk, one 64-bit code word becomes 64 signed bytes
+// 2*code - (2^bits - 1) (lane c, byte k = token 4i+k, channel 16m+c), and each row does one
+// vpdpbusd with its 4 broadcast weights. Channels are tiled by 64 (<= 4 chunks x 6 rows = 24
+// accumulators); the int32 sums go to fp32 accumulators (on the stack) at the end of each block.
 #include "kv/lowbit.h"
 
-#if defined(__AVX512F__)
+#if defined(SPC_LOWBIT_AVX512)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -27,303 +30,657 @@ namespace {
 
 constexpr int kMaxNq = 6;
 constexpr int kMaxDim = 256;
+constexpr int kMaxQuads = kMaxDim / 4;
+constexpr int kMaxGroups = 8;  // ceil(256 / 32)
+constexpr int kWRow = 256;     // bytes per row of the value weight buffer (>= ngroups * g)
+
+// Forced inlining: GCC keeps an accumulator array in registers only when every access has a
+// constant index after inlining; an outlined lambda gets the array through memory.
+#define SPC_AI __attribute__((always_inline))
+
+template <int N, class F, int... I>
+SPC_AI inline void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+// f(std::integral_constant<int, i>) for i = 0 .. N-1 (fully unrolled; f should be SPC_AI).
+template <int N, class F>
+SPC_AI inline void unroll(F&& f) {
+  unroll_impl<N>(f, std::make_integer_sequence<int, N>{});
+}
 
 // GCC 12 emits a false -Wmaybe-uninitialized (from _mm512_undefined_*) inside _mm512_cvtph_ps and
-// _mm512_reduce_add_ps; these full-mask equivalents compile to the same instructions.
-inline __m512 cvtph(const void* p) {
-  return _mm512_maskz_cvtph_ps((__mmask16)0xFFFF, _mm256_loadu_si256((const __m256i*)p));
+// the reductions; these full-mask forms compile to the same instructions.
+constexpr __mmask16 kAll16 = 0xFFFF;
+inline __m512 cvtph(const void* p) { return _mm512_maskz_cvtph_ps(kAll16, _mm256_loadu_si256((const __m256i*)p)); }
+// The first n (<= 16) fp16 at p, the other lanes 0; reads only n elements.
+inline __m512 cvtph_n(const void* p, int n) {
+  const __mmask16 m = n >= 16 ? kAll16 : (__mmask16)((1u << n) - 1u);
+  return _mm512_maskz_cvtph_ps(kAll16, _mm256_maskz_loadu_epi16(m, p));
 }
 inline float hsum(__m512 v) {
-  const __mmask16 all = 0xFFFF;
-  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
-  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll16, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll16, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(kAll16, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(kAll16, v, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm512_cvtss_f32(v);
 }
+inline float hmax(__m512 v) {
+  v = _mm512_maskz_max_ps(kAll16, v, _mm512_maskz_shuffle_f32x4(kAll16, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_maskz_max_ps(kAll16, v, _mm512_maskz_shuffle_f32x4(kAll16, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_maskz_max_ps(kAll16, v, _mm512_maskz_permute_ps(kAll16, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_maskz_max_ps(kAll16, v, _mm512_maskz_permute_ps(kAll16, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_cvtss_f32(v);
+}
+inline float hmin(__m512 v) { return -hmax(_mm512_sub_ps(_mm512_setzero_ps(), v)); }
 
-// acc += v in the lanes selected by m. Zen 4 runs vaddps on its FADD pipes and vfmadd on its FMA
-// pipes; alternating the two forms (acc*1 + v is exact, the same rounding as acc + v) spreads the
-// masked accumulations over both pipe pairs, nearly doubling throughput.
-template <int J>
-inline __m512 masked_acc(__m512 acc, __mmask16 m, __m512 v, __m512 ones) {
-  if constexpr (J % 2 == 0) {
-    (void)ones;
-    return _mm512_mask_add_ps(acc, m, acc, v);
-  } else {
-    return _mm512_mask_fmadd_ps(acc, m, ones, v);
+// Four horizontal reductions at once (one shuffle tree instead of four): lanes 4i..4i+3 of the
+// result = op over the 16 lanes of v[i]. The prep of a block reduces all its rows together, so
+// the rows' chains (max -> division -> quantization -> sum) overlap instead of queueing.
+template <int IMM>
+inline __m512 shuf128(__m512 a, __m512 b) {
+  return _mm512_maskz_shuffle_f32x4(kAll16, a, b, IMM);
+}
+template <class Op>
+inline __m512 reduce4(const __m512* v, Op op) {
+  constexpr int I0 = _MM_SHUFFLE(1, 0, 1, 0), I1 = _MM_SHUFFLE(3, 2, 3, 2);
+  constexpr int I2 = _MM_SHUFFLE(2, 0, 2, 0), I3 = _MM_SHUFFLE(3, 1, 3, 1);
+  const __m512 x01 = op(shuf128<I0>(v[0], v[1]), shuf128<I1>(v[0], v[1]));  // v0 | v1, 8 lanes each
+  const __m512 x23 = op(shuf128<I0>(v[2], v[3]), shuf128<I1>(v[2], v[3]));
+  __m512 y = op(shuf128<I2>(x01, x23), shuf128<I3>(x01, x23));  // 128-bit block i: 4 lanes of v[i]
+  y = op(y, _mm512_maskz_permute_ps(kAll16, y, _MM_SHUFFLE(1, 0, 3, 2)));
+  return op(y, _mm512_maskz_permute_ps(kAll16, y, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+inline __m512 vmax(__m512 a, __m512 b) { return _mm512_maskz_max_ps(kAll16, a, b); }
+inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+
+// For the rows of a tile (nq <= 8 partial vectors v[]), the per-row maximum M (lane 4i of
+// out[i/4]) reduced, and scale = lim/M (0 where M = 0) and step = M/lim: the same IEEE divisions as
+// the scalar path, so both quantize to the same integers.
+inline void row_scales(const __m512* v, int nq, float lim, float* scale, float* step) {
+  for (int r0 = 0; r0 < nq; r0 += 4) {
+    __m512 x[4];
+    for (int i = 0; i < 4; ++i) x[i] = r0 + i < nq ? v[r0 + i] : _mm512_setzero_ps();
+    const __m512 m = reduce4(x, vmax);
+    const __m512 l = _mm512_set1_ps(lim);
+    const __mmask16 pos = _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ);
+    alignas(64) float sc[16], st[16];
+    _mm512_store_ps(sc, _mm512_maskz_div_ps(pos, l, m));
+    _mm512_store_ps(st, _mm512_maskz_div_ps(kAll16, m, l));
+    for (int i = 0; i < 4 && r0 + i < nq; ++i) {
+      scale[r0 + i] = sc[4 * i];
+      step[r0 + i] = st[4 * i];
+    }
   }
 }
 
-template <int N, class F, int... I>
-inline void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
+// The same for NQ rows held in registers (unrolled): scale / step of row i in lanes 4*(i%4)..+3
+// of scale[i/4] / step[i/4], without a round trip through memory.
+template <int NQ>
+SPC_AI inline void row_scales_v(const __m512* v, float lim, __m512* scale, __m512* step) {
+  constexpr int NG = (NQ + 3) / 4;
+  unroll<NG>([&](auto g4) SPC_AI {
+    __m512 x[4];
+    unroll<4>([&](auto i) SPC_AI { x[i] = 4 * g4 + i < NQ ? v[(4 * g4 + i) % NQ] : _mm512_setzero_ps(); });
+    const __m512 m = reduce4(x, vmax);
+    const __m512 l = _mm512_set1_ps(lim);
+    scale[g4] = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ), l, m);
+    step[g4] = _mm512_maskz_div_ps(kAll16, m, l);
+  });
 }
-// f(std::integral_constant<int, i>) for i = 0 .. N-1.
-template <int N, class F>
-inline void unroll(F&& f) {
-  unroll_impl<N>(f, std::make_integer_sequence<int, N>{});
+// Lane 4*(i%4) of v[i/4] broadcast (the per-row value of row_scales_v / reduce4).
+template <int I>
+SPC_AI inline __m512 row_lane(const __m512* v) {
+  return _mm512_maskz_permutexvar_ps(kAll16, _mm512_set1_epi32(4 * (I % 4)), v[I / 4]);
+}
+
+// 4 int32 vectors (values within 0..255) -> 64 bytes: a[0..15], b[0..15], ...
+// (the packs work per 128-bit lane; one dword permutation restores the order).
+inline __m512i dword_lane_order() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
+inline __m512i pack_u8(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i x = _mm512_packus_epi16(_mm512_packus_epi32(a, b), _mm512_packus_epi32(c, d));
+  return _mm512_maskz_permutexvar_epi32(kAll16, dword_lane_order(), x);
+}
+
+// acc + sum over the 4 bytes of each dword lane of u8[i] * s8[i].
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+#if defined(__AVX512VNNI__) && defined(__GNUC__) && !defined(__clang__)
+  // GCC 12 does not coalesce the builtin's tied accumulator across the unrolled loop and emits
+  // two register copies per vpdpbusd; the tied asm operand keeps each accumulator in place.
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+#elif defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, u8, s8);
+#else
+  // Exact emulation (vpmaddubsw would saturate its int16 pair sums: 2*255*127 for the keys):
+  // even and odd bytes widened to int16, then vpmaddwd.
+  const __m512i lo8 = _mm512_set1_epi16(0x00FF);
+  const __m512i u_even = _mm512_and_si512(u8, lo8), u_odd = _mm512_srli_epi16(u8, 8);
+  const __m512i s_even = _mm512_srai_epi16(_mm512_slli_epi16(s8, 8), 8), s_odd = _mm512_srai_epi16(s8, 8);
+  acc = _mm512_add_epi32(acc, _mm512_madd_epi16(u_even, s_even));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(u_odd, s_odd));
+#endif
+}
+// The same with the signed operand the dword at s8 broadcast to all lanes (keys: the row's int8
+// weights of a channel quad), as an embedded {1to16} memory operand: no broadcast instruction.
+inline __m512i dpbusd_bcast_s8(__m512i acc, __m512i u8, const uint32_t* s8) {
+#if defined(__AVX512VNNI__) && defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*s8));
+  return acc;
+#else
+  return dpbusd(acc, u8, _mm512_set1_epi32((int)*s8));
+#endif
+}
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t w;
+  std::memcpy(&w, p, 8);
+  return w;
+}
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+// n <= 8 bytes, little-endian; a byte loop rather than a variable-size memcpy, which GCC emits as
+// a call (that would force the accumulators to memory).
+inline uint64_t load_bytes(const uint8_t* p, size_t n) {
+  uint64_t w = 0;
+  for (size_t i = 0; i < n; ++i) w |= (uint64_t)p[i] << (8 * i);
+  return w;
+}
+
+// Bits r*t+k (t < 16, k < r) of w moved to 4t+k.
+inline uint64_t spread_nibbles(uint64_t w, int r) {
+  static constexpr uint64_t kNib[4] = {0, 0x1111111111111111ull, 0x3333333333333333ull, 0x7777777777777777ull};
+#if defined(__BMI2__)
+  return _pdep_u64(w, kNib[r]);
+#else
+  uint64_t out = 0;
+  for (int t = 0; t < 16; ++t) out |= ((w >> (r * t)) & ((1ull << r) - 1)) << (4 * t);
+  (void)kNib;
+  return out;
+#endif
 }
 
 // ---- keys ----
 
-inline __mmask16 load_mask(const uint8_t* p) {
-  uint16_t m;
-  std::memcpy(&m, p, 2);
-  return _cvtu32_mask16(m);
+// 64 code bytes code * sq (sq = the quad's 4 u8 key scales, one per byte of each lane; <= 255).
+template <int BITS>
+inline __m512i key_code_bytes(uint64_t w0, uint64_t w1, __m512i sq, __m512i sq2) {
+  __m512i c = _mm512_maskz_mov_epi8(_cvtu64_mask64(w0), sq);
+  if constexpr (BITS == 2) c = _mm512_mask_add_epi8(c, _cvtu64_mask64(w1), c, sq2);
+  (void)w1;
+  (void)sq2;
+  return c;
 }
 
-// table[idx[i]] per lane (full-mask form: see cvtph).
-inline __m512 perm16(__m512i idx, const float* table) {
-  return _mm512_maskz_permutexvar_ps((__mmask16)0xFFFF, idx, _mm512_load_ps(table));
-}
-
-// 16-entry table of the subset sums of a[0..3]: entry i = sum of a[k] over the set bits k of i.
-inline __m512 subset_sums4(float a0, float a1, float a2, float a3) {
-  __m512 l = _mm512_maskz_mov_ps(0xAAAA, _mm512_set1_ps(a0));
-  l = _mm512_mask_add_ps(l, 0xCCCC, l, _mm512_set1_ps(a1));
-  l = _mm512_mask_add_ps(l, 0xF0F0, l, _mm512_set1_ps(a2));
-  return _mm512_mask_add_ps(l, 0xFF00, l, _mm512_set1_ps(a3));
-}
-
-// Lane i = bit i of m0 | bit i of m1 << 1 | bit i of m2 << 2 | bit i of m3 << 3.
-inline __m512i nibble_index(__mmask16 m0, __mmask16 m1, __mmask16 m2, __mmask16 m3) {
-  __m512i idx = _mm512_maskz_mov_epi32(m0, _mm512_set1_epi32(1));
-  idx = _mm512_mask_or_epi32(idx, m1, idx, _mm512_set1_epi32(2));
-  idx = _mm512_mask_or_epi32(idx, m2, idx, _mm512_set1_epi32(4));
-  return _mm512_mask_or_epi32(idx, m3, idx, _mm512_set1_epi32(8));
-}
-
-// Codes of 16 lanes as floats from the two bit-plane masks: lo + 2*hi (2 ops, shared by all rows).
-inline __m512 codes2(__mmask16 lo, __mmask16 hi) {
-  const __m512 c = _mm512_maskz_mov_ps(lo, _mm512_set1_ps(1.0f));
-  return _mm512_mask_add_ps(c, hi, c, _mm512_set1_ps(2.0f));
-}
-
-// qs: [NQ][d] (q_c * s_c), qz: [NQ]. Scores for the block's g = 16*CH tokens.
-// 1 bit: masked accumulation of q_c*s_c (6 ops per channel and 16 tokens at NQ = 6).
-// 2 bits: codes as floats once per channel and 16 tokens, then one FMA per row (2 + NQ ops instead
-// of 2*NQ masked adds).
-template <int CH, int BITS, int NQ>
-void score_block(int d, const uint8_t* block, const float* qs, const float* qz, float* scores,
+// Scores of JT chunks (16 tokens each) of one block for NQ rows: words = plane 0's first word of
+// the tile's first chunk, quads quad_stride bytes apart (plane 1 at + plane_bytes); sq / sq2:
+// the block's u8 key scales (and doubled) as one dword per quad; qq [NQ][kMaxQuads] int8x4
+// query dwords; A / qz [NQ]. NQ*JT <= 12 accumulators: GCC 12 spills beyond that.
+template <int JT, int BITS, int NQ>
+void score_block(const uint8_t* words, int nquads, size_t quad_stride, size_t plane_bytes, const uint32_t* sq,
+                 const uint32_t* sq2, const uint32_t* qq, const float* A, const float* qz, float* scores,
                  size_t score_stride) {
-  __m512 acc[NQ][CH];
-  for (int iq = 0; iq < NQ; ++iq) {
-    const __m512 z = _mm512_set1_ps(qz[iq]);
-    for (int j = 0; j < CH; ++j) acc[iq][j] = z;
+  __m512i acc[NQ][JT];
+  unroll<NQ>([&](auto iq) SPC_AI { unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = _mm512_setzero_si512(); }); });
+  for (int u = 0; u < nquads; ++u, words += quad_stride) {
+    // The scaled codes of the JT chunks of the quad (shared by the rows), then per row JT
+    // vpdpbusd with its query dword as an embedded broadcast.
+    const __m512i s1 = _mm512_set1_epi32((int)sq[u]);
+    const __m512i s2 = BITS == 2 ? _mm512_set1_epi32((int)sq2[u]) : s1;
+    __m512i codes[JT];
+    unroll<JT>([&](auto j) SPC_AI {
+      codes[j] = key_code_bytes<BITS>(load_u64(words + 8 * j), BITS == 2 ? load_u64(words + plane_bytes + 8 * j) : 0,
+                                      s1, s2);
+    });
+    unroll<NQ>([&](auto iq) SPC_AI {
+      unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = dpbusd_bcast_s8(acc[iq][j], codes[j], qq + iq * kMaxQuads + u); });
+    });
   }
-  constexpr size_t W = CH * 2;  // bytes per plane word
-  const __m512 ones = _mm512_set1_ps(1.0f);
-  const uint8_t* p0 = block;
-  const uint8_t* p1 = block + (size_t)d * W;  // plane 1 (2 bits only)
-  for (int c = 0; c < d; ++c) {
-    if constexpr (BITS == 1) {
-      __mmask16 m[CH];
-      for (int j = 0; j < CH; ++j) m[j] = load_mask(p0 + c * W + 2 * j);
-      for (int iq = 0; iq < NQ; ++iq) {
-        const __m512 v = _mm512_set1_ps(qs[iq * d + c]);
-        unroll<CH>([&](auto J) { acc[iq][J] = masked_acc<J>(acc[iq][J], m[J], v, ones); });
-      }
-    } else {
-      __m512 cf[CH];
-      for (int j = 0; j < CH; ++j) cf[j] = codes2(load_mask(p0 + c * W + 2 * j), load_mask(p1 + c * W + 2 * j));
-      for (int iq = 0; iq < NQ; ++iq) {
-        const __m512 v = _mm512_set1_ps(qs[iq * d + c]);
-        for (int j = 0; j < CH; ++j) acc[iq][j] = _mm512_fmadd_ps(v, cf[j], acc[iq][j]);
-      }
-    }
-  }
-  for (int iq = 0; iq < NQ; ++iq)
-    for (int j = 0; j < CH; ++j) _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j, acc[iq][j]);
+  unroll<NQ>([&](auto iq) SPC_AI {
+    const __m512 av = _mm512_set1_ps(A[iq]), zv = _mm512_set1_ps(qz[iq]);
+    unroll<JT>([&](auto j) SPC_AI {
+      _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j,
+                       _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, acc[iq][j]), av, zv));
+    });
+  });
 }
 
-// 1 bit, d % 4 == 0: per quad of channels and row, a 16-entry table of the subset sums of
-// q_c*s_c (built once per block: 4 ops); per quad and 16 tokens, the 4 code masks form a 4-bit
-// index (4 ops shared by all rows) and each row does one vpermps + one add. 2 + 4/NQ ops per
-// 4 channels instead of 4 masked adds.
-template <int CH, int NQ>
-void score_block_lut1(int d, const uint8_t* block, const float* qs, const float* qz, float* scores,
-                      size_t score_stride) {
-  alignas(64) float lut[kMaxDim / 4][NQ][16];
-  const int nquad = d / 4;
-  for (int u = 0; u < nquad; ++u)
-    for (int iq = 0; iq < NQ; ++iq) {
-      const float* a = qs + iq * d + 4 * u;
-      _mm512_store_ps(lut[u][iq], subset_sums4(a[0], a[1], a[2], a[3]));
-    }
-  __m512 acc[NQ][CH];
-  for (int iq = 0; iq < NQ; ++iq) {
-    const __m512 z = _mm512_set1_ps(qz[iq]);
-    for (int j = 0; j < CH; ++j) acc[iq][j] = z;
-  }
-  constexpr size_t W = CH * 2;
-  for (int u = 0; u < nquad; ++u) {
-    const uint8_t* w = block + (size_t)(4 * u) * W;
-    for (int j = 0; j < CH; ++j) {
-      const __m512i idx = nibble_index(load_mask(w + 2 * j), load_mask(w + W + 2 * j), load_mask(w + 2 * W + 2 * j),
-                                       load_mask(w + 3 * W + 2 * j));
-      for (int iq = 0; iq < NQ; ++iq)
-        acc[iq][j] = _mm512_add_ps(acc[iq][j], perm16(idx, lut[u][iq]));
-    }
-  }
-  for (int iq = 0; iq < NQ; ++iq)
-    for (int j = 0; j < CH; ++j) _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j, acc[iq][j]);
-}
+using ScoreFn = void (*)(const uint8_t*, int, size_t, size_t, const uint32_t*, const uint32_t*, const uint32_t*,
+                         const float*, const float*, float*, size_t);
 
-using ScoreFn = void (*)(int, const uint8_t*, const float*, const float*, float*, size_t);
-
-template <int CH, int BITS>
-ScoreFn score_fn(int nq) {
+template <int JT, int BITS>
+ScoreFn score_fn_q(int nq) {
   switch (nq) {
-    case 1: return score_block<CH, BITS, 1>;
-    case 2: return score_block<CH, BITS, 2>;
-    case 3: return score_block<CH, BITS, 3>;
-    case 4: return score_block<CH, BITS, 4>;
-    case 5: return score_block<CH, BITS, 5>;
-    default: return score_block<CH, BITS, 6>;
+    case 1: return score_block<JT, BITS, 1>;
+    case 2: return score_block<JT, BITS, 2>;
+    case 3: return score_block<JT, BITS, 3>;
+    case 4: return score_block<2, BITS, 4>;
+    case 5: return score_block<2, BITS, 5>;
+    default: return score_block<2, BITS, 6>;
   }
 }
 
-template <int CH>
-ScoreFn lut1_fn(int nq) {
-  switch (nq) {
-    case 1: return score_block_lut1<CH, 1>;
-    case 2: return score_block_lut1<CH, 2>;
-    case 3: return score_block_lut1<CH, 3>;
-    case 4: return score_block_lut1<CH, 4>;
-    case 5: return score_block_lut1<CH, 5>;
-    default: return score_block_lut1<CH, 6>;
-  }
-}
+// Chunks per pass: all 4 of a g = 64 block for up to 3 rows, else 2.
+inline int score_chunks_per_pass(int g, int nq) { return g == 64 && nq <= 3 ? 4 : 2; }
 
-ScoreFn pick_score_fn(int d, int g, int bits, int nq) {
-  if (bits == 1 && d % 4 == 0) return g == 64 ? lut1_fn<4>(nq) : lut1_fn<2>(nq);
-  if (g == 64) return bits == 1 ? score_fn<4, 1>(nq) : score_fn<4, 2>(nq);
-  return bits == 1 ? score_fn<2, 1>(nq) : score_fn<2, 2>(nq);
+ScoreFn pick_score_fn(int g, int bits, int nq) {
+  if (score_chunks_per_pass(g, nq) == 4) return bits == 1 ? score_fn_q<4, 1>(nq) : score_fn_q<4, 2>(nq);
+  return bits == 1 ? score_fn_q<2, 1>(nq) : score_fn_q<2, 2>(nq);
 }
 
 // ---- values ----
 
-// Channels [16*ch0, 16*(ch0+NCH)) of the n_q = NQ rows. The tile (<= 64 channels, starting at a
-// multiple of 64) lies in one value group, or (SPLIT: gv == 32, NCH > 2) chunks 0-1 are in its first
-// group and chunks 2-3 in the next.
-template <int NCH, int BITS, int NQ, bool SPLIT>
-void accumulate_tile(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, size_t p_stride,
-                     float* out, size_t out_stride, int ch0) {
-  constexpr int NG = SPLIT ? 2 : 1;  // groups touched by the tile
-  const int gv = spec.value_group(), ng = spec.value_ngroups();
-  const size_t pb = spec.value_plane_bytes(), tb = spec.value_token_bytes();
-  const int c0 = 16 * ch0;
-  const int g_first = c0 / gv;
-  SPC_ASSERT((c0 + 16 * NCH - 1) / gv - g_first == NG - 1);
-  auto grp = [](int j) { return SPLIT ? j / 2 : 0; };
-
-  __m512 acc[NQ][NCH];
-  for (int iq = 0; iq < NQ; ++iq)
-    for (int j = 0; j < NCH; ++j) acc[iq][j] = _mm512_loadu_ps(out + (size_t)iq * out_stride + c0 + 16 * j);
-  alignas(64) float zacc[NQ][NG][16];
-  for (int iq = 0; iq < NQ; ++iq)
-    for (int gi = 0; gi < NG; ++gi) _mm512_store_ps(zacc[iq][gi], _mm512_setzero_ps());
-  alignas(64) float ps[NQ][NG][16];  // p*s per (row, group, token in batch)
-  alignas(64) fp16_t sh[NG][16], zh[NG][16];
-  const __m512 ones = _mm512_set1_ps(1.0f);
-
-  const uint8_t* sbase = values + (size_t)BITS * pb + 2 * (size_t)g_first;
-  const uint8_t* zbase = sbase + 2 * (size_t)ng;
-  const size_t code_off = (size_t)c0 / 8;
-
-  for (int t0 = 0; t0 < n_tok; t0 += 16) {
-    const int cnt = std::min(16, n_tok - t0);
-    const __mmask16 tm = (__mmask16)((1u << cnt) - 1u);
-    if (cnt < 16) {
-      std::memset(sh, 0, sizeof sh);
-      std::memset(zh, 0, sizeof zh);
-    }
-    for (int i = 0; i < cnt; ++i) {
-      const size_t off = (size_t)(t0 + i) * tb;
-      for (int gi = 0; gi < NG; ++gi) {
-        std::memcpy(&sh[gi][i], sbase + off + 2 * gi, 2);
-        std::memcpy(&zh[gi][i], zbase + off + 2 * gi, 2);
-      }
-    }
-    for (int gi = 0; gi < NG; ++gi) {
-      const __m512 sv = cvtph(sh[gi]), zv = cvtph(zh[gi]);
-      for (int iq = 0; iq < NQ; ++iq) {
-        const __m512 pv = _mm512_maskz_loadu_ps(tm, p + (size_t)iq * p_stride + t0);
-        _mm512_store_ps(ps[iq][gi], _mm512_mul_ps(pv, sv));
-        _mm512_store_ps(zacc[iq][gi], _mm512_fmadd_ps(pv, zv, _mm512_load_ps(zacc[iq][gi])));
-      }
-    }
-    const uint8_t* tok = values + (size_t)t0 * tb + code_off;
-    int i = 0;
-    if constexpr (BITS == 1) {
-      // 4 tokens at a time: per row and group a table of the subset sums of the 4 tokens' p*s,
-      // per chunk a 4-bit index from the 4 tokens' code masks, then one vpermps + add per row.
-      for (; i + 4 <= cnt; i += 4, tok += 4 * tb) {
-        alignas(64) float lut[NQ][NG][16];
-        for (int iq = 0; iq < NQ; ++iq)
-          for (int gi = 0; gi < NG; ++gi) {
-            const float* a = &ps[iq][gi][i];
-            _mm512_store_ps(lut[iq][gi], subset_sums4(a[0], a[1], a[2], a[3]));
-          }
-        for (int j = 0; j < NCH; ++j) {
-          const __m512i idx = nibble_index(load_mask(tok + 2 * j), load_mask(tok + tb + 2 * j),
-                                           load_mask(tok + 2 * tb + 2 * j), load_mask(tok + 3 * tb + 2 * j));
-          for (int iq = 0; iq < NQ; ++iq) acc[iq][j] = _mm512_add_ps(acc[iq][j], perm16(idx, lut[iq][grp(j)]));
-        }
-      }
-    }
-    for (; i < cnt; ++i, tok += tb) {
-      if constexpr (BITS == 1) {
-        __mmask16 m[NCH];
-        for (int j = 0; j < NCH; ++j) m[j] = load_mask(tok + 2 * j);
-        for (int iq = 0; iq < NQ; ++iq) {
-          __m512 v[NG];
-          for (int gi = 0; gi < NG; ++gi) v[gi] = _mm512_set1_ps(ps[iq][gi][i]);
-          unroll<NCH>([&](auto J) { acc[iq][J] = masked_acc<J>(acc[iq][J], m[J], v[grp(J)], ones); });
-        }
-      } else {
-        __m512 cf[NCH];
-        for (int j = 0; j < NCH; ++j) cf[j] = codes2(load_mask(tok + 2 * j), load_mask(tok + pb + 2 * j));
-        for (int iq = 0; iq < NQ; ++iq) {
-          __m512 v[NG];
-          for (int gi = 0; gi < NG; ++gi) v[gi] = _mm512_set1_ps(ps[iq][gi][i]);
-          for (int j = 0; j < NCH; ++j) acc[iq][j] = _mm512_fmadd_ps(v[grp(j)], cf[j], acc[iq][j]);
-        }
-      }
-    }
-  }
-  for (int iq = 0; iq < NQ; ++iq) {
-    float zs[NG];
-    for (int gi = 0; gi < NG; ++gi) zs[gi] = hsum(_mm512_load_ps(zacc[iq][gi]));
-    for (int j = 0; j < NCH; ++j)
-      _mm512_storeu_ps(out + (size_t)iq * out_stride + c0 + 16 * j,
-                       _mm512_add_ps(acc[iq][j], _mm512_set1_ps(zs[grp(j)])));
+// 64 signed bytes 2*code - (2^BITS - 1) from the plane words.
+template <int BITS>
+inline __m512i value_code_bytes(uint64_t w0, uint64_t w1) {
+  if constexpr (BITS == 1) {
+    (void)w1;
+    return _mm512_mask_blend_epi8(_cvtu64_mask64(w0), _mm512_set1_epi8(-1), _mm512_set1_epi8(1));
+  } else {
+    const __m512i c = _mm512_mask_blend_epi8(_cvtu64_mask64(w0), _mm512_set1_epi8(-3), _mm512_set1_epi8(-1));
+    return _mm512_mask_add_epi8(c, _cvtu64_mask64(w1), c, _mm512_set1_epi8(4));
   }
 }
 
-using AccFn = void (*)(const LowBitSpec&, const uint8_t*, int, const float*, size_t, float*, size_t, int);
+// NCH (1 or 2) chunks of 16 channels, inside one value group, of one block for NQ rows. rec:
+// plane 0's first record at the tile's first chunk; TAIL: the last chunk is the compact tail
+// (tail_bits = 4*(d % 16) code bits). w: the group's u8 weights of row 0 (row iq at + iq*kWRow),
+// one dword per token quad. Adds half_b * sums to facc ([NQ][kMaxDim], at the tile's first
+// channel). NQ*NCH <= 12 accumulators.
+template <int NCH, int BITS, int NQ, bool TAIL>
+void value_tile(const uint8_t* rec, size_t rec_bytes, size_t plane_bytes, int n_quads, int tail_bits,
+                const uint8_t* w, const float* half_b, float* facc) {
+  __m512i acc[NQ][NCH];
+  unroll<NQ>([&](auto iq) SPC_AI { unroll<NCH>([&](auto j) SPC_AI { acc[iq][j] = _mm512_setzero_si512(); }); });
+  const uint64_t tail_mask = TAIL ? (1ull << tail_bits) - 1 : ~0ull;
+  for (int i = 0; i < n_quads; ++i, rec += rec_bytes) {
+    __m512i codes[NCH];
+    unroll<NCH>([&](auto j) SPC_AI {
+      // The tail field is followed by the next record or the block's scales: reading 8 bytes
+      // stays inside the block.
+      const uint64_t m = (TAIL && j == NCH - 1) ? tail_mask : ~0ull;
+      codes[j] = value_code_bytes<BITS>(load_u64(rec + 8 * j) & m,
+                                        BITS == 2 ? load_u64(rec + plane_bytes + 8 * j) & m : 0);
+    });
+    unroll<NQ>([&](auto iq) SPC_AI {
+      const __m512i wv = _mm512_set1_epi32((int)load_u32(w + iq * kWRow + 4 * i));
+      unroll<NCH>([&](auto j) SPC_AI { acc[iq][j] = dpbusd(acc[iq][j], wv, codes[j]); });
+    });
+  }
+  unroll<NQ>([&](auto iq) SPC_AI {
+    const __m512 hb = _mm512_set1_ps(half_b[iq]);
+    unroll<NCH>([&](auto j) SPC_AI {
+      float* f = facc + iq * kMaxDim + 16 * j;
+      _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, acc[iq][j]), hb, _mm512_load_ps(f)));
+    });
+  });
+}
 
-template <int NCH, int BITS, bool SPLIT>
-AccFn acc_fn_q(int nq) {
+using ValueFn = void (*)(const uint8_t*, size_t, size_t, int, int, const uint8_t*, const float*, float*);
+
+template <int NCH, int BITS, bool TAIL>
+ValueFn value_fn_q(int nq) {
   switch (nq) {
-    case 1: return accumulate_tile<NCH, BITS, 1, SPLIT>;
-    case 2: return accumulate_tile<NCH, BITS, 2, SPLIT>;
-    case 3: return accumulate_tile<NCH, BITS, 3, SPLIT>;
-    case 4: return accumulate_tile<NCH, BITS, 4, SPLIT>;
-    case 5: return accumulate_tile<NCH, BITS, 5, SPLIT>;
-    default: return accumulate_tile<NCH, BITS, 6, SPLIT>;
+    case 1: return value_tile<NCH, BITS, 1, TAIL>;
+    case 2: return value_tile<NCH, BITS, 2, TAIL>;
+    case 3: return value_tile<NCH, BITS, 3, TAIL>;
+    case 4: return value_tile<NCH, BITS, 4, TAIL>;
+    case 5: return value_tile<NCH, BITS, 5, TAIL>;
+    default: return value_tile<NCH, BITS, 6, TAIL>;
   }
 }
 
 template <int BITS>
-AccFn acc_fn(int nch, bool split, int nq) {
-  switch (nch) {
-    case 1: return acc_fn_q<1, BITS, false>(nq);
-    case 2: return acc_fn_q<2, BITS, false>(nq);
-    case 3: return split ? acc_fn_q<3, BITS, true>(nq) : acc_fn_q<3, BITS, false>(nq);
-    default: return split ? acc_fn_q<4, BITS, true>(nq) : acc_fn_q<4, BITS, false>(nq);
+ValueFn value_fn_c(int nch, bool tail, int nq) {
+  if (nch == 1) return tail ? value_fn_q<1, BITS, true>(nq) : value_fn_q<1, BITS, false>(nq);
+  return tail ? value_fn_q<2, BITS, true>(nq) : value_fn_q<2, BITS, false>(nq);
+}
+
+ValueFn pick_value_fn(int bits, int nch, bool tail, int nq) {
+  return bits == 1 ? value_fn_c<1>(nch, tail, nq) : value_fn_c<2>(nch, tail, nq);
+}
+
+// ---- per-block preparation (weights quantized per block and row) ----
+// The entry points prepare a batch of kBatch blocks back to back, then run their dot products:
+// each preparation is one long dependency chain (horizontal max -> division -> quantization ->
+// sums) that alone would leave the core idle; consecutive blocks' chains are independent and
+// overlap, and the dot products then run at the vpdpbusd throughput.
+constexpr int kBatch = 8;
+
+// The rows' int8 queries (once per call and row tile).
+struct KeyRows {
+  alignas(64) uint32_t qq[kMaxNq * kMaxQuads];  // int8x4 per (row, quad), 0 beyond d
+  float aq[kMaxNq];                              // qmax/127
+};
+
+struct KeyPrep {
+  alignas(64) uint32_t sq[kMaxQuads];   // u8 key scales, 4 per quad, 0 beyond d
+  alignas(64) uint32_t sq2[kMaxQuads];  // 2*sq (2 bits)
+  float A[kMaxNq], qz[kMaxNq];
+  const uint8_t* words;  // plane 0's code words [nquads][J]
+  size_t plane_bytes;
+};
+
+struct KeyCtx {
+  int d, g, bits, nv, J, nq4, r, nquads;
+  size_t bb, pb;
+  float h, lim;
+};
+
+inline __mmask16 first_n(int n) { return n >= 16 ? kAll16 : (__mmask16)((1u << n) - 1u); }
+
+// int8 queries qq_c = rne(q_c * 127/qmax), aq = qmax/127 (the scalar path's operations).
+void prep_key_rows(const KeyCtx& k, const float* q, size_t q_stride, int nq, KeyRows& kr) {
+  for (int iq = 0; iq < nq; ++iq) {
+    const float* qr = q + (size_t)iq * q_stride;
+    __m512 m = _mm512_setzero_ps();
+    for (int v = 0; v < k.nv; ++v)
+      m = _mm512_maskz_range_ps(kAll16, m, _mm512_maskz_loadu_ps(first_n(k.d - 16 * v), qr + 16 * v), 0xB);
+    const float qmax = hmax(m);
+    const __m512 inv = _mm512_set1_ps(qmax > 0.0f ? 127.0f / qmax : 0.0f);
+    kr.aq[iq] = qmax / 127.0f;
+    uint8_t* dst = (uint8_t*)(kr.qq + iq * kMaxQuads);
+    std::memset(dst, 0, 4 * kMaxQuads);
+    for (int v = 0; v < k.nv; ++v) {
+      const __m512 qv = _mm512_maskz_loadu_ps(first_n(k.d - 16 * v), qr + 16 * v);
+      _mm_store_si128((__m128i*)(dst + 16 * v),
+                      _mm512_maskz_cvtsepi32_epi8(kAll16, _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(qv, inv))));
+    }
   }
+}
+
+// One key block: u8 scales sq_c = rne(s_c * lim/smax), as = smax/lim; per row A = aq*as and
+// qz = sum_c q_c*(z_c + h*s_c) - h*A*sum_c qq_c*sq_c (reduced for 4 rows at a time).
+// padded: room for bits*nquads*J words, used when d % 4 != 0.
+template <int NQ>
+void prep_key_block(const KeyCtx& k, const uint8_t* block, const float* q, size_t q_stride, const KeyRows& kr,
+                    KeyPrep& kp, uint8_t* padded) {
+  const int d = k.d, nv = k.nv;
+  const uint8_t* sp = block + (size_t)k.bits * k.pb;
+  const uint8_t* zp = sp + 2 * (size_t)d;
+  kp.words = block;
+  kp.plane_bytes = k.pb;
+  if (k.r > 0) {  // d % 4 != 0: copy the planes with the compact tail quad spread to full words
+    const size_t full = (size_t)k.nq4 * k.J * 8;
+    for (int b = 0; b < k.bits; ++b) {
+      uint8_t* dst = padded + (size_t)b * k.nquads * k.J * 8;
+      std::memcpy(dst, block + b * k.pb, full);
+      for (int j = 0; j < k.J; ++j) {
+        const uint64_t wd =
+            spread_nibbles(load_bytes(block + b * k.pb + full + (size_t)j * 2 * k.r, 2 * (size_t)k.r), k.r);
+        std::memcpy(dst + full + 8 * j, &wd, 8);
+      }
+    }
+    kp.words = padded;
+    kp.plane_bytes = (size_t)k.nquads * k.J * 8;
+  }
+  const __m512 hv = _mm512_set1_ps(k.h);
+  alignas(64) float s[kMaxDim], zc[kMaxDim];
+  __m512 sm = _mm512_setzero_ps();
+  for (int v = 0; v < nv; ++v) {  // lanes beyond d: s = z = 0
+    const int n = std::min(16, d - 16 * v);
+    const __m512 sv = cvtph_n(sp + 32 * v, n);
+    _mm512_store_ps(s + 16 * v, sv);
+    _mm512_store_ps(zc + 16 * v, _mm512_fmadd_ps(sv, hv, cvtph_n(zp + 32 * v, n)));
+    sm = _mm512_maskz_max_ps(kAll16, sm, sv);
+  }
+  const float smax = hmax(sm);
+  const __m512 invs = _mm512_set1_ps(smax > 0.0f ? k.lim / smax : 0.0f);
+  const float as = smax / k.lim;
+  // The scales as bytes, built in registers (64 channels per vector, 0 beyond d) and stored
+  // once: 16-byte stores read back as one 64-byte load would defeat store forwarding.
+  const int n64 = (d + 63) / 64;
+  __m512i sqv[kMaxDim / 64];
+  for (int v4 = 0; v4 < n64; ++v4) {
+    __m512i si[4];
+    for (int i = 0; i < 4; ++i) {
+      const int v = 4 * v4 + i;
+      si[i] = v < nv ? _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(_mm512_load_ps(s + 16 * v), invs))
+                     : _mm512_setzero_si512();
+    }
+    sqv[v4] = pack_u8(si[0], si[1], si[2], si[3]);
+    _mm512_store_si512(kp.sq + 16 * v4, sqv[v4]);
+    if (k.bits == 2) _mm512_store_si512(kp.sq2 + 16 * v4, _mm512_add_epi8(sqv[v4], sqv[v4]));  // <= 170
+  }
+  __m512 t[NQ];
+  unroll<NQ>([&](auto iq) SPC_AI {
+    const float* qr = q + iq * q_stride;
+    __m512 tz = _mm512_setzero_ps();
+    for (int v = 0; v < nv; ++v)
+      tz = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(first_n(d - 16 * v), qr + 16 * v), _mm512_load_ps(zc + 16 * v), tz);
+    __m512i isum = _mm512_setzero_si512();
+    const uint32_t* qq = kr.qq + iq * kMaxQuads;
+    for (int v4 = 0; v4 < n64; ++v4) isum = dpbusd(isum, sqv[v4], _mm512_load_si512(qq + 16 * v4));
+    kp.A[iq] = kr.aq[iq] * as;
+    t[iq] = _mm512_fnmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, isum), _mm512_set1_ps(k.h * kp.A[iq]), tz);
+  });
+  constexpr int NG = (NQ + 3) / 4;
+  unroll<NG>([&](auto g4) SPC_AI {
+    __m512 x[4];
+    unroll<4>([&](auto i) SPC_AI { x[i] = 4 * g4 + i < NQ ? t[(4 * g4 + i) % NQ] : _mm512_setzero_ps(); });
+    const __m512 red = reduce4(x, vadd);
+    unroll<4>([&](auto i) SPC_AI {
+      if constexpr (4 * g4 + i < NQ)
+        kp.qz[4 * g4 + i] = _mm512_cvtss_f32(_mm512_maskz_permutexvar_ps(kAll16, _mm512_set1_epi32(4 * i), red));
+    });
+  });
+}
+
+// The same for d = 16*NV (NV a multiple of 4, no tail quad), unrolled with everything in registers.
+template <int NQ, int NV>
+void prep_key_block_fast(const KeyCtx& k, const uint8_t* block, const float* q, size_t q_stride, const KeyRows& kr,
+                         KeyPrep& kp, uint8_t*) {
+  static_assert(NV % 4 == 0);
+  const uint8_t* sp = block + (size_t)k.bits * k.pb;
+  const uint8_t* zp = sp + 32 * NV;
+  kp.words = block;
+  kp.plane_bytes = k.pb;
+  const __m512 hv = _mm512_set1_ps(k.h);
+  __m512 s[NV], zc[NV];
+  __m512 sm = _mm512_setzero_ps();
+  unroll<NV>([&](auto v) SPC_AI {
+    s[v] = cvtph(sp + 32 * v);
+    zc[v] = _mm512_fmadd_ps(s[v], hv, cvtph(zp + 32 * v));
+    sm = _mm512_maskz_max_ps(kAll16, sm, s[v]);
+  });
+  // smax broadcast to all lanes without leaving the vector unit.
+  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_shuffle_f32x4(kAll16, sm, sm, _MM_SHUFFLE(1, 0, 3, 2)));
+  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_shuffle_f32x4(kAll16, sm, sm, _MM_SHUFFLE(2, 3, 0, 1)));
+  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_permute_ps(kAll16, sm, _MM_SHUFFLE(1, 0, 3, 2)));
+  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_permute_ps(kAll16, sm, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512 lim = _mm512_set1_ps(k.lim);
+  const __m512 invs = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(sm, _mm512_setzero_ps(), _CMP_GT_OQ), lim, sm);
+  const float as = _mm512_cvtss_f32(_mm512_maskz_div_ps(kAll16, sm, lim));
+  __m512i sqv[NV / 4];
+  unroll<NV / 4>([&](auto v4) SPC_AI {
+    __m512i si[4];
+    unroll<4>([&](auto i) SPC_AI {
+      si[i] = _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(s[4 * v4 + i], invs));
+    });
+    sqv[v4] = pack_u8(si[0], si[1], si[2], si[3]);
+    _mm512_store_si512(kp.sq + 16 * v4, sqv[v4]);
+    if (k.bits == 2) _mm512_store_si512(kp.sq2 + 16 * v4, _mm512_add_epi8(sqv[v4], sqv[v4]));  // <= 170
+  });
+  __m512 t[NQ];
+  unroll<NQ>([&](auto iq) SPC_AI {
+    const float* qr = q + iq * q_stride;
+    __m512 tz = _mm512_setzero_ps();
+    unroll<NV>([&](auto v) SPC_AI { tz = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * v), zc[v], tz); });
+    __m512i isum = _mm512_setzero_si512();
+    unroll<NV / 4>([&](auto v4) SPC_AI {
+      isum = dpbusd(isum, sqv[v4], _mm512_load_si512(kr.qq + iq * kMaxQuads + 16 * v4));
+    });
+    kp.A[iq] = kr.aq[iq] * as;
+    t[iq] = _mm512_fnmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, isum), _mm512_set1_ps(k.h * kp.A[iq]), tz);
+  });
+  constexpr int NG = (NQ + 3) / 4;
+  unroll<NG>([&](auto g4) SPC_AI {
+    __m512 x[4];
+    unroll<4>([&](auto i) SPC_AI { x[i] = 4 * g4 + i < NQ ? t[(4 * g4 + i) % NQ] : _mm512_setzero_ps(); });
+    const __m512 red = reduce4(x, vadd);
+    unroll<4>([&](auto i) SPC_AI {
+      if constexpr (4 * g4 + i < NQ)
+        kp.qz[4 * g4 + i] = _mm512_cvtss_f32(_mm512_maskz_permutexvar_ps(kAll16, _mm512_set1_epi32(4 * i), red));
+    });
+  });
+}
+
+using KeyPrepFn = void (*)(const KeyCtx&, const uint8_t*, const float*, size_t, const KeyRows&, KeyPrep&, uint8_t*);
+
+template <int NV>
+KeyPrepFn key_prep_fast(int nq) {
+  switch (nq) {
+    case 1: return prep_key_block_fast<1, NV>;
+    case 2: return prep_key_block_fast<2, NV>;
+    case 3: return prep_key_block_fast<3, NV>;
+    case 4: return prep_key_block_fast<4, NV>;
+    case 5: return prep_key_block_fast<5, NV>;
+    default: return prep_key_block_fast<6, NV>;
+  }
+}
+
+// The unrolled preparation for d = 64 and d = 128, the generic one otherwise.
+KeyPrepFn pick_key_prep(int d, int nq) {
+  if (d == 64) return key_prep_fast<4>(nq);
+  if (d == 128) return key_prep_fast<8>(nq);
+  switch (nq) {
+    case 1: return prep_key_block<1>;
+    case 2: return prep_key_block<2>;
+    case 3: return prep_key_block<3>;
+    case 4: return prep_key_block<4>;
+    case 5: return prep_key_block<5>;
+    default: return prep_key_block<6>;
+  }
+}
+
+struct ValPrep {
+  alignas(64) uint8_t w[kMaxNq * kWRow];  // u8 weights [row][group*g + t]
+  float half_b[kMaxNq];                   // b/2 per row
+};
+
+struct ValCtx {
+  int d, g, bits, gv, ng, J;
+  size_t pb;
+  float h;
+};
+
+// Weights of rows p[0..nq) (p_stride apart, at the block's first token) for one value block, any
+// shape; adds the zero terms p*(z + h*s) to zacc ([row][kMaxGroups][16]) and folds p into pmin.
+void prep_value_generic(const ValCtx& c, const uint8_t* block, const float* p, size_t p_stride, int nq, ValPrep& vp,
+                        float* zacc, __m512& pmin) {
+  const int g = c.g, J = c.J, ng = c.ng;
+  const uint8_t* sp = block + (size_t)c.bits * c.pb;
+  const uint8_t* zp = sp + 2 * (size_t)ng * g;
+  const __m512 hv = _mm512_set1_ps(c.h);
+  alignas(64) float s[kMaxGroups * 64], zc[kMaxGroups * 64];  // [group][t]
+  for (int i = 0; i < ng * J; ++i) {
+    const __m512 sv = cvtph(sp + 32 * i);
+    _mm512_store_ps(s + 16 * i, sv);
+    _mm512_store_ps(zc + 16 * i, _mm512_fmadd_ps(sv, hv, cvtph(zp + 32 * i)));
+  }
+  __m512 mx[kMaxNq];
+  for (int iq = 0; iq < nq; ++iq) {
+    const float* pr = p + (size_t)iq * p_stride;
+    float* za = zacc + iq * kMaxGroups * 16;
+    __m512 m = _mm512_setzero_ps();
+    for (int j = 0; j < J; ++j) {
+      const __m512 pv = _mm512_loadu_ps(pr + 16 * j);
+      pmin = _mm512_maskz_min_ps(kAll16, pmin, pv);
+      for (int gi = 0; gi < ng; ++gi) {
+        m = _mm512_maskz_max_ps(kAll16, m, _mm512_mul_ps(pv, _mm512_load_ps(s + (gi * J + j) * 16)));
+        _mm512_store_ps(za + 16 * gi,
+                        _mm512_fmadd_ps(pv, _mm512_load_ps(zc + (gi * J + j) * 16), _mm512_load_ps(za + 16 * gi)));
+      }
+    }
+    mx[iq] = m;
+  }
+  float inv[kMaxNq], step[kMaxNq];
+  row_scales(mx, nq, 255.0f, inv, step);
+  for (int iq = 0; iq < nq; ++iq) {
+    vp.half_b[iq] = 0.5f * step[iq];
+    const float* pr = p + (size_t)iq * p_stride;
+    const __m512 iv = _mm512_set1_ps(inv[iq]);
+    for (int j = 0; j < J; ++j) {
+      const __m512 pv = _mm512_loadu_ps(pr + 16 * j);
+      for (int gi = 0; gi < ng; ++gi) {
+        const __m512 u = _mm512_mul_ps(pv, _mm512_load_ps(s + (gi * J + j) * 16));
+        const __m512i ui = _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(u, iv));
+        _mm_store_si128((__m128i*)(vp.w + iq * kWRow + gi * g + 16 * j), _mm512_maskz_cvtusepi32_epi8(kAll16, ui));
+      }
+    }
+  }
+}
+
+// The same for one value group per token (ngroups == 1), g = 16*J and NQ rows, unrolled with
+// everything in registers.
+template <int NQ, int J>
+void prep_value_fast(const ValCtx& c, const uint8_t* block, const float* p, size_t p_stride, ValPrep& vp,
+                     float* zacc, __m512& pmin) {
+  const uint8_t* sp = block + (size_t)c.bits * c.pb;
+  const uint8_t* zp = sp + 2 * (size_t)c.g;
+  const __m512 hv = _mm512_set1_ps(c.h);
+  __m512 s[J], zc[J];
+  unroll<J>([&](auto j) SPC_AI {
+    s[j] = cvtph(sp + 32 * j);
+    zc[j] = _mm512_fmadd_ps(s[j], hv, cvtph(zp + 32 * j));
+  });
+  __m512 mx[NQ];
+  __m512 pm = pmin;
+  unroll<NQ>([&](auto iq) SPC_AI {
+    const float* pr = p + iq * p_stride;
+    float* za = zacc + iq * kMaxGroups * 16;
+    __m512 m = _mm512_setzero_ps(), z = _mm512_load_ps(za);
+    unroll<J>([&](auto j) SPC_AI {
+      const __m512 pv = _mm512_loadu_ps(pr + 16 * j);
+      pm = _mm512_maskz_min_ps(kAll16, pm, pv);
+      m = _mm512_maskz_max_ps(kAll16, m, _mm512_mul_ps(pv, s[j]));
+      z = _mm512_fmadd_ps(pv, zc[j], z);
+    });
+    _mm512_store_ps(za, z);
+    mx[iq] = m;
+  });
+  pmin = pm;
+  constexpr int NG = (NQ + 3) / 4;
+  __m512 inv[NG], step[NG];
+  row_scales_v<NQ>(mx, 255.0f, inv, step);
+  unroll<NQ>([&](auto iq) SPC_AI {
+    const float* pr = p + iq * p_stride;
+    const __m512 iv = row_lane<iq>(inv);
+    vp.half_b[iq] = 0.5f * _mm512_cvtss_f32(row_lane<iq>(step));
+    __m512i ui[J];
+    unroll<J>([&](auto j) SPC_AI {
+      ui[j] = _mm512_maskz_cvtps_epi32(kAll16, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(pr + 16 * j), s[j]), iv));
+    });
+    uint8_t* w = vp.w + iq * kWRow;
+    if constexpr (J == 4) {
+      _mm512_store_si512(w, pack_u8(ui[0], ui[1], ui[2], ui[3]));
+    } else {
+      unroll<J>([&](auto j) SPC_AI {
+        _mm_store_si128((__m128i*)(w + 16 * j), _mm512_maskz_cvtusepi32_epi8(kAll16, ui[j]));
+      });
+    }
+  });
+}
+
+using ValPrepFn = void (*)(const ValCtx&, const uint8_t*, const float*, size_t, ValPrep&, float*, __m512&);
+
+template <int J>
+ValPrepFn value_prep_q(int nq) {
+  switch (nq) {
+    case 1: return prep_value_fast<1, J>;
+    case 2: return prep_value_fast<2, J>;
+    case 3: return prep_value_fast<3, J>;
+    case 4: return prep_value_fast<4, J>;
+    case 5: return prep_value_fast<5, J>;
+    default: return prep_value_fast<6, J>;
+  }
+}
+
+// The fast preparation for one value group per token; nullptr otherwise (generic path).
+ValPrepFn pick_value_prep(int ng, int g, int nq) {
+  if (ng != 1) return nullptr;
+  return g == 64 ? value_prep_q<4>(nq) : value_prep_q<2>(nq);
 }
 
 }  // namespace
@@ -331,69 +688,103 @@ AccFn acc_fn(int nch, bool split, int nq) {
 void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride) {
   spec.validate();
-  const int d = spec.head_dim, g = spec.group, bits = spec.bits;
-  const size_t bb = spec.key_block_bytes(), W = spec.key_word_bytes();
-  alignas(64) float qs[kMaxNq * kMaxDim];
-  alignas(64) float s[kMaxDim], z[kMaxDim];
-  float qz[kMaxNq];
-  for (int blk = 0; blk < n_blocks; ++blk) {
-    const uint8_t* block = blocks + (size_t)blk * bb;
-    const uint8_t* sp = block + (size_t)bits * d * W;
-    const uint8_t* zp = sp + 2 * (size_t)d;
-    int c = 0;
-    for (; c + 16 <= d; c += 16) {
-      _mm512_store_ps(s + c, cvtph(sp + 2 * c));
-      _mm512_store_ps(z + c, cvtph(zp + 2 * c));
-    }
-    for (; c < d; ++c) {
-      fp16_t hs, hz;
-      std::memcpy(&hs, sp + 2 * c, 2);
-      std::memcpy(&hz, zp + 2 * c, 2);
-      s[c] = fp16_to_fp32(hs);
-      z[c] = fp16_to_fp32(hz);
-    }
-    for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
-      const int nq = std::min(kMaxNq, n_q - q0);
-      for (int iq = 0; iq < nq; ++iq) {
-        const float* qr = q + (size_t)(q0 + iq) * q_stride;
-        float* qs0 = qs + (size_t)iq * d;
-        __m512 zsum = _mm512_setzero_ps();
-        int cc = 0;
-        for (; cc + 16 <= d; cc += 16) {
-          const __m512 qv = _mm512_loadu_ps(qr + cc);
-          const __m512 a = _mm512_mul_ps(qv, _mm512_load_ps(s + cc));
-          _mm512_storeu_ps(qs0 + cc, a);
-          zsum = _mm512_fmadd_ps(qv, _mm512_load_ps(z + cc), zsum);
-        }
-        float zs = hsum(zsum);
-        for (; cc < d; ++cc) {
-          qs0[cc] = qr[cc] * s[cc];
-          zs += qr[cc] * z[cc];
-        }
-        qz[iq] = zs;
+  KeyCtx k;
+  k.d = spec.head_dim;
+  k.g = spec.group;
+  k.bits = spec.bits;
+  k.nv = (k.d + 15) / 16;
+  k.J = k.g / 16;
+  k.nq4 = k.d / 4;
+  k.r = k.d % 4;
+  k.nquads = (k.d + 3) / 4;
+  k.bb = spec.key_block_bytes();
+  k.pb = spec.key_plane_bytes();
+  k.h = 0.5f * (float)((1 << k.bits) - 1);
+  k.lim = key_scale_levels(k.bits);
+  KeyRows rows;
+  KeyPrep prep[kBatch];
+  alignas(64) uint8_t padded[2 * kMaxQuads * 4 * 8];  // d % 4 != 0: one block at a time
+  for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
+    const int nq = std::min(kMaxNq, n_q - q0);
+    const float* qt = q + (size_t)q0 * q_stride;
+    prep_key_rows(k, qt, q_stride, nq, rows);
+    const int jt = score_chunks_per_pass(k.g, nq);
+    const ScoreFn fn = pick_score_fn(k.g, k.bits, nq);
+    const KeyPrepFn pfn = pick_key_prep(k.d, nq);
+    const int batch = k.r == 0 ? kBatch : 1;
+    for (int b0 = 0; b0 < n_blocks; b0 += batch) {
+      const int nb = std::min(batch, n_blocks - b0);
+      for (int i = 0; i < nb; ++i) pfn(k, blocks + (size_t)(b0 + i) * k.bb, qt, q_stride, rows, prep[i], padded);
+      for (int i = 0; i < nb; ++i) {
+        const KeyPrep& kp = prep[i];
+        for (int j0 = 0; j0 < k.J; j0 += jt)
+          fn(kp.words + 8 * j0, k.nquads, (size_t)k.J * 8, kp.plane_bytes, kp.sq, kp.sq2, rows.qq, kp.A, kp.qz,
+             scores + (size_t)q0 * score_stride + (size_t)(b0 + i) * k.g + 16 * j0, score_stride);
       }
-      pick_score_fn(d, g, bits, nq)(d, block, qs, qz, scores + (size_t)q0 * score_stride + (size_t)blk * g,
-                                 score_stride);
     }
   }
 }
 
-void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_tok, const float* p, int n_q,
+void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride) {
   spec.validate();
-  SPC_ASSERT(spec.head_dim % 16 == 0);
-  const int nchunks = spec.head_dim / 16;
-  for (int ch0 = 0; ch0 < nchunks; ch0 += 4) {
-    const int nch = std::min(4, nchunks - ch0);
-    for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
-      const int nq = std::min(kMaxNq, n_q - q0);
-      const bool split = spec.value_group() == 32 && nch > 2;
-      const AccFn fn = spec.bits == 1 ? acc_fn<1>(nch, split, nq) : acc_fn<2>(nch, split, nq);
-      fn(spec, values, n_tok, p + (size_t)q0 * p_stride, p_stride, out + (size_t)q0 * out_stride, out_stride, ch0);
+  ValCtx c;
+  c.d = spec.head_dim;
+  c.g = spec.group;
+  c.bits = spec.bits;
+  c.gv = spec.value_group();
+  c.ng = spec.value_ngroups();
+  c.J = c.g / 16;
+  c.pb = spec.value_plane_bytes();
+  c.h = 0.5f * (float)((1 << c.bits) - 1);
+  const int d = c.d, g = c.g, gv = c.gv, ng = c.ng;
+  const int n_quads = g / 4, r = d % 16, nchunks = (d + 15) / 16;
+  const size_t R = spec.value_record_bytes(), vb = spec.value_block_bytes();
+  ValPrep prep[kBatch];
+  alignas(64) float facc[kMaxNq * kMaxDim];
+  alignas(64) float zacc[kMaxNq * kMaxGroups * 16];
+
+  for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
+    const int nq = std::min(kMaxNq, n_q - q0);
+    const float* pt = p + (size_t)q0 * p_stride;
+    std::fill(facc, facc + nq * kMaxDim, 0.0f);
+    std::fill(zacc, zacc + nq * kMaxGroups * 16, 0.0f);
+    __m512 pmin = _mm512_setzero_ps();
+    const ValPrepFn fast = pick_value_prep(ng, g, nq);
+    for (int b0 = 0; b0 < n_blocks; b0 += kBatch) {
+      const int nb = std::min(kBatch, n_blocks - b0);
+      for (int i = 0; i < nb; ++i) {
+        const uint8_t* block = values + (size_t)(b0 + i) * vb;
+        const float* pb0 = pt + (size_t)(b0 + i) * g;
+        if (fast) fast(c, block, pb0, p_stride, prep[i], zacc, pmin);
+        else prep_value_generic(c, block, pb0, p_stride, nq, prep[i], zacc, pmin);
+      }
+      for (int i = 0; i < nb; ++i) {
+        const uint8_t* block = values + (size_t)(b0 + i) * vb;
+        // Tiles of 32 channels (32-aligned): always inside one value group (gv is 32, 64 or d < g).
+        for (int ch0 = 0; ch0 < nchunks; ch0 += 2) {
+          const int nch = std::min(2, nchunks - ch0);
+          const bool tail = r > 0 && ch0 + nch == nchunks;
+          pick_value_fn(c.bits, nch, tail, nq)(block + 8 * (size_t)ch0, R, c.pb, n_quads, 4 * r,
+                                               prep[i].w + (16 * ch0) / gv * g, prep[i].half_b, facc + 16 * ch0);
+        }
+      }
+    }
+    SPC_CHECK(!(hmin(pmin) < 0.0f), "low-bit values: weights must be >= 0, got %g", (double)hmin(pmin));
+    for (int iq = 0; iq < nq; ++iq) {
+      float zs[kMaxGroups];
+      for (int gi = 0; gi < ng; ++gi) zs[gi] = hsum(_mm512_load_ps(zacc + (iq * kMaxGroups + gi) * 16));
+      float* o = out + (size_t)(q0 + iq) * out_stride;
+      for (int m = 0; m < nchunks; ++m) {  // a 16-channel chunk lies in one value group
+        const int n = std::min(16, d - 16 * m);
+        const __mmask16 mk = n >= 16 ? kAll16 : (__mmask16)((1u << n) - 1u);
+        const __m512 f = _mm512_add_ps(_mm512_load_ps(facc + iq * kMaxDim + 16 * m), _mm512_set1_ps(zs[16 * m / gv]));
+        _mm512_mask_storeu_ps(o + 16 * m, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o + 16 * m), f));
+      }
     }
   }
 }
 
 }  // namespace spc::lowbit_detail
 
-#endif  // __AVX512F__
+#endif  // SPC_LOWBIT_AVX512

@@ -11,10 +11,9 @@
 // Decode attention per layer (two pool dispatches):
 //   [exact/oracle: score, select top-k from row 0 and fetch it synchronously first]
 //   fused pass (parallel over head x chunk of key blocks, plus one task per head for the
-//           16-bit window and the step's own rows, both handled by the streaming fp16 decode
-//           kernel: the window keeps its keys tile-transposed like the fp16 cache): low-bit
-//           scores, exact scores at top-k positions, chunk-local softmax, low-bit value sums
-//           corrected to exact V at top-k positions; merge of the partial states (serial, cheap);
+//           16-bit window and the step's own rows): low-bit scores, exact scores at top-k
+//           positions, chunk-local softmax, low-bit value sums corrected to exact V at top-k
+//           positions; merge of the partial states (serial, cheap);
 //   selection pass (parallel over heads, specache only): the speculative row's attention
 //           probabilities, averaged over its query heads, pick the next top-k (exact radix
 //           select); spec_recall from the real row's own top-k;
@@ -49,12 +48,8 @@ constexpr uint64_t kRecallEvery = 4;  // spec_recall sampling period in decode s
 
 struct HeadState {
   LazyBuffer kblocks;              // [n_ctx/g + 1][key_block_bytes] low-bit key blocks
-  LazyBuffer vals;                 // [n_ctx + g][value_token_bytes] low-bit value tokens
-  // Residual window (positions n_quant ..): keys tile-transposed as in the fp16 cache
-  // (key_tile_offset; g is a multiple of the tile, so whole blocks leave as whole tiles), values
-  // [pos][head_dim]. Sized in whole tiles, with room for the step's own rows past the end.
-  std::vector<fp16_t> win_kt;
-  std::vector<fp16_t> win_v;
+  LazyBuffer vals;                 // [n_ctx/g + 1][value_block_bytes] low-bit value blocks
+  std::vector<fp16_t> win;         // [n_win][2*head_dim] residual window, K|V rows (positions n_quant ..)
   // What the top-k buffer holds, sorted by position: (position, slot). While a prefetch is in
   // flight it already describes the buffer as it will be once the layer's ticket completes.
   std::vector<std::pair<int64_t, int32_t>> resident;
@@ -79,7 +74,7 @@ struct LayerState {
 
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
-  std::vector<float> sc, pr, own;
+  std::vector<float> sc, pr, own, saved;
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
   TopkScratch tk;
@@ -106,7 +101,7 @@ class LowBitPolicy final : public KvPolicy {
       L.heads.resize(g.n_head_kv);
       for (auto& H : L.heads) {
         H.kblocks = LazyBuffer((size_t)n_blocks * spec_.key_block_bytes());
-        H.vals = LazyBuffer((size_t)(n_blocks * spec_.group) * spec_.value_token_bytes());
+        H.vals = LazyBuffer((size_t)n_blocks * spec_.value_block_bytes());
       }
     }
   }
@@ -198,38 +193,6 @@ class LowBitPolicy final : public KvPolicy {
   void update_peak();
   void measure_exact_mass(int il, const DecodeRows& rows);
   float exact_dot(const float* q, const fp16_t* krow) const { return dot_f32_f16(q, krow, g_.head_dim); }
-  // Window storage for positions [0, n) (relative to n_quant): grows in whole tiles.
-  void win_reserve(HeadState& H, int64_t n) const {
-    const size_t need = (size_t)((n + kKeyTile - 1) / kKeyTile * kKeyTile) * g_.head_dim;
-    if (H.win_kt.size() < need) {
-      H.win_kt.resize(need);
-      H.win_v.resize(need);
-    }
-  }
-  // Writes window position j (storage must cover it) from fp16 K|V or from fp32 k, v.
-  void win_put(HeadState& H, int64_t j, const fp16_t* kv) const {
-    const int d = g_.head_dim;
-    fp16_t* kt = H.win_kt.data() + key_tile_offset(j, d);
-    for (int c = 0; c < d; ++c) kt[(size_t)c * kKeyTile] = kv[c];
-    std::memcpy(H.win_v.data() + j * d, kv + d, sizeof(fp16_t) * d);
-  }
-  void win_put(HeadState& H, int64_t j, const float* k, const float* v) const {
-    const int d = g_.head_dim;
-    fp16_t* kt = H.win_kt.data() + key_tile_offset(j, d);
-    for (int c = 0; c < d; ++c) {
-      kt[(size_t)c * kKeyTile] = fp32_to_fp16(k[c]);
-      H.win_v[j * d + c] = fp32_to_fp16(v[c]);
-    }
-  }
-  float win_key(const HeadState& H, int64_t j, int c) const {
-    return fp16_to_fp32(H.win_kt[key_tile_offset(j, g_.head_dim) + (size_t)c * kKeyTile]);
-  }
-  // q . K_j for window position j (q already scaled).
-  float win_dot(const HeadState& H, const float* q, int64_t j) const {
-    float s = 0;
-    for (int c = 0; c < g_.head_dim; ++c) s += q[c] * win_key(H, j, c);
-    return s;
-  }
   const fp16_t* slot_row(const LayerState& L, int h, int32_t slot) const {
     return L.topk_rows.data() + ((size_t)h * k_ + slot) * row_elems_;
   }
@@ -255,9 +218,10 @@ class LowBitPolicy final : public KvPolicy {
   std::vector<AttnPartial> parts_;  // [n_head_kv][n_chunks + 1][n_q]; chunk n_chunks: window + own rows
   std::vector<float> outs_;         // [n_head_kv][n_chunks + 1][n_q][d]
   std::vector<AttnPartial> glob_;   // [n_head_kv][n_q] merged state of each query
+  std::vector<float> win_s_;        // [n_head_kv][n_q][n_win] exp(window score - exact part's max)
   std::vector<ThreadScratch> thr_;
   std::vector<fp16_t> rows_tmp_;    // append: [n][n_kv][K|V]
-  std::vector<float> kb_tmp_, vt_tmp_;
+  std::vector<float> kb_tmp_, vb_tmp_;
   std::vector<RowRef> refs_;
   std::vector<std::pair<int64_t, int32_t>> next_tmp_;  // start_fetch: the new (position, slot) list
   std::vector<uint8_t> slot_used_;                     // start_fetch: slots kept by hits
@@ -279,9 +243,10 @@ void LowBitPolicy::append(int il, int64_t pos0, int64_t n, const float* k, const
   if (store_) store_->write_rows(il, pos0, n, rows);
   for (int h = 0; h < nkv; ++h) {
     HeadState& H = L.heads[h];
-    const int64_t old = L.n_tok - L.n_quant;
-    win_reserve(H, old + n);
-    for (int64_t i = 0; i < n; ++i) win_put(H, old + i, rows + (i * nkv + h) * row_elems_);
+    const size_t old = H.win.size();
+    H.win.resize(old + (size_t)n * row_elems_);
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(H.win.data() + old + i * row_elems_, rows + (i * nkv + h) * row_elems_, sizeof(fp16_t) * row_elems_);
   }
   L.n_tok = pos0 + n;
   flush_window(L);
@@ -304,32 +269,27 @@ void LowBitPolicy::flush_window(LayerState& L) {
   if (n_win < cfg_.window + g) return;
   const int64_t n_blocks = (n_win - cfg_.window) / g;
   kb_tmp_.resize((size_t)g * d);
-  vt_tmp_.resize((size_t)d);
+  vb_tmp_.resize((size_t)g * d);
   float* kb = kb_tmp_.data();
+  float* vb = vb_tmp_.data();
   for (auto& H : L.heads) {
     for (int64_t b = 0; b < n_blocks; ++b) {
+      const fp16_t* src = H.win.data() + b * g * row_elems_;
       for (int t = 0; t < g; ++t)
-        for (int c = 0; c < d; ++c) kb[t * d + c] = win_key(H, b * g + t, c);
+        for (int c = 0; c < d; ++c) kb[t * d + c] = fp16_to_fp32(src[t * row_elems_ + c]);
       const int64_t blk = L.n_quant / g + b;
       // Sink positions are always served in 16-bit: keep their (often extreme) keys out of the
       // block's per-channel ranges so the other tokens of the block keep their resolution.
       const int64_t n_sink_here = std::clamp<int64_t>(cfg_.sinks - blk * g, 0, g - 1);
       for (int64_t t = 0; t < n_sink_here; ++t) std::copy_n(kb + n_sink_here * d, d, kb + t * d);
       lowbit_quantize_keys(spec_, kb, d, H.kblocks.data() + blk * spec_.key_block_bytes());
-      for (int t = 0; t < g; ++t) {
-        for (int c = 0; c < d; ++c) vt_tmp_[c] = fp16_to_fp32(H.win_v[(b * g + t) * d + c]);
-        lowbit_quantize_value(spec_, vt_tmp_.data(), H.vals.data() + (blk * g + t) * spec_.value_token_bytes());
-      }
+      for (int t = 0; t < g; ++t)
+        for (int c = 0; c < d; ++c) vb[t * d + c] = fp16_to_fp32(src[t * row_elems_ + d + c]);
+      lowbit_quantize_values(spec_, vb, d, H.vals.data() + blk * spec_.value_block_bytes());
     }
-    // Whole blocks are whole tiles (g % kKeyTile == 0): drop them from the front.
-    const size_t drop = (size_t)(n_blocks * g) * d;
-    H.win_kt.erase(H.win_kt.begin(), H.win_kt.begin() + drop);
-    H.win_v.erase(H.win_v.begin(), H.win_v.begin() + drop);
+    H.win.erase(H.win.begin(), H.win.begin() + n_blocks * g * row_elems_);
     // A prefill passes the whole prompt through the window: give that memory back.
-    if (H.win_kt.capacity() > 4 * (size_t)(cfg_.window + g) * d) {
-      H.win_kt.shrink_to_fit();
-      H.win_v.shrink_to_fit();
-    }
+    if (H.win.capacity() > 4 * (size_t)(cfg_.window + g) * row_elems_) H.win.shrink_to_fit();
   }
   L.n_quant += n_blocks * g;
 }
@@ -400,8 +360,7 @@ void LowBitPolicy::finish_fetch(int il) {
 void LowBitPolicy::update_peak() {
   uint64_t total = 0;
   for (const auto& L : layers_) {
-    const uint64_t lowbit = (uint64_t)(L.n_quant / spec_.group) * spec_.key_block_bytes() +
-                            (uint64_t)L.n_quant * spec_.value_token_bytes();
+    const uint64_t lowbit = (uint64_t)(L.n_quant / spec_.group) * (spec_.key_block_bytes() + spec_.value_block_bytes());
     const uint64_t window = (uint64_t)(L.n_tok - L.n_quant) * row_elems_ * sizeof(fp16_t);
     total += g_.n_head_kv * (lowbit + window) + L.topk_rows.size() * sizeof(fp16_t);
   }
@@ -474,17 +433,10 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   // [n_chunks*nkv, +nkv): the 16-bit window and the step's own rows of one head.
   parts_.assign((size_t)nkv * (n_chunks + 1) * n_q, AttnPartial{-std::numeric_limits<float>::infinity(), 0.0f});
   outs_.assign((size_t)nkv * (n_chunks + 1) * n_q * d, 0.0f);
-  // The step's own rows go into the window storage just past its end (row r sees the window and
-  // rows 0..r), so one streaming fp16 kernel call covers window and own rows.
-  for (int h = 0; h < nkv; ++h) {
-    HeadState& H = L.heads[h];
-    win_reserve(H, n_win + rows.n_rows);
-    for (int r = 0; r < rows.n_rows; ++r)
-      win_put(H, n_win + r, rows.k + ((int64_t)r * nkv + h) * d, rows.v + ((int64_t)r * nkv + h) * d);
-  }
-  const bool f16_streams = attention_decode_f16_streams(d);
+  win_s_.resize((size_t)nkv * n_q * std::max<int64_t>(n_win, 1));
   auto P = [&](int h, int64_t ch, int iq) -> AttnPartial& { return parts_[((size_t)h * (n_chunks + 1) + ch) * n_q + iq]; };
   auto O = [&](int h, int64_t ch, int iq) { return outs_.data() + (((size_t)h * (n_chunks + 1) + ch) * n_q + iq) * d; };
+  auto W = [&](int h, int iq) { return win_s_.data() + ((size_t)h * n_q + iq) * n_win; };
   pool.for_each_task(n_chunks * nkv + nkv, [&](int64_t task, int t) {
     if (task < n_chunks * nkv) {
       const int h = (int)(task % nkv);
@@ -500,36 +452,52 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         const float m = vec_max(s + t0, t1 - t0);
         P(h, ch, iq) = AttnPartial{m, vec_exp_shift_sum(s + t0, t1 - t0, m)};
       }
-      lowbit_accumulate_values(spec_, H.vals.data() + t0 * spec_.value_token_bytes(), (int)(t1 - t0), S(h, 0) + t0, n_q,
-                               nqt, O(h, ch, 0), d);
-      // Top-k positions: replace the low-bit value by the exact one.
-      float vdq[256];
+      // Top-k positions use their exact values: their weights are taken out of the packed sum
+      // (whose u8 weight quantization is approximate, lowbit.h) and restored for the selection.
+      std::vector<float>& saved = thr_[t].saved;
+      saved.resize((size_t)(hi - lo) * n_q);
+      for (auto it = lo; it != hi; ++it)
+        for (int iq = 0; iq < n_q; ++iq) {
+          float& w = S(h, iq)[it->first];
+          saved[(size_t)(it - lo) * n_q + iq] = w;
+          w = 0.0f;
+        }
+      lowbit_accumulate_values(spec_, H.vals.data() + t0 / g * spec_.value_block_bytes(), (int)((t1 - t0) / g),
+                               S(h, 0) + t0, n_q, nqt, O(h, ch, 0), d);
+      float vx[256];
       for (auto it = lo; it != hi; ++it) {
-        lowbit_dequantize_value(spec_, H.vals.data() + it->first * spec_.value_token_bytes(), vdq);
         const fp16_t* vrow = slot_row(L, h, it->second) + d;
-        for (int c = 0; c < d; ++c) vdq[c] = fp16_to_fp32(vrow[c]) - vdq[c];
-        for (int iq = 0; iq < n_q; ++iq) vec_axpy(S(h, iq)[it->first], vdq, O(h, ch, iq), d);
+        for (int c = 0; c < d; ++c) vx[c] = fp16_to_fp32(vrow[c]);
+        for (int iq = 0; iq < n_q; ++iq) {
+          const float pw = saved[(size_t)(it - lo) * n_q + iq];
+          S(h, iq)[it->first] = pw;
+          vec_axpy(pw, vx, O(h, ch, iq), d);
+        }
       }
       return;
     }
     const int h = (int)(task - n_chunks * nkv);
     const HeadState& H = L.heads[h];
-    alignas(64) float qb[8 * 256];  // head_dim <= 256
-    int64_t lim[8];
-    for (int q0 = 0; q0 < n_q; q0 += 8) {
-      const int nq = std::min(8, n_q - q0);
-      for (int i = 0; i < nq; ++i) {
-        const int iq = q0 + i, r = iq / group_, hq = h * group_ + iq % group_;
-        std::copy_n(rows.q + ((int64_t)r * g_.n_head + hq) * d, d, qb + i * d);
-        lim[i] = n_win + r + 1;
+    std::vector<float>& sc = thr_[t].sc;
+    for (int iq = 0; iq < n_q; ++iq) {
+      const int r = iq / group_;
+      const float* q = Q(h, iq);
+      const int64_t n_ex = n_win + r + 1;  // window, then rows 0..r
+      sc.resize((size_t)n_ex);
+      for (int64_t j = 0; j < n_win; ++j) sc[j] = exact_dot(q, H.win.data() + j * row_elems_);
+      for (int rr = 0; rr <= r; ++rr) {
+        const float* kr = rows.k + ((int64_t)rr * nkv + h) * d;
+        float s = 0;
+        for (int c = 0; c < d; ++c) s += q[c] * kr[c];
+        sc[n_win + rr] = s;
       }
-      float* scratch = nullptr;
-      if (!f16_streams) {
-        thr_[t].sc.resize((size_t)nq * (n_win + rows.n_rows + kKeyTile));
-        scratch = thr_[t].sc.data();
-      }
-      attention_decode_f16(qb, nq, d, H.win_kt.data(), H.win_v.data(), 0, n_win + rows.n_rows, lim, &P(h, n_chunks, q0),
-                           O(h, n_chunks, q0), scratch);
+      const float m = vec_max(sc.data(), n_ex);
+      const float l = vec_exp_shift_sum(sc.data(), n_ex, m);
+      float* o = O(h, n_chunks, iq);
+      for (int64_t j = 0; j < n_win; ++j) axpy_f16(sc[j], H.win.data() + j * row_elems_ + d, o, d);
+      for (int rr = 0; rr <= r; ++rr) vec_axpy(sc[n_win + rr], rows.v + ((int64_t)rr * nkv + h) * d, o, d);
+      std::copy_n(sc.data(), n_win, W(h, iq));
+      P(h, n_chunks, iq) = AttnPartial{m, l};
     }
   });
 
@@ -569,9 +537,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
           const int64_t t0 = ch * chunk_tok, t1 = std::min({nqt, t0 + chunk_tok, n});
           if (t1 > t0) vec_axpy(std::exp(P(h, ch, iq).m - glob.m) / glob.l, s + t0, pr.data() + t0, t1 - t0);
         }
-        // Window positions that leave the window with this step's append (once every g steps).
-        const float inv_l = 1.0f / glob.l;
-        for (int64_t j = nqt; j < n; ++j) pr[j] += std::exp(win_dot(L.heads[h], Q(h, iq), j - nqt) - glob.m) * inv_l;
+        if (n > nqt) vec_axpy(std::exp(P(h, n_chunks, iq).m - glob.m) / glob.l, W(h, iq), pr.data() + nqt, n - nqt);
       }
     };
     // One task per (KV head, selection) and, on recall steps, per (KV head, recall): 3 KV heads
@@ -618,7 +584,7 @@ void LowBitPolicy::measure_exact_mass(int il, const DecodeRows& rows) {
       const float* q = qs_.data() + ((size_t)h * n_q + iq) * d;
       s.resize((size_t)(nqt + n_win + 1));
       for (int64_t j = 0; j < nqt; ++j) s[j] = exact_dot(q, ex.data() + j * row_elems_);
-      for (int64_t j = 0; j < n_win; ++j) s[nqt + j] = win_dot(H, q, j);
+      for (int64_t j = 0; j < n_win; ++j) s[nqt + j] = exact_dot(q, H.win.data() + j * row_elems_);
       float s0 = 0;
       for (int c = 0; c < d; ++c) s0 += q[c] * rows.k[(int64_t)h * d + c];
       s[nqt + n_win] = s0;

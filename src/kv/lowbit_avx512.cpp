@@ -1,16 +1,19 @@
 // AVX-512 (F + BW, VNNI when available) packed kernels of the low-bit KV codec; layouts, the
 // integer method and its error bound in lowbit.h.
 //
-// Keys: per block and row tile (<= 6 rows), the rows' int8 weights (4 per channel quad, one dword)
-// are formed first; then per channel quad and 16-token chunk, one 64-bit code word becomes 64
-// code bytes (lane t, byte k = code of token t, channel 4u+k) shared by the rows, and each row
-// does one vpdpbusd with its broadcast weight dword. (g/16) x 6 <= 24 int32 accumulators.
+// Keys: once per call and row tile (<= 6 rows), the rows' int8 queries (4 per channel quad, one
+// dword). Per block, the u8 key scales (one dword per quad) and per row the constant qz; then per
+// channel quad and 16-token chunk one 64-bit code word becomes 64 bytes code*sq (lane t, byte k =
+// token t, channel 4u+k), shared by the rows, and each row does one vpdpbusd with its query
+// dword as an embedded broadcast. 4 chunks x <= 3 rows or 2 chunks x <= 6 rows of accumulators.
 //
-// Values: per block and row tile, the rows' u8 weights per token (and value group) are formed
-// first; then per token quad and 16-channel chunk, one 64-bit code word becomes 64 signed bytes
-// 2*code - (2^bits - 1) (lane c, byte k = token 4i+k, channel 16m+c), and each row does one
-// vpdpbusd with its 4 broadcast weights. Channels are tiled by 64 (<= 4 chunks x 6 rows = 24
-// accumulators); the int32 sums go to fp32 accumulators (on the stack) at the end of each block.
+// Values: per block and row tile, the rows' u8 weights per token (and value group); then per
+// token quad and 16-channel chunk one 64-bit code word becomes 64 signed bytes 2*code - 2h
+// (lane c, byte k = token 4i+k, channel 16m+c), and each row does one vpdpbusd with its 4
+// broadcast weights. Channels are tiled by 32 (<= 2 chunks x 6 rows); the int32 sums go to fp32
+// accumulators (on the stack) at the end of each block.
+//
+// The per-block operands of up to 8 blocks are prepared before their dot products run.
 #include "kv/lowbit.h"
 
 #if defined(SPC_LOWBIT_AVX512)

@@ -75,6 +75,7 @@ struct LayerState {
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
   std::vector<float> sc, pr, own, saved;
+  std::vector<double> acc;
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
   TopkScratch tk;
@@ -453,7 +454,10 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         P(h, ch, iq) = AttnPartial{m, vec_exp_shift_sum(s + t0, t1 - t0, m)};
       }
       // Top-k positions use their exact values: their weights are taken out of the packed sum
-      // (whose u8 weight quantization is approximate, lowbit.h) and restored for the selection.
+      // (whose u8 weight quantization is approximate, lowbit.h) and restored for the selection;
+      // their terms are summed in double (they can carry most of the mass, and a float sum in
+      // position order lost enough precision at -O0 to break
+      // KvPolicy.SpecacheWithTopkCoveringEverythingEqualsFull).
       std::vector<float>& saved = thr_[t].saved;
       saved.resize((size_t)(hi - lo) * n_q);
       for (auto it = lo; it != hi; ++it)
@@ -464,6 +468,8 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         }
       lowbit_accumulate_values(spec_, H.vals.data() + t0 / g * spec_.value_block_bytes(), (int)((t1 - t0) / g),
                                S(h, 0) + t0, n_q, nqt, O(h, ch, 0), d);
+      std::vector<double>& acc = thr_[t].acc;
+      acc.assign((size_t)n_q * d, 0.0);
       float vx[256];
       for (auto it = lo; it != hi; ++it) {
         const fp16_t* vrow = slot_row(L, h, it->second) + d;
@@ -471,9 +477,13 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         for (int iq = 0; iq < n_q; ++iq) {
           const float pw = saved[(size_t)(it - lo) * n_q + iq];
           S(h, iq)[it->first] = pw;
-          vec_axpy(pw, vx, O(h, ch, iq), d);
+          double* a = acc.data() + (size_t)iq * d;
+          for (int c = 0; c < d; ++c) a[c] += (double)pw * vx[c];
         }
       }
+      if (hi != lo)
+        for (int iq = 0; iq < n_q; ++iq)
+          for (int c = 0; c < d; ++c) O(h, ch, iq)[c] += (float)acc[(size_t)iq * d + c];
       return;
     }
     const int h = (int)(task - n_chunks * nkv);

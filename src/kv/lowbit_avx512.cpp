@@ -67,13 +67,14 @@ inline float hsum(__m512 v) {
   v = _mm512_add_ps(v, _mm512_maskz_permute_ps(kAll16, v, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm512_cvtss_f32(v);
 }
-inline float hmax(__m512 v) {
+// The maximum of the 16 lanes, broadcast to every lane (stays in the vector unit).
+inline __m512 bcast_max(__m512 v) {
   v = _mm512_maskz_max_ps(kAll16, v, _mm512_maskz_shuffle_f32x4(kAll16, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
   v = _mm512_maskz_max_ps(kAll16, v, _mm512_maskz_shuffle_f32x4(kAll16, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
   v = _mm512_maskz_max_ps(kAll16, v, _mm512_maskz_permute_ps(kAll16, v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = _mm512_maskz_max_ps(kAll16, v, _mm512_maskz_permute_ps(kAll16, v, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm512_cvtss_f32(v);
+  return _mm512_maskz_max_ps(kAll16, v, _mm512_maskz_permute_ps(kAll16, v, _MM_SHUFFLE(2, 3, 0, 1)));
 }
+inline float hmax(__m512 v) { return _mm512_cvtss_f32(bcast_max(v)); }
 inline float hmin(__m512 v) { return -hmax(_mm512_sub_ps(_mm512_setzero_ps(), v)); }
 
 // Four horizontal reductions at once (one shuffle tree instead of four): lanes 4i..4i+3 of the
@@ -393,6 +394,21 @@ void prep_key_rows(const KeyCtx& k, const float* q, size_t q_stride, int nq, Key
   }
 }
 
+// qz[iq] = sum of the 16 lanes of t[iq] for NQ rows, reduced four rows at a time.
+template <int NQ>
+SPC_AI inline void store_row_sums(const __m512* t, float* qz) {
+  constexpr int NG = (NQ + 3) / 4;
+  unroll<NG>([&](auto g4) SPC_AI {
+    __m512 x[4];
+    unroll<4>([&](auto i) SPC_AI { x[i] = 4 * g4 + i < NQ ? t[(4 * g4 + i) % NQ] : _mm512_setzero_ps(); });
+    const __m512 red = reduce4(x, vadd);
+    unroll<4>([&](auto i) SPC_AI {
+      if constexpr (4 * g4 + i < NQ)
+        qz[4 * g4 + i] = _mm512_cvtss_f32(_mm512_maskz_permutexvar_ps(kAll16, _mm512_set1_epi32(4 * i), red));
+    });
+  });
+}
+
 // One key block: u8 scales sq_c = rne(s_c * lim/smax), as = smax/lim; per row A = aq*as and
 // qz = sum_c q_c*(z_c + h*s_c) - h*A*sum_c qq_c*sq_c (reduced for 4 rows at a time).
 // padded: room for bits*nquads*J words, used when d % 4 != 0.
@@ -458,16 +474,7 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const float* q, size_
     kp.A[iq] = kr.aq[iq] * as;
     t[iq] = _mm512_fnmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, isum), _mm512_set1_ps(k.h * kp.A[iq]), tz);
   });
-  constexpr int NG = (NQ + 3) / 4;
-  unroll<NG>([&](auto g4) SPC_AI {
-    __m512 x[4];
-    unroll<4>([&](auto i) SPC_AI { x[i] = 4 * g4 + i < NQ ? t[(4 * g4 + i) % NQ] : _mm512_setzero_ps(); });
-    const __m512 red = reduce4(x, vadd);
-    unroll<4>([&](auto i) SPC_AI {
-      if constexpr (4 * g4 + i < NQ)
-        kp.qz[4 * g4 + i] = _mm512_cvtss_f32(_mm512_maskz_permutexvar_ps(kAll16, _mm512_set1_epi32(4 * i), red));
-    });
-  });
+  store_row_sums<NQ>(t, kp.qz);
 }
 
 // The same for d = 16*NV (NV a multiple of 4, no tail quad), unrolled with everything in registers.
@@ -487,11 +494,7 @@ void prep_key_block_fast(const KeyCtx& k, const uint8_t* block, const float* q, 
     zc[v] = _mm512_fmadd_ps(s[v], hv, cvtph(zp + 32 * v));
     sm = _mm512_maskz_max_ps(kAll16, sm, s[v]);
   });
-  // smax broadcast to all lanes without leaving the vector unit.
-  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_shuffle_f32x4(kAll16, sm, sm, _MM_SHUFFLE(1, 0, 3, 2)));
-  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_shuffle_f32x4(kAll16, sm, sm, _MM_SHUFFLE(2, 3, 0, 1)));
-  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_permute_ps(kAll16, sm, _MM_SHUFFLE(1, 0, 3, 2)));
-  sm = _mm512_maskz_max_ps(kAll16, sm, _mm512_maskz_permute_ps(kAll16, sm, _MM_SHUFFLE(2, 3, 0, 1)));
+  sm = bcast_max(sm);  // smax in every lane
   const __m512 lim = _mm512_set1_ps(k.lim);
   const __m512 invs = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(sm, _mm512_setzero_ps(), _CMP_GT_OQ), lim, sm);
   const float as = _mm512_cvtss_f32(_mm512_maskz_div_ps(kAll16, sm, lim));
@@ -517,16 +520,7 @@ void prep_key_block_fast(const KeyCtx& k, const uint8_t* block, const float* q, 
     kp.A[iq] = kr.aq[iq] * as;
     t[iq] = _mm512_fnmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, isum), _mm512_set1_ps(k.h * kp.A[iq]), tz);
   });
-  constexpr int NG = (NQ + 3) / 4;
-  unroll<NG>([&](auto g4) SPC_AI {
-    __m512 x[4];
-    unroll<4>([&](auto i) SPC_AI { x[i] = 4 * g4 + i < NQ ? t[(4 * g4 + i) % NQ] : _mm512_setzero_ps(); });
-    const __m512 red = reduce4(x, vadd);
-    unroll<4>([&](auto i) SPC_AI {
-      if constexpr (4 * g4 + i < NQ)
-        kp.qz[4 * g4 + i] = _mm512_cvtss_f32(_mm512_maskz_permutexvar_ps(kAll16, _mm512_set1_epi32(4 * i), red));
-    });
-  });
+  store_row_sums<NQ>(t, kp.qz);
 }
 
 using KeyPrepFn = void (*)(const KeyCtx&, const uint8_t*, const float*, size_t, const KeyRows&, KeyPrep&, uint8_t*);

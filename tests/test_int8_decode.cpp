@@ -36,14 +36,7 @@ double kl_div(const float* a, const float* b, int n) {
 }  // namespace
 
 TEST(Int8Decode, SmolLM2TeacherForcedCloseToFp32) {
-  const std::string model_path = default_model_path();
-  const std::string book = shared_path("data/gutenberg/pg2600-war-and-peace.txt");
-  SKIP_IF_MISSING(model_path);
-  SKIP_IF_MISSING(book);
-  auto model = Model::load(model_path);
-  auto tok = Tokenizer::from_gguf(model->gguf());
-  const std::vector<int32_t> prompt = war_and_peace_tokens(*tok, 3000, 512);
-  ASSERT_GE(prompt.size(), 500u);
+  SMOLLM2_WITH_BOOK(model, prompt, 3000, 512);
 
   ThreadPool pool(2);
   const int64_t n_ctx = 512 + 80;

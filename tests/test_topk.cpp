@@ -2,6 +2,8 @@
 // buffer's scatter reads (RowRef::dst_row) in both slow stores.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
 #include <random>
 
 #include "kv/topk.h"
@@ -54,6 +56,39 @@ TEST(Topk, MatchesReferenceOnLongInputs) {
         ASSERT_EQ(got, want) << "n " << n << " mode " << mode << " k " << k;
       }
     }
+  }
+}
+
+// A hint carried from call to call (as the KV policies carry one per layer and KV head) never
+// changes the result: a sequence of slowly drifting attention-like vectors, then jumps that make
+// the hint too high (fewer than k values pass it: fallback) or far too low (everything passes),
+// ties at the threshold, and hints that arrive as -infinity.
+TEST(Topk, HintedSelectionEqualsReference) {
+  std::mt19937 rng(13);
+  TopkScratch scratch;
+  std::vector<int64_t> got, want;
+  for (int64_t n : {(int64_t)300, (int64_t)8192, (int64_t)33000}) {
+    std::vector<float> v((size_t)n);
+    for (auto& x : v) x = std::exp(std::normal_distribution<float>(0, 2)(rng));
+    float hint = -std::numeric_limits<float>::infinity();
+    int hinted_hits = 0;
+    for (int step = 0; step < 60; ++step) {
+      for (auto& x : v) x *= std::exp(std::normal_distribution<float>(0, 0.1f)(rng));  // drift
+      if (step % 15 == 7) for (auto& x : v) x *= 1e-3f;  // hint far too high: fallback
+      if (step % 15 == 11) for (auto& x : v) x *= 1e3f;  // hint far too low: all pass
+      if (step % 20 == 13) for (int64_t i = 0; i < n; i += 3) v[(size_t)i] = hint > 0 ? hint : 1.0f;  // ties at the hint
+      for (int64_t k : {(int64_t)64}) {
+        const float before = hint;
+        topk_indices(v.data(), n, k, got, scratch, &hint);
+        topk_indices_ref(v.data(), n, k, want);
+        ASSERT_EQ(got, want) << "n " << n << " step " << step << " hint " << before;
+        int64_t passing = 0;
+        for (float x : v) passing += x >= before;
+        hinted_hits += passing >= k;
+        ASSERT_FALSE(std::isnan(hint));
+      }
+    }
+    EXPECT_GT(hinted_hits, 40) << "n " << n << ": the hint should usually carry over between similar vectors";
   }
 }
 

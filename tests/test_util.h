@@ -13,6 +13,7 @@
 #include "engine/sampler.h"
 #include "engine/session.h"
 #include "engine/tokenizer.h"
+#include "model/model.h"
 
 inline std::string shared_path(const std::string& rel) { return std::string(SPECACHE_SHARED_DIR) + "/" + rel; }
 inline std::string testdata_path(const std::string& rel) { return std::string(SPECACHE_TESTDATA_DIR) + "/" + rel; }
@@ -58,3 +59,15 @@ inline std::vector<int32_t> war_and_peace_tokens(const spc::Tokenizer& tok, size
   ids.resize(std::min(ids.size(), n_tokens));
   return ids;
 }
+
+// The setup of the tests that run the real default model on real text: declares `model` (the
+// loaded SmolLM2) and `prompt` (war_and_peace_tokens(n_chars, n_tokens), asserted to be nearly
+// n_tokens long); skips the calling test when the model or the book is missing.
+#define SMOLLM2_WITH_BOOK(model, prompt, n_chars, n_tokens)                                           \
+  const std::string model##_path_ = default_model_path();                                            \
+  SKIP_IF_MISSING(model##_path_);                                                                     \
+  SKIP_IF_MISSING(shared_path("data/gutenberg/pg2600-war-and-peace.txt"));                            \
+  auto model = spc::Model::load(model##_path_);                                                       \
+  const std::vector<int32_t> prompt =                                                                 \
+      war_and_peace_tokens(*spc::Tokenizer::from_gguf(model->gguf()), n_chars, n_tokens);             \
+  ASSERT_GE(prompt.size(), (size_t)(n_tokens) * 97 / 100)

@@ -18,7 +18,16 @@ struct TopkScratch {
 // Replaces out with the indices of the k largest values of v[0, n) — ordered by (value
 // descending, index ascending), so ties go to the lower index — sorted ascending. k is clamped
 // to [0, n]. Values must not be NaN.
-void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out, TopkScratch& scratch);
+//
+// hint (optional, in/out): a threshold guessed from an earlier, similar call (the KV policies
+// select from one step's attention of a layer and KV head, and the next step's attention is
+// much like it). When at least k values are >= *hint, one vectorized filter pass yields every
+// member of the top-k and only those candidates are ranked; otherwise the call falls back to
+// the unhinted path. Either way the result is the same exact top-k; the hint only saves time.
+// On return *hint is the 2k-th largest value seen among the candidates (about 2k candidates
+// next time). Start with -infinity.
+void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out, TopkScratch& scratch,
+                  float* hint = nullptr);
 
 // Reference: the same result with std::nth_element (tests).
 void topk_indices_ref(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out);

@@ -46,6 +46,39 @@ float dot_f32_f16(const float* q, const fp16_t* k, int d) {
   return s;
 }
 
+void dot_f32_f16_rows(const float* q, int n_q, int64_t q_stride, const fp16_t* k, int d, float* out,
+                      int64_t out_stride) {
+#if defined(__AVX512F__)
+  if (d == 64) {
+    const __m512 k0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k));
+    const __m512 k1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k + 16)));
+    const __m512 k2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k + 32)));
+    const __m512 k3 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k + 48)));
+    for (int i = 0; i < n_q; ++i) {
+      const float* qi = q + i * q_stride;
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qi), k0);
+      __m512 b = _mm512_mul_ps(_mm512_loadu_ps(qi + 16), k1);
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 32), k2, a);
+      b = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 48), k3, b);
+      out[i * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    }
+    return;
+  }
+#endif
+  float kf[512];
+  if (d <= 512) {
+    for (int c = 0; c < d; ++c) kf[c] = fp16_to_fp32(k[c]);
+    for (int i = 0; i < n_q; ++i) {
+      const float* qi = q + i * q_stride;
+      float s = 0;
+      for (int c = 0; c < d; ++c) s += qi[c] * kf[c];
+      out[i * out_stride] = s;
+    }
+    return;
+  }
+  for (int i = 0; i < n_q; ++i) out[i * out_stride] = dot_f32_f16(q + i * q_stride, k, d);
+}
+
 void axpy_f16(float p, const fp16_t* v, float* o, int d) {
 #if defined(__AVX512F__)
   if (d % 16 == 0) {

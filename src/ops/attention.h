@@ -17,6 +17,10 @@ struct AttnShape {
 
 // q . k for fp32 q and fp16 k of length d (AVX-512 when d % 16 == 0).
 float dot_f32_f16(const float* q, const fp16_t* k, int d);
+// out[i * out_stride] = q_i . k for the n_q fp32 rows q_i = q + i * q_stride against one fp16 k
+// of length d: k is converted once for all of them (the GQA query heads of a KV head).
+void dot_f32_f16_rows(const float* q, int n_q, int64_t q_stride, const fp16_t* k, int d, float* out,
+                      int64_t out_stride);
 // o += p * v for fp16 v of length d.
 void axpy_f16(float p, const fp16_t* v, float* o, int d);
 

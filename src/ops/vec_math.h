@@ -73,6 +73,15 @@ inline float vec_exp_shift_sum(float* x, int64_t n, float m) {
   return s;
 }
 
+// y[i] = x[i] for fp16 x, i < n.
+inline void vec_from_f16(const fp16_t* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + i))));
+#endif
+  for (; i < n; ++i) y[i] = fp16_to_fp32(x[i]);
+}
+
 // y[i] += a * x[i] for i < n.
 inline void vec_axpy(float a, const float* x, float* y, int64_t n) {
   int64_t i = 0;

@@ -115,6 +115,7 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
       kv["prefetch_reuse_rate"] = ks.prefetch_reuse_rate;
       kv["spec_recall"] = ks.spec_recall;
       kv["spec_recall_per_layer"] = ks.spec_recall_per_layer;
+      if (session.guesses().checked) kv["guess_hit_rate"] = session.guesses().hit_rate();
       if (ks.exact_mass_served >= 0) kv["exact_mass_served"] = ks.exact_mass_served;
       kv["stall_ms"] = ks.stall_ms;
       kv["copy_ms"] = ks.copy_ms;

@@ -36,6 +36,11 @@ void add_kv_flags(CLI::App& app, KvConfig& kv) {
   app.add_option("--kv-topk", kv.topk, "16-bit KV pairs fetched per layer and KV head")->check(CLI::Range(0, 1 << 20))->capture_default_str();
   app.add_option("--kv-window", kv.window, "residual window of recent 16-bit tokens")->check(CLI::Range(0, 1 << 20))->capture_default_str();
   app.add_option("--kv-sinks", kv.sinks, "attention-sink tokens kept in 16-bit")->check(CLI::Range(0, 1 << 20))->capture_default_str();
+  app.add_option("--kv-shift", kv.shift,
+                 "specache: weight of the real row's attention, shifted one position later, in the choice of the next "
+                 "top-k beside the speculative row's (0: the paper's rule, speculative row only)")
+      ->check(CLI::Range(0.0f, 16.0f))
+      ->capture_default_str();
   app.add_option("--kv-store", kv.store, "slow tier: host or file")->check(CLI::IsMember({"host", "file"}))->capture_default_str();
   app.add_option("--kv-dir", kv.dir, "directory for the file store (--kv-store file)");
   app.add_flag("--kv-diagnostics", kv.diagnostics, "measure the exact attention mass served in 16-bit (slow)");

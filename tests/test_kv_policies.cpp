@@ -4,12 +4,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
 
 #include "engine/sampler.h"
 #include "engine/session.h"
 #include "model/model.h"
 #include "test_util.h"
 #include "util/error.h"
+#include "util/fp16.h"
 #include "util/threadpool.h"
 
 using namespace spc;
@@ -84,6 +86,23 @@ TEST(KvPolicy, SpecacheWithTopkCoveringEverythingEqualsFull) {
   for (int bits : {1, 2}) {
     const auto spec = teacher_forced(*stories(), policy("specache", bits, /*topk=*/512, /*window=*/8));
     EXPECT_LT(max_abs_diff(full, spec), 2e-3) << bits << "-bit";
+  }
+}
+
+// With exact attention the guess row computes what the next step's real row will: along full's
+// greedy continuation every guess is the token that comes next (the pre-decoding row's too), and
+// every step after the first is checked. With k = 0 and a small window, 1-bit guesses miss some.
+TEST(KvPolicy, GuessesOfExactSpecacheAreAlwaysRight) {
+  NEED_STORIES();
+  const Fixture& fx = *stories();
+  ThreadPool pool(2);
+  for (int topk : {512, 0}) {
+    Session s(*fx.model, make_kv_policy(policy("specache", 1, topk, topk ? 8 : 16), fx.model->kv_geometry(512)), pool);
+    s.prefill(fx.prompt);
+    for (int32_t t : fx.cont) s.decode(t);
+    EXPECT_EQ(s.guesses().checked, (int64_t)fx.cont.size() - 1);
+    if (topk) EXPECT_EQ(s.guesses().hits, s.guesses().checked);
+    else EXPECT_LT(s.guesses().hits, s.guesses().checked);
   }
 }
 
@@ -208,4 +227,70 @@ TEST(KvPolicy, SmolLM2SpecacheCoveringEverythingEqualsFullAndZeroTopkEqualsKivi)
   const auto kivi = teacher_forced(fx, policy("kivi", 1, 0, 8, 32));
   EXPECT_GT(max_abs_diff(full, kivi), 0.1);
   EXPECT_LT(max_abs_diff(kivi, teacher_forced(fx, policy("specache", 1, 0, 8, 32))), 1e-4);
+}
+
+// The selection rule on a synthetic cache (one layer, one head): at step 1 the real row attends
+// almost only to position 100, and at step 2 the real row attends almost only to position 101
+// (a copying head moving one position per step), while the speculative row's queries point
+// nowhere in particular. With --kv-shift 1 the top-k chosen at step 1 holds 101, so step 2's
+// real row is served in 16-bit (close to exact attention); with the paper's rule (shift 0) it
+// reads 101's 1-bit value and lands far from it.
+TEST(KvPolicy, ShiftedRealRowBringsTheNextCopyPosition) {
+  const int d = 64;
+  KvGeometry g{1, 1, 1, d, 1024};
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0, 1);
+  const int64_t n = 512;
+  std::vector<float> k((size_t)n * d), v((size_t)n * d);
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  std::vector<float> s1(d), s2(d);
+  for (int c = 0; c < d; ++c) s1[c] = (rng() & 1) ? 3.0f : -3.0f, s2[c] = (rng() & 1) ? 3.0f : -3.0f;
+  std::copy(s1.begin(), s1.end(), k.begin() + 100 * d);
+  std::copy(s2.begin(), s2.end(), k.begin() + 101 * d);
+  auto round16 = [](float x) { return fp16_to_fp32(fp32_to_fp16(x)); };
+
+  ThreadPool pool(2);
+  double err[2];
+  for (int shift : {0, 1}) {
+    KvConfig kc = policy("specache", 1, /*topk=*/4, /*window=*/64, /*group=*/64);
+    kc.shift = (float)shift;
+    auto kv = make_kv_policy(kc, g);
+    kv->store_prefill(0, 0, n, k.data(), v.data());
+    std::vector<float> allk(k), allv(v);  // what the cache holds, for the exact reference
+    std::vector<float> out(2 * d);
+    for (int step = 0; step < 2; ++step) {
+      std::vector<float> q(2 * d), rk(2 * d), rv(2 * d);
+      for (int c = 0; c < d; ++c) q[c] = step == 0 ? s1[c] : s2[c];
+      for (int c = d; c < 2 * d; ++c) q[c] = nd(rng);
+      for (auto& x : rk) x = 0.1f * nd(rng);
+      for (auto& x : rv) x = nd(rng);
+      DecodeRows rows{2, 1, kv->n_cached(), q.data(), rk.data(), rv.data()};
+      kv->begin_step(2, 1);
+      kv->attend(0, rows, out.data(), pool);
+      kv->end_step();
+      allk.insert(allk.end(), rk.begin(), rk.begin() + d);
+      allv.insert(allv.end(), rv.begin(), rv.begin() + d);
+      if (step == 1) {  // exact attention of this step's real row over positions 0 .. n+1
+        std::vector<double> sc(n + 2), o(d, 0.0);
+        double mx = -1e300, l = 0;
+        for (int64_t p = 0; p < n + 2; ++p) {
+          double a = 0;
+          for (int c = 0; c < d; ++c) a += (double)q[c] * round16(allk[p * d + c]);
+          sc[p] = a / std::sqrt((double)d), mx = std::max(mx, sc[p]);
+        }
+        for (int64_t p = 0; p < n + 2; ++p) {
+          const double w = std::exp(sc[p] - mx);
+          l += w;
+          for (int c = 0; c < d; ++c) o[c] += w * round16(allv[p * d + c]);
+        }
+        double e = 0, ref = 0;
+        for (int c = 0; c < d; ++c) e += std::pow(out[c] - o[c] / l, 2), ref += std::pow(o[c] / l, 2);
+        err[shift] = std::sqrt(e / ref);
+      }
+    }
+  }
+  std::printf("relative error at step 2: shift 0 %.4f, shift 1 %.5f\n", err[0], err[1]);
+  EXPECT_LT(err[1], 0.01) << "shift 1: position 101 should be in the top-k";
+  EXPECT_GT(err[0], 0.1) << "shift 0: position 101 should be read at 1 bit";
 }

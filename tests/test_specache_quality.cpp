@@ -1,13 +1,16 @@
 // SpeCache on the real default model (SmolLM2-135M-Instruct Q4_1) with a ~4K-token real-text
 // prompt: teacher-forced along full's greedy continuation of 64 tokens, how often 1-bit specache
 // (default knobs) picks full's top-1 token; fast-tier bytes against full's.
-// Measured here (fp32-activation matmul, same prompt): 58/64 with the defaults (54/64 before the
-// pre-decoding row used its own top-k), 58/64 with --kv-sinks 1, 61/64 for 2-bit,
-// specache-exact:1 56/64, topk-oracle:1 58/64, kivi:1 40/64, kivi:2 58/64.
+// Measured here (fp32-activation matmul, same prompt): 56/64 with the defaults (--kv-shift 1;
+// guess hit rate 0.41, spec recall 0.35), 58/64 with the paper's selection rule (--kv-shift 0;
+// hit rate 0.33, recall 0.43; 54/64 before the pre-decoding row used its own top-k), 58/64 with
+// --kv-sinks 1, 61/64 for 2-bit, specache-exact:1 56/64, topk-oracle:1 58/64, kivi:1 40/64,
+// kivi:2 58/64. The shifted real row trades a little of this text's agreement for retrieval
+// (needle cells, docs/RESULTS.md).
 // The 95% (61/64) is NOT reached at 1 bit on this 135M model. The misses sit where full
-// itself hesitates: of the 6, five are at positions where full's top-1 leads its top-2 by < 0.2
-// logits and one at 0.71; all 41 positions with a lead >= 1 agree (39/41 before the streaming
-// fp16 decode kernel moved full's own logits slightly).
+// itself hesitates: with the paper's rule, of the 6, five are at positions where full's top-1
+// leads its top-2 by < 0.2 logits and one at 0.71; 40 of the 41 positions with a lead >= 1 agree
+// with the defaults (39/41 with the paper's rule).
 // The test reports agreement by margin and guards both the overall count and the confident positions against regressions.
 #include <gtest/gtest.h>
 
@@ -24,14 +27,7 @@
 using namespace spc;
 
 TEST(SpecacheQuality, SmolLM2FourKTeacherForcedAgreement) {
-  const std::string model_path = default_model_path();
-  const std::string book = shared_path("data/gutenberg/pg2600-war-and-peace.txt");
-  SKIP_IF_MISSING(model_path);
-  SKIP_IF_MISSING(book);
-  auto model = Model::load(model_path);
-  auto tok = Tokenizer::from_gguf(model->gguf());
-  const std::vector<int32_t> prompt = war_and_peace_tokens(*tok, 17500, 4096);
-  ASSERT_GE(prompt.size(), 4000u);
+  SMOLLM2_WITH_BOOK(model, prompt, 17500, 4096);
 
   ThreadPool pool(2);
   const int64_t n_ctx = 4096 + 128;
@@ -84,13 +80,15 @@ TEST(SpecacheQuality, SmolLM2FourKTeacherForcedAgreement) {
   RecordProperty("free_running_identical_prefix", std::to_string(free_prefix));
   RecordProperty("fast_bytes_ratio", std::to_string(ratio));
   RecordProperty("spec_recall", std::to_string(ss.spec_recall));
+  RecordProperty("guess_hit_rate", std::to_string(spec.guesses().hit_rate()));
   RecordProperty("confident_top1_agreement", std::to_string(confident_agree) + "/" + std::to_string(confident));
   std::printf("specache 1-bit g=64 vs full at %zu tokens: teacher-forced top-1 %d/%d (%d/%d where full's top-1 leads by "
               ">= 1 logit), free-running %d/%d (identical prefix %d), fast bytes %.1f%% of full (%.2f / %.2f MiB), "
-              "spec recall %.2f, reuse %.2f\n",
+              "spec recall %.2f, guess hit rate %.2f, reuse %.2f\n",
               prompt.size(), agree, n, confident_agree, confident, free_same, n, free_prefix, 100 * ratio,
-              ss.fast_bytes / 1048576.0, fs.fast_bytes / 1048576.0, ss.spec_recall, ss.prefetch_reuse_rate);
-  EXPECT_GE(agree, 56) << "teacher-forced top-1 agreement regressed";
+              ss.fast_bytes / 1048576.0, fs.fast_bytes / 1048576.0, ss.spec_recall, spec.guesses().hit_rate(),
+              ss.prefetch_reuse_rate);
+  EXPECT_GE(agree, 54) << "teacher-forced top-1 agreement regressed";
   EXPECT_GE(confident_agree * 100, confident * 90) << "disagreement where full is confident";
   // The fast tier holds the 1-bit copy (24 B per token and head at g = 64, 9.4% of 16-bit), the
   // window (R..R+g-1 tokens) and the top-k buffer (k rows, filled in place): at 4K tokens the

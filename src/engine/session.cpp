@@ -26,7 +26,7 @@ void Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* al
   model_.prefill(tokens.data(), (int64_t)tokens.size(), *kv_, pool_, scratch_, logits_.data(), all_logits, progress);
   timings_.prefill_ms += now_ms() - t0;
   timings_.prefill_tokens += (int64_t)tokens.size();
-  spec_next_ = -1;
+  spec_next_ = spec_prev_ = -1;
 }
 
 void Session::prefill_from(const Session& other) {
@@ -39,7 +39,7 @@ void Session::prefill_from(const Session& other) {
     kv_->store_prefill(il, 0, n, k.data(), v.data());
   }
   logits_ = other.logits_;
-  spec_next_ = -1;
+  spec_next_ = spec_prev_ = -1;
 }
 
 void Session::decode(int32_t token) {
@@ -55,11 +55,13 @@ void Session::decode(int32_t token) {
       model_.decode(&token, 1, 0, *kv_, pool_, scratch_, step_logits_.data());
       spec_next_ = argmax(step_logits_.data(), n_vocab);
     }
+    if (spec_prev_ >= 0) guesses_.checked += 1, guesses_.hits += token == spec_prev_;
     const int32_t rows[2] = {token, spec_next_};
     const int n_rows = kv_->n_cached() + 2 <= kv_->geometry().n_ctx + 1 ? 2 : 1;
     step_logits_.resize((size_t)n_rows * n_vocab);
     model_.decode(rows, n_rows, 1, *kv_, pool_, scratch_, step_logits_.data());
     std::memcpy(logits_.data(), step_logits_.data(), sizeof(float) * n_vocab);
+    spec_prev_ = n_rows == 2 ? spec_next_ : -1;
     spec_next_ = n_rows == 2 ? argmax(step_logits_.data() + n_vocab, n_vocab) : argmax(logits_.data(), n_vocab);
   }
   timings_.decode_ms += now_ms() - t0;

@@ -19,6 +19,14 @@ struct SessionTimings {
   int64_t decode_tokens = 0;  // real tokens fed through decode
 };
 
+// How often SpeCache's guess was the token that actually came next (its row 1 then ran on the
+// right token, so its queries, and the top-k they chose, were the real next token's).
+struct GuessStats {
+  int64_t checked = 0;  // decode steps whose previous step carried a guess row
+  int64_t hits = 0;     // of those, steps whose real token equals that guess
+  double hit_rate() const { return checked ? (double)hits / (double)checked : 0.0; }
+};
+
 class Session {
  public:
   Session(const Model& model, std::unique_ptr<KvPolicy> kv, ThreadPool& pool);
@@ -41,6 +49,7 @@ class Session {
   const KvPolicy& kv() const { return *kv_; }
   const Model& model() const { return model_; }
   const SessionTimings& timings() const { return timings_; }
+  const GuessStats& guesses() const { return guesses_; }
 
  private:
   const Model& model_;
@@ -50,7 +59,9 @@ class Session {
   std::vector<float> logits_;      // [n_vocab] after the last real token
   std::vector<float> step_logits_; // [rows][n_vocab]
   int32_t spec_next_ = -1;         // speculative guess for the position after the next real token
+  int32_t spec_prev_ = -1;         // the guess row-1 of the last step ran on (the next real token, if right)
   SessionTimings timings_;
+  GuessStats guesses_;
 };
 
 }  // namespace spc

@@ -134,25 +134,27 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
   }
   // KV statistics, averaged over every case of a policy at a length.
   md << "### KV statistics (mean over the cases of each length; fast bytes relative to full)\n\n"
-        "| length | policy | fast MiB | fast / full | spec recall | prefetch reuse | fetched KiB/step | stall ms | decode ms/tok |\n"
-        "|---|---|---|---|---|---|---|---|---|\n";
+        "| length | policy | fast MiB | fast / full | spec recall | guess hits | prefetch reuse | fetched KiB/step | stall ms | decode ms/tok |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n";
   for (auto L : lengths_of(r, "")) {
     double full_fast = 0;
     int full_n = 0;
     for (const auto& c : r)
       if (c.length == L && c.kv.policy == "full") full_fast += (double)c.stats.fast_bytes, ++full_n;
     for (const auto& p : policies) {
-      double fast = 0, recall = 0, reuse = 0, fetched = 0, stall = 0, ms = 0;
-      int n = 0;
+      double fast = 0, recall = 0, reuse = 0, fetched = 0, stall = 0, ms = 0, hits = 0;
+      int n = 0, n_hits = 0;
       for (const auto& c : r)
         if (c.length == L && c.policy == p) {
+          if (c.metrics.count("guess_hit_rate")) hits += c.metrics.at("guess_hit_rate"), ++n_hits;
           fast += (double)c.stats.fast_bytes, recall += c.stats.spec_recall, reuse += c.stats.prefetch_reuse_rate;
           fetched += c.stats.fetched_bytes_per_step, stall += c.stats.stall_ms, ms += c.decode_ms_per_token, ++n;
         }
       if (!n) continue;
       const std::string ratio = full_n && full_fast > 0 ? fmt("%.1f%%", 100.0 * (fast / n) / (full_fast / full_n)) : "-";
       md << "| " << L << " | " << p << " | " << fmt("%.2f", fast / n / 1048576.0) << " | " << ratio << " | "
-         << fmt("%.3f", recall / n) << " | " << fmt("%.3f", reuse / n) << " | " << fmt("%.1f", fetched / n / 1024.0) << " | "
+         << fmt("%.3f", recall / n) << " | " << (n_hits ? fmt("%.3f", hits / n_hits) : std::string("-")) << " | "
+         << fmt("%.3f", reuse / n) << " | " << fmt("%.1f", fetched / n / 1024.0) << " | "
          << fmt("%.1f", stall / n) << " | " << fmt("%.1f", ms / n) << " |\n";
     }
   }
@@ -162,8 +164,8 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
 
 static const char* kCsvHeader =
     "task,policy,length,prompt_tokens,depth,score,nll,ppl,kl_mean,kl_max,top1,greedy_prefix,greedy_match,answer,output,"
-    "bits,group,topk,window,sinks,fast_bytes,slow_bytes,fetched_bytes_per_step,prefetch_reuse_rate,spec_recall,"
-    "exact_mass_served,stall_ms,copy_ms,decode_steps,decode_ms_per_token,prefill_ms";
+    "bits,group,topk,window,sinks,shift,fast_bytes,slow_bytes,fetched_bytes_per_step,prefetch_reuse_rate,spec_recall,"
+    "guess_hit_rate,exact_mass_served,stall_ms,copy_ms,decode_steps,decode_ms_per_token,prefill_ms";
 
 std::string csv_report(const std::vector<CaseResult>& r) {
   std::ostringstream s;
@@ -174,9 +176,9 @@ std::string csv_report(const std::vector<CaseResult>& r) {
       << num(metric(c, "ppl")) << "," << num(metric(c, "kl_mean")) << "," << num(metric(c, "kl_max")) << ","
       << num(metric(c, "top1")) << "," << num(metric(c, "greedy_prefix")) << "," << num(metric(c, "greedy_match")) << ","
       << csv_field(c.answer) << "," << csv_field(c.output) << "," << c.kv.bits << "," << c.kv.group << "," << c.kv.topk
-      << "," << c.kv.window << "," << c.kv.sinks << "," << c.stats.fast_bytes << "," << c.stats.slow_bytes << ","
+      << "," << c.kv.window << "," << c.kv.sinks << "," << num(c.kv.shift) << "," << c.stats.fast_bytes << "," << c.stats.slow_bytes << ","
       << num(c.stats.fetched_bytes_per_step) << "," << num(c.stats.prefetch_reuse_rate) << "," << num(c.stats.spec_recall)
-      << "," << num(c.stats.exact_mass_served) << "," << num(c.stats.stall_ms) << "," << num(c.stats.copy_ms) << ","
+      << "," << num(metric(c, "guess_hit_rate")) << "," << num(c.stats.exact_mass_served) << "," << num(c.stats.stall_ms) << "," << num(c.stats.copy_ms) << ","
       << c.stats.decode_steps << "," << num(c.decode_ms_per_token) << "," << num(c.prefill_ms) << "\n";
   }
   return s.str();
@@ -197,7 +199,7 @@ std::string json_report(const std::vector<CaseResult>& r, const EvalOptions& o) 
                         {"decode_ms_per_token", c.decode_ms_per_token}, {"prefill_ms", c.prefill_ms}};
     if (c.depth >= 0) x["depth"] = c.depth;
     x["kv_config"] = {{"policy", c.kv.policy}, {"bits", c.kv.bits}, {"group", c.kv.group}, {"topk", c.kv.topk},
-                      {"window", c.kv.window}, {"sinks", c.kv.sinks}};
+                      {"window", c.kv.window}, {"sinks", c.kv.sinks}, {"shift", c.kv.shift}};
     x["kv_stats"] = {{"fast_bytes", c.stats.fast_bytes}, {"slow_bytes", c.stats.slow_bytes},
                      {"fetched_bytes_per_step", c.stats.fetched_bytes_per_step},
                      {"prefetch_reuse_rate", c.stats.prefetch_reuse_rate}, {"spec_recall", c.stats.spec_recall},
@@ -223,6 +225,7 @@ std::vector<CaseResult> results_from_json(const std::string& text) {
       const auto& k = x.at("kv_config");
       c.kv.policy = k.at("policy"), c.kv.bits = k.at("bits"), c.kv.group = k.at("group"), c.kv.topk = k.at("topk");
       c.kv.window = k.at("window"), c.kv.sinks = k.at("sinks");
+      c.kv.shift = k.value("shift", 0.0f);  // reports written before --kv-shift existed used the paper's rule
       const auto& st = x.at("kv_stats");
       c.stats.policy = c.kv.policy;
       c.stats.fast_bytes = st.at("fast_bytes"), c.stats.slow_bytes = st.at("slow_bytes");

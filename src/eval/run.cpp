@@ -95,6 +95,7 @@ void fill_session_info(CaseResult& c, const Session& s) {
   c.stats = s.kv().stats();
   const SessionTimings& t = s.timings();
   c.decode_ms_per_token = t.decode_tokens ? t.decode_ms / (double)t.decode_tokens : 0;
+  if (s.guesses().checked) c.metrics["guess_hit_rate"] = s.guesses().hit_rate();
 }
 
 std::string one_line(std::string s) {

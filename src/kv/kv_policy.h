@@ -28,6 +28,9 @@ struct KvConfig {
   int topk = 64;                // 16-bit pairs fetched per layer and KV head
   int window = 64;              // residual window R of recent 16-bit tokens
   int sinks = 0;                // attention sinks kept in 16-bit (streaming; optional for others)
+  // specache: weight of row 0's attention, shifted one position later, added to row 1's when
+  // choosing the next top-k (0 = the paper's rule: row 1's attention alone). See ARCHITECTURE.
+  float shift = 1.0f;
   std::string store = "host";   // slow tier: host | file
   std::string dir;              // directory for the file store
   bool diagnostics = false;     // compute expensive diagnostics (exact attention mass served)

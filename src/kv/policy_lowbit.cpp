@@ -54,6 +54,10 @@ struct HeadState {
   // flight it already describes the buffer as it will be once the layer's ticket completes.
   std::vector<std::pair<int64_t, int32_t>> resident;
   std::vector<int64_t> next_pos;   // the next selection (ascending)
+  // Top-k thresholds carried from step to step (topk_indices' hint): the speculative selection,
+  // and row 0's own top-k for spec_recall.
+  float sel_hint = -std::numeric_limits<float>::infinity();
+  float recall_hint = -std::numeric_limits<float>::infinity();
 
   bool holds(int64_t p) const {
     auto it = std::lower_bound(resident.begin(), resident.end(), std::make_pair(p, INT32_MIN));
@@ -74,7 +78,7 @@ struct LayerState {
 
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
-  std::vector<float> sc, pr, own, saved;
+  std::vector<float> sc, pr, own, saved, wsc;
   std::vector<double> acc;
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
@@ -188,7 +192,8 @@ class LowBitPolicy final : public KvPolicy {
   void append(int il, int64_t pos0, int64_t n, const float* k, const float* v);
   void flush_window(LayerState& L);
   int64_t n_quant_after_append(const LayerState& L, int64_t n) const;
-  void select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out, TopkScratch& tk) const;
+  void select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out, TopkScratch& tk,
+                   float* hint = nullptr) const;
   void start_fetch(int il, bool sync);
   void finish_fetch(int il);
   void update_peak();
@@ -277,7 +282,7 @@ void LowBitPolicy::flush_window(LayerState& L) {
     for (int64_t b = 0; b < n_blocks; ++b) {
       const fp16_t* src = H.win.data() + b * g * row_elems_;
       for (int t = 0; t < g; ++t)
-        for (int c = 0; c < d; ++c) kb[t * d + c] = fp16_to_fp32(src[t * row_elems_ + c]);
+        vec_from_f16(src + t * row_elems_, kb + t * d, d);
       const int64_t blk = L.n_quant / g + b;
       // Sink positions are always served in 16-bit: keep their (often extreme) keys out of the
       // block's per-channel ranges so the other tokens of the block keep their resolution.
@@ -285,7 +290,7 @@ void LowBitPolicy::flush_window(LayerState& L) {
       for (int64_t t = 0; t < n_sink_here; ++t) std::copy_n(kb + n_sink_here * d, d, kb + t * d);
       lowbit_quantize_keys(spec_, kb, d, H.kblocks.data() + blk * spec_.key_block_bytes());
       for (int t = 0; t < g; ++t)
-        for (int c = 0; c < d; ++c) vb[t * d + c] = fp16_to_fp32(src[t * row_elems_ + d + c]);
+        vec_from_f16(src + t * row_elems_ + d, vb + t * d, d);
       lowbit_quantize_values(spec_, vb, d, H.vals.data() + blk * spec_.value_block_bytes());
     }
     H.win.erase(H.win.begin(), H.win.begin() + n_blocks * g * row_elems_);
@@ -297,10 +302,11 @@ void LowBitPolicy::flush_window(LayerState& L) {
 
 // Top-k positions in [0, n_pos) by probs (descending, ties to the lower position), ascending.
 // Attention sinks (the first --kv-sinks positions) always take their place in the k.
-void LowBitPolicy::select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out, TopkScratch& tk) const {
+void LowBitPolicy::select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out, TopkScratch& tk,
+                               float* hint) const {
   const int64_t k = std::clamp<int64_t>(k_, 0, n_pos);
   const int64_t n_sink = std::min<int64_t>(cfg_.sinks, k);
-  topk_indices(probs + n_sink, n_pos - n_sink, k - n_sink, out, tk);
+  topk_indices(probs + n_sink, n_pos - n_sink, k - n_sink, out, tk, hint);
   for (int64_t& p : out) p += n_sink;
   out.insert(out.begin(), (size_t)n_sink, 0);
   for (int64_t j = 0; j < n_sink; ++j) out[j] = j;
@@ -447,9 +453,10 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       const HeadState& H = L.heads[h];
       const auto lo = std::lower_bound(H.resident.begin(), H.resident.end(), std::make_pair(t0, INT32_MIN));
       const auto hi = std::lower_bound(lo, H.resident.end(), std::make_pair(t1, INT32_MIN));
+      for (auto it = lo; it != hi; ++it)
+        dot_f32_f16_rows(Q(h, 0), n_q, d, slot_row(L, h, it->second), d, S(h, 0) + it->first, nqt);
       for (int iq = 0; iq < n_q; ++iq) {
         float* s = S(h, iq);
-        for (auto it = lo; it != hi; ++it) s[it->first] = exact_dot(Q(h, iq), slot_row(L, h, it->second));
         const float m = vec_max(s + t0, t1 - t0);
         P(h, ch, iq) = AttnPartial{m, vec_exp_shift_sum(s + t0, t1 - t0, m)};
       }
@@ -473,7 +480,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       float vx[256];
       for (auto it = lo; it != hi; ++it) {
         const fp16_t* vrow = slot_row(L, h, it->second) + d;
-        for (int c = 0; c < d; ++c) vx[c] = fp16_to_fp32(vrow[c]);
+        vec_from_f16(vrow, vx, d);
         for (int iq = 0; iq < n_q; ++iq) {
           const float pw = saved[(size_t)(it - lo) * n_q + iq];
           S(h, iq)[it->first] = pw;
@@ -489,12 +496,19 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     const int h = (int)(task - n_chunks * nkv);
     const HeadState& H = L.heads[h];
     std::vector<float>& sc = thr_[t].sc;
+    // Window scores of every query row at once (each window key converted once), then per row:
+    // the step's own rows, softmax, values.
+    const int64_t n_ex_max = n_win + rows.n_rows;
+    std::vector<float>& wsc = thr_[t].wsc;
+    wsc.resize((size_t)n_q * std::max<int64_t>(n_ex_max, 1));
+    for (int64_t j = 0; j < n_win; ++j)
+      dot_f32_f16_rows(Q(h, 0), n_q, d, H.win.data() + j * row_elems_, d, wsc.data() + j, n_ex_max);
     for (int iq = 0; iq < n_q; ++iq) {
       const int r = iq / group_;
       const float* q = Q(h, iq);
       const int64_t n_ex = n_win + r + 1;  // window, then rows 0..r
       sc.resize((size_t)n_ex);
-      for (int64_t j = 0; j < n_win; ++j) sc[j] = exact_dot(q, H.win.data() + j * row_elems_);
+      std::copy_n(wsc.data() + (size_t)iq * n_ex_max, n_win, sc.data());
       for (int rr = 0; rr <= r; ++rr) {
         const float* kr = rows.k + ((int64_t)rr * nkv + h) * d;
         float s = 0;
@@ -504,10 +518,16 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       const float m = vec_max(sc.data(), n_ex);
       const float l = vec_exp_shift_sum(sc.data(), n_ex, m);
       float* o = O(h, n_chunks, iq);
-      for (int64_t j = 0; j < n_win; ++j) axpy_f16(sc[j], H.win.data() + j * row_elems_ + d, o, d);
       for (int rr = 0; rr <= r; ++rr) vec_axpy(sc[n_win + rr], rows.v + ((int64_t)rr * nkv + h) * d, o, d);
       std::copy_n(sc.data(), n_win, W(h, iq));
       P(h, n_chunks, iq) = AttnPartial{m, l};
+    }
+    // Window values: each row converted once for every query row.
+    float vx[256];
+    for (int64_t j = 0; j < n_win; ++j) {
+      const fp16_t* vrow = H.win.data() + j * row_elems_ + d;
+      vec_from_f16(vrow, vx, d);
+      for (int iq = 0; iq < n_q; ++iq) vec_axpy(W(h, iq)[j], vx, O(h, n_chunks, iq), d);
     }
   });
 
@@ -558,12 +578,19 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       if (task < n_sel_tasks) {
         const int h = (int)task;
         row_probs(h, rows.n_rows - 1, n_sel, ts.pr);
-        select_topk(ts.pr.data(), n_sel, L.heads[h].next_pos, ts.tk);
+        if (cfg_.shift > 0) {
+          // Row 0's attention one position later: where a copying (induction) head of the next
+          // step's rows will look, read off the row whose own top-k was in place; it does not
+          // depend on the guess being right (ARCHITECTURE: the selection rule).
+          row_probs(h, 0, n_sel, ts.own);
+          for (int64_t j = n_sel - 1; j > 0; --j) ts.pr[j] += cfg_.shift * ts.own[j - 1];
+        }
+        select_topk(ts.pr.data(), n_sel, L.heads[h].next_pos, ts.tk, &L.heads[h].sel_hint);
         return;
       }
       const int h = (int)(task - n_sel_tasks);
       row_probs(h, 0, nqt, ts.own);
-      select_topk(ts.own.data(), nqt, ts.top, ts.tk);
+      select_topk(ts.own.data(), nqt, ts.top, ts.tk, &L.heads[h].recall_hint);
       size_t inter = 0;
       for (int64_t p : ts.top) inter += L.heads[h].holds(p);
       const double rc = ts.top.empty() ? 1.0 : (double)inter / ts.top.size();

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdint>
 #include <functional>
 #include <limits>
 #include <cstring>
@@ -21,8 +22,10 @@ inline uint32_t order_key(float x) {
 constexpr int kBucketBits = 12;
 constexpr int kShift = 32 - kBucketBits;
 
-// cand = indices i with v[i] >= thr, ascending.
-void filter_at_least(const float* v, int64_t n, float thr, std::vector<int64_t>& cand) {
+// cand = indices i with v[i] >= thr, ascending. False (cand incomplete) as soon as more than cap
+// pass: a threshold that low would make the ranking cost more than the block-maximum path.
+bool filter_at_least(const float* v, int64_t n, float thr, std::vector<int64_t>& cand,
+                     size_t cap = SIZE_MAX) {
   cand.clear();
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -33,10 +36,12 @@ void filter_at_least(const float* v, int64_t n, float thr, std::vector<int64_t>&
       cand.push_back(i + std::countr_zero(m));
       m &= m - 1;
     }
+    if (cand.size() > cap) return false;
   }
 #endif
   for (; i < n; ++i)
     if (v[i] >= thr) cand.push_back(i);
+  return cand.size() <= cap;
 }
 
 // out = the k best of cand (at least k of them), by (value descending, index ascending), sorted
@@ -88,8 +93,9 @@ void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& ou
   if (hint && *hint > -std::numeric_limits<float>::infinity()) {
     // Every member of the top-k is >= the k-th largest value, which is >= *hint when at least k
     // values are: the filtered candidates then hold the whole top-k.
-    filter_at_least(v, n, *hint, scratch.cand);
-    if ((int64_t)scratch.cand.size() >= k) {
+    // (Many values tied at the hint, e.g. probabilities that underflowed to 0, would pass it.)
+    const size_t cap = (size_t)std::max<int64_t>(16 * k, 256);
+    if (filter_at_least(v, n, *hint, scratch.cand, cap) && (int64_t)scratch.cand.size() >= k) {
       take_top(v, k, scratch.cand, out, hint);
       return;
     }

@@ -23,7 +23,8 @@ struct TopkScratch {
 // select from one step's attention of a layer and KV head, and the next step's attention is
 // much like it). When at least k values are >= *hint, one vectorized filter pass yields every
 // member of the top-k and only those candidates are ranked; otherwise the call falls back to
-// the unhinted path. Either way the result is the same exact top-k; the hint only saves time.
+// the unhinted path (also when more than 16k values pass it). Either way the result is the same
+// exact top-k; the hint only saves time.
 // On return *hint is the 2k-th largest value seen among the candidates (about 2k candidates
 // next time). Start with -infinity.
 void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out, TopkScratch& scratch,

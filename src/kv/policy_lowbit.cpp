@@ -557,18 +557,23 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
                       (cfg_.diagnostics || steps_ % kRecallEvery == 0);
   if (n_sel > 0 || recall) {
     // probs over [0, n) of row r's query heads (quantized positions, then window positions).
-    auto row_probs = [&](int h, int r, int64_t n, std::vector<float>& pr) {
-      pr.assign((size_t)n, 0.0f);
+    // pr[j + off] += w * (probability of position j for row r), for j + off < n.
+    auto add_row_probs = [&](int h, int r, int64_t n, float* pr, float w, int64_t off) {
       for (int hi = 0; hi < group_; ++hi) {
         const int iq = r * group_ + hi;
         const AttnPartial glob = glob_[(size_t)h * n_q + iq];
         const float* s = S(h, iq);
         for (int64_t ch = 0; ch < n_chunks; ++ch) {
-          const int64_t t0 = ch * chunk_tok, t1 = std::min({nqt, t0 + chunk_tok, n});
-          if (t1 > t0) vec_axpy(std::exp(P(h, ch, iq).m - glob.m) / glob.l, s + t0, pr.data() + t0, t1 - t0);
+          const int64_t t0 = ch * chunk_tok, t1 = std::min({nqt, t0 + chunk_tok, n - off});
+          if (t1 > t0) vec_axpy(w * std::exp(P(h, ch, iq).m - glob.m) / glob.l, s + t0, pr + t0 + off, t1 - t0);
         }
-        if (n > nqt) vec_axpy(std::exp(P(h, n_chunks, iq).m - glob.m) / glob.l, W(h, iq), pr.data() + nqt, n - nqt);
+        if (n - off > nqt)
+          vec_axpy(w * std::exp(P(h, n_chunks, iq).m - glob.m) / glob.l, W(h, iq), pr + nqt + off, n - off - nqt);
       }
+    };
+    auto row_probs = [&](int h, int r, int64_t n, std::vector<float>& pr) {
+      pr.assign((size_t)n, 0.0f);
+      add_row_probs(h, r, n, pr.data(), 1.0f, 0);
     };
     // One task per (KV head, selection) and, on recall steps, per (KV head, recall): 3 KV heads
     // on 2 threads would otherwise leave one thread idle for a third of the pass.
@@ -582,8 +587,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
           // Row 0's attention one position later: where a copying (induction) head of the next
           // step's rows will look, read off the row whose own top-k was in place; it does not
           // depend on the guess being right (ARCHITECTURE: the selection rule).
-          row_probs(h, 0, n_sel, ts.own);
-          for (int64_t j = n_sel - 1; j > 0; --j) ts.pr[j] += cfg_.shift * ts.own[j - 1];
+          add_row_probs(h, 0, n_sel, ts.pr.data(), cfg_.shift, 1);
         }
         select_topk(ts.pr.data(), n_sel, L.heads[h].next_pos, ts.tk, &L.heads[h].sel_hint);
         return;

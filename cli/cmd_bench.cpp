@@ -10,6 +10,7 @@
 #include "engine/tokenizer.h"
 #include "model/model.h"
 #include "util/error.h"
+#include "util/text_out.h"
 
 namespace spc::cli {
 
@@ -101,11 +102,11 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
               b.compiler.c_str(), b.cxx_flags.c_str(), report.cpu.c_str(), report.hardware_threads);
   std::printf("%s\n\n", report.measurement.c_str());
   std::fputs(bench::to_table(report).c_str(), stdout);
-  if (!a.csv.empty()) bench::write_file(a.csv, bench::to_csv(report));
+  if (!a.csv.empty()) write_text_file(a.csv, bench::to_csv(report));
   if (!a.json.empty())
-    bench::write_file(a.json,
-                      bench::to_json(report).dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
-  if (!a.svg.empty()) bench::write_file(a.svg, bench::to_svg(report));
+    write_text_file(a.json,
+                    bench::to_json(report).dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+  if (!a.svg.empty()) write_text_file(a.svg, bench::to_svg(report));
   return 0;
 }
 

@@ -175,7 +175,5 @@ std::string to_table(const BenchReport& r);   // human-readable, fixed-width
 // (policy spec, plus "@Nt" when several thread counts were measured).
 std::string to_svg(const BenchReport& r);
 
-void write_file(const std::string& path, const std::string& content);
-
 }  // namespace bench
 }  // namespace spc

@@ -281,6 +281,4 @@ std::string to_svg(const BenchReport& r) {
   return o.str();
 }
 
-void write_file(const std::string& path, const std::string& content) { write_text_file(path, content); }
-
 }  // namespace spc::bench

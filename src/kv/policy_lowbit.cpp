@@ -78,7 +78,7 @@ struct LayerState {
 
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
-  std::vector<float> sc, pr, own, saved, wsc;
+  std::vector<float> sc, pr, own, saved;
   std::vector<double> acc;
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
@@ -496,19 +496,16 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     const int h = (int)(task - n_chunks * nkv);
     const HeadState& H = L.heads[h];
     std::vector<float>& sc = thr_[t].sc;
-    // Window scores of every query row at once (each window key converted once), then per row:
-    // the step's own rows, softmax, values.
-    const int64_t n_ex_max = n_win + rows.n_rows;
-    std::vector<float>& wsc = thr_[t].wsc;
-    wsc.resize((size_t)n_q * std::max<int64_t>(n_ex_max, 1));
+    // Window scores of every query row at once (each window key converted once) into W, then
+    // per row: the step's own rows, softmax (W then holds the window's weights), values.
     for (int64_t j = 0; j < n_win; ++j)
-      dot_f32_f16_rows(Q(h, 0), n_q, d, H.win.data() + j * row_elems_, d, wsc.data() + j, n_ex_max);
+      dot_f32_f16_rows(Q(h, 0), n_q, d, H.win.data() + j * row_elems_, d, W(h, 0) + j, n_win);
     for (int iq = 0; iq < n_q; ++iq) {
       const int r = iq / group_;
       const float* q = Q(h, iq);
       const int64_t n_ex = n_win + r + 1;  // window, then rows 0..r
       sc.resize((size_t)n_ex);
-      std::copy_n(wsc.data() + (size_t)iq * n_ex_max, n_win, sc.data());
+      std::copy_n(W(h, iq), n_win, sc.data());
       for (int rr = 0; rr <= r; ++rr) {
         const float* kr = rows.k + ((int64_t)rr * nkv + h) * d;
         float s = 0;

@@ -47,6 +47,9 @@ struct TaskPrompt {
   std::vector<int32_t> tokens;
   std::string text;
   std::string answer;  // what a correct output contains
+  // The answer as the model would write it after the prompt (" " + answer, tokenized in context:
+  // the tail of encode(text + " " + answer) when its head is `tokens`), for teacher forcing.
+  std::vector<int32_t> answer_tokens;
   int64_t target = 0;  // requested length in tokens
   double depth = 0;
 };

@@ -99,6 +99,25 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
       }
       md << "\n";
     }
+    // The graded view: the answer teacher-forced after the prompt, mean over the depths.
+    md << "\nAnswer tokens teacher-forced (mean over depths): share ranked first / mean NLL (nats):\n\n| policy |";
+    for (auto L : Ls) md << " " << L << " |";
+    md << "\n|---|";
+    for (size_t i = 0; i < Ls.size(); ++i) md << "---|";
+    md << "\n";
+    for (const auto& p : policies) {
+      md << "| " << p << " |";
+      for (auto L : Ls) {
+        int n = 0;
+        double top1 = 0, nl = 0;
+        each(r, task, p, L, [&](const CaseResult& c) {
+          if (std::isnan(metric(c, "answer_top1"))) return;
+          ++n, top1 += metric(c, "answer_top1"), nl += metric(c, "answer_nll");
+        });
+        md << " " << (n ? fmt("%.2f", top1 / n) + " / " + fmt("%.3f", nl / n) : "-") << " |";
+      }
+      md << "\n";
+    }
     md << "\n";
   }
   if (!lengths_of(r, "ppl").empty()) {
@@ -163,7 +182,7 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
 }
 
 static const char* kCsvHeader =
-    "task,policy,length,prompt_tokens,depth,score,nll,ppl,kl_mean,kl_max,top1,greedy_prefix,greedy_match,answer,output,"
+    "task,policy,length,prompt_tokens,depth,score,nll,ppl,kl_mean,kl_max,top1,greedy_prefix,greedy_match,answer_top1,answer_nll,answer,output,"
     "bits,group,topk,window,sinks,shift,fast_bytes,slow_bytes,fetched_bytes_per_step,prefetch_reuse_rate,spec_recall,"
     "guess_hit_rate,exact_mass_served,stall_ms,copy_ms,decode_steps,decode_ms_per_token,prefill_ms";
 
@@ -175,7 +194,7 @@ std::string csv_report(const std::vector<CaseResult>& r) {
       << (c.depth >= 0 ? num(c.depth) : "") << "," << num(c.score) << "," << num(metric(c, "nll")) << ","
       << num(metric(c, "ppl")) << "," << num(metric(c, "kl_mean")) << "," << num(metric(c, "kl_max")) << ","
       << num(metric(c, "top1")) << "," << num(metric(c, "greedy_prefix")) << "," << num(metric(c, "greedy_match")) << ","
-      << csv_field(c.answer) << "," << csv_field(c.output) << "," << c.kv.bits << "," << c.kv.group << "," << c.kv.topk
+      << num(metric(c, "answer_top1")) << "," << num(metric(c, "answer_nll")) << "," << csv_field(c.answer) << "," << csv_field(c.output) << "," << c.kv.bits << "," << c.kv.group << "," << c.kv.topk
       << "," << c.kv.window << "," << c.kv.sinks << "," << num(c.kv.shift) << "," << c.stats.fast_bytes << "," << c.stats.slow_bytes << ","
       << num(c.stats.fetched_bytes_per_step) << "," << num(c.stats.prefetch_reuse_rate) << "," << num(c.stats.spec_recall)
       << "," << num(metric(c, "guess_hit_rate")) << "," << num(c.stats.exact_mass_served) << "," << num(c.stats.stall_ms) << "," << num(c.stats.copy_ms) << ","

@@ -145,7 +145,7 @@ std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, Threa
         } else {
           p = make_passkey(tok, PasskeyOptions{L, o.depths[di], o.seed, (int)di});
         }
-        const auto geom = model.kv_geometry((int64_t)p.tokens.size() + margin);
+        const auto geom = model.kv_geometry((int64_t)(p.tokens.size() + p.answer_tokens.size()) + margin);
         Session full(model, make_kv_policy(full_cfg, geom), pool);
         const double t0 = now_s();
         full.prefill(p.tokens);
@@ -166,6 +166,19 @@ std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, Threa
           c.output = g.text;
           c.score = score_contains(g.text, p.answer) ? 1 : 0;
           fill_session_info(c, s);
+          // The answer teacher-forced: a graded view of the same retrieval (how many of its
+          // tokens the policy ranks first, and their mean negative log-likelihood).
+          Session a(model, make_kv_policy(c.kv, geom), pool);
+          a.prefill_from(full);
+          double nll_sum = 0;
+          size_t top1 = 0;
+          teacher_force(a, p.answer_tokens, [&](size_t i, const std::vector<float>& lg) {
+            nll_sum += nll(lg.data(), n_vocab, p.answer_tokens[i]);
+            top1 += argmax(lg.data(), n_vocab) == p.answer_tokens[i];
+          });
+          const double na = (double)p.answer_tokens.size();
+          c.metrics["answer_top1"] = na > 0 ? (double)top1 / na : 0;
+          c.metrics["answer_nll"] = na > 0 ? nll_sum / na : 0;
           if (o.verbose)
             std::fprintf(stderr, "  %-18s %s  \"%s\"\n", spec.label.c_str(), c.score > 0 ? "ok  " : "FAIL", one_line(g.text).c_str());
           emit(std::move(c));

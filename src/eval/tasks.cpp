@@ -29,6 +29,17 @@ std::string trim(const std::string& s) {
   return a == std::string::npos ? "" : s.substr(a, b - a + 1);
 }
 
+// " " + answer as tokens following `prompt`: the tail of the whole text's tokenization when that
+// starts with the prompt's own tokens (BPE merges may cross the boundary otherwise), else the
+// continuation tokenized on its own.
+std::vector<int32_t> continuation_tokens(const Tokenizer& tok, const std::string& text, const std::vector<int32_t>& prompt,
+                                         const std::string& answer, bool parse_special) {
+  const std::vector<int32_t> all = tok.encode(text + " " + answer, tok.add_bos_default(), parse_special);
+  if (all.size() > prompt.size() && std::equal(prompt.begin(), prompt.end(), all.begin()))
+    return {all.begin() + (ptrdiff_t)prompt.size(), all.end()};
+  return tok.encode(" " + answer, false, false);
+}
+
 }  // namespace
 
 // ---- policies -------------------------------------------------------------------------
@@ -186,6 +197,7 @@ TaskPrompt make_passkey(const Tokenizer& tok, const PasskeyOptions& o) {
   p.text = build(reps);
   p.tokens = tok.encode(p.text, tok.add_bos_default(), false);
   p.answer = key;
+  p.answer_tokens = continuation_tokens(tok, p.text, p.tokens, key, false);
   p.target = o.length;
   p.depth = o.depth;
   return p;
@@ -247,6 +259,7 @@ TaskPrompt make_niah(const Tokenizer& tok, const std::string& haystack, const Ni
   p.text = build(with);
   p.tokens = encode(p.text);
   p.answer = answer;
+  p.answer_tokens = continuation_tokens(tok, p.text, p.tokens, answer, chat);
   p.target = o.length;
   p.depth = o.depth;
   return p;

@@ -41,6 +41,11 @@ void add_kv_flags(CLI::App& app, KvConfig& kv) {
                  "top-k beside the speculative row's (0: the paper's rule, speculative row only)")
       ->check(CLI::Range(0.0f, 16.0f))
       ->capture_default_str();
+  app.add_option("--kv-guess", kv.guess,
+                 "specache: the guess after a miss: lookup (the token that followed the latest earlier occurrence of the "
+                 "sequence's last tokens) or model (the speculative row's argmax, the paper's rule)")
+      ->check(CLI::IsMember({"lookup", "model"}))
+      ->capture_default_str();
   app.add_option("--kv-store", kv.store, "slow tier: host or file")->check(CLI::IsMember({"host", "file"}))->capture_default_str();
   app.add_option("--kv-dir", kv.dir, "directory for the file store (--kv-store file)");
   app.add_flag("--kv-diagnostics", kv.diagnostics, "measure the exact attention mass served in 16-bit (slow)");

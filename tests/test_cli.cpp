@@ -381,6 +381,9 @@ TEST(Cli, BadFlagsFailWithAMessage) {
   expect_failure(run_cli(gen_args({"--kv-store", "file", "-p", "hi"})), "--kv-store");
   expect_failure(run_cli(gen_args({"--kv-bits", "1", "--kv", "full", "-p", "hi"})), "--kv-bits");
   expect_failure(run_cli(gen_args({"--kv-topk", "8", "-p", "hi"})), "--kv-topk");
+  expect_failure(run_cli(gen_args({"--kv-guess", "draft", "--kv", "specache", "-p", "hi"})), "kv-guess");
+  expect_failure(run_cli(gen_args({"--kv-guess", "model", "--kv", "specache-exact", "-p", "hi"})), "--kv-guess");
+  expect_failure(run_cli(gen_args({"--kv-shift", "0", "--kv", "kivi", "-p", "hi"})), "--kv-shift");
 }
 
 TEST(Cli, BadPromptsFailWithAMessage) {

@@ -106,6 +106,48 @@ TEST(KvPolicy, GuessesOfExactSpecacheAreAlwaysRight) {
   }
 }
 
+TEST(Session, LookupGuessTakesTheLatestLongestEarlierMatch) {
+  EXPECT_EQ(lookup_guess({5, 1, 2, 3, 9, 1, 2}), 3);        // [1 2] occurred before, then 3
+  EXPECT_EQ(lookup_guess({1, 2, 1, 2, 7, 2}), 7);           // only [2] matches: the latest occurrence
+  EXPECT_EQ(lookup_guess({4, 5, 6, 9, 5, 6, 0, 4, 5, 6}), 9);  // [4 5 6] beats the later [5 6]
+  EXPECT_EQ(lookup_guess({4, 5, 6, 9, 5, 6, 0, 4, 5, 6}, 2), 0);  // at most 2: the latest [5 6]
+  EXPECT_EQ(lookup_guess({1, 2, 3}), -1);                   // 3 never occurred before
+  EXPECT_EQ(lookup_guess({7}), -1);
+  EXPECT_EQ(lookup_guess({}), -1);
+}
+
+// The guess only steers row 1 (and so the next selection); row 0 of a step never sees it. With a
+// top-k covering everything the outputs are the same under either rule, also along a sequence
+// the model does not predict (every guess misses); with k = 0 and 1 bit, lookup guesses the
+// copied span of the prompt far better than the speculative row does.
+TEST(KvPolicy, GuessRuleSteersOnlyTheSpeculativeRow) {
+  NEED_STORIES();
+  const Fixture& fx = *stories();
+  ThreadPool pool(2);
+  std::vector<int32_t> copied(fx.prompt.begin() + 100, fx.prompt.begin() + 160);
+  auto run = [&](KvConfig kc, const char* guess, const std::vector<int32_t>& forced, GuessStats* gs) {
+    kc.guess = guess;
+    Session s(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
+    s.prefill(fx.prompt);
+    std::vector<float> out;
+    for (int32_t t : forced) {
+      out.insert(out.end(), s.logits().begin(), s.logits().end());
+      s.decode(t);
+    }
+    *gs = s.guesses();
+    return out;
+  };
+  GuessStats a, b;
+  std::vector<int32_t> odd(60);
+  for (size_t i = 0; i < odd.size(); ++i) odd[i] = (int32_t)(7 + 13 * i % 400);
+  EXPECT_EQ(run(policy("specache", 1, 512, 8), "lookup", odd, &a), run(policy("specache", 1, 512, 8), "model", odd, &b));
+  EXPECT_LT(b.hits, b.checked / 2);
+  run(policy("specache", 1, 0, 16), "lookup", copied, &a);
+  run(policy("specache", 1, 0, 16), "model", copied, &b);
+  EXPECT_EQ(a.checked, b.checked);
+  EXPECT_GT(a.hits, b.hits + 10) << "lookup " << a.hits << ", model " << b.hits << " of " << a.checked;
+}
+
 TEST(KvPolicy, SpecacheWithWindowCoveringEverythingEqualsFull) {
   NEED_STORIES();
   const auto full = teacher_forced(*stories(), policy("full"));
@@ -200,6 +242,9 @@ TEST(KvPolicy, RejectsBadConfigurations) {
   KvConfig f = policy("specache");
   f.store = "file";
   EXPECT_THROW(make_kv_policy(f, g), Error);
+  KvConfig gu = policy("specache");
+  gu.guess = "draft";
+  EXPECT_THROW(make_kv_policy(gu, g), Error);
 }
 
 // The same invariants on the default model (head_dim 64: the AVX-512 paths of the low-bit and

@@ -15,6 +15,21 @@ double now_ms() {
 }
 }  // namespace
 
+int32_t lookup_guess(const std::vector<int32_t>& seq, int max_len) {
+  const int64_t n = (int64_t)seq.size();
+  if (n < 2 || max_len < 1) return -1;
+  int best_len = 0;
+  int32_t best = -1;
+  // Candidates end at e < n - 1 with seq[e] == the last token; the match extends backwards.
+  for (int64_t e = n - 2; e >= 0 && best_len < max_len; --e) {
+    if (seq[e] != seq[n - 1]) continue;
+    int len = 1;
+    while (len < max_len && e - len >= 0 && seq[e - len] == seq[n - 1 - len]) ++len;
+    if (len > best_len) best_len = len, best = seq[e + 1];
+  }
+  return best;
+}
+
 Session::Session(const Model& model, std::unique_ptr<KvPolicy> kv, ThreadPool& pool)
     : model_(model), kv_(std::move(kv)), pool_(pool) {
   logits_.assign((size_t)model.config().n_vocab, 0.0f);
@@ -27,6 +42,7 @@ void Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* al
   timings_.prefill_ms += now_ms() - t0;
   timings_.prefill_tokens += (int64_t)tokens.size();
   spec_next_ = spec_prev_ = -1;
+  seq_ = tokens;
 }
 
 void Session::prefill_from(const Session& other) {
@@ -40,11 +56,13 @@ void Session::prefill_from(const Session& other) {
   }
   logits_ = other.logits_;
   spec_next_ = spec_prev_ = -1;
+  seq_ = other.seq_;
 }
 
 void Session::decode(int32_t token) {
   const int n_vocab = model_.config().n_vocab;
   const double t0 = now_ms();
+  seq_.push_back(token);
   if (!kv_->wants_speculative_row()) {
     model_.decode(&token, 1, 1, *kv_, pool_, scratch_, logits_.data());
   } else {
@@ -56,6 +74,12 @@ void Session::decode(int32_t token) {
       spec_next_ = argmax(step_logits_.data(), n_vocab);
     }
     if (spec_prev_ >= 0) guesses_.checked += 1, guesses_.hits += token == spec_prev_;
+    if (kv_->guess_by_lookup()) {
+      // A miss: row 1 ran on the wrong token, so the guess it made for the position after this
+      // token was conditioned on it; the sequence itself gives a better one where it repeats.
+      if (spec_prev_ >= 0 && token != spec_prev_)
+        if (const int32_t g = lookup_guess(seq_); g >= 0) spec_next_ = g;
+    }
     const int32_t rows[2] = {token, spec_next_};
     const int n_rows = kv_->n_cached() + 2 <= kv_->geometry().n_ctx + 1 ? 2 : 1;
     step_logits_.resize((size_t)n_rows * n_vocab);

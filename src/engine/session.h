@@ -27,6 +27,11 @@ struct GuessStats {
   double hit_rate() const { return checked ? (double)hits / (double)checked : 0.0; }
 };
 
+// SpeCache's guess after a miss (KvConfig::guess == "lookup"): the token that followed the
+// latest earlier occurrence of the longest suffix of `seq` (up to max_len tokens) found before;
+// -1 when even seq's last token never occurred before. Prompt-lookup style, no draft model.
+int32_t lookup_guess(const std::vector<int32_t>& seq, int max_len = 3);
+
 class Session {
  public:
   Session(const Model& model, std::unique_ptr<KvPolicy> kv, ThreadPool& pool);
@@ -60,6 +65,7 @@ class Session {
   std::vector<float> step_logits_; // [rows][n_vocab]
   int32_t spec_next_ = -1;         // speculative guess for the position after the next real token
   int32_t spec_prev_ = -1;         // the guess row-1 of the last step ran on (the next real token, if right)
+  std::vector<int32_t> seq_;       // the prompt and every real token decoded since (lookup_guess)
   SessionTimings timings_;
   GuessStats guesses_;
 };

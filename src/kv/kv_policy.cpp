@@ -20,6 +20,7 @@ std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& cfg, const KvGeometry& 
     SPC_CHECK(cfg.group == 32 || cfg.group == 64, "--kv-group must be 32 or 64, got %d", cfg.group);
     SPC_CHECK(cfg.topk >= 0 && cfg.window >= 0, "--kv-topk and --kv-window must be >= 0");
     SPC_CHECK(cfg.shift >= 0.0f && cfg.shift <= 16.0f, "--kv-shift must be in [0, 16], got %g", (double)cfg.shift);
+    SPC_CHECK(cfg.guess == "lookup" || cfg.guess == "model", "--kv-guess must be lookup or model, got '%s'", cfg.guess.c_str());
     SPC_CHECK(cfg.store == "host" || cfg.store == "file", "--kv-store must be host or file, got '%s'", cfg.store.c_str());
     SPC_CHECK(cfg.store != "file" || !cfg.dir.empty(), "--kv-store file needs --kv-dir DIR");
     return make_lowbit_policy(cfg, g);

@@ -31,6 +31,10 @@ struct KvConfig {
   // specache: weight of row 0's attention, shifted one position later, added to row 1's when
   // choosing the next top-k (0 = the paper's rule: row 1's attention alone). See ARCHITECTURE.
   float shift = 1.0f;
+  // specache: the guess after a miss. "lookup": the guess row 1 made was conditioned on the wrong
+  // token, so the next one comes from the sequence itself (the token after the latest earlier
+  // occurrence of its last tokens; Session); "model": row 1's argmax always (the paper).
+  std::string guess = "lookup";
   std::string store = "host";   // slow tier: host | file
   std::string dir;              // directory for the file store
   bool diagnostics = false;     // compute expensive diagnostics (exact attention mass served)
@@ -79,6 +83,9 @@ class KvPolicy {
 
   // Whether each decode step should carry a speculative second row (SpeCache).
   virtual bool wants_speculative_row() const { return false; }
+  // SpeCache: whether a guess invalidated by a miss is replaced by a lookup in the sequence
+  // (KvConfig::guess == "lookup"); Session does the bookkeeping.
+  virtual bool guess_by_lookup() const { return false; }
 
   // Prefill hand-over, layer by layer: exact 16-bit-rounded K/V of positions [pos0, pos0+n) of
   // layer il. The model has already attended exactly over them. k, v: [n][n_head_kv][head_dim].

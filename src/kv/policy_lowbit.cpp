@@ -120,6 +120,7 @@ class LowBitPolicy final : public KvPolicy {
   const KvGeometry& geometry() const override { return g_; }
   int64_t n_cached() const override { return n_; }
   bool wants_speculative_row() const override { return sel_ == Select::Speculative; }
+  bool guess_by_lookup() const override { return wants_speculative_row() && cfg_.guess == "lookup"; }
 
   void store_prefill(int il, int64_t pos0, int64_t n, const float* k, const float* v) override {
     LayerState& L = layers_[il];

@@ -22,7 +22,7 @@ struct EvalArgs {
   std::string policies = "full,kivi:1,kivi:2,specache:1,specache:2,specache-exact:1,streaming,topk-oracle:1";
   std::vector<int64_t> lengths = {1024, 2048, 4096, 8192};
   std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1};
-  uint64_t seed = 1;
+  std::vector<uint64_t> seeds = {1};
   std::string haystack = "../shared/data/gutenberg/pg2600-war-and-peace.txt";
   std::string chat = "auto";
   eval::NiahOptions niah;
@@ -76,7 +76,10 @@ int run_eval_cmd(const CLI::App& app, EvalArgs& a) {
   o.lengths = a.lengths;
   o.depths = a.depths;
   for (double d : o.depths) SPC_CHECK(d >= 0 && d <= 1, "--depths must lie in [0, 1]");
-  o.seed = a.seed;
+  o.seeds = a.seeds;
+  SPC_CHECK(!o.seeds.empty(), "--seeds is empty");
+  for (size_t i = 0; i < o.seeds.size(); ++i)
+    for (size_t j = 0; j < i; ++j) SPC_CHECK(o.seeds[i] != o.seeds[j], "--seeds: %llu listed twice", (unsigned long long)o.seeds[i]);
   o.gen = a.gen, o.ppl_tokens = a.ppl_tokens, o.agree_tokens = a.agree_tokens;
   o.verbose = !a.quiet;
 
@@ -139,7 +142,10 @@ Runner add_eval(CLI::App& app) {
   sub->add_option("--policies", a->policies, "comma-separated policy[:bits] list")->capture_default_str();
   sub->add_option("--lengths", a->lengths, "context lengths in tokens")->delimiter(',')->capture_default_str();
   sub->add_option("--depths", a->depths, "needle depths (fractions of the context)")->delimiter(',')->capture_default_str();
-  sub->add_option("--seed", a->seed, "seed of the pass keys and needle answers")->capture_default_str();
+  sub->add_option("--seed,--seeds", a->seeds,
+                  "seeds of the pass keys and needle answers (several: one case per seed, length and depth)")
+      ->delimiter(',')
+      ->capture_default_str();
   sub->add_option("--haystack", a->haystack, "text for niah, ppl and agree (Gutenberg header skipped)")->capture_default_str();
   sub->add_option("--needle", a->niah.needle, "needle sentence; {N} is replaced by the answer")->capture_default_str();
   sub->add_option("--question", a->niah.question, "niah question")->capture_default_str();

@@ -256,7 +256,7 @@ TEST(EvalMetrics, AnswerTeacherForcedEqualsPrefillOfPromptAndAnswer) {
   ThreadPool pool(2);
   const auto r = run_eval(*env()->model, *env()->tok, pool, o);
   ASSERT_EQ(r.size(), 2u);
-  const TaskPrompt p = make_passkey(*env()->tok, {256, 0.5, o.seed, 0});
+  const TaskPrompt p = make_passkey(*env()->tok, {256, 0.5, o.seeds[0], 0});
   ASSERT_GE(p.answer_tokens.size(), 2u);
   EXPECT_NE(env()->tok->decode(p.answer_tokens).find(p.answer), std::string::npos);
   // By hand for full: exact prefill logits over prompt + answer, NLL and argmax of each answer token.
@@ -313,6 +313,29 @@ TEST(EvalGrid, EachPolicyUsesItsOwnDecodePath) {
   // Streaming at 256 tokens gets the specache:1 budget (16*1 + 16 + 16 = 56 positions): it evicts.
   EXPECT_EQ(find(r, "ppl", "streaming").kv.window, specache1_budget_positions(o.policies[0].kv, 256) - 4);
   EXPECT_NE(find(r, "ppl", "streaming").score, full_ppl);
+}
+
+TEST(EvalGrid, SeveralSeedsGiveOneCasePerSeedAndRoundTrip) {
+  NEED_ENV();
+  EvalOptions o = small_options("passkey", "full");
+  o.seeds = {1, 2};
+  ThreadPool pool(2);
+  const auto r = run_eval(*env()->model, *env()->tok, pool, o);
+  ASSERT_EQ(r.size(), 2u * 2);  // 2 seeds x 2 depths
+  EXPECT_EQ(r[0].seed, 1);
+  EXPECT_EQ(r[2].seed, 2);
+  EXPECT_EQ(r[0].depth, r[2].depth);
+  EXPECT_NE(r[0].answer, r[2].answer);
+  // The same case as a single-seed run of that seed.
+  o.seeds = {2};
+  const auto one = run_eval(*env()->model, *env()->tok, pool, o);
+  EXPECT_EQ(one[0].answer, r[2].answer);
+  EXPECT_EQ(one[0].output, r[2].output);
+  const auto back = results_from_json(json_report(r, o));
+  ASSERT_EQ(back.size(), r.size());
+  EXPECT_EQ(back[3].seed, 2);
+  EXPECT_EQ(csv_report(back), csv_report(r));
+  EXPECT_NE(markdown_report(r, o).find("across depths and 2 seeds"), std::string::npos);
 }
 
 TEST(EvalReports, CsvJsonSvgWrittenAndParse) {

@@ -120,7 +120,7 @@ struct EvalOptions {
   std::vector<PolicySpec> policies;
   std::vector<int64_t> lengths = {1024, 2048, 4096, 8192};
   std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1};
-  uint64_t seed = 1;
+  std::vector<uint64_t> seeds = {1};  // passkey / niah: one case per (seed, length, depth)
   std::string haystack;  // body text for niah, ppl and agree
   NiahOptions niah;      // needle / question / chat template
   int gen = 16;
@@ -134,6 +134,7 @@ struct CaseResult {
   int64_t length = 0;         // target length
   int64_t prompt_tokens = 0;  // actual prompt (prefill) length
   double depth = -1;          // passkey / niah only
+  int64_t seed = -1;          // passkey / niah only
   double score = 0;           // passkey/niah: 1 solved / 0; ppl: perplexity; agree: mean KL
   std::map<std::string, double> metrics;
   std::string answer, output;

@@ -63,7 +63,13 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
   for (const char* task : {"passkey", "niah"}) {
     const auto Ls = lengths_of(r, task);
     if (Ls.empty()) continue;
-    md << "### " << task << ": cells solved across depths\n\n| policy |";
+    // Cases per (policy, length, depth): one per seed.
+    std::set<int64_t> seeds;
+    for (const auto& c : r)
+      if (c.task == task) seeds.insert(c.seed);
+    const size_t ns = seeds.size();
+    md << "### " << task << ": cases solved across depths" << (ns > 1 ? " and " + std::to_string(ns) + " seeds" : "")
+       << "\n\n| policy |";
     for (auto L : Ls) md << " " << L << " |";
     md << "\n|---|";
     for (size_t i = 0; i < Ls.size(); ++i) md << "---|";
@@ -77,11 +83,12 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
       }
       md << "\n";
     }
-    // The heat map as text: one character per depth, in depth order (1 solved, 0 not).
+    // The heat map as text: one character per depth, in depth order (1 solved, 0 not; with
+    // several seeds, how many of them were solved, up to 9).
     const auto Ds = depths_of(r, task);
     md << "\nPer depth (";
     for (size_t i = 0; i < Ds.size(); ++i) md << (i ? ", " : "") << fmt("%g", Ds[i]);
-    md << "; 1 = solved):\n\n| policy |";
+    md << (ns > 1 ? "; cases solved of " + std::to_string(ns) + " seeds):\n\n| policy |" : std::string("; 1 = solved):\n\n| policy |"));
     for (auto L : Ls) md << " " << L << " |";
     md << "\n|---|";
     for (size_t i = 0; i < Ls.size(); ++i) md << "---|";
@@ -93,7 +100,8 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
         for (double d : Ds) {
           int n = 0, ok = 0;
           each(r, task, p, L, [&](const CaseResult& c) { if (c.depth == d) ++n, ok += c.score > 0; });
-          cell += n == 0 ? "-" : ok == n ? "1" : ok == 0 ? "0" : "~";
+          if (ns > 1) cell += n == 0 ? '-' : ok <= 9 ? (char)('0' + ok) : '+';
+          else cell += n == 0 ? "-" : ok == n ? "1" : ok == 0 ? "0" : "~";
         }
         md << " `" << cell << "` |";
       }
@@ -182,7 +190,7 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
 }
 
 static const char* kCsvHeader =
-    "task,policy,length,prompt_tokens,depth,score,nll,ppl,kl_mean,kl_max,top1,greedy_prefix,greedy_match,answer_top1,answer_nll,answer,output,"
+    "task,policy,length,prompt_tokens,depth,seed,score,nll,ppl,kl_mean,kl_max,top1,greedy_prefix,greedy_match,answer_top1,answer_nll,answer,output,"
     "bits,group,topk,window,sinks,shift,guess,fast_bytes,slow_bytes,fetched_bytes_per_step,prefetch_reuse_rate,spec_recall,"
     "guess_hit_rate,exact_mass_served,stall_ms,copy_ms,decode_steps,decode_ms_per_token,prefill_ms";
 
@@ -191,7 +199,7 @@ std::string csv_report(const std::vector<CaseResult>& r) {
   s << kCsvHeader << "\n";
   for (const auto& c : r) {
     s << c.task << "," << csv_field(c.policy) << "," << c.length << "," << c.prompt_tokens << ","
-      << (c.depth >= 0 ? num(c.depth) : "") << "," << num(c.score) << "," << num(metric(c, "nll")) << ","
+      << (c.depth >= 0 ? num(c.depth) : "") << "," << (c.seed >= 0 ? std::to_string(c.seed) : "") << "," << num(c.score) << "," << num(metric(c, "nll")) << ","
       << num(metric(c, "ppl")) << "," << num(metric(c, "kl_mean")) << "," << num(metric(c, "kl_max")) << ","
       << num(metric(c, "top1")) << "," << num(metric(c, "greedy_prefix")) << "," << num(metric(c, "greedy_match")) << ","
       << num(metric(c, "answer_top1")) << "," << num(metric(c, "answer_nll")) << "," << csv_field(c.answer) << "," << csv_field(c.output) << "," << c.kv.bits << "," << c.kv.group << "," << c.kv.topk
@@ -205,7 +213,7 @@ std::string csv_report(const std::vector<CaseResult>& r) {
 
 std::string json_report(const std::vector<CaseResult>& r, const EvalOptions& o) {
   nlohmann::json j;
-  j["options"] = {{"tasks", o.tasks}, {"lengths", o.lengths}, {"depths", o.depths}, {"seed", o.seed},
+  j["options"] = {{"tasks", o.tasks}, {"lengths", o.lengths}, {"depths", o.depths}, {"seeds", o.seeds},
                   {"gen", o.gen}, {"ppl_tokens", o.ppl_tokens}, {"agree_tokens", o.agree_tokens},
                   {"needle", o.niah.needle}, {"question", o.niah.question}, {"chat", !o.niah.chat_template.empty()}};
   std::vector<std::string> labels;
@@ -217,6 +225,7 @@ std::string json_report(const std::vector<CaseResult>& r, const EvalOptions& o) 
                         {"score", c.score}, {"metrics", c.metrics}, {"answer", c.answer}, {"output", c.output},
                         {"decode_ms_per_token", c.decode_ms_per_token}, {"prefill_ms", c.prefill_ms}};
     if (c.depth >= 0) x["depth"] = c.depth;
+    if (c.seed >= 0) x["seed"] = c.seed;
     x["kv_config"] = {{"policy", c.kv.policy}, {"bits", c.kv.bits}, {"group", c.kv.group}, {"topk", c.kv.topk},
                       {"window", c.kv.window}, {"sinks", c.kv.sinks}, {"shift", c.kv.shift}, {"guess", c.kv.guess}};
     x["kv_stats"] = {{"fast_bytes", c.stats.fast_bytes}, {"slow_bytes", c.stats.slow_bytes},
@@ -241,6 +250,7 @@ std::vector<CaseResult> results_from_json(const std::string& text) {
       c.metrics = x.at("metrics").get<std::map<std::string, double>>();
       c.decode_ms_per_token = x.at("decode_ms_per_token"), c.prefill_ms = x.at("prefill_ms");
       if (x.contains("depth")) c.depth = x.at("depth");
+      if (x.contains("seed")) c.seed = x.at("seed");
       const auto& k = x.at("kv_config");
       c.kv.policy = k.at("policy"), c.kv.bits = k.at("bits"), c.kv.group = k.at("group"), c.kv.topk = k.at("topk");
       c.kv.window = k.at("window"), c.kv.sinks = k.at("sinks");

@@ -135,15 +135,16 @@ std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, Threa
     if (!has_task(o, task)) continue;
     const bool niah = std::string(task) == "niah";
     if (niah) SPC_CHECK(!o.haystack.empty(), "niah needs a haystack text");
+    for (uint64_t seed : o.seeds)
     for (int64_t L : o.lengths)
       for (size_t di = 0; di < o.depths.size(); ++di) {
         TaskPrompt p;
         if (niah) {
           NiahOptions no = o.niah;
-          no.length = L, no.depth = o.depths[di], no.seed = o.seed, no.depth_index = (int)di;
+          no.length = L, no.depth = o.depths[di], no.seed = seed, no.depth_index = (int)di;
           p = make_niah(tok, o.haystack, no);
         } else {
-          p = make_passkey(tok, PasskeyOptions{L, o.depths[di], o.seed, (int)di});
+          p = make_passkey(tok, PasskeyOptions{L, o.depths[di], seed, (int)di});
         }
         const auto geom = model.kv_geometry((int64_t)(p.tokens.size() + p.answer_tokens.size()) + margin);
         Session full(model, make_kv_policy(full_cfg, geom), pool);
@@ -151,12 +152,13 @@ std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, Threa
         full.prefill(p.tokens);
         const double prefill_ms = (now_s() - t0) * 1000;
         if (o.verbose)
-          std::fprintf(stderr, "eval: %s L=%lld depth=%.2f: %zu tokens, prefill %.1f s, answer %s\n", task, (long long)L,
-                       o.depths[di], p.tokens.size(), prefill_ms / 1000, p.answer.c_str());
+          std::fprintf(stderr, "eval: %s seed=%llu L=%lld depth=%.2f: %zu tokens, prefill %.1f s, answer %s\n", task,
+                       (unsigned long long)seed, (long long)L, o.depths[di], p.tokens.size(), prefill_ms / 1000,
+                       p.answer.c_str());
         for (const auto& spec : o.policies) {
           CaseResult c;
           c.task = task, c.policy = spec.label, c.length = L, c.prompt_tokens = (int64_t)p.tokens.size();
-          c.depth = o.depths[di], c.answer = p.answer, c.kv = config_for_length(spec, L), c.prefill_ms = prefill_ms;
+          c.depth = o.depths[di], c.seed = (int64_t)seed, c.answer = p.answer, c.kv = config_for_length(spec, L), c.prefill_ms = prefill_ms;
           Session s(model, make_kv_policy(c.kv, geom), pool);
           s.prefill_from(full);
           GenerateOptions go;

@@ -41,6 +41,32 @@ void quantize_act_row(const float* x, int64_t n, int8_t* q, float* d, float* s16
     s16[2 * b] = db * (float)_mm512_reduce_add_epi32(i0);
     s16[2 * b + 1] = db * (float)_mm512_reduce_add_epi32(i1);
     s32[b] = s16[2 * b] + s16[2 * b + 1];
+#elif defined(SPC_MM_AVX2)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(x + 8 * j);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float db = amax / 127.f;
+    const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i iv[4];
+    for (int j = 0; j < 4; ++j) iv[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));
+    // Saturating packs interleave the 128-bit lanes; the dword permute restores element order.
+    const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i h0 = _mm256_add_epi32(iv[0], iv[1]), h1 = _mm256_add_epi32(iv[2], iv[3]);
+    // Horizontal sums of both halves at once: lanes 0..3 of hs from h0, 4..7 from h1.
+    __m256i hs = _mm256_hadd_epi32(h0, h1);  // per 128-bit lane: h0 pairs, h1 pairs
+    hs = _mm256_hadd_epi32(hs, hs);           // lane: [h0 a, h1 a, h0 a, h1 a] quads
+    const __m128i hq = _mm_add_epi32(_mm256_castsi256_si128(hs), _mm256_extracti128_si256(hs, 1));
+    d[b] = db;
+    s16[2 * b] = db * (float)_mm_extract_epi32(hq, 0);
+    s16[2 * b + 1] = db * (float)_mm_extract_epi32(hq, 1);
+    s32[b] = s16[2 * b] + s16[2 * b + 1];
 #else
     float amax = 0.f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
@@ -88,6 +114,37 @@ void qkernel(const uint8_t* wu, const float* wsc, int64_t nvb, const int8_t* xq,
       const __m256 D = _mm256_set1_ps(xd[t * nvb + v]);
       for (int r = 0; r < R; ++r) {
         const __m256i P = _mm256_dpbusd_epi32(zero, W[r], X);
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(P), _mm256_mul_ps(S[r], D), acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r * kTileT + t] = hsum256(acc[r][t]);
+#elif defined(SPC_MM_AVX2)
+  // Codes up to 255 (Q8_0's unpacked form) would saturate vpmaddubsw's int16 pair sums, so the
+  // bytes are widened to int16 and multiplied with vpmaddwd: per 16-value half, 8 int32 lanes,
+  // folded by hadd into the (half 0: lanes 0,1,4,5; half 1: lanes 2,3,6,7) layout whose scales
+  // are picked from sc8 by a dword permute.
+  const __m256i sel = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t v = 0; v < nvb; ++v) {
+    __m256i W0[R], W1[R];
+    __m256 S[R];
+    for (int r = 0; r < R; ++r) {
+      const __m256i u = _mm256_loadu_si256((const __m256i*)(wu + (r * nvb + v) * 32));
+      W0[r] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(u));
+      W1[r] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1));
+      S[r] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(wsc + (r * nvb + v) * 8), sel);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + t * n_in + v * 32));
+      const __m256i X0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xv));
+      const __m256i X1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(xv, 1));
+      const __m256 D = _mm256_set1_ps(xd[t * nvb + v]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i P = _mm256_hadd_epi32(_mm256_madd_epi16(W0[r], X0), _mm256_madd_epi16(W1[r], X1));
         acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(P), _mm256_mul_ps(S[r], D), acc[r][t]);
       }
     }
@@ -188,6 +245,107 @@ void fkernel_t(const void* wv, const float* x, int64_t n, float* out) {
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) out[r * kTileT + t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+template <int R, int T>
+void fkernel(const float* w, const float* x, int64_t n, float* out) {
+  fkernel_t<LdF32, R, T, false>(w, x, n, out);
+}
+
+// Kernels reading F16/BF16 weight rows directly (small token counts).
+using FDirectFn = void (*)(const void*, const float*, int64_t, float*);
+template <class L, int R>
+FDirectFn fdirect_for_t(int t) {
+  return t == 1   ? fkernel_t<L, R, 1, true>
+         : t == 2 ? fkernel_t<L, R, 2, true>
+         : t == 3 ? fkernel_t<L, R, 3, true>
+                  : fkernel_t<L, R, 4, true>;
+}
+template <class L>
+FDirectFn fdirect_for_rt(int r, int t) {
+  switch (r) {
+    case 1: return fdirect_for_t<L, 1>(t);
+    case 2: return fdirect_for_t<L, 2>(t);
+    case 3: return fdirect_for_t<L, 3>(t);
+    default: return fdirect_for_t<L, 4>(t);
+  }
+}
+FDirectFn fdirect_for(GgmlType type, int r, int t) {
+  switch (type) {
+    case GgmlType::F32: return fdirect_for_rt<LdF32>(r, t);
+    case GgmlType::F16: return fdirect_for_rt<LdF16>(r, t);
+    case GgmlType::BF16: return fdirect_for_rt<LdBF16>(r, t);
+    default: return nullptr;
+  }
+}
+#elif defined(SPC_MM_AVX2)
+// AVX2 + FMA + F16C loaders of 8 weights as fp32; load_tail reads k < 8 (zero-padded).
+struct LdF32 {
+  using T = float;
+  static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+};
+struct LdF16 {
+  using T = uint16_t;
+  static __m256 load(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+};
+struct LdBF16 {
+  using T = uint16_t;
+  static __m256 load(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+};
+template <class E>
+inline const E* pad8(const E* p, int64_t k, E* buf) {
+  std::memset(buf, 0, 8 * sizeof(E));
+  std::memcpy(buf, p, (size_t)k * sizeof(E));
+  return buf;
+}
+
+// out[r*kTileT + t] = dot(row r of w (row stride n elements), x + t*n). kPrefetch: the rows
+// stream from memory (decode); fetch the rows ahead into L2.
+template <class L, int R, int T, bool kPrefetch>
+void fkernel_rows(const typename L::T* w, const float* x, int64_t n, float* out) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 W[R];
+    for (int r = 0; r < R; ++r) {
+      if (kPrefetch) _mm_prefetch((const char*)(w + (r + 16) * n + i), _MM_HINT_T1);
+      W[r] = L::load(w + r * n + i);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256 X = _mm256_loadu_ps(x + t * n + i);
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(W[r], X, acc[r][t]);
+    }
+  }
+  if (i < n) {
+    const int64_t k = n - i;
+    __m256 W[R];
+    for (int r = 0; r < R; ++r) {
+      typename L::T wb[8];
+      W[r] = L::load(pad8(w + r * n + i, k, wb));
+    }
+    for (int t = 0; t < T; ++t) {
+      float xb[8];
+      const __m256 X = _mm256_loadu_ps(pad8(x + t * n + i, k, xb));
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(W[r], X, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r * kTileT + t] = hsum256(acc[r][t]);
+}
+// The tile in passes of at most 8 accumulators (16 ymm registers): rows split, tokens not.
+template <class L, int R, int T, bool kPrefetch>
+void fkernel_t(const void* wv, const float* x, int64_t n, float* out) {
+  const typename L::T* w = (const typename L::T*)wv;
+  constexpr int kRs = T <= 2 ? 4 : 2;
+  if constexpr (R <= kRs) {
+    fkernel_rows<L, R, T, kPrefetch>(w, x, n, out);
+  } else {
+    fkernel_rows<L, kRs, T, kPrefetch>(w, x, n, out);
+    fkernel_t<L, R - kRs, T, kPrefetch>(w + kRs * n, x, n, out + kRs * kTileT);
+  }
 }
 template <int R, int T>
 void fkernel(const float* w, const float* x, int64_t n, float* out) {

@@ -4,7 +4,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-// AVX-512 fused kernels with fp32 activations for the 32-element block types (decode): each
+// AVX-512 (or AVX2) fused kernels with fp32 activations for the 32-element block types (decode): each
 // weight block is widened to fp32 in registers (codes -> int32 -> float, times the scale, plus
 // the min) and FMA'd with the activations as given. No activation rounding, no unpacked copy.
 #include <cstdint>
@@ -202,11 +202,169 @@ F32QFn f32q_for_rt(int r, int t) {
     default: return f32q_for_t<Ty, 4>(t);
   }
 }
+#elif defined(SPC_MM_AVX2)
+// AVX2 + FMA + F16C: each block's codes widened to fp32 (8 per register, element order, x as
+// given), out = sum_b d_b * (codes_b . x_b) + sum_b c_b * sum(x_b), where c_b is the block's min
+// (kMin types) or -offset * d_b (the code offset folded out of the inner loop).
+constexpr int64_t kPrefetchRows = 16;  // software prefetch distance ahead of the weight stream
+
+inline float ld_h(const uint8_t* p) {
+  fp16_t h;
+  std::memcpy(&h, p, 2);
+  return fp16_to_fp32(h);
+}
+inline __m256i ld8_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+// 16 bytes of packed nibbles (low: elements 0..15, high: 16..31) as int32 codes, element order.
+inline void nib_i32(const uint8_t* qs, __m256i c[4]) {
+  const __m256i m = _mm256_set1_epi32(0x0f);
+  const __m256i a = ld8_u8(qs), b = ld8_u8(qs + 8);
+  c[0] = _mm256_and_si256(a, m);
+  c[1] = _mm256_and_si256(b, m);
+  c[2] = _mm256_srli_epi32(a, 4);
+  c[3] = _mm256_srli_epi32(b, 4);
+}
+// Q5: bit j of qh is the fifth bit (16) of element j.
+inline void q5_i32(const uint8_t* qh, const uint8_t* qs, __m256i c[4]) {
+  uint32_t h;
+  std::memcpy(&h, qh, 4);
+  nib_i32(qs, c);
+  const __m256i hv = _mm256_set1_epi32((int)h);
+  const __m256i sh = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i s16 = _mm256_set1_epi32(16);
+  for (int j = 0; j < 4; ++j) {
+    const __m256i bit = _mm256_srlv_epi32(hv, _mm256_add_epi32(sh, _mm256_set1_epi32(8 * j)));
+    c[j] = _mm256_or_si256(c[j], _mm256_and_si256(_mm256_slli_epi32(bit, 4), s16));
+  }
+}
+inline void to_ps(const __m256i c[4], __m256 f[4]) {
+  for (int j = 0; j < 4; ++j) f[j] = _mm256_cvtepi32_ps(c[j]);
+}
+
+// codes(b, c): the block's 32 codes as fp32; d at b[0..2); kConst: a per-block constant term
+// (the min at b[2..4) for kMin types, else -kOff * d).
+struct AQ4_0 {
+  static constexpr size_t kBytes = 18;
+  static constexpr bool kMin = false, kConst = true;
+  static constexpr float kOff = 8.f;
+  static void codes(const uint8_t* b, __m256 f[4]) {
+    __m256i c[4];
+    nib_i32(b + 2, c);
+    to_ps(c, f);
+  }
+};
+struct AQ4_1 {
+  static constexpr size_t kBytes = 20;
+  static constexpr bool kMin = true, kConst = true;
+  static constexpr float kOff = 0.f;
+  static void codes(const uint8_t* b, __m256 f[4]) {
+    __m256i c[4];
+    nib_i32(b + 4, c);
+    to_ps(c, f);
+  }
+};
+struct AQ5_0 {
+  static constexpr size_t kBytes = 22;
+  static constexpr bool kMin = false, kConst = true;
+  static constexpr float kOff = 16.f;
+  static void codes(const uint8_t* b, __m256 f[4]) {
+    __m256i c[4];
+    q5_i32(b + 2, b + 6, c);
+    to_ps(c, f);
+  }
+};
+struct AQ5_1 {
+  static constexpr size_t kBytes = 24;
+  static constexpr bool kMin = true, kConst = true;
+  static constexpr float kOff = 0.f;
+  static void codes(const uint8_t* b, __m256 f[4]) {
+    __m256i c[4];
+    q5_i32(b + 4, b + 8, c);
+    to_ps(c, f);
+  }
+};
+struct AQ8_0 {
+  static constexpr size_t kBytes = 34;
+  static constexpr bool kMin = false, kConst = false;
+  static constexpr float kOff = 0.f;
+  static void codes(const uint8_t* b, __m256 f[4]) {
+    for (int j = 0; j < 4; ++j)
+      f[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(b + 2 + 8 * j))));
+  }
+};
+
+// R rows x T tokens; each row's codes are widened once per block and used by all T tokens
+// (x read from L1 as memory operands, so only the R*T accumulators stay in registers).
+template <class Ty, int R, int T>
+void f32q_rows(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t n_in, const float* xs, float* mrow,
+               float* out) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = w + r * rs + b * Ty::kBytes;
+      _mm_prefetch((const char*)(blk + kPrefetchRows * rs), _MM_HINT_T1);
+      __m256 C[4];
+      Ty::codes(blk, C);
+      const float d = ld_h(blk);
+      if (Ty::kConst) mrow[r * nb + b] = Ty::kMin ? ld_h(blk + 2) : -Ty::kOff * d;
+      const __m256 D = _mm256_set1_ps(d);
+      for (int t = 0; t < T; ++t) {
+        const float* xb = x + t * n_in + b * 32;
+        __m256 p = _mm256_mul_ps(C[0], _mm256_loadu_ps(xb));
+        p = _mm256_fmadd_ps(C[1], _mm256_loadu_ps(xb + 8), p);
+        p = _mm256_fmadd_ps(C[2], _mm256_loadu_ps(xb + 16), p);
+        p = _mm256_fmadd_ps(C[3], _mm256_loadu_ps(xb + 24), p);
+        acc[r][t] = _mm256_fmadd_ps(D, p, acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      out[r * kTileT + t] = hsum256(acc[r][t]) + (Ty::kConst ? dot_f32(mrow + r * nb, xs + t * nb, nb) : 0.f);
+}
+// The tile in passes of at most 4 accumulators (16 ymm registers): rows split, tokens not, so
+// each weight block is still widened only once.
+template <class Ty, int R, int T>
+void f32q_entry(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t n_in, const float* xs, float* mrow,
+                float* out) {
+  constexpr int kRs = T == 1 ? 4 : T == 2 ? 2 : 1;
+  if constexpr (R <= kRs) {
+    f32q_rows<Ty, R, T>(w, rs, nb, x, n_in, xs, mrow, out);
+  } else {
+    f32q_rows<Ty, kRs, T>(w, rs, nb, x, n_in, xs, mrow, out);
+    f32q_entry<Ty, R - kRs, T>(w + kRs * rs, rs, nb, x, n_in, xs, mrow + kRs * nb, out + kRs * kTileT);
+  }
+}
+
+template <class Ty, int R>
+F32QFn f32q_for_t(int t) {
+  return t == 1   ? f32q_entry<Ty, R, 1>
+         : t == 2 ? f32q_entry<Ty, R, 2>
+         : t == 3 ? f32q_entry<Ty, R, 3>
+                  : f32q_entry<Ty, R, 4>;
+}
+template <class Ty>
+F32QFn f32q_for_rt(int r, int t) {
+  switch (r) {
+    case 1: return f32q_for_t<Ty, 1>(t);
+    case 2: return f32q_for_t<Ty, 2>(t);
+    case 3: return f32q_for_t<Ty, 3>(t);
+    default: return f32q_for_t<Ty, 4>(t);
+  }
+}
 #endif
 
 }  // namespace
 
-bool f32q_permuted(GgmlType type) { return type == GgmlType::Q4_0 || type == GgmlType::Q4_1; }
+bool f32q_permuted(GgmlType type) {
+#if defined(SPC_MM_AVX2)
+  (void)type;
+  return false;  // the AVX2 kernels read x in element order
+#else
+  return type == GgmlType::Q4_0 || type == GgmlType::Q4_1;
+#endif
+}
 
 void f32q_permute_x(const float* x, int64_t n, float* xp) {
   for (int64_t h = 0; h < n; h += 16, x += 16, xp += 16)
@@ -221,6 +379,15 @@ F32QFn f32q_for(GgmlType type, int r, int t) {
     case GgmlType::Q5_0: return f32q_for_rt<DQ5_0>(r, t);
     case GgmlType::Q5_1: return f32q_for_rt<DQ5_1>(r, t);
     case GgmlType::Q8_0: return f32q_for_rt<DQ8_0>(r, t);
+    default: return nullptr;
+  }
+#elif defined(SPC_MM_AVX2)
+  switch (type) {
+    case GgmlType::Q4_0: return f32q_for_rt<AQ4_0>(r, t);
+    case GgmlType::Q4_1: return f32q_for_rt<AQ4_1>(r, t);
+    case GgmlType::Q5_0: return f32q_for_rt<AQ5_0>(r, t);
+    case GgmlType::Q5_1: return f32q_for_rt<AQ5_1>(r, t);
+    case GgmlType::Q8_0: return f32q_for_rt<AQ8_0>(r, t);
     default: return nullptr;
   }
 #else

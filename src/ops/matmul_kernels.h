@@ -14,6 +14,11 @@
 #define SPC_MM_VNNI 1
 #endif
 
+// AVX2 + FMA + F16C fallbacks for hosts without AVX-512 (the AVX-512 paths take precedence).
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !(defined(__AVX512F__) && defined(__AVX512BW__))
+#define SPC_MM_AVX2 1
+#endif
+
 namespace spc::mmk {
 
 constexpr int kTileR = 4;  // weight rows per tile
@@ -29,6 +34,22 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
   }
   return _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), a3);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+  const __m256 v = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  float s = _mm_cvtss_f32(s4);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
 #else
   float s = 0.f;
   for (; i < n; ++i) s += a[i] * b[i];
@@ -36,7 +57,7 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
 #endif
 }
 
-#if defined(SPC_MM_VNNI)
+#if defined(SPC_MM_VNNI) || defined(SPC_MM_AVX2)
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -51,7 +72,7 @@ inline float hsum256(__m256 v) {
 // mrow: scratch of R*2*nvb floats.
 using FusedFn = void (*)(const uint8_t* w, size_t rs, int64_t nvb, const int8_t* xq, const float* xd,
                          const float* xs16, const float* xs32, int64_t n_in, float* mrow, float* out);
-// nullptr when no fused kernel exists for the type (or the build lacks AVX-512 VNNI).
+// nullptr when no fused kernel exists for the type (or the build lacks AVX-512 VNNI / AVX2).
 FusedFn fused_for(GgmlType type, int r, int t);
 
 // Unpacks a row (nvb sub-blocks) into codes u, per-half scales sc8 (x4 each) and per-half
@@ -65,7 +86,7 @@ UnpackFn unpack_fast_for(GgmlType type);
 // (stride nb); mrow: scratch of R*nb floats. Writes out[r*kTileT + t].
 using F32QFn = void (*)(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t n_in, const float* xs,
                         float* mrow, float* out);
-// nullptr when no such kernel exists for the type (K-quants, or a build without AVX-512).
+// nullptr when no such kernel exists for the type (K-quants, or a build without AVX-512 / AVX2).
 F32QFn f32q_for(GgmlType type, int r, int t);
 // True when the type's f32q kernels expect x with each 16-element group permuted by
 // f32q_permute_x (element 4*(k%4) + k/4 of the group at position k); n: multiple of 16.

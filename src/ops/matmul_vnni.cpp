@@ -4,7 +4,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-// AVX-512 VNNI kernels: codes expanded in registers straight from the weight blocks.
+// AVX-512 VNNI (or AVX2) kernels: codes expanded in registers straight from the weight blocks.
 #include <cstring>
 
 #include "ops/matmul_kernels.h"
@@ -354,6 +354,137 @@ UnpackFn unpack_impl(GgmlType type) {
     default: return nullptr;
   }
 }
+#elif defined(SPC_MM_AVX2)
+// AVX2 fused int8 kernels for the 32-element block types: u8 codes times s8 activations with
+// vpmaddubsw (pairs of products summed to int16: codes <= 31 times |x| <= 127 stay far below
+// the int16 saturation) and vpmaddwd against ones (int32 per 4 bytes, the VNNI lane layout).
+// Q8_0 codes are signed: |w| times sign(x, w) (|w| <= 128, pair sums <= 32512).
+constexpr int64_t kPrefetchRows = 16;  // software prefetch distance ahead of the weight stream
+inline float ld_h(const uint8_t* p) {
+  fp16_t h;
+  std::memcpy(&h, p, 2);
+  return fp16_to_fp32(h);
+}
+inline __m256i nibbles(const uint8_t* qs) {
+  const __m128i q = _mm_loadu_si128((const __m128i*)qs);
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
+}
+// Byte j = 16 where bit j of the 32-bit qh is set.
+inline __m256i high_bits(const uint8_t* qh) {
+  uint32_t h;
+  std::memcpy(&h, qh, 4);
+  const __m256i sel = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                                       3, 3, 3, 3);
+  const __m256i bit = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32,
+                                       64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+  const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)h), sel), bit);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(b, bit), _mm256_set1_epi8(0x10));
+}
+// kSigned: codes are s8 values (no offset); otherwise u8 codes, value d * (code - kOff) (+ m).
+struct AQ4_0 {
+  static constexpr size_t kBytes = 18;
+  static constexpr bool kMin = false, kSigned = false;
+  static constexpr float kOff = 8.f;
+  static __m256i codes(const uint8_t* b) { return nibbles(b + 2); }
+  static float m(const uint8_t*) { return 0.f; }
+};
+struct AQ4_1 {
+  static constexpr size_t kBytes = 20;
+  static constexpr bool kMin = true, kSigned = false;
+  static constexpr float kOff = 0.f;
+  static __m256i codes(const uint8_t* b) { return nibbles(b + 4); }
+  static float m(const uint8_t* b) { return ld_h(b + 2); }
+};
+struct AQ5_0 {
+  static constexpr size_t kBytes = 22;
+  static constexpr bool kMin = false, kSigned = false;
+  static constexpr float kOff = 16.f;
+  static __m256i codes(const uint8_t* b) { return _mm256_or_si256(nibbles(b + 6), high_bits(b + 2)); }
+  static float m(const uint8_t*) { return 0.f; }
+};
+struct AQ5_1 {
+  static constexpr size_t kBytes = 24;
+  static constexpr bool kMin = true, kSigned = false;
+  static constexpr float kOff = 0.f;
+  static __m256i codes(const uint8_t* b) { return _mm256_or_si256(nibbles(b + 8), high_bits(b + 4)); }
+  static float m(const uint8_t* b) { return ld_h(b + 2); }
+};
+struct AQ8_0 {
+  static constexpr size_t kBytes = 34;
+  static constexpr bool kMin = false, kSigned = true;
+  static constexpr float kOff = 0.f;
+  static __m256i codes(const uint8_t* b) { return _mm256_loadu_si256((const __m256i*)(b + 2)); }
+  static float m(const uint8_t*) { return 0.f; }
+};
+
+template <class Ty, int R, int T>
+void fused_rows(const uint8_t* w, size_t rs, int64_t nb, const int8_t* xq, const float* xd, const float* xs32,
+                int64_t n_in, float* mrow, float* out) {
+  constexpr bool kConst = Ty::kMin || Ty::kOff != 0.f;
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = w + r * rs + b * Ty::kBytes;
+      _mm_prefetch((const char*)(blk + kPrefetchRows * rs), _MM_HINT_T1);
+      const __m256i W = Ty::codes(blk);
+      const __m256i WU = Ty::kSigned ? _mm256_sign_epi8(W, W) : W;
+      const float d = ld_h(blk);
+      const __m256 DW = _mm256_set1_ps(d);
+      if (kConst) mrow[r * nb + b] = Ty::kMin ? Ty::m(blk) : d;
+      for (int t = 0; t < T; ++t) {
+        __m256i X = _mm256_loadu_si256((const __m256i*)(xq + t * n_in + b * 32));
+        if (Ty::kSigned) X = _mm256_sign_epi8(X, W);
+        const __m256i P = _mm256_madd_epi16(_mm256_maddubs_epi16(WU, X), ones);
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(P), _mm256_mul_ps(DW, _mm256_set1_ps(xd[t * nb + b])), acc[r][t]);
+      }
+    }
+  }
+  const float coef = Ty::kMin ? 1.f : -Ty::kOff;
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      out[r * kTileT + t] = hsum256(acc[r][t]) + (kConst ? coef * dot_f32(mrow + r * nb, xs32 + t * nb, nb) : 0.f);
+}
+// The tile in passes of at most 4 accumulators (rows split, so each block is decoded once).
+template <class Ty, int R, int T>
+void fused_kernel(const uint8_t* w, size_t rs, int64_t nb, const int8_t* xq, const float* xd, const float* xs16,
+                  const float* xs32, int64_t n_in, float* mrow, float* out) {
+  constexpr int kRs = T == 1 ? 4 : T == 2 ? 2 : 1;
+  if constexpr (R <= kRs) {
+    fused_rows<Ty, R, T>(w, rs, nb, xq, xd, xs32, n_in, mrow, out);
+  } else {
+    fused_rows<Ty, kRs, T>(w, rs, nb, xq, xd, xs32, n_in, mrow, out);
+    fused_kernel<Ty, R - kRs, T>(w + kRs * rs, rs, nb, xq, xd, xs16, xs32, n_in, mrow + kRs * nb, out + kRs * kTileT);
+  }
+}
+template <class Ty, int R>
+FusedFn fused_for_t(int t) {
+  return t == 1 ? fused_kernel<Ty, R, 1>
+                : t == 2 ? fused_kernel<Ty, R, 2> : t == 3 ? fused_kernel<Ty, R, 3> : fused_kernel<Ty, R, 4>;
+}
+template <class Ty>
+FusedFn fused_for_rt(int r, int t) {
+  switch (r) {
+    case 1: return fused_for_t<Ty, 1>(t);
+    case 2: return fused_for_t<Ty, 2>(t);
+    case 3: return fused_for_t<Ty, 3>(t);
+    default: return fused_for_t<Ty, 4>(t);
+  }
+}
+// nullptr for the K types (their int8 path unpacks rows and uses the generic kernel).
+FusedFn fused_impl(GgmlType type, int r, int t) {
+  switch (type) {
+    case GgmlType::Q4_0: return fused_for_rt<AQ4_0>(r, t);
+    case GgmlType::Q4_1: return fused_for_rt<AQ4_1>(r, t);
+    case GgmlType::Q5_0: return fused_for_rt<AQ5_0>(r, t);
+    case GgmlType::Q5_1: return fused_for_rt<AQ5_1>(r, t);
+    case GgmlType::Q8_0: return fused_for_rt<AQ8_0>(r, t);
+    default: return nullptr;
+  }
+}
+UnpackFn unpack_impl(GgmlType) { return nullptr; }
 #else
 FusedFn fused_impl(GgmlType, int, int) { return nullptr; }
 UnpackFn unpack_impl(GgmlType) { return nullptr; }

@@ -648,6 +648,55 @@ TEST(LowBit, PackedValuesExactWhenWeightsAreRepresentable) {
   }
 }
 
+#if defined(SPC_LOWBIT_AVX2)
+// The AVX2 kernels (the dispatch target without AVX-512; built on AVX-512 machines too) agree with
+// the scalar ones to fp32 rounding, for every shape and row count (row tiles, tails, quad groups).
+TEST(LowBit, Avx2KernelsMatchScalar) {
+  for (const Cfg& cfg : all_cfgs({8, 10, 24, 100, 128, 200, 256})) {
+    const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
+    const int nb = 3, T = nb * cfg.g, d = cfg.d;
+    const auto blocks = make_keys(sp, nb, outlier_keys(T, d, 91));
+    auto v = gaussian((size_t)T * d, 92);
+    const auto vals = make_values(sp, nb, v);
+    for (int nq : {1, 2, 3, 4, 5, 6, 7, 13}) {
+      SCOPED_TRACE(name(cfg) + " nq=" + std::to_string(nq));
+      const size_t qs = d + 1, ss = T + 3, ps = T + 1, os = d + 2;
+      const auto q = gaussian((size_t)nq * qs, 93 + nq);
+      std::vector<float> a((size_t)nq * ss, -7.0f), b = a;
+      lowbit_detail::score_keys_avx2(sp, blocks.data(), nb, q.data(), nq, qs, a.data(), ss);
+      lowbit_detail::score_keys_scalar(sp, blocks.data(), nb, q.data(), nq, qs, b.data(), ss);
+      for (int iq = 0; iq < nq; ++iq)
+        for (int blk = 0; blk < nb; ++blk) {
+          const double mag = key_block_row(sp, blocks.data() + blk * sp.key_block_bytes(), q.data() + iq * qs).mag;
+          for (int t = blk * cfg.g; t < (blk + 1) * cfg.g; ++t)
+            ASSERT_NEAR(a[iq * ss + t], b[iq * ss + t], 1e-5 * mag) << "iq=" << iq << " t=" << t;
+        }
+      for (size_t i = 0; i < a.size(); ++i)
+        if (i % ss >= (size_t)T) {
+          ASSERT_EQ(a[i], -7.0f);
+        }
+      const auto p = softmax_weights(nq, T, ps, 94 + nq);
+      const auto init = gaussian((size_t)nq * os, 95, 0.1f);
+      std::vector<float> x = init, y = init;
+      lowbit_detail::accumulate_values_avx2(sp, vals.data(), nb, p.data(), nq, ps, x.data(), os);
+      lowbit_detail::accumulate_values_scalar(sp, vals.data(), nb, p.data(), nq, ps, y.data(), os);
+      for (int iq = 0; iq < nq; ++iq) {
+        const ValueRow vr = value_row(sp, vals.data(), nb, p.data() + iq * ps);
+        for (int c = 0; c < d; ++c)
+          ASSERT_NEAR(x[iq * os + c], y[iq * os + c], 1e-5 * (vr.mag[c] + std::fabs(init[iq * os + c])))
+              << "iq=" << iq << " c=" << c;
+        for (size_t c = d; c < os; ++c) ASSERT_EQ(x[iq * os + c], init[iq * os + c]);
+      }
+    }
+  }
+  const LowBitSpec sp{2, 64, 64};
+  const auto vals = make_values(sp, 2, gaussian(128 * 64, 3));
+  std::vector<float> p(128, 0.01f), out(64, 0.0f);
+  p[77] = -0.5f;
+  EXPECT_THROW(lowbit_detail::accumulate_values_avx2(sp, vals.data(), 2, p.data(), 1, 128, out.data(), 64), Error);
+}
+#endif
+
 // The u8 value weights need p >= 0 (softmax numerators); a negative weight is refused.
 TEST(LowBit, NegativeValueWeightsThrow) {
   const LowBitSpec sp{1, 64, 64};

@@ -267,7 +267,7 @@ void lowbit_dequantize_value(const LowBitSpec& spec, const uint8_t* block, int t
 
 // ---------------------------------------------------------------------------------------------
 // Scalar packed kernels: the integer method of lowbit.h, with the same quantized weights as the
-// AVX-512 kernels (the same float operations, rne rounding), so the two agree to fp32 rounding.
+// AVX-512 and AVX2 kernels (the same float operations, rne rounding), so all agree to fp32 rounding.
 
 namespace lowbit_detail {
 
@@ -401,7 +401,7 @@ void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int
 
 bool score_keys_simd(const LowBitSpec& spec) {
   (void)spec;
-#if defined(SPC_LOWBIT_AVX512)
+#if defined(SPC_LOWBIT_AVX512) || defined(SPC_LOWBIT_AVX2)
   return true;
 #else
   return false;
@@ -410,7 +410,7 @@ bool score_keys_simd(const LowBitSpec& spec) {
 
 bool accumulate_values_simd(const LowBitSpec& spec) {
   (void)spec;
-#if defined(SPC_LOWBIT_AVX512)
+#if defined(SPC_LOWBIT_AVX512) || defined(SPC_LOWBIT_AVX2)
   return true;
 #else
   return false;
@@ -430,6 +430,11 @@ void lowbit_score_keys(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
     lowbit_detail::score_keys_avx512(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride);
     return;
   }
+#elif defined(SPC_LOWBIT_AVX2)
+  if (lowbit_detail::score_keys_simd(spec)) {
+    lowbit_detail::score_keys_avx2(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride);
+    return;
+  }
 #endif
   lowbit_detail::score_keys_scalar(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride);
 }
@@ -440,6 +445,11 @@ void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int
 #if defined(SPC_LOWBIT_AVX512)
   if (lowbit_detail::accumulate_values_simd(spec)) {
     lowbit_detail::accumulate_values_avx512(spec, values, n_blocks, p, n_q, p_stride, out, out_stride);
+    return;
+  }
+#elif defined(SPC_LOWBIT_AVX2)
+  if (lowbit_detail::accumulate_values_simd(spec)) {
+    lowbit_detail::accumulate_values_avx2(spec, values, n_blocks, p, n_q, p_stride, out, out_stride);
     return;
   }
 #endif

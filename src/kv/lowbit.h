@@ -81,9 +81,14 @@
 // The errors are unbiased and typically ~ h*A*sqrt(sum_c (qq_c^2 + sq_c^2)/12) (scores),
 // h*sqrt(sum_blocks b^2 * g/12) (sums). Operands that are all +-max (or 0) are exact, so are
 // degenerate groups (s = 0).
-// Without AVX-512 F+BW the portable scalar kernels run (lowbit_detail::*_scalar): the same
-// integer method with the same quantized operands (same float operations), so both paths agree
-// to fp32 rounding and results do not depend on the machine.
+//   AVX2 (+ FMA, F16C; lowbit_avx2.cpp), without AVX-512: vpmaddubsw (u8 x s8, saturating int16
+//   pair sums) with operands that cannot saturate: keys multiply the plain codes (u8 0..3) by the
+//   two signed bytes of w_c = qq_c*sq_c = 256*hi_c + lo_c; values multiply uq (u8) by the plain
+//   codes and recentre, sum_t uq_t*(2*code - 2h) = 2*sum_t uq_t*code - 2h*sum_t uq_t. The same
+//   integers, computed exactly (int16 accumulators widened before they could overflow).
+// Without AVX-512 F+BW and AVX2 the portable scalar kernels run (lowbit_detail::*_scalar): the
+// same integer method with the same quantized operands (same float operations), so all paths
+// agree to fp32 rounding and results do not depend on the machine.
 // They never allocate (stack use <= ~40 KB), keep no state and are safe to call concurrently on
 // disjoint outputs. The *_ref versions dequantize and accumulate in double (test references, slow).
 #pragma once
@@ -142,7 +147,7 @@ void lowbit_accumulate_values_ref(const LowBitSpec& spec, const uint8_t* values,
 
 namespace lowbit_detail {
 // The portable packed kernels (what lowbit_score_keys / lowbit_accumulate_values use without
-// AVX-512); exposed so the tests cover them on AVX-512 machines too.
+// AVX-512 or AVX2); exposed so the tests cover them on SIMD machines too.
 void score_keys_scalar(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride);
 void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
@@ -162,6 +167,15 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
                        size_t q_stride, float* scores, size_t score_stride);
 void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SPC_LOWBIT_AVX2 1
+// AVX2 kernels (lowbit_avx2.cpp), any spec: what the dispatch uses without AVX-512; also built on
+// AVX-512 machines so the tests cover them there.
+void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
+                     size_t q_stride, float* scores, size_t score_stride);
+void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+                            size_t p_stride, float* out, size_t out_stride);
 #endif
 }  // namespace lowbit_detail
 

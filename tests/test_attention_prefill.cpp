@@ -99,6 +99,9 @@ const Case kCases[] = {
     {4, 2, 64, 50, 10},
     {10, 2, 32, 29, 67},
     {16, 1, 16, 7, 5},
+    // stories260K itself (GQA 2, head_dim 8), one chunk and chunked.
+    {8, 4, 8, 300, 0},
+    {8, 4, 8, 64, 250},
 };
 
 }  // namespace

@@ -82,10 +82,16 @@ KvConfig policy(const std::string& name, int bits = 1, int topk = 64, int window
 TEST(KvPolicy, SpecacheWithTopkCoveringEverythingEqualsFull) {
   NEED_STORIES();
   const auto full = teacher_forced(*stories(), policy("full"));
-  // Small window, many key blocks: every quantized position is fetched in 16-bit.
+  // Small window, many key blocks: every quantized position is fetched in 16-bit. The two
+  // paths sum in different orders (~1e-6 relative), and each decoded token's K/V is rounded to
+  // fp16, where a 1e-6 difference can flip the last fp16 bit (5e-4 relative) and carry on in
+  // later steps: logits agree to ~1e-3 .. 1e-2 depending on the values (the AVX2 and AVX-512
+  // prefill kernels land at 7e-3 and < 2e-3), while a low-bit value anywhere costs > 0.1.
   for (int bits : {1, 2}) {
     const auto spec = teacher_forced(*stories(), policy("specache", bits, /*topk=*/512, /*window=*/8));
-    EXPECT_LT(max_abs_diff(full, spec), 2e-3) << bits << "-bit";
+    EXPECT_LT(max_abs_diff(full, spec), 1.5e-2) << bits << "-bit";
+    const auto lossy = teacher_forced(*stories(), policy("specache", bits, /*topk=*/64, /*window=*/8));
+    EXPECT_GT(max_abs_diff(full, lossy), 0.1) << bits << "-bit";
   }
 }
 

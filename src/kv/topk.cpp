@@ -38,6 +38,16 @@ bool filter_at_least(const float* v, int64_t n, float thr, std::vector<int64_t>&
     }
     if (cand.size() > cap) return false;
   }
+#elif defined(__AVX2__)
+  const __m256 tv = _mm256_set1_ps(thr);
+  for (; i + 8 <= n; i += 8) {
+    uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + i), tv, _CMP_GE_OQ));
+    while (m) {
+      cand.push_back(i + std::countr_zero(m));
+      m &= m - 1;
+    }
+    if (cand.size() > cap) return false;
+  }
 #endif
   for (; i < n; ++i)
     if (v[i] >= thr) cand.push_back(i);

@@ -11,7 +11,7 @@
 #include "util/error.h"
 #include "util/threadpool.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -40,6 +40,12 @@ float dot_f32_f16(const float* q, const fp16_t* k, int d) {
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k + c))), acc);
     return _mm512_reduce_add_ps(acc);
   }
+#elif defined(SPC_VEC_AVX2)
+  if (d % 8 == 0) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int c = 0; c < d; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), cvtph8(k + c), acc);
+    return hsum8(acc);
+  }
 #endif
   float s = 0;
   for (int c = 0; c < d; ++c) s += q[c] * fp16_to_fp32(k[c]);
@@ -64,6 +70,22 @@ void dot_f32_f16_rows(const float* q, int n_q, int64_t q_stride, const fp16_t* k
     }
     return;
   }
+#elif defined(SPC_VEC_AVX2)
+  if (d == 64) {
+    __m256 kv[8];
+    for (int u = 0; u < 8; ++u) kv[u] = cvtph8(k + 8 * u);
+    for (int i = 0; i < n_q; ++i) {
+      const float* qi = q + i * q_stride;
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qi), kv[0]);
+      __m256 b = _mm256_mul_ps(_mm256_loadu_ps(qi + 8), kv[1]);
+      for (int u = 2; u < 8; u += 2) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 8 * u), kv[u], a);
+        b = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 8 * u + 8), kv[u + 1], b);
+      }
+      out[i * out_stride] = hsum8(_mm256_add_ps(a, b));
+    }
+    return;
+  }
 #endif
   float kf[512];
   if (d <= 512) {
@@ -85,6 +107,12 @@ void axpy_f16(float p, const fp16_t* v, float* o, int d) {
     const __m512 pv = _mm512_set1_ps(p);
     for (int c = 0; c < d; c += 16)
       _mm512_storeu_ps(o + c, _mm512_fmadd_ps(pv, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(v + c))), _mm512_loadu_ps(o + c)));
+    return;
+  }
+#elif defined(SPC_VEC_AVX2)
+  if (d % 8 == 0) {
+    const __m256 pv = _mm256_set1_ps(p);
+    for (int c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_fmadd_ps(pv, cvtph8(v + c), _mm256_loadu_ps(o + c)));
     return;
   }
 #endif
@@ -209,11 +237,118 @@ constexpr DecodeStreamFn kDecodeStream[8] = {decode_f16_stream<1>, decode_f16_st
                                              decode_f16_stream<7>, decode_f16_stream<8>};
 #endif
 
+#if defined(SPC_VEC_AVX2)
+// AVX2 version of the streaming decode kernel above (same blocks and online softmax, 8 lanes).
+constexpr int kDecBlock = 128;
+
+template <int NQ, int G>
+inline void decode_values8(const fp16_t* v, int d, int c0, int nb, const float* p, const float* alpha, float* o) {
+  __m256 acc[NQ][G];
+  for (int i = 0; i < NQ; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = _mm256_mul_ps(_mm256_loadu_ps(o + i * d + c0 + 8 * g), _mm256_set1_ps(alpha[i]));
+  for (int j = 0; j < nb; ++j) {
+    const fp16_t* vj = v + (int64_t)j * d + c0;
+    __m256 V[G];
+    for (int g = 0; g < G; ++g) V[g] = cvtph8(vj + 8 * g);
+    for (int i = 0; i < NQ; ++i) {
+      const __m256 pj = _mm256_set1_ps(p[i * kDecBlock + j]);
+      for (int g = 0; g < G; ++g) acc[i][g] = _mm256_fmadd_ps(pj, V[g], acc[i][g]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int g = 0; g < G; ++g) _mm256_storeu_ps(o + i * d + c0 + 8 * g, acc[i][g]);
+}
+
+template <int NQ>
+void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v, int64_t k0, int64_t k1,
+                       const int64_t* limit, AttnPartial* part, float* o) {
+  static_assert(kKeyTile == 16, "two 8-key halves per key tile");
+  const float scale = 1.0f / std::sqrt((float)d);
+  alignas(32) float qs[NQ * 256];
+  alignas(32) float sc[NQ * kDecBlock];
+  float m[NQ], l[NQ], alpha[NQ];
+  for (int i = 0; i < NQ; ++i) {
+    for (int c = 0; c < d; ++c) qs[i * d + c] = q[i * d + c] * scale;
+    m[i] = -std::numeric_limits<float>::infinity();
+    l[i] = 0;
+  }
+  std::memset(o, 0, sizeof(float) * NQ * d);
+  constexpr int H = NQ <= 6 ? 2 : 1;  // 8-key halves of a tile per pass over the channels
+  constexpr int G = NQ <= 3 ? 4 : NQ <= 6 ? 2 : 1;
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t b0 = k0; b0 < k1; b0 += kDecBlock) {
+    const int nb = (int)std::min<int64_t>(kDecBlock, k1 - b0);
+    const int ntile = (nb + kKeyTile - 1) / kKeyTile;
+    for (int t = 0; t < ntile; ++t) {
+      const fp16_t* tile = kt + key_tile_offset(b0 + t * kKeyTile, d);
+      for (int h0 = 0; h0 < 2; h0 += H) {
+        __m256 acc[NQ][H];
+        for (int i = 0; i < NQ; ++i)
+          for (int h = 0; h < H; ++h) acc[i][h] = _mm256_setzero_ps();
+        for (int c = 0; c < d; ++c) {
+          __m256 kc[H];
+          for (int h = 0; h < H; ++h) kc[h] = cvtph8(tile + c * kKeyTile + 8 * (h0 + h));
+          for (int i = 0; i < NQ; ++i) {
+            const __m256 qc = _mm256_set1_ps(qs[i * d + c]);
+            for (int h = 0; h < H; ++h) acc[i][h] = _mm256_fmadd_ps(qc, kc[h], acc[i][h]);
+          }
+        }
+        for (int i = 0; i < NQ; ++i)
+          for (int h = 0; h < H; ++h) _mm256_store_ps(sc + i * kDecBlock + t * kKeyTile + 8 * (h0 + h), acc[i][h]);
+      }
+    }
+    for (int i = 0; i < NQ; ++i) {
+      float* si = sc + i * kDecBlock;
+      const int ni = (int)std::max<int64_t>(0, std::min<int64_t>(nb, limit[i] - b0));
+      if (ni == 0) {
+        alpha[i] = 1.0f;
+        std::memset(si, 0, sizeof(float) * ntile * kKeyTile);
+        continue;
+      }
+      float bmax = -std::numeric_limits<float>::infinity();
+      int j = 0;
+      if (ni >= 8) {
+        __m256 mx = _mm256_set1_ps(bmax);
+        for (; j + 8 <= ni; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(si + j));
+        bmax = hmax8(mx);
+      }
+      for (; j < ni; ++j) bmax = std::max(bmax, si[j]);
+      const float mnew = std::max(m[i], bmax);
+      alpha[i] = m[i] == -std::numeric_limits<float>::infinity() ? 0.0f : exp_approx(m[i] - mnew);
+      const __m256 mv = _mm256_set1_ps(mnew);
+      const __m256i niv = _mm256_set1_epi32(ni);
+      __m256 sum = _mm256_setzero_ps();
+      for (int jj = 0; jj < ntile * kKeyTile; jj += 8) {
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(niv, _mm256_add_epi32(iota, _mm256_set1_epi32(jj))));
+        const __m256 pj = _mm256_and_ps(keep, exp_approx8(_mm256_sub_ps(_mm256_load_ps(si + jj), mv)));
+        _mm256_store_ps(si + jj, pj);
+        sum = _mm256_add_ps(sum, pj);
+      }
+      l[i] = l[i] * alpha[i] + hsum8(sum);
+      m[i] = mnew;
+    }
+    const fp16_t* vb = v + b0 * d;
+    int c0 = 0;
+    for (; c0 + 8 * G <= d; c0 += 8 * G) decode_values8<NQ, G>(vb, d, c0, nb, sc, alpha, o);
+    for (; c0 < d; c0 += 8) decode_values8<NQ, 1>(vb, d, c0, nb, sc, alpha, o);
+  }
+  for (int i = 0; i < NQ; ++i) part[i] = {m[i], l[i]};
+}
+
+using DecodeStreamFn = void (*)(const float*, int, const fp16_t*, const fp16_t*, int64_t, int64_t, const int64_t*,
+                                AttnPartial*, float*);
+constexpr DecodeStreamFn kDecodeStream[8] = {decode_f16_stream<1>, decode_f16_stream<2>, decode_f16_stream<3>,
+                                             decode_f16_stream<4>, decode_f16_stream<5>, decode_f16_stream<6>,
+                                             decode_f16_stream<7>, decode_f16_stream<8>};
+#endif
+
 }  // namespace
 
 bool attention_decode_f16_streams(int head_dim) {
 #if defined(__AVX512F__)
   return head_dim % 16 == 0 && head_dim <= 256;
+#elif defined(SPC_VEC_AVX2)
+  return head_dim % 8 == 0 && head_dim <= 256;
 #else
   (void)head_dim;
   return false;
@@ -223,7 +358,7 @@ bool attention_decode_f16_streams(int head_dim) {
 void attention_decode_f16(const float* q, int n_q, int d, const fp16_t* kt, const fp16_t* v, int64_t k0, int64_t k1,
                           const int64_t* limit, AttnPartial* part, float* o, float* scratch) {
   SPC_ASSERT(k0 % kKeyTile == 0 && d <= 256 && n_q >= 1 && n_q <= 8);
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(SPC_VEC_AVX2)
   if (attention_decode_f16_streams(d)) {
     kDecodeStream[n_q - 1](q, d, kt, v, k0, k1, limit, part, o);
     return;

@@ -26,7 +26,7 @@
 #include "util/error.h"
 #include "util/threadpool.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -314,6 +314,192 @@ void prefill_group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p
 }
 #endif
 
+#if defined(SPC_VEC_AVX2)
+// AVX2 port of the tile kernel above: 24 query lanes (3 ymm) per tile, 4 keys (scores) or 4
+// channels (values) x 24 lanes in 12 ymm accumulators, the same key blocks and groups.
+constexpr int kTileLanes = 24;
+constexpr int kKeyBlock = 64;
+constexpr int kGroupTiles = 4;
+
+void tile_scores(const float* qt, const float* kb, int64_t ks, int d, int nb, float* st) {
+  int j = 0;
+  for (; j + 4 <= nb; j += 4) {
+    __m256 a[4][3];
+    for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = a[i][2] = _mm256_setzero_ps();
+    const float* kp = kb + j * ks;
+    for (int c = 0; c < d; ++c) {
+      const __m256 q0 = _mm256_load_ps(qt + c * kTileLanes);
+      const __m256 q1 = _mm256_load_ps(qt + c * kTileLanes + 8);
+      const __m256 q2 = _mm256_load_ps(qt + c * kTileLanes + 16);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 kc = _mm256_broadcast_ss(kp + i * ks + c);
+        a[i][0] = _mm256_fmadd_ps(kc, q0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(kc, q1, a[i][1]);
+        a[i][2] = _mm256_fmadd_ps(kc, q2, a[i][2]);
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int u = 0; u < 3; ++u) _mm256_store_ps(st + (j + i) * kTileLanes + 8 * u, a[i][u]);
+  }
+  for (; j < nb; ++j) {
+    __m256 a[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const float* kp = kb + j * ks;
+    for (int c = 0; c < d; ++c) {
+      const __m256 kc = _mm256_broadcast_ss(kp + c);
+      for (int u = 0; u < 3; ++u) a[u] = _mm256_fmadd_ps(kc, _mm256_load_ps(qt + c * kTileLanes + 8 * u), a[u]);
+    }
+    for (int u = 0; u < 3; ++u) _mm256_store_ps(st + j * kTileLanes + 8 * u, a[u]);
+  }
+}
+
+void tile_values(const float* pt, const float* vb, int64_t vs, int d, int nb, const __m256 alpha[3], float* ot) {
+  int c0 = 0;
+  for (; c0 + 4 <= d; c0 += 4) {
+    __m256 a[4][3];
+    for (int i = 0; i < 4; ++i)
+      for (int u = 0; u < 3; ++u) a[i][u] = _mm256_mul_ps(_mm256_load_ps(ot + (c0 + i) * kTileLanes + 8 * u), alpha[u]);
+    const float* vp = vb + c0;
+    for (int j = 0; j < nb; ++j, vp += vs) {
+      const __m256 p0 = _mm256_load_ps(pt + j * kTileLanes);
+      const __m256 p1 = _mm256_load_ps(pt + j * kTileLanes + 8);
+      const __m256 p2 = _mm256_load_ps(pt + j * kTileLanes + 16);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 vc = _mm256_broadcast_ss(vp + i);
+        a[i][0] = _mm256_fmadd_ps(vc, p0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(vc, p1, a[i][1]);
+        a[i][2] = _mm256_fmadd_ps(vc, p2, a[i][2]);
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int u = 0; u < 3; ++u) _mm256_store_ps(ot + (c0 + i) * kTileLanes + 8 * u, a[i][u]);
+  }
+  for (; c0 < d; ++c0) {
+    __m256 a[3];
+    for (int u = 0; u < 3; ++u) a[u] = _mm256_mul_ps(_mm256_load_ps(ot + c0 * kTileLanes + 8 * u), alpha[u]);
+    for (int j = 0; j < nb; ++j) {
+      const __m256 vc = _mm256_broadcast_ss(vb + j * vs + c0);
+      for (int u = 0; u < 3; ++u) a[u] = _mm256_fmadd_ps(vc, _mm256_load_ps(pt + j * kTileLanes + 8 * u), a[u]);
+    }
+    for (int u = 0; u < 3; ++u) _mm256_store_ps(ot + c0 * kTileLanes + 8 * u, a[u]);
+  }
+}
+
+struct Tile {
+  float* qt;          // [d][24] scaled queries, lane i = (row i / g, head i % g)
+  float* ot;          // [d][24] unnormalized outputs
+  __m256 m[3], l[3];  // running max and sum per lane
+  __m256i lim[3];     // lane i sees keys j <= lim[i]
+  int64_t r0;
+  int nr;
+  int64_t n_keys;
+  int64_t all_see;
+};
+
+inline size_t group_scratch_floats(int d) { return ((size_t)2 * d * kGroupTiles + kKeyBlock) * kTileLanes; }
+
+void tile_init(Tile& t, const AttnShape& s, const float* q, int64_t p0, int hk) {
+  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
+  const int64_t q_stride = (int64_t)s.n_head * d;
+  const float scale = 1.0f / std::sqrt((float)d);
+  const int used = t.nr * g;
+  std::memset(t.qt, 0, sizeof(float) * d * kTileLanes);
+  std::memset(t.ot, 0, sizeof(float) * d * kTileLanes);
+  for (int r = 0; r < t.nr; ++r) {
+    const float* qr = q + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
+    for (int hl = 0; hl < g; ++hl)
+      for (int c = 0; c < d; ++c) t.qt[c * kTileLanes + r * g + hl] = qr[hl * d + c] * scale;
+  }
+  alignas(32) int32_t lim_a[kTileLanes];
+  for (int i = 0; i < kTileLanes; ++i)
+    lim_a[i] = i < used ? (int32_t)(p0 + t.r0 + i / g) : std::numeric_limits<int32_t>::max();
+  for (int u = 0; u < 3; ++u) {
+    t.lim[u] = _mm256_load_si256((const __m256i*)(lim_a + 8 * u));
+    t.m[u] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    t.l[u] = _mm256_setzero_ps();
+  }
+  t.n_keys = p0 + t.r0 + t.nr;
+  t.all_see = p0 + t.r0 + 1;
+}
+
+void tile_block(Tile& t, int64_t j0, int nb, const float* kb, const float* vb, int64_t kv_stride, int d, float* st) {
+  tile_scores(t.qt, kb, kv_stride, d, nb, st);
+  if (j0 + nb > t.all_see) {  // causal diagonal: masked scores become -inf (weight exactly 0)
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j) {
+      const __m256i pj = _mm256_set1_epi32((int32_t)(j0 + j));
+      for (int u = 0; u < 3; ++u) {
+        const __m256 hidden = _mm256_castsi256_ps(_mm256_cmpgt_epi32(pj, t.lim[u]));
+        float* sj = st + j * kTileLanes + 8 * u;
+        _mm256_store_ps(sj, _mm256_blendv_ps(_mm256_load_ps(sj), ninf, hidden));
+      }
+    }
+  }
+  // Key 0 is visible to every lane, so m is finite after the first block; exp_approx8 of -inf
+  // (the first alpha, masked scores) is exactly 0.
+  __m256 bm[3] = {t.m[0], t.m[1], t.m[2]};
+  for (int j = 0; j < nb; ++j)
+    for (int u = 0; u < 3; ++u) bm[u] = _mm256_max_ps(bm[u], _mm256_load_ps(st + j * kTileLanes + 8 * u));
+  __m256 alpha[3], sum[3];
+  for (int u = 0; u < 3; ++u) {
+    alpha[u] = exp_approx8(_mm256_sub_ps(t.m[u], bm[u]));
+    t.m[u] = bm[u];
+    sum[u] = _mm256_setzero_ps();
+  }
+  for (int j = 0; j < nb; ++j)
+    for (int u = 0; u < 3; ++u) {
+      float* sj = st + j * kTileLanes + 8 * u;
+      const __m256 p = exp_approx8(_mm256_sub_ps(_mm256_load_ps(sj), t.m[u]));
+      _mm256_store_ps(sj, p);
+      sum[u] = _mm256_add_ps(sum[u], p);
+    }
+  for (int u = 0; u < 3; ++u) t.l[u] = _mm256_fmadd_ps(t.l[u], alpha[u], sum[u]);
+  tile_values(st, vb, kv_stride, d, nb, alpha, t.ot);
+}
+
+void tile_finish(const Tile& t, const AttnShape& s, float* out, int hk) {
+  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
+  const int64_t q_stride = (int64_t)s.n_head * d;
+  alignas(32) float inv[kTileLanes];
+  for (int u = 0; u < 3; ++u) _mm256_store_ps(inv + 8 * u, _mm256_div_ps(_mm256_set1_ps(1.0f), t.l[u]));
+  for (int r = 0; r < t.nr; ++r) {
+    float* orow = out + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
+    for (int hl = 0; hl < g; ++hl) {
+      const int i = r * g + hl;
+      for (int c = 0; c < d; ++c) orow[hl * d + c] = t.ot[c * kTileLanes + i] * inv[i];
+    }
+  }
+}
+
+void prefill_group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
+                   float* out, int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
+  const int d = s.head_dim;
+  const int64_t kv_stride = (int64_t)s.n_head_kv * d;
+  const int nt = (int)(tile1 - tile0);
+  Tile tiles[kGroupTiles];
+  float* st = scratch + (size_t)2 * d * kGroupTiles * kTileLanes;
+  int64_t n_keys = 0;
+  for (int i = 0; i < nt; ++i) {
+    Tile& t = tiles[i];
+    t.qt = scratch + (size_t)2 * i * d * kTileLanes;
+    t.ot = t.qt + (size_t)d * kTileLanes;
+    t.r0 = (tile0 + i) * rows;
+    t.nr = (int)std::min<int64_t>(rows, n_rows - t.r0);
+    tile_init(t, s, q, p0, hk);
+    n_keys = std::max(n_keys, t.n_keys);
+  }
+  const float* kh = k + (int64_t)hk * d;
+  const float* vh = v + (int64_t)hk * d;
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock)
+    for (int i = 0; i < nt; ++i) {
+      Tile& t = tiles[i];
+      if (j0 >= t.n_keys) continue;
+      const int nb = (int)std::min<int64_t>(kKeyBlock, t.n_keys - j0);
+      tile_block(t, j0, nb, kh + j0 * kv_stride, vh + j0 * kv_stride, kv_stride, d, st);
+    }
+  for (int i = 0; i < nt; ++i) tile_finish(tiles[i], s, out, hk);
+}
+#endif
+
 }  // namespace
 
 void attention_prefill_portable(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k,
@@ -332,7 +518,7 @@ void attention_prefill_portable(const AttnShape& s, const float* q, int64_t n_ro
 
 void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
                        float* out, ThreadPool& pool) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(SPC_VEC_AVX2)
   const int g = s.n_head / s.n_head_kv;
   if (g <= kTileLanes) {
     const int rows = kTileLanes / g;  // rows per tile: all g heads of a row share the tile

@@ -543,6 +543,41 @@ void dequant_blocks(const uint8_t* p, float* dst, int64_t nb) {
     _mm512_storeu_ps(dst + 16, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(hi), m));
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 version of the above: 8 values per step, the same arithmetic (bit-identical results).
+template <size_t kBytes, int kQs, int kQh, bool kMin, int kOff, bool kQ8>
+void dequant_blocks(const uint8_t* p, float* dst, int64_t nb) {
+  const __m128i m4 = _mm_set1_epi8(0x0f);
+  const __m256i off = _mm256_set1_epi32(kOff), b5 = _mm256_set1_epi32(16);
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int64_t b = 0; b < nb; ++b, p += kBytes, dst += 32) {
+    const __m256 d = _mm256_set1_ps(ld_f16(p));
+    const __m256 m = kMin ? _mm256_set1_ps(ld_f16(p + 2)) : _mm256_setzero_ps();
+    __m128i bytes[2];  // elements 0..15 and 16..31 as bytes
+    if (kQ8) {
+      bytes[0] = _mm_loadu_si128((const __m128i*)(p + kQs));
+      bytes[1] = _mm_loadu_si128((const __m128i*)(p + kQs + 16));
+    } else {
+      const __m128i q = _mm_loadu_si128((const __m128i*)(p + kQs));
+      bytes[0] = _mm_and_si128(q, m4);
+      bytes[1] = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+    }
+    const uint32_t h = kQh >= 0 ? ld_u32(p + kQh) : 0;
+    for (int k = 0; k < 4; ++k) {
+      const __m128i b8 = k % 2 ? _mm_srli_si128(bytes[k / 2], 8) : bytes[k / 2];
+      __m256i v = kQ8 ? _mm256_cvtepi8_epi32(b8) : _mm256_cvtepu8_epi32(b8);
+      if (kQh >= 0) {
+        const __m256i hb = _mm256_and_si256(_mm256_set1_epi32((int32_t)((h >> (8 * k)) & 0xffu)), bit);
+        v = _mm256_add_epi32(v, _mm256_and_si256(_mm256_cmpeq_epi32(hb, bit), b5));
+      }
+      if (kOff != 0) v = _mm256_sub_epi32(v, off);
+      _mm256_storeu_ps(dst + 8 * k, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(v), m));
+    }
+  }
+}
+#define SPC_DEQUANT_FAST 1
+#endif
+#if defined(SPC_DEQUANT_FAST) || (defined(__AVX512F__) && defined(__AVX512BW__))
 bool dequantize_row_fast(GgmlType t, const uint8_t* p, float* dst, int64_t n) {
   switch (t) {
     case GgmlType::Q4_0: dequant_blocks<18, 2, -1, false, 8, false>(p, dst, n / 32); return true;
@@ -570,6 +605,8 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
 #if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16)
       _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
 #endif
     for (; i < n; ++i) dst[i] = fp16_to_fp32(s[i]);
     return;
@@ -579,7 +616,7 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(s[i]);
     return;
   }
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(SPC_DEQUANT_FAST) || (defined(__AVX512F__) && defined(__AVX512BW__))
   if (dequantize_row_fast(t, (const uint8_t*)src, dst, n)) return;
 #endif
   const UnpackInfo info = unpack_info(t);

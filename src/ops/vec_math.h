@@ -4,8 +4,12 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+// AVX2 paths where the build lacks AVX-512 (FMA and F16C come with every AVX2 CPU we target).
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SPC_VEC_AVX2 1
 #endif
 
 #include "ops/attention.h"
@@ -33,6 +37,41 @@ inline __m512 exp_approx16(__m512 x) {
 }
 #endif
 
+#if defined(SPC_VEC_AVX2)
+// exp(x) on 8 lanes: exp_approx's range reduction and polynomial; x below -87 (and -inf, NaN-free
+// masked scores) gives exactly 0, like exp_approx16's underflow.
+inline __m256 exp_approx8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256 cvtph8(const fp16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+#endif
+
 // max over x[0..n); -inf for n == 0.
 inline float vec_max(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
@@ -42,6 +81,12 @@ inline float vec_max(const float* x, int64_t n) {
     __m512 mv = _mm512_set1_ps(m);
     for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + i));
     m = _mm512_reduce_max_ps(mv);
+  }
+#elif defined(SPC_VEC_AVX2)
+  if (n >= 8) {
+    __m256 mv = _mm256_set1_ps(m);
+    for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
+    m = hmax8(mv);
   }
 #endif
   for (; i < n; ++i) m = x[i] > m ? x[i] : m;
@@ -68,6 +113,15 @@ inline float vec_exp_shift_sum(float* x, int64_t n, float m) {
     i = n;
   }
   s = _mm512_reduce_add_ps(acc);
+#elif defined(SPC_VEC_AVX2)
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_approx8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  s = hsum8(acc);
 #endif
   for (; i < n; ++i) s += (x[i] = exp_approx(x[i] - m));
   return s;
@@ -78,6 +132,8 @@ inline void vec_from_f16(const fp16_t* x, float* y, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + i))));
+#elif defined(SPC_VEC_AVX2)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, cvtph8(x + i));
 #endif
   for (; i < n; ++i) y[i] = fp16_to_fp32(x[i]);
 }
@@ -88,6 +144,9 @@ inline void vec_axpy(float a, const float* x, float* y, int64_t n) {
 #if defined(__AVX512F__)
   const __m512 av = _mm512_set1_ps(a);
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#elif defined(SPC_VEC_AVX2)
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i) y[i] += a * x[i];
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Configures and builds specache (Release) into build/. Extra arguments go to cmake.
+# Configures and builds specache (Release) into build/ (or $SPECACHE_BUILD_DIR). Extra
+# arguments go to cmake.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cmake -S "$root" -B "$root/build" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
-ninja -C "$root/build"
+dir="${SPECACHE_BUILD_DIR:-$root/build}"
+cmake -S "$root" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+ninja -C "$dir"

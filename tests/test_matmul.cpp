@@ -140,7 +140,7 @@ TEST(Matmul, ManySharedInputEqualsSeparateCalls) {
       {{GgmlType::Q4_1, 576}, {GgmlType::Q4_1, 192}, {GgmlType::Q4_1, 197}},  // SmolLM2's q, k, v (+ a ragged one)
       {{GgmlType::Q8_0, 1536}, {GgmlType::Q8_0, 1536}},
       {{GgmlType::Q4_0, 64}, {GgmlType::Q4_1, 100}},   // mixed types, same activation layout: fused
-      {{GgmlType::Q4_1, 64}, {GgmlType::Q8_0, 61}},    // mixed types, one permuted one not: separate calls
+      {{GgmlType::Q4_1, 64}, {GgmlType::Q8_0, 61}},    // mixed types: separate calls on AVX-512 (one permuted, one not), one fused call on AVX2
       {{GgmlType::Q4_0, 96}, {GgmlType::F16, 40}},     // a type without a fused kernel: separate calls
       {{GgmlType::Q5_1, 33}},
   };

@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "ops/vec_math.h"
 #include "util/error.h"
 #include "util/fp16.h"
 
@@ -74,24 +75,6 @@ inline uint64_t spread_nibbles(uint64_t w, int r) {
   return out;
 }
 
-inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-inline float hmax(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-inline float hmin(__m256 v) {
-  __m128 x = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_min_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_min_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
 inline int32_t hsum_epi32(__m256i v) {
   __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   x = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
@@ -221,7 +204,7 @@ void prep_key_rows(const KeyCtx& k, const float* q, size_t q_stride, int nq, Key
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     __m256 m = _mm256_setzero_ps();
     for (int c = 0; c < k.d16; c += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_load_ps(qp + c), absm));
-    const float qmax = hmax(m);
+    const float qmax = hmax8(m);
     const __m256 inv = _mm256_set1_ps(qmax > 0.0f ? 127.0f / qmax : 0.0f);
     kr.aq[iq] = qmax / 127.0f;
     for (int c = 0; c < k.d16; c += 16) {
@@ -266,7 +249,7 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const KeyRows& kr, in
     _mm256_store_ps(zc + c, _mm256_fmadd_ps(sv, hv, load_f16(zp + 2 * c, n)));
     sm = _mm256_max_ps(sm, sv);
   }
-  const float smax = hmax(sm);
+  const float smax = hmax8(sm);
   const __m256 invs = _mm256_set1_ps(smax > 0.0f ? k.lim / smax : 0.0f);
   const float as = smax / k.lim;
   alignas(32) int16_t sq[kMaxDim];
@@ -299,7 +282,7 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const KeyRows& kr, in
       _mm256_store_si256((__m256i*)(hi + c / 4), pack_i8(h[0], h[1]));
     }
     kp.A[iq] = kr.aq[iq] * as;
-    kp.qz[iq] = hsum(tz) - k.h * kp.A[iq] * (float)hsum_epi32(wsum);
+    kp.qz[iq] = hsum8(tz) - k.h * kp.A[iq] * (float)hsum_epi32(wsum);
   }
 }
 
@@ -405,7 +388,7 @@ void prep_value_block(const ValCtx& c, const uint8_t* block, const float* p, siz
         za[gi] = _mm256_fmadd_ps(pv, _mm256_load_ps(zc + gi * g + 8 * j), za[gi]);
       }
     }
-    const float mx = hmax(m);
+    const float mx = hmax8(m);
     const float inv = mx > 0.0f ? 255.0f / mx : 0.0f;
     vp.half_b[iq] = 0.5f * (mx / 255.0f);
     const __m256 iv = _mm256_set1_ps(inv);
@@ -593,10 +576,10 @@ void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n
         }
       }
     }
-    SPC_CHECK(!(hmin(pmin) < 0.0f), "low-bit values: weights must be >= 0, got %g", (double)hmin(pmin));
+    SPC_CHECK(!(hmin8(pmin) < 0.0f), "low-bit values: weights must be >= 0, got %g", (double)hmin8(pmin));
     for (int iq = 0; iq < nq; ++iq) {
       float zs[kMaxGroups];
-      for (int gi = 0; gi < ng; ++gi) zs[gi] = hsum(zacc[iq * kMaxGroups + gi]);
+      for (int gi = 0; gi < ng; ++gi) zs[gi] = hsum8(zacc[iq * kMaxGroups + gi]);
       float* o = out + (size_t)(q0 + iq) * out_stride;
       const float* f = facc + iq * kMaxDim;
       for (int ch = 0; ch < d; ++ch) o[ch] += f[ch] + zs[ch / gv];

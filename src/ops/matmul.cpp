@@ -119,7 +119,7 @@ void qkernel(const uint8_t* wu, const float* wsc, int64_t nvb, const int8_t* xq,
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) out[r * kTileT + t] = hsum256(acc[r][t]);
+    for (int t = 0; t < T; ++t) out[r * kTileT + t] = hsum8(acc[r][t]);
 #elif defined(SPC_MM_AVX2)
   // Codes up to 255 (Q8_0's unpacked form) would saturate vpmaddubsw's int16 pair sums, so the
   // bytes are widened to int16 and multiplied with vpmaddwd: per 16-value half, 8 int32 lanes,
@@ -150,7 +150,7 @@ void qkernel(const uint8_t* wu, const float* wsc, int64_t nvb, const int8_t* xq,
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) out[r * kTileT + t] = hsum256(acc[r][t]);
+    for (int t = 0; t < T; ++t) out[r * kTileT + t] = hsum8(acc[r][t]);
 #else
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
@@ -333,7 +333,7 @@ void fkernel_rows(const typename L::T* w, const float* x, int64_t n, float* out)
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) out[r * kTileT + t] = hsum256(acc[r][t]);
+    for (int t = 0; t < T; ++t) out[r * kTileT + t] = hsum8(acc[r][t]);
 }
 // The tile in passes of at most 8 accumulators (16 ymm registers): rows split, tokens not.
 template <class L, int R, int T, bool kPrefetch>

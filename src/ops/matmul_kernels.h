@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "ops/vec_math.h"  // hsum8
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -57,14 +58,6 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
 #endif
 }
 
-#if defined(SPC_MM_VNNI) || defined(SPC_MM_AVX2)
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 // Fused kernel: R (1..4) consecutive weight rows starting at w (row stride rs bytes, nvb
 // 32-element sub-blocks per row) times T (1..4) tokens of quantized activations (xq: stride

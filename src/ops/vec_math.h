@@ -7,9 +7,14 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-// AVX2 paths where the build lacks AVX-512 (FMA and F16C come with every AVX2 CPU we target).
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// 8-lane helpers wherever the build has AVX2 + FMA + F16C (AVX-512 builds too: the AVX2 low-bit
+// kernels and the 256-bit matmul kernels use them there); SPC_VEC_AVX2 selects them as the main
+// path of the helpers below where the build lacks AVX-512.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SPC_VEC_HAVE_AVX2 1
+#if !defined(__AVX512F__)
 #define SPC_VEC_AVX2 1
+#endif
 #endif
 
 #include "ops/attention.h"
@@ -37,7 +42,7 @@ inline __m512 exp_approx16(__m512 x) {
 }
 #endif
 
-#if defined(SPC_VEC_AVX2)
+#if defined(SPC_VEC_HAVE_AVX2)
 // exp(x) on 8 lanes: exp_approx's range reduction and polynomial; x below -87 (and -inf, NaN-free
 // masked scores) gives exactly 0, like exp_approx16's underflow.
 inline __m256 exp_approx8(__m256 x) {
@@ -67,6 +72,12 @@ inline float hmax8(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float hmin8(__m256 v) {
+  __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_min_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
 inline __m256 cvtph8(const fp16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }

@@ -52,7 +52,7 @@ class StreamingPolicy final : public KvPolicy {
         const size_t n_old = L.k.size() / kv_stride();
         sc.assign(n_old + r + 1, 0.0f);
         for (size_t j = 0; j < n_old; ++j) sc[j] = dot16(q, L.k.data() + j * kv_stride() + h * d) * scale;
-        for (int rr = 0; rr <= r; ++rr) sc[n_old + rr] = dot32(q, rows.k + ((int64_t)rr * g_.n_head_kv + h) * d) * scale;
+        for (int rr = 0; rr <= r; ++rr) sc[n_old + rr] = dot_rounded(q, rows.k + ((int64_t)rr * g_.n_head_kv + h) * d) * scale;
         const float m = *std::max_element(sc.begin(), sc.end());
         double l = 0;
         for (float& s : sc) l += (s = std::exp(s - m));
@@ -65,7 +65,7 @@ class StreamingPolicy final : public KvPolicy {
             for (int c = 0; c < d; ++c) o[c] += p * fp16_to_fp32(vr[c]);
           } else {
             const float* vr = rows.v + ((int64_t)(j - n_old) * g_.n_head_kv + h) * d;
-            for (int c = 0; c < d; ++c) o[c] += p * vr[c];
+            for (int c = 0; c < d; ++c) o[c] += p * round16(vr[c]);
           }
         }
       }
@@ -88,12 +88,14 @@ class StreamingPolicy final : public KvPolicy {
     std::vector<fp16_t> k, v;  // [n_kept][n_head_kv][head_dim]: sinks first, then the recent window in order
   };
   int64_t kv_stride() const { return (int64_t)g_.n_head_kv * g_.head_dim; }
-  static float dot32(const float* a, const float* b, int d) {
+  // The step's own rows are rounded to 16-bit exactly as they will be stored (and as `full` stores
+  // them before attending), so a window covering everything reproduces `full`.
+  static float round16(float x) { return fp16_to_fp32(fp32_to_fp16(x)); }
+  float dot_rounded(const float* a, const float* b) const {
     float s = 0;
-    for (int c = 0; c < d; ++c) s += a[c] * b[c];
+    for (int c = 0; c < g_.head_dim; ++c) s += a[c] * round16(b[c]);
     return s;
   }
-  float dot32(const float* a, const float* b) const { return dot32(a, b, g_.head_dim); }
   float dot16(const float* a, const fp16_t* b) const {
     float s = 0;
     for (int c = 0; c < g_.head_dim; ++c) s += a[c] * fp16_to_fp32(b[c]);

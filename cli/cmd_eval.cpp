@@ -19,7 +19,7 @@ namespace {
 struct EvalArgs {
   ModelArgs m;
   std::string tasks = "passkey,niah,ppl,agree";
-  std::string policies = "full,kivi:1,kivi:2,specache:1,specache:2,specache-exact:1,streaming,topk-oracle:1";
+  std::string policies = "full,kivi:1,kivi:2,specache:1,specache:2,specache-refetch:1,specache-exact:1,streaming,topk-oracle:1";
   std::vector<int64_t> lengths = {1024, 2048, 4096, 8192};
   std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1};
   std::vector<uint64_t> seeds = {1};

@@ -32,20 +32,20 @@ struct GenerateArgs {
 // Flags that only mean something for some policies: reject combinations that would be silently ignored.
 void check_kv_combination(const CLI::App& app, const KvConfig& kv) {
   auto given = [&](const char* flag) { return app.count(flag) > 0; };
-  const bool lowbit = kv.policy == "kivi" || kv.policy == "specache" || kv.policy == "specache-exact" ||
-                      kv.policy == "topk-oracle";
-  const bool tiered = kv.policy == "specache" || kv.policy == "specache-exact";
+  const bool speculative = kv.policy == "specache" || kv.policy == "specache-refetch";
+  const bool lowbit = speculative || kv.policy == "kivi" || kv.policy == "specache-exact" || kv.policy == "topk-oracle";
+  const bool tiered = speculative || kv.policy == "specache-exact";
   if (!lowbit)
     for (const char* f : {"--kv-bits", "--kv-group"})
-      SPC_CHECK(!given(f), "%s has no effect with --kv %s (it applies to kivi, specache, specache-exact, topk-oracle)", f, kv.policy.c_str());
+      SPC_CHECK(!given(f), "%s has no effect with --kv %s (it applies to kivi, specache, specache-refetch, specache-exact, topk-oracle)", f, kv.policy.c_str());
   if (!lowbit && kv.policy != "streaming")
     SPC_CHECK(!given("--kv-window"), "--kv-window has no effect with --kv %s", kv.policy.c_str());
   if (!tiered && kv.policy != "topk-oracle")
     SPC_CHECK(!given("--kv-topk"), "--kv-topk has no effect with --kv %s", kv.policy.c_str());
   if (!tiered)
     for (const char* f : {"--kv-store", "--kv-dir"})
-      SPC_CHECK(!given(f), "%s has no effect with --kv %s (only specache and specache-exact have a slow tier)", f, kv.policy.c_str());
-  if (kv.policy != "specache")
+      SPC_CHECK(!given(f), "%s has no effect with --kv %s (only specache, specache-refetch and specache-exact have a slow tier)", f, kv.policy.c_str());
+  if (!speculative)
     for (const char* f : {"--kv-shift", "--kv-guess"})
       SPC_CHECK(!given(f), "%s has no effect with --kv %s (it steers specache's speculative row)", f, kv.policy.c_str());
   if (kv.store == "file") SPC_CHECK(!kv.dir.empty(), "--kv-store file needs --kv-dir DIR");
@@ -119,6 +119,7 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
       kv["spec_recall"] = ks.spec_recall;
       kv["spec_recall_per_layer"] = ks.spec_recall_per_layer;
       if (session.guesses().checked) kv["guess_hit_rate"] = session.guesses().hit_rate();
+      if (a.kv.policy == "specache-refetch") kv["refetch_steps"] = ks.refetch_steps;
       if (ks.exact_mass_served >= 0) kv["exact_mass_served"] = ks.exact_mass_served;
       kv["stall_ms"] = ks.stall_ms;
       kv["copy_ms"] = ks.copy_ms;

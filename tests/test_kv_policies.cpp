@@ -112,6 +112,129 @@ TEST(KvPolicy, GuessesOfExactSpecacheAreAlwaysRight) {
   }
 }
 
+// Policy-level drivers (no model): random K/V prefilled into a small geometry, then decode steps
+// with random rows, called as the model calls them.
+namespace {
+
+struct RandomSteps {
+  KvGeometry g{2, 4, 2, 64, 1024};
+  std::mt19937 rng{11};
+  std::normal_distribution<float> nd{0.f, 1.f};
+  std::vector<float> pk, pv;
+  explicit RandomSteps(int64_t n_prefill) {
+    pk.resize((size_t)n_prefill * g.n_head_kv * g.head_dim);
+    pv.resize(pk.size());
+    for (auto& e : pk) e = fp16_to_fp32(fp32_to_fp16(nd(rng)));
+    for (auto& e : pv) e = fp16_to_fp32(fp32_to_fp16(nd(rng)));
+  }
+  std::unique_ptr<KvPolicy> make(const KvConfig& kc) const {
+    auto kv = make_kv_policy(kc, g);
+    const int64_t n = (int64_t)pk.size() / (g.n_head_kv * g.head_dim);
+    for (int il = 0; il < g.n_layer; ++il) kv->store_prefill(il, 0, n, pk.data(), pv.data());
+    return kv;
+  }
+  // One row's q, k, v (q: [n_head][d], k/v: [n_head_kv][d]); q sharpened so top-k matters.
+  struct Row {
+    std::vector<float> q, k, v;
+  };
+  Row row() {
+    Row r;
+    r.q.resize((size_t)g.n_head * g.head_dim);
+    r.k.resize((size_t)g.n_head_kv * g.head_dim);
+    r.v.resize(r.k.size());
+    for (auto& e : r.q) e = 2.0f * nd(rng);
+    for (auto& e : r.k) e = nd(rng);
+    for (auto& e : r.v) e = nd(rng);
+    return r;
+  }
+  // Runs one step of `rows` (row 0 kept unless n_keep = 0); returns row 0's outputs of every layer.
+  std::vector<float> step(KvPolicy& kv, const std::vector<const Row*>& rows, int n_keep, ThreadPool& pool) const {
+    const int n = (int)rows.size();
+    std::vector<float> q, k, v;
+    for (const Row* r : rows) {
+      q.insert(q.end(), r->q.begin(), r->q.end());
+      k.insert(k.end(), r->k.begin(), r->k.end());
+      v.insert(v.end(), r->v.begin(), r->v.end());
+    }
+    std::vector<float> out((size_t)n * g.n_head * g.head_dim), row0;
+    kv.begin_step(n, n_keep);
+    DecodeRows dr{n, n_keep, kv.n_cached(), q.data(), k.data(), v.data()};
+    for (int il = 0; il < g.n_layer; ++il) {
+      kv.attend(il, dr, out.data(), pool);
+      row0.insert(row0.end(), out.begin(), out.begin() + (size_t)g.n_head * g.head_dim);
+    }
+    kv.end_step();
+    return row0;
+  }
+};
+
+double max_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double m = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, (double)std::fabs(a[i] - b[i]));
+  return m;
+}
+
+}  // namespace
+
+// After the pre-decoding pass, the first step's row 0 is the same token at the same position, so
+// it must attend with the top-k that pass selected for itself (the pass may not replace it with a
+// selection for the position after), i.e. exactly as specache-exact's first step does.
+TEST(KvPolicy, FirstStepAfterPreDecodingAttendsWithThePassOwnTopk) {
+  ThreadPool pool(2);
+  RandomSteps rs(448);
+  KvConfig spec = policy("specache", 1, 16, 16, 64), exact = policy("specache-exact", 1, 16, 16, 64);
+  auto a = rs.make(spec), b = rs.make(exact), kivi = rs.make(policy("kivi", 1, 0, 16, 64));
+  const auto x = rs.row(), y = rs.row();
+  rs.step(*a, {&x}, /*n_keep=*/0, pool);  // pre-decoding
+  const auto got = rs.step(*a, {&x, &y}, 1, pool);
+  const auto want = rs.step(*b, {&x}, 1, pool);
+  EXPECT_LT(max_diff(got, want), 1e-5);
+  EXPECT_GT(max_diff(rs.step(*kivi, {&x}, 1, pool), want), 1e-3) << "the top-k should matter in this setup";
+}
+
+// specache-refetch: on a step after a miss, row 0 selects and fetches its own top-k before
+// attending, so with a miss before every step it attends like specache-exact; with no miss noted
+// it is specache, bit for bit.
+TEST(KvPolicy, SpecacheRefetchAfterAMissAttendsLikeSpecacheExact) {
+  ThreadPool pool(2);
+  RandomSteps rs(448);
+  auto a = rs.make(policy("specache-refetch", 1, 16, 16, 64)), b = rs.make(policy("specache-exact", 1, 16, 16, 64));
+  auto c = rs.make(policy("specache-refetch", 1, 16, 16, 64)), d = rs.make(policy("specache", 1, 16, 16, 64));
+  auto x = rs.row();
+  rs.step(*a, {&x}, 0, pool);
+  rs.step(*c, {&x}, 0, pool);
+  rs.step(*d, {&x}, 0, pool);
+  double worst = 0, spec_vs_exact = 0;
+  for (int i = 0; i < 6; ++i) {
+    const auto y = rs.row();
+    if (i > 0) a->note_guess_miss();
+    const auto ra = rs.step(*a, {&x, &y}, 1, pool), rb = rs.step(*b, {&x}, 1, pool);
+    worst = std::max(worst, max_diff(ra, rb));
+    const auto rc = rs.step(*c, {&x, &y}, 1, pool), rd = rs.step(*d, {&x, &y}, 1, pool);
+    EXPECT_EQ(rc, rd) << "step " << i;
+    spec_vs_exact = std::max(spec_vs_exact, max_diff(rd, rb));
+    x = rs.row();  // the next real token is never the guess y
+  }
+  EXPECT_LT(worst, 1e-5);
+  EXPECT_GT(spec_vs_exact, 1e-3) << "specache's speculative buffer should differ from the row's own top-k";
+  EXPECT_EQ(a->stats().refetch_steps, 5u);
+  EXPECT_EQ(c->stats().refetch_steps, 0u);
+}
+
+// Through Session: a refetch on exactly the steps whose guess missed.
+TEST(KvPolicy, SpecacheRefetchCountsOneRefetchPerMiss) {
+  NEED_STORIES();
+  const Fixture& fx = *stories();
+  ThreadPool pool(2);
+  Session s(*fx.model, make_kv_policy(policy("specache-refetch", 1, 16, 16), fx.model->kv_geometry(512)), pool);
+  s.prefill(fx.prompt);
+  for (int32_t t : fx.cont) s.decode(t);
+  const GuessStats& gs = s.guesses();
+  EXPECT_GT(gs.checked - gs.hits, 0);
+  EXPECT_EQ((int64_t)s.kv().stats().refetch_steps, gs.checked - gs.hits);
+}
+
 TEST(Session, LookupGuessTakesTheLatestLongestEarlierMatch) {
   EXPECT_EQ(lookup_guess({5, 1, 2, 3, 9, 1, 2}), 3);        // [1 2] occurred before, then 3
   EXPECT_EQ(lookup_guess({1, 2, 1, 2, 7, 2}), 7);           // only [2] matches: the latest occurrence

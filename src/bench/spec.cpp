@@ -31,7 +31,7 @@ std::string trim(const std::string& s) {
 
 // Policies whose low-bit copy the bits apply to (the rest have none).
 bool has_lowbit_copy(const std::string& p) {
-  return p == "kivi" || p == "specache" || p == "specache-exact" || p == "topk-oracle";
+  return p == "kivi" || p == "specache" || p == "specache-refetch" || p == "specache-exact" || p == "topk-oracle";
 }
 
 }  // namespace

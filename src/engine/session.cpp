@@ -74,6 +74,7 @@ void Session::decode(int32_t token) {
       spec_next_ = argmax(step_logits_.data(), n_vocab);
     }
     if (spec_prev_ >= 0) guesses_.checked += 1, guesses_.hits += token == spec_prev_;
+    if (spec_prev_ >= 0 && token != spec_prev_) kv_->note_guess_miss();
     if (kv_->guess_by_lookup()) {
       // A miss: row 1 ran on the wrong token, so the guess it made for the position after this
       // token was conditioned on it; the sequence itself gives a better one where it repeats.

@@ -192,7 +192,7 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
 static const char* kCsvHeader =
     "task,policy,length,prompt_tokens,depth,seed,score,nll,ppl,kl_mean,kl_max,top1,greedy_prefix,greedy_match,answer_top1,answer_nll,answer,output,"
     "bits,group,topk,window,sinks,shift,guess,fast_bytes,slow_bytes,fetched_bytes_per_step,prefetch_reuse_rate,spec_recall,"
-    "guess_hit_rate,exact_mass_served,stall_ms,copy_ms,decode_steps,decode_ms_per_token,prefill_ms";
+    "guess_hit_rate,exact_mass_served,stall_ms,copy_ms,decode_steps,refetch_steps,decode_ms_per_token,prefill_ms";
 
 std::string csv_report(const std::vector<CaseResult>& r) {
   std::ostringstream s;
@@ -206,7 +206,7 @@ std::string csv_report(const std::vector<CaseResult>& r) {
       << "," << c.kv.window << "," << c.kv.sinks << "," << num(c.kv.shift) << "," << c.kv.guess << "," << c.stats.fast_bytes << "," << c.stats.slow_bytes << ","
       << num(c.stats.fetched_bytes_per_step) << "," << num(c.stats.prefetch_reuse_rate) << "," << num(c.stats.spec_recall)
       << "," << num(metric(c, "guess_hit_rate")) << "," << num(c.stats.exact_mass_served) << "," << num(c.stats.stall_ms) << "," << num(c.stats.copy_ms) << ","
-      << c.stats.decode_steps << "," << num(c.decode_ms_per_token) << "," << num(c.prefill_ms) << "\n";
+      << c.stats.decode_steps << "," << c.stats.refetch_steps << "," << num(c.decode_ms_per_token) << "," << num(c.prefill_ms) << "\n";
   }
   return s.str();
 }
@@ -232,7 +232,8 @@ std::string json_report(const std::vector<CaseResult>& r, const EvalOptions& o) 
                      {"fetched_bytes_per_step", c.stats.fetched_bytes_per_step},
                      {"prefetch_reuse_rate", c.stats.prefetch_reuse_rate}, {"spec_recall", c.stats.spec_recall},
                      {"exact_mass_served", c.stats.exact_mass_served}, {"stall_ms", c.stats.stall_ms},
-                     {"copy_ms", c.stats.copy_ms}, {"decode_steps", c.stats.decode_steps}};
+                     {"copy_ms", c.stats.copy_ms}, {"decode_steps", c.stats.decode_steps},
+                     {"refetch_steps", c.stats.refetch_steps}};
     cases.push_back(std::move(x));
   }
   j["cases"] = std::move(cases);
@@ -263,6 +264,7 @@ std::vector<CaseResult> results_from_json(const std::string& text) {
       c.stats.prefetch_reuse_rate = st.at("prefetch_reuse_rate"), c.stats.spec_recall = st.at("spec_recall");
       c.stats.exact_mass_served = st.at("exact_mass_served"), c.stats.stall_ms = st.at("stall_ms");
       c.stats.copy_ms = st.at("copy_ms"), c.stats.decode_steps = st.at("decode_steps");
+      c.stats.refetch_steps = st.value("refetch_steps", uint64_t{0});  // reports before specache-refetch
       out.push_back(std::move(c));
     }
   } catch (const nlohmann::json::exception& e) {

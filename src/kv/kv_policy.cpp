@@ -6,7 +6,7 @@
 namespace spc {
 
 const std::vector<std::string>& kv_policy_names() {
-  static const std::vector<std::string> names = {"full", "kivi", "specache", "specache-exact", "streaming", "topk-oracle"};
+  static const std::vector<std::string> names = {"full", "kivi", "specache", "specache-refetch", "specache-exact", "streaming", "topk-oracle"};
   return names;
 }
 
@@ -15,7 +15,8 @@ std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& cfg, const KvGeometry& 
             "invalid KV geometry");
   if (cfg.policy == "full") return make_full_policy(cfg, g);
   if (cfg.policy == "streaming") return make_streaming_policy(cfg, g);
-  if (cfg.policy == "kivi" || cfg.policy == "specache" || cfg.policy == "specache-exact" || cfg.policy == "topk-oracle") {
+  if (cfg.policy == "kivi" || cfg.policy == "specache" || cfg.policy == "specache-refetch" ||
+      cfg.policy == "specache-exact" || cfg.policy == "topk-oracle") {
     SPC_CHECK(cfg.bits == 1 || cfg.bits == 2, "--kv-bits must be 1 or 2, got %d", cfg.bits);
     SPC_CHECK(cfg.group == 32 || cfg.group == 64, "--kv-group must be 32 or 64, got %d", cfg.group);
     SPC_CHECK(cfg.topk >= 0 && cfg.window >= 0, "--kv-topk and --kv-window must be >= 0");

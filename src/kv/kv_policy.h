@@ -22,7 +22,7 @@ struct KvGeometry {
 
 // Policy selection and knobs (the CLI's --kv* flags).
 struct KvConfig {
-  std::string policy = "full";  // full | kivi | specache | specache-exact | streaming | topk-oracle
+  std::string policy = "full";  // full | kivi | specache | specache-refetch | specache-exact | streaming | topk-oracle
   int bits = 1;                 // low-bit copy: 1 or 2
   int group = 64;               // quantization group g: 32 or 64
   int topk = 64;                // 16-bit pairs fetched per layer and KV head
@@ -56,6 +56,7 @@ struct KvStats {
   double stall_ms = 0;                 // compute waiting for transfers
   double copy_ms = 0;                  // time spent copying
   uint64_t decode_steps = 0;
+  uint64_t refetch_steps = 0;          // specache-refetch: steps that fetched row 0's own top-k after a miss
 };
 
 // The rows of one decode step: n_rows consecutive positions [pos0, pos0 + n_rows), causal among
@@ -86,6 +87,10 @@ class KvPolicy {
   // SpeCache: whether a guess invalidated by a miss is replaced by a lookup in the sequence
   // (KvConfig::guess == "lookup"); Session does the bookkeeping.
   virtual bool guess_by_lookup() const { return false; }
+  // SpeCache: called by Session before a step whose real token differs from the guess the last
+  // step's row 1 ran on (a miss). `specache-refetch` then selects and fetches that token's own
+  // top-k synchronously for the step; the other policies ignore it.
+  virtual void note_guess_miss() {}
 
   // Prefill hand-over, layer by layer: exact 16-bit-rounded K/V of positions [pos0, pos0+n) of
   // layer il. The model has already attended exactly over them. k, v: [n][n_head_kv][head_dim].

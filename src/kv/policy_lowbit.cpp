@@ -87,8 +87,8 @@ struct ThreadScratch {
 
 class LowBitPolicy final : public KvPolicy {
  public:
-  LowBitPolicy(const KvConfig& cfg, const KvGeometry& g, Select sel, const char* name)
-      : g_(g), cfg_(cfg), sel_(sel), name_(name) {
+  LowBitPolicy(const KvConfig& cfg, const KvGeometry& g, Select sel, const char* name, bool refetch_on_miss = false)
+      : g_(g), cfg_(cfg), sel_(sel), name_(name), refetch_on_miss_(refetch_on_miss) {
     spec_ = LowBitSpec{cfg.bits, cfg.group, g.head_dim};
     spec_.validate();
     k_ = sel == Select::None ? 0 : cfg.topk;
@@ -121,6 +121,7 @@ class LowBitPolicy final : public KvPolicy {
   int64_t n_cached() const override { return n_; }
   bool wants_speculative_row() const override { return sel_ == Select::Speculative; }
   bool guess_by_lookup() const override { return wants_speculative_row() && cfg_.guess == "lookup"; }
+  void note_guess_miss() override { miss_noted_ = refetch_on_miss_; }
 
   void store_prefill(int il, int64_t pos0, int64_t n, const float* k, const float* v) override {
     LayerState& L = layers_[il];
@@ -139,6 +140,9 @@ class LowBitPolicy final : public KvPolicy {
     SPC_CHECK(n_rows <= 2, "low-bit policies decode at most 2 rows per step");
     n_rows_ = n_rows;
     n_keep_ = n_keep;
+    refetch_ = miss_noted_ && n_keep > 0;
+    miss_noted_ = false;
+    if (refetch_) ++refetch_steps_;
   }
 
   void end_step() override {
@@ -155,6 +159,7 @@ class LowBitPolicy final : public KvPolicy {
     s.fast_bytes = peak_fast_;
     s.slow_bytes = store_ ? store_->bytes_stored() : 0;
     s.decode_steps = steps_;
+    s.refetch_steps = refetch_steps_;
     if (copy_) {
       const CopyEngine::Stats cs = copy_->stats();
       s.stall_ms = cs.stall_ms;
@@ -208,6 +213,10 @@ class LowBitPolicy final : public KvPolicy {
   KvConfig cfg_;
   Select sel_;
   const char* name_;
+  bool refetch_on_miss_ = false;  // specache-refetch
+  bool miss_noted_ = false;       // note_guess_miss() since the last begin_step
+  bool refetch_ = false;          // this step selects row 0's own top-k (a miss under specache-refetch)
+  uint64_t refetch_steps_ = 0;
   LowBitSpec spec_;
   int k_ = 0, group_ = 1, row_elems_ = 0;
   std::unique_ptr<SlowStore> store_;
@@ -412,8 +421,10 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   // pre-decoding row (n_keep == 0, once after prefill) does the same, so its deeper layers see
   // queries already corrected by the top-k of the layers before (our choice; see ARCHITECTURE).
   bool scored = false;
+  // specache-refetch does the same on a step whose guess missed (refetch_): the buffer prefetched
+  // for the wrong token is replaced (resident pairs kept) before anything attends.
   const bool own_select = sel_ == Select::OwnLowBit || sel_ == Select::Oracle ||
-                          (sel_ == Select::Speculative && rows.n_keep == 0);
+                          (sel_ == Select::Speculative && (rows.n_keep == 0 || refetch_));
   if (own_select && nqt > 0 && k_ > 0) {
     pool.for_each_task(n_chunks * nkv, [&](int64_t task, int) { score_chunk((int)(task % nkv), task / nkv); });
     scored = true;
@@ -434,6 +445,17 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       }
       select_topk(ts.pr.data(), nqt, L.heads[h].next_pos, ts.tk);
     });
+    if (refetch_ && (cfg_.diagnostics || steps_ % kRecallEvery == 0)) {
+      // spec_recall of a refetch step: what the speculative prefetch held of the selection that
+      // replaces it (measured here, before the buffer changes).
+      for (int h = 0; h < nkv; ++h) {
+        const HeadState& H = L.heads[h];
+        size_t inter = 0;
+        for (int64_t p : H.next_pos) inter += H.holds(p);
+        L.recall_sum += H.next_pos.empty() ? 1.0 : (double)inter / H.next_pos.size();
+        L.recall_n += 1;
+      }
+    }
     start_fetch(il, /*sync=*/true);
   }
 
@@ -547,11 +569,14 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   // the low-bit copy after this step's append (tokens about to leave the window compete with
   // their exact window scores), averaged over its query heads; and spec_recall: how much of the
   // real row's own top-k the buffer prefetched for this step held.
-  const bool speculate = sel_ == Select::Speculative && k_ > 0;
+  // Not after the pre-decoding pass (n_keep == 0): the next step's row 0 is the same token at the
+  // same position, so the top-k it just selected for itself (resident now) is already the right
+  // buffer; a selection from its attention shifted one position later would be one step ahead.
+  const bool speculate = sel_ == Select::Speculative && k_ > 0 && rows.n_keep > 0;
   const int64_t n_sel = speculate ? std::min(n_quant_after_append(L, rows.n_keep), L.n_tok) : 0;
   // spec_recall costs a second selection per head: measured on every kRecallEvery-th step
   // (every step with --kv-diagnostics).
-  const bool recall = speculate && rows.n_rows == 2 && nqt > 0 && !L.heads[0].resident.empty() &&
+  const bool recall = speculate && !refetch_ && rows.n_rows == 2 && nqt > 0 && !L.heads[0].resident.empty() &&
                       (cfg_.diagnostics || steps_ % kRecallEvery == 0);
   if (n_sel > 0 || recall) {
     // probs over [0, n) of row r's query heads (quantized positions, then window positions).
@@ -645,6 +670,8 @@ void LowBitPolicy::measure_exact_mass(int il, const DecodeRows& rows) {
 std::unique_ptr<KvPolicy> make_lowbit_policy(const KvConfig& cfg, const KvGeometry& g) {
   if (cfg.policy == "kivi") return std::make_unique<LowBitPolicy>(cfg, g, Select::None, "kivi");
   if (cfg.policy == "specache") return std::make_unique<LowBitPolicy>(cfg, g, Select::Speculative, "specache");
+  if (cfg.policy == "specache-refetch")
+    return std::make_unique<LowBitPolicy>(cfg, g, Select::Speculative, "specache-refetch", /*refetch_on_miss=*/true);
   if (cfg.policy == "specache-exact") return std::make_unique<LowBitPolicy>(cfg, g, Select::OwnLowBit, "specache-exact");
   if (cfg.policy == "topk-oracle") return std::make_unique<LowBitPolicy>(cfg, g, Select::Oracle, "topk-oracle");
   SPC_ASSERT(false);

@@ -60,6 +60,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=6000, help="approximate prompt length in tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--store", default="host", choices=["host", "file"])
+    ap.add_argument("--policies", default="full,specache:2,specache:1,specache-refetch:1,specache-exact:1",
+                    help="comma-separated policy[:bits] list; the first must be full (the reference)")
     a = ap.parse_args()
 
     text, source = haystack(a.tokens * 4)  # ~4 characters per token for English prose
@@ -75,7 +77,10 @@ def main():
         open(pf, "w", encoding="utf-8").write(prompt)
         print(f"prompt: {source}, needle at 40% depth, question: {QUESTION}", flush=True)
         results = {}
-        for policy in ("full", "specache:2", "specache:1", "specache-exact:1"):
+        policies = a.policies.split(",")
+        if policies[0] != "full":
+            sys.exit("demo.py: --policies must start with full (the reference the others are compared with)")
+        for policy in policies:
             print(f"running --kv {policy} ...", flush=True)
             results[policy] = run(a.binary, a.model, pf, policy, a.threads, a.store, tmp)
 

@@ -168,12 +168,6 @@ struct RandomSteps {
   }
 };
 
-double max_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double m = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, (double)std::fabs(a[i] - b[i]));
-  return m;
-}
 
 }  // namespace
 
@@ -189,8 +183,8 @@ TEST(KvPolicy, FirstStepAfterPreDecodingAttendsWithThePassOwnTopk) {
   rs.step(*a, {&x}, /*n_keep=*/0, pool);  // pre-decoding
   const auto got = rs.step(*a, {&x, &y}, 1, pool);
   const auto want = rs.step(*b, {&x}, 1, pool);
-  EXPECT_LT(max_diff(got, want), 1e-5);
-  EXPECT_GT(max_diff(rs.step(*kivi, {&x}, 1, pool), want), 1e-3) << "the top-k should matter in this setup";
+  EXPECT_LT(max_abs_diff(got, want), 1e-5);
+  EXPECT_GT(max_abs_diff(rs.step(*kivi, {&x}, 1, pool), want), 1e-3) << "the top-k should matter in this setup";
 }
 
 // specache-refetch: on a step after a miss, row 0 selects and fetches its own top-k before
@@ -210,10 +204,10 @@ TEST(KvPolicy, SpecacheRefetchAfterAMissAttendsLikeSpecacheExact) {
     const auto y = rs.row();
     if (i > 0) a->note_guess_miss();
     const auto ra = rs.step(*a, {&x, &y}, 1, pool), rb = rs.step(*b, {&x}, 1, pool);
-    worst = std::max(worst, max_diff(ra, rb));
+    worst = std::max(worst, max_abs_diff(ra, rb));
     const auto rc = rs.step(*c, {&x, &y}, 1, pool), rd = rs.step(*d, {&x, &y}, 1, pool);
     EXPECT_EQ(rc, rd) << "step " << i;
-    spec_vs_exact = std::max(spec_vs_exact, max_diff(rd, rb));
+    spec_vs_exact = std::max(spec_vs_exact, max_abs_diff(rd, rb));
     x = rs.row();  // the next real token is never the guess y
   }
   EXPECT_LT(worst, 1e-5);

@@ -13,6 +13,7 @@
 
 #include "kv/f16_cache.h"
 #include "ops/attention.h"
+#include "ops/vec_math.h"
 #include "util/fp16.h"
 #include "util/threadpool.h"
 
@@ -190,4 +191,29 @@ TEST(AttentionDecode, F16CacheMatchesReference) {
       }
     }
   }
+}
+
+// vec_wsum is the fused form of a memset (or nothing) and one vec_axpy per stream: same fused
+// multiply-adds in the same order, so bit-identical, for every stream count (more than one pass
+// of 4 streams too) and lengths with vector tails.
+TEST(VecMath, WeightedSumEqualsSuccessiveAxpys) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int nx : {0, 1, 3, 4, 6, 9})
+    for (int64_t n : {1, 15, 16, 37, 200})
+      for (bool acc : {false, true}) {
+        std::vector<std::vector<float>> xs((size_t)nx, std::vector<float>((size_t)n));
+        std::vector<const float*> ptr;
+        std::vector<float> a((size_t)nx), y0((size_t)n);
+        for (auto& x : xs) {
+          for (auto& e : x) e = nd(rng);
+          ptr.push_back(x.data());
+        }
+        for (auto& e : a) e = nd(rng);
+        for (auto& e : y0) e = nd(rng);
+        std::vector<float> want = acc ? y0 : std::vector<float>((size_t)n, 0.0f), got = y0;
+        for (int r = 0; r < nx; ++r) vec_axpy(a[r], xs[r].data(), want.data(), n);
+        vec_wsum(ptr.data(), a.data(), nx, got.data(), n, acc);
+        EXPECT_EQ(got, want) << "nx " << nx << " n " << n << " acc " << acc;
+      }
 }

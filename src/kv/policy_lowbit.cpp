@@ -580,23 +580,33 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
                       (cfg_.diagnostics || steps_ % kRecallEvery == 0);
   if (n_sel > 0 || recall) {
     // probs over [0, n) of row r's query heads (quantized positions, then window positions).
-    // pr[j + off] += w * (probability of position j for row r), for j + off < n.
-    auto add_row_probs = [&](int h, int r, int64_t n, float* pr, float w, int64_t off) {
-      for (int hi = 0; hi < group_; ++hi) {
-        const int iq = r * group_ + hi;
-        const AttnPartial glob = glob_[(size_t)h * n_q + iq];
-        const float* s = S(h, iq);
-        for (int64_t ch = 0; ch < n_chunks; ++ch) {
-          const int64_t t0 = ch * chunk_tok, t1 = std::min({nqt, t0 + chunk_tok, n - off});
-          if (t1 > t0) vec_axpy(w * std::exp(P(h, ch, iq).m - glob.m) / glob.l, s + t0, pr + t0 + off, t1 - t0);
+    // pr[j + off] (+)= w * (probability of position j for row r), for j + off < n: per chunk one
+    // pass over pr for all the row's query heads (the first call writes, no memset).
+    auto add_row_probs = [&](int h, int r, int64_t n, float* pr, float w, int64_t off, bool accumulate) {
+      auto pass = [&](int64_t ch, int64_t t0, int64_t t1, bool window) {
+        constexpr int kHeads = 8;  // query heads per vec_wsum call
+        for (int h0 = 0; h0 < group_; h0 += kHeads) {
+          const float* xs[kHeads];
+          float as[kHeads];
+          const int nh = std::min(kHeads, group_ - h0);
+          for (int i = 0; i < nh; ++i) {
+            const int iq = r * group_ + h0 + i;
+            const AttnPartial glob = glob_[(size_t)h * n_q + iq];
+            xs[i] = window ? W(h, iq) - nqt + t0 : S(h, iq) + t0;
+            as[i] = w * std::exp(P(h, ch, iq).m - glob.m) / glob.l;
+          }
+          vec_wsum(xs, as, nh, pr + t0 + off, t1 - t0, accumulate || h0 > 0);
         }
-        if (n - off > nqt)
-          vec_axpy(w * std::exp(P(h, n_chunks, iq).m - glob.m) / glob.l, W(h, iq), pr + nqt + off, n - off - nqt);
+      };
+      for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        const int64_t t0 = ch * chunk_tok, t1 = std::min({nqt, t0 + chunk_tok, n - off});
+        if (t1 > t0) pass(ch, t0, t1, false);
       }
+      if (n - off > nqt) pass(n_chunks, nqt, n - off, true);
     };
     auto row_probs = [&](int h, int r, int64_t n, std::vector<float>& pr) {
-      pr.assign((size_t)n, 0.0f);
-      add_row_probs(h, r, n, pr.data(), 1.0f, 0);
+      pr.resize((size_t)n);
+      add_row_probs(h, r, n, pr.data(), 1.0f, 0, /*accumulate=*/false);
     };
     // One task per (KV head, selection) and, on recall steps, per (KV head, recall): 3 KV heads
     // on 2 threads would otherwise leave one thread idle for a third of the pass.
@@ -610,7 +620,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
           // Row 0's attention one position later: where a copying (induction) head of the next
           // step's rows will look, read off the row whose own top-k was in place; it does not
           // depend on the guess being right (ARCHITECTURE: the selection rule).
-          add_row_probs(h, 0, n_sel, ts.pr.data(), cfg_.shift, 1);
+          add_row_probs(h, 0, n_sel, ts.pr.data(), cfg_.shift, 1, /*accumulate=*/true);
         }
         select_topk(ts.pr.data(), n_sel, L.heads[h].next_pos, ts.tk, &L.heads[h].sel_hint);
         return;

@@ -1,6 +1,7 @@
 // Small vector helpers for softmax pieces over float arrays (AVX-512 with a portable fallback).
 // Inline so the decode loops that call them per chunk pay no call per element.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -159,7 +160,44 @@ inline void vec_axpy(float a, const float* x, float* y, int64_t n) {
   const __m256 av = _mm256_set1_ps(a);
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 #endif
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+
+// y[i] = (accumulate ? y[i] : 0) + a[0] * x[0][i] + a[1] * x[1][i] + ... for i < n: one pass over y
+// instead of a memset and nx axpys, in the same order of fused multiply-adds (so the result is the
+// one the axpys would give, bit for bit).
+inline void vec_wsum(const float* const* x, const float* a, int nx, float* y, int64_t n, bool accumulate) {
+  constexpr int kMax = 4;  // streams per pass
+  for (int r0 = 0; r0 < nx || (r0 == 0 && !accumulate); r0 += kMax) {
+    const int nr = nx - r0 < kMax ? nx - r0 : kMax;
+    const bool add = accumulate || r0 > 0;
+    const float* const* xr = x + r0;
+    const float* ar = a + r0;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 av[kMax];
+    for (int r = 0; r < nr; ++r) av[r] = _mm512_set1_ps(ar[r]);
+    for (; i + 16 <= n; i += 16) {
+      __m512 acc = add ? _mm512_loadu_ps(y + i) : _mm512_setzero_ps();
+      for (int r = 0; r < nr; ++r) acc = _mm512_fmadd_ps(av[r], _mm512_loadu_ps(xr[r] + i), acc);
+      _mm512_storeu_ps(y + i, acc);
+    }
+#elif defined(SPC_VEC_AVX2)
+    __m256 av[kMax];
+    for (int r = 0; r < nr; ++r) av[r] = _mm256_set1_ps(ar[r]);
+    for (; i + 8 <= n; i += 8) {
+      __m256 acc = add ? _mm256_loadu_ps(y + i) : _mm256_setzero_ps();
+      for (int r = 0; r < nr; ++r) acc = _mm256_fmadd_ps(av[r], _mm256_loadu_ps(xr[r] + i), acc);
+      _mm256_storeu_ps(y + i, acc);
+    }
+#endif
+    for (; i < n; ++i) {
+      float acc = add ? y[i] : 0.0f;
+      for (int r = 0; r < nr; ++r) acc = std::fma(ar[r], xr[r][i], acc);
+      y[i] = acc;
+    }
+    if (nx == 0) break;
+  }
 }
 
 }  // namespace spc

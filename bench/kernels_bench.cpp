@@ -202,7 +202,8 @@ void BM_LowBitAccumulate(benchmark::State& st) {
 // position per iteration). Weights and the rest of the model are left out, so this is the part of
 // decode ms/token that the policy owns; profile it with perf without a long real prefill. Random
 // K/V spread the attention evenly (real text concentrates it), so the top-k buffer's reuse is low.
-void BM_PolicyStep(benchmark::State& st, const char* policy, int bits) {
+// miss: note a wrong guess before every step (specache-refetch's worst case: a refetch per step).
+void BM_PolicyStep(benchmark::State& st, const char* policy, int bits, bool miss = false) {
   const int64_t n_pos = st.range(0);
   KvGeometry g{};
   g.n_layer = 30;
@@ -238,6 +239,7 @@ void BM_PolicyStep(benchmark::State& st, const char* policy, int bits) {
   if (n_rows == 2) step(0);  // SpeCache's pre-decoding pass
   step(1);
   for (auto _ : st) {
+    if (miss) kv->note_guess_miss();
     step(1);
     benchmark::DoNotOptimize(out.data());
     if (kv->n_cached() >= g.n_ctx - 1) st.SkipWithError("context full");
@@ -250,6 +252,12 @@ void BM_PolicyStep(benchmark::State& st, const char* policy, int bits) {
 // MinTime would re-invoke it for every trial count.
 BENCHMARK_CAPTURE(BM_PolicyStep, full, "full", 1)->Arg(8192)->Arg(32768)->ArgName("pos")->UseRealTime()->Iterations(60);
 BENCHMARK_CAPTURE(BM_PolicyStep, specache1, "specache", 1)
+    ->Arg(8192)
+    ->Arg(32768)
+    ->ArgName("pos")
+    ->UseRealTime()
+    ->Iterations(60);
+BENCHMARK_CAPTURE(BM_PolicyStep, refetch1_every_step_misses, "specache-refetch", 1, true)
     ->Arg(8192)
     ->Arg(32768)
     ->ArgName("pos")

@@ -45,6 +45,7 @@ namespace {
 enum class Select { None, Speculative, OwnLowBit, Oracle };
 
 constexpr uint64_t kRecallEvery = 4;  // spec_recall sampling period in decode steps
+constexpr int kMaxGroup = 16;         // query heads per KV head (GQA ratio)
 
 struct HeadState {
   LazyBuffer kblocks;              // [n_ctx/g + 1][key_block_bytes] low-bit key blocks
@@ -93,6 +94,8 @@ class LowBitPolicy final : public KvPolicy {
     spec_.validate();
     k_ = sel == Select::None ? 0 : cfg.topk;
     group_ = g.n_head / g.n_head_kv;
+    SPC_CHECK(group_ <= kMaxGroup, "%s supports at most %d query heads per KV head (the model has %d)", name, kMaxGroup,
+              group_);
     row_elems_ = 2 * g.head_dim;
     if (sel != Select::None) {
       SlowGeometry sg{g.n_layer, g.n_head_kv, g.head_dim, g.n_ctx + 2};
@@ -235,6 +238,8 @@ class LowBitPolicy final : public KvPolicy {
   std::vector<float> outs_;         // [n_head_kv][n_chunks + 1][n_q][d]
   std::vector<AttnPartial> glob_;   // [n_head_kv][n_q] merged state of each query
   std::vector<float> win_s_;        // [n_head_kv][n_q][n_win] exp(window score - exact part's max)
+  std::vector<float> own_e_;        // own selection: [n_head_kv][group][n_quant] exp(row-0 score - chunk max)
+  std::vector<AttnPartial> own_parts_;  // own selection: [n_head_kv][n_chunks][group] chunk max and sum
   std::vector<ThreadScratch> thr_;
   std::vector<fp16_t> rows_tmp_;    // append: [n][n_kv][K|V]
   std::vector<float> kb_tmp_, vb_tmp_;
@@ -426,22 +431,61 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   const bool own_select = sel_ == Select::OwnLowBit || sel_ == Select::Oracle ||
                           (sel_ == Select::Speculative && (rows.n_keep == 0 || refetch_));
   if (own_select && nqt > 0 && k_ > 0) {
-    pool.for_each_task(n_chunks * nkv, [&](int64_t task, int) { score_chunk((int)(task % nkv), task / nkv); });
+    // Row 0's probabilities over the low-bit copy, GQA-averaged: chunk-local exponentials in
+    // the scoring tasks (balanced over the threads), merged per query head, then one weighted
+    // pass per KV head (vec_wsum) and the top-k. The raw scores stay in S for the fused pass.
+    const bool oracle = sel_ == Select::Oracle;
+    own_e_.resize((size_t)nkv * group_ * nqt);
+    own_parts_.resize((size_t)nkv * n_chunks * group_);
+    auto E = [&](int h, int iq) { return own_e_.data() + ((size_t)h * group_ + iq) * nqt; };
+    auto EP = [&](int h, int64_t ch, int iq) -> AttnPartial& { return own_parts_[((size_t)h * n_chunks + ch) * group_ + iq]; };
+    pool.for_each_task(n_chunks * nkv, [&](int64_t task, int) {
+      const int h = (int)(task % nkv);
+      const int64_t ch = task / nkv;
+      score_chunk(h, ch);
+      if (oracle) return;
+      const int64_t t0 = ch * chunk_tok, t1 = std::min(nqt, t0 + chunk_tok);
+      for (int iq = 0; iq < group_; ++iq) {  // row 0's query heads
+        float* e = E(h, iq) + t0;
+        std::copy_n(S(h, iq) + t0, t1 - t0, e);
+        const float m = vec_max(e, t1 - t0);
+        EP(h, ch, iq) = AttnPartial{m, vec_exp_shift_sum(e, t1 - t0, m)};
+      }
+    });
     scored = true;
     pool.for_each_task(nkv, [&](int64_t task, int t) {
       const int h = (int)task;
       ThreadScratch& ts = thr_[t];
-      ts.pr.assign((size_t)nqt, 0.0f);
-      if (sel_ == Select::Oracle) {
+      if (oracle) {
+        ts.pr.assign((size_t)nqt, 0.0f);
         ts.ex.resize((size_t)nqt * row_elems_);
         store_->read_range(il, h, 0, nqt, ts.ex.data());
-      }
-      for (int iq = 0; iq < group_; ++iq) {  // row 0's query heads
-        ts.sc.assign(S(h, iq), S(h, iq) + nqt);
-        if (sel_ == Select::Oracle)
+        for (int iq = 0; iq < group_; ++iq) {
+          ts.sc.resize((size_t)nqt);
           for (int64_t j = 0; j < nqt; ++j) ts.sc[j] = exact_dot(Q(h, iq), ts.ex.data() + j * row_elems_);
-        const float l = vec_exp_shift_sum(ts.sc.data(), nqt, vec_max(ts.sc.data(), nqt));
-        vec_axpy(1.0f / l, ts.sc.data(), ts.pr.data(), nqt);
+          const float l = vec_exp_shift_sum(ts.sc.data(), nqt, vec_max(ts.sc.data(), nqt));
+          vec_axpy(1.0f / l, ts.sc.data(), ts.pr.data(), nqt);
+        }
+      } else {
+        ts.pr.resize((size_t)nqt);
+        float gm[kMaxGroup], gl[kMaxGroup];
+        const float* xs[kMaxGroup];
+        float as[kMaxGroup];
+        const int ng = group_;
+        for (int iq = 0; iq < ng; ++iq) {
+          gm[iq] = -std::numeric_limits<float>::infinity();
+          for (int64_t ch = 0; ch < n_chunks; ++ch) gm[iq] = std::max(gm[iq], EP(h, ch, iq).m);
+          gl[iq] = 0.0f;
+          for (int64_t ch = 0; ch < n_chunks; ++ch) gl[iq] += EP(h, ch, iq).l * std::exp(EP(h, ch, iq).m - gm[iq]);
+        }
+        for (int64_t ch = 0; ch < n_chunks; ++ch) {
+          const int64_t t0 = ch * chunk_tok, t1 = std::min(nqt, t0 + chunk_tok);
+          for (int iq = 0; iq < ng; ++iq) {
+            xs[iq] = E(h, iq) + t0;
+            as[iq] = std::exp(EP(h, ch, iq).m - gm[iq]) / gl[iq];
+          }
+          vec_wsum(xs, as, ng, ts.pr.data() + t0, t1 - t0, /*accumulate=*/false);
+        }
       }
       select_topk(ts.pr.data(), nqt, L.heads[h].next_pos, ts.tk);
     });

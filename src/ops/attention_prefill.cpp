@@ -1,13 +1,14 @@
 // Exact causal attention for prefill chunks (see attention_prefill in attention.h).
 //
-// AVX-512 path: a flash-attention style fp32 kernel. A tile is a block of query rows of one
-// KV head; the query heads that share the KV head (GQA) are stacked into the tile, so a tile
-// holds kTileLanes = 48 query vectors (3 zmm registers, lane i = row i / g, head i % g). Queries
+// AVX-512 and AVX2 paths (one template over the vector width): a flash-attention style fp32
+// kernel. A tile is a block of query rows of one KV head; the query heads that share the KV head
+// (GQA) are stacked into the tile, so a tile holds kTileLanes = 48 query vectors (3 zmm
+// registers; AVX2: 24 in 3 ymm), lane i = row i / g, head i % g. Queries
 // live in the lanes, which makes everything per-query (running max, sum, rescale) a plain
 // vector op with no horizontal reductions, and lets K and V be read in their natural
 // [pos][n_head_kv][head_dim] layout by broadcasts:
-//   scores  S^T[j][i] = sum_c K[j][c] * Q^T[c][i]     8 keys x 48 queries in 24 zmm accumulators
-//   values  O^T[c][i] += V[j][c] * P^T[j][i]          8 channels x 48 queries in 24 zmm accumulators
+//   scores  S^T[j][i] = sum_c K[j][c] * Q^T[c][i]     8 keys x 48 queries in 24 zmm accumulators (AVX2: 4 x 24, 12 ymm)
+//   values  O^T[c][i] += V[j][c] * P^T[j][i]          8 channels x 48 queries in 24 zmm accumulators (AVX2: 4 x 24)
 // Keys are processed in blocks of kKeyBlock with an online softmax; only the block(s) on the
 // causal diagonal are masked. Every K/V element loaded is used by all 48 query vectors, and a
 // task (KV head, group of up to kGroupTiles consecutive tiles) walks the keys once for the whole
@@ -108,396 +109,258 @@ void prefill_tile(const AttnShape& s, const float* q, int64_t r0, int nr, int64_
   }
 }
 
+// The tile kernel, written once over a vector traits class (V16: AVX-512, 16 lanes; V8: AVX2,
+// 8 lanes). A tile is 3 vectors of query lanes (48 or 24); the register blocks are KU keys
+// (scores) or KU channels (values) x 3 vectors: 8 x 3 zmm or 4 x 3 ymm accumulators.
 #if defined(__AVX512F__)
-constexpr int kTileLanes = 48;  // query vectors per tile (3 zmm)
-constexpr int kKeyBlock = 64;   // keys per online-softmax block
+struct V16 {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int W = 16, KU = 8;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static F load(const float* p) { return _mm512_load_ps(p); }
+  static void store(float* p, F v) { _mm512_store_ps(p, v); }
+  static I load_i(const int32_t* p) { return _mm512_load_si512(p); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F exp(F x) { return exp_approx16(x); }
+  // -inf in the lanes whose limit is below position p, x elsewhere.
+  static F hide_after(F x, I lim, int32_t p) {
+    const __mmask16 hidden = _mm512_cmp_epi32_mask(lim, _mm512_set1_epi32(p), _MM_CMPINT_LT);
+    return _mm512_mask_mov_ps(x, hidden, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+  }
+};
+#endif
+#if defined(SPC_VEC_AVX2)
+struct V8 {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int W = 8, KU = 4;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static F load(const float* p) { return _mm256_load_ps(p); }
+  static void store(float* p, F v) { _mm256_store_ps(p, v); }
+  static I load_i(const int32_t* p) { return _mm256_load_si256((const __m256i*)p); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F exp(F x) { return exp_approx8(x); }
+  static F hide_after(F x, I lim, int32_t p) {
+    const __m256 hidden = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(p), lim));
+    return _mm256_blendv_ps(x, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), hidden);
+  }
+};
+#endif
 
-// st[j][48] = sum_c K[j][c] * qt[c][48] for keys j < nb; kb points at key 0 of the block
-// (this KV head), ks is the key stride in floats.
-void tile_scores(const float* qt, const float* kb, int64_t ks, int d, int nb, float* st) {
-  int j = 0;
-  for (; j + 8 <= nb; j += 8) {
-    __m512 a[8][3];
-    for (int i = 0; i < 8; ++i) a[i][0] = a[i][1] = a[i][2] = _mm512_setzero_ps();
-    const float* kp = kb + j * ks;
-    for (int c = 0; c < d; ++c) {
-      const __m512 q0 = _mm512_load_ps(qt + c * kTileLanes);
-      const __m512 q1 = _mm512_load_ps(qt + c * kTileLanes + 16);
-      const __m512 q2 = _mm512_load_ps(qt + c * kTileLanes + 32);
-      for (int i = 0; i < 8; ++i) {
-        const __m512 kc = _mm512_set1_ps(kp[i * ks + c]);
-        a[i][0] = _mm512_fmadd_ps(kc, q0, a[i][0]);
-        a[i][1] = _mm512_fmadd_ps(kc, q1, a[i][1]);
-        a[i][2] = _mm512_fmadd_ps(kc, q2, a[i][2]);
-      }
-    }
-    for (int i = 0; i < 8; ++i) {
-      float* sj = st + (j + i) * kTileLanes;
-      _mm512_store_ps(sj, a[i][0]);
-      _mm512_store_ps(sj + 16, a[i][1]);
-      _mm512_store_ps(sj + 32, a[i][2]);
-    }
-  }
-  for (; j < nb; ++j) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0;
-    const float* kp = kb + j * ks;
-    for (int c = 0; c < d; ++c) {
-      const __m512 kc = _mm512_set1_ps(kp[c]);
-      a0 = _mm512_fmadd_ps(kc, _mm512_load_ps(qt + c * kTileLanes), a0);
-      a1 = _mm512_fmadd_ps(kc, _mm512_load_ps(qt + c * kTileLanes + 16), a1);
-      a2 = _mm512_fmadd_ps(kc, _mm512_load_ps(qt + c * kTileLanes + 32), a2);
-    }
-    float* sj = st + j * kTileLanes;
-    _mm512_store_ps(sj, a0);
-    _mm512_store_ps(sj + 16, a1);
-    _mm512_store_ps(sj + 32, a2);
-  }
-}
-
-// ot[c][48] = ot[c][48] * alpha + sum_{j < nb} V[j][c] * pt[j][48]; vb points at key 0 of the
-// block (this KV head).
-void tile_values(const float* pt, const float* vb, int64_t vs, int d, int nb, const __m512 alpha[3], float* ot) {
-  int c0 = 0;
-  for (; c0 + 8 <= d; c0 += 8) {
-    __m512 a[8][3];
-    for (int i = 0; i < 8; ++i)
-      for (int u = 0; u < 3; ++u) a[i][u] = _mm512_mul_ps(_mm512_load_ps(ot + (c0 + i) * kTileLanes + 16 * u), alpha[u]);
-    const float* vp = vb + c0;
-    for (int j = 0; j < nb; ++j, vp += vs) {
-      const __m512 p0 = _mm512_load_ps(pt + j * kTileLanes);
-      const __m512 p1 = _mm512_load_ps(pt + j * kTileLanes + 16);
-      const __m512 p2 = _mm512_load_ps(pt + j * kTileLanes + 32);
-      for (int i = 0; i < 8; ++i) {
-        const __m512 vc = _mm512_set1_ps(vp[i]);
-        a[i][0] = _mm512_fmadd_ps(vc, p0, a[i][0]);
-        a[i][1] = _mm512_fmadd_ps(vc, p1, a[i][1]);
-        a[i][2] = _mm512_fmadd_ps(vc, p2, a[i][2]);
-      }
-    }
-    for (int i = 0; i < 8; ++i)
-      for (int u = 0; u < 3; ++u) _mm512_store_ps(ot + (c0 + i) * kTileLanes + 16 * u, a[i][u]);
-  }
-  for (; c0 < d; ++c0) {  // head_dim % 8 tail, one channel at a time
-    __m512 a[3];
-    for (int u = 0; u < 3; ++u) a[u] = _mm512_mul_ps(_mm512_load_ps(ot + c0 * kTileLanes + 16 * u), alpha[u]);
-    for (int j = 0; j < nb; ++j) {
-      const __m512 vc = _mm512_set1_ps(vb[j * vs + c0]);
-      for (int u = 0; u < 3; ++u) a[u] = _mm512_fmadd_ps(vc, _mm512_load_ps(pt + j * kTileLanes + 16 * u), a[u]);
-    }
-    for (int u = 0; u < 3; ++u) _mm512_store_ps(ot + c0 * kTileLanes + 16 * u, a[u]);
-  }
-}
-
+#if defined(__AVX512F__) || defined(SPC_VEC_AVX2)
+constexpr int kKeyBlock = 64;  // keys per online-softmax block
 // Up to kGroupTiles tiles of one KV head run together, key block by key block, so each K/V
 // block is fetched from memory once for all of them and then served from L1/L2: at depth the
 // K/V of a head (n_keys * head_dim * 8 bytes) is far larger than the caches.
 constexpr int kGroupTiles = 4;
 
-// State of one tile between key blocks.
-struct Tile {
-  float* qt;             // [d][48] scaled queries, lane i = (row i / g, head i % g)
-  float* ot;             // [d][48] unnormalized outputs
-  __m512 m[3], l[3];     // running max and sum per lane
-  __m512i lim[3];        // lane i sees keys j <= lim[i]
-  int64_t r0;            // first chunk row
-  int nr;                // rows (nr * g <= 48)
-  int64_t n_keys;        // keys seen by the last row
-  int64_t all_see;       // keys < all_see are visible to every lane
-};
+template <class V>
+struct TileKernel {
+  using F = typename V::F;
+  using I = typename V::I;
+  static constexpr int kLanes = 3 * V::W;  // query vectors per tile
+  static constexpr int KU = V::KU;
 
-// Floats of per-thread scratch: Q^T and O^T [d][48] per tile, scores [kKeyBlock][48].
-inline size_t group_scratch_floats(int d) { return ((size_t)2 * d * kGroupTiles + kKeyBlock) * kTileLanes; }
-
-void tile_init(Tile& t, const AttnShape& s, const float* q, int64_t p0, int hk) {
-  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
-  const int64_t q_stride = (int64_t)s.n_head * d;
-  const float scale = 1.0f / std::sqrt((float)d);
-  const int used = t.nr * g;
-  std::memset(t.qt, 0, sizeof(float) * d * kTileLanes);
-  std::memset(t.ot, 0, sizeof(float) * d * kTileLanes);
-  for (int r = 0; r < t.nr; ++r) {
-    const float* qr = q + (t.r0 + r) * q_stride + (int64_t)hk * g * d;  // the g heads of hk are contiguous
-    for (int hl = 0; hl < g; ++hl)
-      for (int c = 0; c < d; ++c) t.qt[c * kTileLanes + r * g + hl] = qr[hl * d + c] * scale;
+  // st[j][kLanes] = sum_c K[j][c] * qt[c][kLanes] for keys j < nb; kb points at key 0 of the
+  // block (this KV head), ks is the key stride in floats.
+  static void scores(const float* qt, const float* kb, int64_t ks, int d, int nb, float* st) {
+    int j = 0;
+    for (; j + KU <= nb; j += KU) {
+      F a[KU][3];
+      for (int i = 0; i < KU; ++i) a[i][0] = a[i][1] = a[i][2] = V::zero();
+      const float* kp = kb + j * ks;
+      for (int c = 0; c < d; ++c) {
+        const F q0 = V::load(qt + c * kLanes), q1 = V::load(qt + c * kLanes + V::W), q2 = V::load(qt + c * kLanes + 2 * V::W);
+        for (int i = 0; i < KU; ++i) {
+          const F kc = V::bcast(kp + i * ks + c);
+          a[i][0] = V::fma(kc, q0, a[i][0]);
+          a[i][1] = V::fma(kc, q1, a[i][1]);
+          a[i][2] = V::fma(kc, q2, a[i][2]);
+        }
+      }
+      for (int i = 0; i < KU; ++i)
+        for (int u = 0; u < 3; ++u) V::store(st + (j + i) * kLanes + V::W * u, a[i][u]);
+    }
+    for (; j < nb; ++j) {
+      F a[3] = {V::zero(), V::zero(), V::zero()};
+      const float* kp = kb + j * ks;
+      for (int c = 0; c < d; ++c) {
+        const F kc = V::bcast(kp + c);
+        for (int u = 0; u < 3; ++u) a[u] = V::fma(kc, V::load(qt + c * kLanes + V::W * u), a[u]);
+      }
+      for (int u = 0; u < 3; ++u) V::store(st + j * kLanes + V::W * u, a[u]);
+    }
   }
-  // Unused lanes see everything (their scores are 0 and their outputs are never stored).
-  alignas(64) int32_t lim_a[kTileLanes];
-  for (int i = 0; i < kTileLanes; ++i)
-    lim_a[i] = i < used ? (int32_t)(p0 + t.r0 + i / g) : std::numeric_limits<int32_t>::max();
-  for (int u = 0; u < 3; ++u) {
-    t.lim[u] = _mm512_load_si512(lim_a + 16 * u);
-    t.m[u] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    t.l[u] = _mm512_setzero_ps();
-  }
-  t.n_keys = p0 + t.r0 + t.nr;
-  t.all_see = p0 + t.r0 + 1;
-}
 
-// Keys [j0, j0 + nb) for one tile; kb/vb point at key j0 of this KV head.
-void tile_block(Tile& t, int64_t j0, int nb, const float* kb, const float* vb, int64_t kv_stride, int d, float* st) {
-  tile_scores(t.qt, kb, kv_stride, d, nb, st);
-  if (j0 + nb > t.all_see) {  // causal diagonal: masked scores become -inf (weight exactly 0)
-    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j) {
-      const __m512i pj = _mm512_set1_epi32((int32_t)(j0 + j));
+  // ot[c][kLanes] = ot[c][kLanes] * alpha + sum_{j < nb} V[j][c] * pt[j][kLanes]; vb points at
+  // key 0 of the block (this KV head).
+  static void values(const float* pt, const float* vb, int64_t vs, int d, int nb, const F alpha[3], float* ot) {
+    int c0 = 0;
+    for (; c0 + KU <= d; c0 += KU) {
+      F a[KU][3];
+      for (int i = 0; i < KU; ++i)
+        for (int u = 0; u < 3; ++u) a[i][u] = V::mul(V::load(ot + (c0 + i) * kLanes + V::W * u), alpha[u]);
+      const float* vp = vb + c0;
+      for (int j = 0; j < nb; ++j, vp += vs) {
+        const F p0 = V::load(pt + j * kLanes), p1 = V::load(pt + j * kLanes + V::W), p2 = V::load(pt + j * kLanes + 2 * V::W);
+        for (int i = 0; i < KU; ++i) {
+          const F vc = V::bcast(vp + i);
+          a[i][0] = V::fma(vc, p0, a[i][0]);
+          a[i][1] = V::fma(vc, p1, a[i][1]);
+          a[i][2] = V::fma(vc, p2, a[i][2]);
+        }
+      }
+      for (int i = 0; i < KU; ++i)
+        for (int u = 0; u < 3; ++u) V::store(ot + (c0 + i) * kLanes + V::W * u, a[i][u]);
+    }
+    for (; c0 < d; ++c0) {  // head_dim % KU tail, one channel at a time
+      F a[3];
+      for (int u = 0; u < 3; ++u) a[u] = V::mul(V::load(ot + c0 * kLanes + V::W * u), alpha[u]);
+      for (int j = 0; j < nb; ++j) {
+        const F vc = V::bcast(vb + j * vs + c0);
+        for (int u = 0; u < 3; ++u) a[u] = V::fma(vc, V::load(pt + j * kLanes + V::W * u), a[u]);
+      }
+      for (int u = 0; u < 3; ++u) V::store(ot + c0 * kLanes + V::W * u, a[u]);
+    }
+  }
+
+  // State of one tile between key blocks.
+  struct Tile {
+    float* qt;        // [d][kLanes] scaled queries, lane i = (row i / g, head i % g)
+    float* ot;        // [d][kLanes] unnormalized outputs
+    F m[3], l[3];     // running max and sum per lane
+    I lim[3];         // lane i sees keys j <= lim[i]
+    int64_t r0;       // first chunk row
+    int nr;           // rows (nr * g <= kLanes)
+    int64_t n_keys;   // keys seen by the last row
+    int64_t all_see;  // keys < all_see are visible to every lane
+  };
+
+  // Floats of per-thread scratch: Q^T and O^T [d][kLanes] per tile, scores [kKeyBlock][kLanes].
+  static size_t group_scratch_floats(int d) { return ((size_t)2 * d * kGroupTiles + kKeyBlock) * kLanes; }
+
+  static void init(Tile& t, const AttnShape& s, const float* q, int64_t p0, int hk) {
+    const int d = s.head_dim, g = s.n_head / s.n_head_kv;
+    const int64_t q_stride = (int64_t)s.n_head * d;
+    const float scale = 1.0f / std::sqrt((float)d);
+    const int used = t.nr * g;
+    std::memset(t.qt, 0, sizeof(float) * d * kLanes);
+    std::memset(t.ot, 0, sizeof(float) * d * kLanes);
+    for (int r = 0; r < t.nr; ++r) {
+      const float* qr = q + (t.r0 + r) * q_stride + (int64_t)hk * g * d;  // the g heads of hk are contiguous
+      for (int hl = 0; hl < g; ++hl)
+        for (int c = 0; c < d; ++c) t.qt[c * kLanes + r * g + hl] = qr[hl * d + c] * scale;
+    }
+    // Unused lanes see everything (their scores are 0 and their outputs are never stored).
+    alignas(64) int32_t lim_a[kLanes];
+    for (int i = 0; i < kLanes; ++i)
+      lim_a[i] = i < used ? (int32_t)(p0 + t.r0 + i / g) : std::numeric_limits<int32_t>::max();
+    for (int u = 0; u < 3; ++u) {
+      t.lim[u] = V::load_i(lim_a + V::W * u);
+      t.m[u] = V::set1(-std::numeric_limits<float>::infinity());
+      t.l[u] = V::zero();
+    }
+    t.n_keys = p0 + t.r0 + t.nr;
+    t.all_see = p0 + t.r0 + 1;
+  }
+
+  // Keys [j0, j0 + nb) for one tile; kb/vb point at key j0 of this KV head.
+  static void block(Tile& t, int64_t j0, int nb, const float* kb, const float* vb, int64_t kv_stride, int d, float* st) {
+    scores(t.qt, kb, kv_stride, d, nb, st);
+    if (j0 + nb > t.all_see)  // causal diagonal: masked scores become -inf (weight exactly 0)
+      for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j)
+        for (int u = 0; u < 3; ++u) {
+          float* sj = st + j * kLanes + V::W * u;
+          V::store(sj, V::hide_after(V::load(sj), t.lim[u], (int32_t)(j0 + j)));
+        }
+    // Online softmax. Key 0 is in the first block and visible to every lane, so m is finite
+    // from then on; the exp of -inf is 0 for the first block's alpha and for masked scores.
+    F bm[3] = {t.m[0], t.m[1], t.m[2]};
+    for (int j = 0; j < nb; ++j)
+      for (int u = 0; u < 3; ++u) bm[u] = V::max(bm[u], V::load(st + j * kLanes + V::W * u));
+    F alpha[3], sum[3];
+    for (int u = 0; u < 3; ++u) {
+      alpha[u] = V::exp(V::sub(t.m[u], bm[u]));
+      t.m[u] = bm[u];
+      sum[u] = V::zero();
+    }
+    for (int j = 0; j < nb; ++j)
       for (int u = 0; u < 3; ++u) {
-        const __mmask16 hidden = _mm512_cmp_epi32_mask(t.lim[u], pj, _MM_CMPINT_LT);
-        float* sj = st + j * kTileLanes + 16 * u;
-        _mm512_store_ps(sj, _mm512_mask_mov_ps(_mm512_load_ps(sj), hidden, ninf));
+        float* sj = st + j * kLanes + V::W * u;
+        const F p = V::exp(V::sub(V::load(sj), t.m[u]));
+        V::store(sj, p);
+        sum[u] = V::add(sum[u], p);
+      }
+    for (int u = 0; u < 3; ++u) t.l[u] = V::fma(t.l[u], alpha[u], sum[u]);
+    values(st, vb, kv_stride, d, nb, alpha, t.ot);
+  }
+
+  static void finish(const Tile& t, const AttnShape& s, float* out, int hk) {
+    const int d = s.head_dim, g = s.n_head / s.n_head_kv;
+    const int64_t q_stride = (int64_t)s.n_head * d;
+    alignas(64) float inv[kLanes];
+    for (int u = 0; u < 3; ++u) V::store(inv + V::W * u, V::div(V::set1(1.0f), t.l[u]));
+    for (int r = 0; r < t.nr; ++r) {
+      float* orow = out + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
+      for (int hl = 0; hl < g; ++hl) {
+        const int i = r * g + hl;
+        for (int c = 0; c < d; ++c) orow[hl * d + c] = t.ot[c * kLanes + i] * inv[i];
       }
     }
   }
-  // Online softmax. Key 0 is in the first block and visible to every lane, so m is finite from
-  // then on; exp_approx16(-inf) is 0 for the first block's alpha and for masked scores.
-  __m512 bm[3] = {t.m[0], t.m[1], t.m[2]};
-  for (int j = 0; j < nb; ++j)
-    for (int u = 0; u < 3; ++u) bm[u] = _mm512_max_ps(bm[u], _mm512_load_ps(st + j * kTileLanes + 16 * u));
-  __m512 alpha[3], sum[3];
-  for (int u = 0; u < 3; ++u) {
-    alpha[u] = exp_approx16(_mm512_sub_ps(t.m[u], bm[u]));
-    t.m[u] = bm[u];
-    sum[u] = _mm512_setzero_ps();
-  }
-  for (int j = 0; j < nb; ++j)
-    for (int u = 0; u < 3; ++u) {
-      float* sj = st + j * kTileLanes + 16 * u;
-      const __m512 p = exp_approx16(_mm512_sub_ps(_mm512_load_ps(sj), t.m[u]));
-      _mm512_store_ps(sj, p);
-      sum[u] = _mm512_add_ps(sum[u], p);
-    }
-  for (int u = 0; u < 3; ++u) t.l[u] = _mm512_fmadd_ps(t.l[u], alpha[u], sum[u]);
-  tile_values(st, vb, kv_stride, d, nb, alpha, t.ot);
-}
 
-void tile_finish(const Tile& t, const AttnShape& s, float* out, int hk) {
-  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
-  const int64_t q_stride = (int64_t)s.n_head * d;
-  alignas(64) float inv[kTileLanes];
-  for (int u = 0; u < 3; ++u) _mm512_store_ps(inv + 16 * u, _mm512_div_ps(_mm512_set1_ps(1.0f), t.l[u]));
-  for (int r = 0; r < t.nr; ++r) {
-    float* orow = out + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
-    for (int hl = 0; hl < g; ++hl) {
-      const int i = r * g + hl;
-      for (int c = 0; c < d; ++c) orow[hl * d + c] = t.ot[c * kTileLanes + i] * inv[i];
-    }
-  }
-}
-
-// Tiles [tile0, tile1) (at most kGroupTiles) of KV head hk; a tile is `rows` chunk rows.
-void prefill_group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
-                   float* out, int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
-  const int d = s.head_dim;
-  const int64_t kv_stride = (int64_t)s.n_head_kv * d;
-  const int nt = (int)(tile1 - tile0);
-  Tile tiles[kGroupTiles];
-  float* st = scratch + (size_t)2 * d * kGroupTiles * kTileLanes;  // [kKeyBlock][48]
-  int64_t n_keys = 0;
-  for (int i = 0; i < nt; ++i) {
-    Tile& t = tiles[i];
-    t.qt = scratch + (size_t)2 * i * d * kTileLanes;
-    t.ot = t.qt + (size_t)d * kTileLanes;
-    t.r0 = (tile0 + i) * rows;
-    t.nr = (int)std::min<int64_t>(rows, n_rows - t.r0);
-    tile_init(t, s, q, p0, hk);
-    n_keys = std::max(n_keys, t.n_keys);
-  }
-  const float* kh = k + (int64_t)hk * d;
-  const float* vh = v + (int64_t)hk * d;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock)
+  // Tiles [tile0, tile1) (at most kGroupTiles) of KV head hk; a tile is `rows` chunk rows.
+  static void group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
+                    float* out, int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
+    const int d = s.head_dim;
+    const int64_t kv_stride = (int64_t)s.n_head_kv * d;
+    const int nt = (int)(tile1 - tile0);
+    Tile tiles[kGroupTiles];
+    float* st = scratch + (size_t)2 * d * kGroupTiles * kLanes;  // [kKeyBlock][kLanes]
+    int64_t n_keys = 0;
     for (int i = 0; i < nt; ++i) {
       Tile& t = tiles[i];
-      if (j0 >= t.n_keys) continue;
-      const int nb = (int)std::min<int64_t>(kKeyBlock, t.n_keys - j0);
-      tile_block(t, j0, nb, kh + j0 * kv_stride, vh + j0 * kv_stride, kv_stride, d, st);
+      t.qt = scratch + (size_t)2 * i * d * kLanes;
+      t.ot = t.qt + (size_t)d * kLanes;
+      t.r0 = (tile0 + i) * rows;
+      t.nr = (int)std::min<int64_t>(rows, n_rows - t.r0);
+      init(t, s, q, p0, hk);
+      n_keys = std::max(n_keys, t.n_keys);
     }
-  for (int i = 0; i < nt; ++i) tile_finish(tiles[i], s, out, hk);
-}
+    const float* kh = k + (int64_t)hk * d;
+    const float* vh = v + (int64_t)hk * d;
+    for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock)
+      for (int i = 0; i < nt; ++i) {
+        Tile& t = tiles[i];
+        if (j0 >= t.n_keys) continue;
+        const int nb = (int)std::min<int64_t>(kKeyBlock, t.n_keys - j0);
+        block(t, j0, nb, kh + j0 * kv_stride, vh + j0 * kv_stride, kv_stride, d, st);
+      }
+    for (int i = 0; i < nt; ++i) finish(tiles[i], s, out, hk);
+  }
+};
+
+#if defined(__AVX512F__)
+using Kernel = TileKernel<V16>;
+#else
+using Kernel = TileKernel<V8>;
 #endif
-
-#if defined(SPC_VEC_AVX2)
-// AVX2 port of the tile kernel above: 24 query lanes (3 ymm) per tile, 4 keys (scores) or 4
-// channels (values) x 24 lanes in 12 ymm accumulators, the same key blocks and groups.
-constexpr int kTileLanes = 24;
-constexpr int kKeyBlock = 64;
-constexpr int kGroupTiles = 4;
-
-void tile_scores(const float* qt, const float* kb, int64_t ks, int d, int nb, float* st) {
-  int j = 0;
-  for (; j + 4 <= nb; j += 4) {
-    __m256 a[4][3];
-    for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = a[i][2] = _mm256_setzero_ps();
-    const float* kp = kb + j * ks;
-    for (int c = 0; c < d; ++c) {
-      const __m256 q0 = _mm256_load_ps(qt + c * kTileLanes);
-      const __m256 q1 = _mm256_load_ps(qt + c * kTileLanes + 8);
-      const __m256 q2 = _mm256_load_ps(qt + c * kTileLanes + 16);
-      for (int i = 0; i < 4; ++i) {
-        const __m256 kc = _mm256_broadcast_ss(kp + i * ks + c);
-        a[i][0] = _mm256_fmadd_ps(kc, q0, a[i][0]);
-        a[i][1] = _mm256_fmadd_ps(kc, q1, a[i][1]);
-        a[i][2] = _mm256_fmadd_ps(kc, q2, a[i][2]);
-      }
-    }
-    for (int i = 0; i < 4; ++i)
-      for (int u = 0; u < 3; ++u) _mm256_store_ps(st + (j + i) * kTileLanes + 8 * u, a[i][u]);
-  }
-  for (; j < nb; ++j) {
-    __m256 a[3] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const float* kp = kb + j * ks;
-    for (int c = 0; c < d; ++c) {
-      const __m256 kc = _mm256_broadcast_ss(kp + c);
-      for (int u = 0; u < 3; ++u) a[u] = _mm256_fmadd_ps(kc, _mm256_load_ps(qt + c * kTileLanes + 8 * u), a[u]);
-    }
-    for (int u = 0; u < 3; ++u) _mm256_store_ps(st + j * kTileLanes + 8 * u, a[u]);
-  }
-}
-
-void tile_values(const float* pt, const float* vb, int64_t vs, int d, int nb, const __m256 alpha[3], float* ot) {
-  int c0 = 0;
-  for (; c0 + 4 <= d; c0 += 4) {
-    __m256 a[4][3];
-    for (int i = 0; i < 4; ++i)
-      for (int u = 0; u < 3; ++u) a[i][u] = _mm256_mul_ps(_mm256_load_ps(ot + (c0 + i) * kTileLanes + 8 * u), alpha[u]);
-    const float* vp = vb + c0;
-    for (int j = 0; j < nb; ++j, vp += vs) {
-      const __m256 p0 = _mm256_load_ps(pt + j * kTileLanes);
-      const __m256 p1 = _mm256_load_ps(pt + j * kTileLanes + 8);
-      const __m256 p2 = _mm256_load_ps(pt + j * kTileLanes + 16);
-      for (int i = 0; i < 4; ++i) {
-        const __m256 vc = _mm256_broadcast_ss(vp + i);
-        a[i][0] = _mm256_fmadd_ps(vc, p0, a[i][0]);
-        a[i][1] = _mm256_fmadd_ps(vc, p1, a[i][1]);
-        a[i][2] = _mm256_fmadd_ps(vc, p2, a[i][2]);
-      }
-    }
-    for (int i = 0; i < 4; ++i)
-      for (int u = 0; u < 3; ++u) _mm256_store_ps(ot + (c0 + i) * kTileLanes + 8 * u, a[i][u]);
-  }
-  for (; c0 < d; ++c0) {
-    __m256 a[3];
-    for (int u = 0; u < 3; ++u) a[u] = _mm256_mul_ps(_mm256_load_ps(ot + c0 * kTileLanes + 8 * u), alpha[u]);
-    for (int j = 0; j < nb; ++j) {
-      const __m256 vc = _mm256_broadcast_ss(vb + j * vs + c0);
-      for (int u = 0; u < 3; ++u) a[u] = _mm256_fmadd_ps(vc, _mm256_load_ps(pt + j * kTileLanes + 8 * u), a[u]);
-    }
-    for (int u = 0; u < 3; ++u) _mm256_store_ps(ot + c0 * kTileLanes + 8 * u, a[u]);
-  }
-}
-
-struct Tile {
-  float* qt;          // [d][24] scaled queries, lane i = (row i / g, head i % g)
-  float* ot;          // [d][24] unnormalized outputs
-  __m256 m[3], l[3];  // running max and sum per lane
-  __m256i lim[3];     // lane i sees keys j <= lim[i]
-  int64_t r0;
-  int nr;
-  int64_t n_keys;
-  int64_t all_see;
-};
-
-inline size_t group_scratch_floats(int d) { return ((size_t)2 * d * kGroupTiles + kKeyBlock) * kTileLanes; }
-
-void tile_init(Tile& t, const AttnShape& s, const float* q, int64_t p0, int hk) {
-  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
-  const int64_t q_stride = (int64_t)s.n_head * d;
-  const float scale = 1.0f / std::sqrt((float)d);
-  const int used = t.nr * g;
-  std::memset(t.qt, 0, sizeof(float) * d * kTileLanes);
-  std::memset(t.ot, 0, sizeof(float) * d * kTileLanes);
-  for (int r = 0; r < t.nr; ++r) {
-    const float* qr = q + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
-    for (int hl = 0; hl < g; ++hl)
-      for (int c = 0; c < d; ++c) t.qt[c * kTileLanes + r * g + hl] = qr[hl * d + c] * scale;
-  }
-  alignas(32) int32_t lim_a[kTileLanes];
-  for (int i = 0; i < kTileLanes; ++i)
-    lim_a[i] = i < used ? (int32_t)(p0 + t.r0 + i / g) : std::numeric_limits<int32_t>::max();
-  for (int u = 0; u < 3; ++u) {
-    t.lim[u] = _mm256_load_si256((const __m256i*)(lim_a + 8 * u));
-    t.m[u] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    t.l[u] = _mm256_setzero_ps();
-  }
-  t.n_keys = p0 + t.r0 + t.nr;
-  t.all_see = p0 + t.r0 + 1;
-}
-
-void tile_block(Tile& t, int64_t j0, int nb, const float* kb, const float* vb, int64_t kv_stride, int d, float* st) {
-  tile_scores(t.qt, kb, kv_stride, d, nb, st);
-  if (j0 + nb > t.all_see) {  // causal diagonal: masked scores become -inf (weight exactly 0)
-    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j) {
-      const __m256i pj = _mm256_set1_epi32((int32_t)(j0 + j));
-      for (int u = 0; u < 3; ++u) {
-        const __m256 hidden = _mm256_castsi256_ps(_mm256_cmpgt_epi32(pj, t.lim[u]));
-        float* sj = st + j * kTileLanes + 8 * u;
-        _mm256_store_ps(sj, _mm256_blendv_ps(_mm256_load_ps(sj), ninf, hidden));
-      }
-    }
-  }
-  // Key 0 is visible to every lane, so m is finite after the first block; exp_approx8 of -inf
-  // (the first alpha, masked scores) is exactly 0.
-  __m256 bm[3] = {t.m[0], t.m[1], t.m[2]};
-  for (int j = 0; j < nb; ++j)
-    for (int u = 0; u < 3; ++u) bm[u] = _mm256_max_ps(bm[u], _mm256_load_ps(st + j * kTileLanes + 8 * u));
-  __m256 alpha[3], sum[3];
-  for (int u = 0; u < 3; ++u) {
-    alpha[u] = exp_approx8(_mm256_sub_ps(t.m[u], bm[u]));
-    t.m[u] = bm[u];
-    sum[u] = _mm256_setzero_ps();
-  }
-  for (int j = 0; j < nb; ++j)
-    for (int u = 0; u < 3; ++u) {
-      float* sj = st + j * kTileLanes + 8 * u;
-      const __m256 p = exp_approx8(_mm256_sub_ps(_mm256_load_ps(sj), t.m[u]));
-      _mm256_store_ps(sj, p);
-      sum[u] = _mm256_add_ps(sum[u], p);
-    }
-  for (int u = 0; u < 3; ++u) t.l[u] = _mm256_fmadd_ps(t.l[u], alpha[u], sum[u]);
-  tile_values(st, vb, kv_stride, d, nb, alpha, t.ot);
-}
-
-void tile_finish(const Tile& t, const AttnShape& s, float* out, int hk) {
-  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
-  const int64_t q_stride = (int64_t)s.n_head * d;
-  alignas(32) float inv[kTileLanes];
-  for (int u = 0; u < 3; ++u) _mm256_store_ps(inv + 8 * u, _mm256_div_ps(_mm256_set1_ps(1.0f), t.l[u]));
-  for (int r = 0; r < t.nr; ++r) {
-    float* orow = out + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
-    for (int hl = 0; hl < g; ++hl) {
-      const int i = r * g + hl;
-      for (int c = 0; c < d; ++c) orow[hl * d + c] = t.ot[c * kTileLanes + i] * inv[i];
-    }
-  }
-}
-
-void prefill_group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const float* k, const float* v,
-                   float* out, int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
-  const int d = s.head_dim;
-  const int64_t kv_stride = (int64_t)s.n_head_kv * d;
-  const int nt = (int)(tile1 - tile0);
-  Tile tiles[kGroupTiles];
-  float* st = scratch + (size_t)2 * d * kGroupTiles * kTileLanes;
-  int64_t n_keys = 0;
-  for (int i = 0; i < nt; ++i) {
-    Tile& t = tiles[i];
-    t.qt = scratch + (size_t)2 * i * d * kTileLanes;
-    t.ot = t.qt + (size_t)d * kTileLanes;
-    t.r0 = (tile0 + i) * rows;
-    t.nr = (int)std::min<int64_t>(rows, n_rows - t.r0);
-    tile_init(t, s, q, p0, hk);
-    n_keys = std::max(n_keys, t.n_keys);
-  }
-  const float* kh = k + (int64_t)hk * d;
-  const float* vh = v + (int64_t)hk * d;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock)
-    for (int i = 0; i < nt; ++i) {
-      Tile& t = tiles[i];
-      if (j0 >= t.n_keys) continue;
-      const int nb = (int)std::min<int64_t>(kKeyBlock, t.n_keys - j0);
-      tile_block(t, j0, nb, kh + j0 * kv_stride, vh + j0 * kv_stride, kv_stride, d, st);
-    }
-  for (int i = 0; i < nt; ++i) tile_finish(tiles[i], s, out, hk);
-}
+constexpr int kTileLanes = Kernel::kLanes;
 #endif
 
 }  // namespace
@@ -526,7 +389,7 @@ void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64
     const int64_t n_groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
     const int64_t n_tasks = n_groups * s.n_head_kv;
     // 64-byte aligned scratch per thread.
-    const size_t per_thread = (group_scratch_floats(s.head_dim) + 15) / 16 * 16;
+    const size_t per_thread = (Kernel::group_scratch_floats(s.head_dim) + 15) / 16 * 16;
     std::vector<float> scratch(per_thread * (size_t)pool.size() + 16);
     float* base = scratch.data();
     base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
@@ -538,7 +401,7 @@ void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64
       const int hk = (int)(task % s.n_head_kv);
       const int64_t tile1 = n_tiles - grp * kGroupTiles;
       const int64_t tile0 = std::max<int64_t>(0, tile1 - kGroupTiles);
-      prefill_group(s, q, n_rows, p0, k, v, out, hk, tile0, tile1, rows, base + per_thread * (size_t)thread);
+      Kernel::group(s, q, n_rows, p0, k, v, out, hk, tile0, tile1, rows, base + per_thread * (size_t)thread);
     });
     return;
   }

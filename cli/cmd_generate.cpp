@@ -8,6 +8,7 @@
 #include "engine/generate.h"
 #include "engine/session.h"
 #include "engine/tokenizer.h"
+#include "kv/kv_policy.h"
 #include "model/model.h"
 #include "tier/rss.h"
 #include "util/error.h"
@@ -33,7 +34,7 @@ struct GenerateArgs {
 void check_kv_combination(const CLI::App& app, const KvConfig& kv) {
   auto given = [&](const char* flag) { return app.count(flag) > 0; };
   const bool speculative = kv.policy == "specache" || kv.policy == "specache-refetch";
-  const bool lowbit = speculative || kv.policy == "kivi" || kv.policy == "specache-exact" || kv.policy == "topk-oracle";
+  const bool lowbit = kv_policy_has_lowbit_copy(kv.policy);
   const bool tiered = speculative || kv.policy == "specache-exact";
   if (!lowbit)
     for (const char* f : {"--kv-bits", "--kv-group"})

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "bench/bench.h"
+#include "kv/kv_policy.h"
 #include "util/error.h"
 
 namespace spc::bench {
@@ -27,11 +28,6 @@ std::string trim(const std::string& s) {
   while (b < e && std::isspace((unsigned char)s[b])) ++b;
   while (e > b && std::isspace((unsigned char)s[e - 1])) --e;
   return s.substr(b, e - b);
-}
-
-// Policies whose low-bit copy the bits apply to (the rest have none).
-bool has_lowbit_copy(const std::string& p) {
-  return p == "kivi" || p == "specache" || p == "specache-refetch" || p == "specache-exact" || p == "topk-oracle";
 }
 
 }  // namespace
@@ -134,6 +130,6 @@ Spread summarize(std::vector<double> v) {
 }
 
 // Bits of the low-bit copy as the row reports them (0 where the policy has none).
-int reported_bits(const KvConfig& c) { return has_lowbit_copy(c.policy) ? c.bits : 0; }
+int reported_bits(const KvConfig& c) { return kv_policy_has_lowbit_copy(c.policy) ? c.bits : 0; }
 
 }  // namespace spc::bench

@@ -10,13 +10,16 @@ const std::vector<std::string>& kv_policy_names() {
   return names;
 }
 
+bool kv_policy_has_lowbit_copy(const std::string& p) {
+  return p == "kivi" || p == "specache" || p == "specache-refetch" || p == "specache-exact" || p == "topk-oracle";
+}
+
 std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& cfg, const KvGeometry& g) {
   SPC_CHECK(g.n_layer > 0 && g.n_head_kv > 0 && g.n_head % g.n_head_kv == 0 && g.head_dim > 0 && g.n_ctx > 0,
             "invalid KV geometry");
   if (cfg.policy == "full") return make_full_policy(cfg, g);
   if (cfg.policy == "streaming") return make_streaming_policy(cfg, g);
-  if (cfg.policy == "kivi" || cfg.policy == "specache" || cfg.policy == "specache-refetch" ||
-      cfg.policy == "specache-exact" || cfg.policy == "topk-oracle") {
+  if (kv_policy_has_lowbit_copy(cfg.policy)) {
     SPC_CHECK(cfg.bits == 1 || cfg.bits == 2, "--kv-bits must be 1 or 2, got %d", cfg.bits);
     SPC_CHECK(cfg.group == 32 || cfg.group == 64, "--kv-group must be 32 or 64, got %d", cfg.group);
     SPC_CHECK(cfg.topk >= 0 && cfg.window >= 0, "--kv-topk and --kv-window must be >= 0");

@@ -117,4 +117,8 @@ std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& cfg, const KvGeometry& 
 // Names accepted by make_kv_policy.
 const std::vector<std::string>& kv_policy_names();
 
+// Whether the named policy keeps a low-bit copy (kivi, specache, specache-refetch,
+// specache-exact, topk-oracle): the --kv-bits/--kv-group knobs apply to it.
+bool kv_policy_has_lowbit_copy(const std::string& policy);
+
 }  // namespace spc

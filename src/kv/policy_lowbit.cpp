@@ -64,6 +64,12 @@ struct HeadState {
     auto it = std::lower_bound(resident.begin(), resident.end(), std::make_pair(p, INT32_MIN));
     return it != resident.end() && it->first == p;
   }
+  // Share of the positions `sel` that the buffer holds (spec_recall); 1 for an empty selection.
+  double share_held(const std::vector<int64_t>& sel) const {
+    size_t inter = 0;
+    for (int64_t p : sel) inter += holds(p);
+    return sel.empty() ? 1.0 : (double)inter / sel.size();
+  }
 };
 
 struct LayerState {
@@ -208,6 +214,8 @@ class LowBitPolicy final : public KvPolicy {
   void update_peak();
   void measure_exact_mass(int il, const DecodeRows& rows);
   float exact_dot(const float* q, const fp16_t* krow) const { return dot_f32_f16(q, krow, g_.head_dim); }
+  // spec_recall is measured on every kRecallEvery-th step (every step with --kv-diagnostics).
+  bool recall_step() const { return cfg_.diagnostics || steps_ % kRecallEvery == 0; }
   const fp16_t* slot_row(const LayerState& L, int h, int32_t slot) const {
     return L.topk_rows.data() + ((size_t)h * k_ + slot) * row_elems_;
   }
@@ -471,8 +479,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         float gm[kMaxGroup], gl[kMaxGroup];
         const float* xs[kMaxGroup];
         float as[kMaxGroup];
-        const int ng = group_;
-        for (int iq = 0; iq < ng; ++iq) {
+        for (int iq = 0; iq < group_; ++iq) {
           gm[iq] = -std::numeric_limits<float>::infinity();
           for (int64_t ch = 0; ch < n_chunks; ++ch) gm[iq] = std::max(gm[iq], EP(h, ch, iq).m);
           gl[iq] = 0.0f;
@@ -480,23 +487,20 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         }
         for (int64_t ch = 0; ch < n_chunks; ++ch) {
           const int64_t t0 = ch * chunk_tok, t1 = std::min(nqt, t0 + chunk_tok);
-          for (int iq = 0; iq < ng; ++iq) {
+          for (int iq = 0; iq < group_; ++iq) {
             xs[iq] = E(h, iq) + t0;
             as[iq] = std::exp(EP(h, ch, iq).m - gm[iq]) / gl[iq];
           }
-          vec_wsum(xs, as, ng, ts.pr.data() + t0, t1 - t0, /*accumulate=*/false);
+          vec_wsum(xs, as, group_, ts.pr.data() + t0, t1 - t0, /*accumulate=*/false);
         }
       }
       select_topk(ts.pr.data(), nqt, L.heads[h].next_pos, ts.tk);
     });
-    if (refetch_ && (cfg_.diagnostics || steps_ % kRecallEvery == 0)) {
+    if (refetch_ && recall_step()) {
       // spec_recall of a refetch step: what the speculative prefetch held of the selection that
       // replaces it (measured here, before the buffer changes).
       for (int h = 0; h < nkv; ++h) {
-        const HeadState& H = L.heads[h];
-        size_t inter = 0;
-        for (int64_t p : H.next_pos) inter += H.holds(p);
-        L.recall_sum += H.next_pos.empty() ? 1.0 : (double)inter / H.next_pos.size();
+        L.recall_sum += L.heads[h].share_held(L.heads[h].next_pos);
         L.recall_n += 1;
       }
     }
@@ -621,26 +625,22 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   // spec_recall costs a second selection per head: measured on every kRecallEvery-th step
   // (every step with --kv-diagnostics).
   const bool recall = speculate && !refetch_ && rows.n_rows == 2 && nqt > 0 && !L.heads[0].resident.empty() &&
-                      (cfg_.diagnostics || steps_ % kRecallEvery == 0);
+                      recall_step();
   if (n_sel > 0 || recall) {
     // probs over [0, n) of row r's query heads (quantized positions, then window positions).
     // pr[j + off] (+)= w * (probability of position j for row r), for j + off < n: per chunk one
     // pass over pr for all the row's query heads (the first call writes, no memset).
     auto add_row_probs = [&](int h, int r, int64_t n, float* pr, float w, int64_t off, bool accumulate) {
       auto pass = [&](int64_t ch, int64_t t0, int64_t t1, bool window) {
-        constexpr int kHeads = 8;  // query heads per vec_wsum call
-        for (int h0 = 0; h0 < group_; h0 += kHeads) {
-          const float* xs[kHeads];
-          float as[kHeads];
-          const int nh = std::min(kHeads, group_ - h0);
-          for (int i = 0; i < nh; ++i) {
-            const int iq = r * group_ + h0 + i;
-            const AttnPartial glob = glob_[(size_t)h * n_q + iq];
-            xs[i] = window ? W(h, iq) - nqt + t0 : S(h, iq) + t0;
-            as[i] = w * std::exp(P(h, ch, iq).m - glob.m) / glob.l;
-          }
-          vec_wsum(xs, as, nh, pr + t0 + off, t1 - t0, accumulate || h0 > 0);
+        const float* xs[kMaxGroup];
+        float as[kMaxGroup];
+        for (int i = 0; i < group_; ++i) {
+          const int iq = r * group_ + i;
+          const AttnPartial glob = glob_[(size_t)h * n_q + iq];
+          xs[i] = window ? W(h, iq) - nqt + t0 : S(h, iq) + t0;
+          as[i] = w * std::exp(P(h, ch, iq).m - glob.m) / glob.l;
         }
+        vec_wsum(xs, as, group_, pr + t0 + off, t1 - t0, accumulate);
       };
       for (int64_t ch = 0; ch < n_chunks; ++ch) {
         const int64_t t0 = ch * chunk_tok, t1 = std::min({nqt, t0 + chunk_tok, n - off});
@@ -672,9 +672,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       const int h = (int)(task - n_sel_tasks);
       row_probs(h, 0, nqt, ts.own);
       select_topk(ts.own.data(), nqt, ts.top, ts.tk, &L.heads[h].recall_hint);
-      size_t inter = 0;
-      for (int64_t p : ts.top) inter += L.heads[h].holds(p);
-      const double rc = ts.top.empty() ? 1.0 : (double)inter / ts.top.size();
+      const double rc = L.heads[h].share_held(ts.top);
       std::lock_guard<std::mutex> lock(recall_mu_);
       L.recall_sum += rc;
       L.recall_n += 1;

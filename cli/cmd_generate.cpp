@@ -37,7 +37,7 @@ void check_kv_combination(const CLI::App& app, const KvConfig& kv) {
   const bool lowbit = kv_policy_has_lowbit_copy(kv.policy);
   const bool tiered = speculative || kv.policy == "specache-exact";
   if (!lowbit)
-    for (const char* f : {"--kv-bits", "--kv-group"})
+    for (const char* f : {"--kv-bits", "--kv-group", "--kv-debias"})
       SPC_CHECK(!given(f), "%s has no effect with --kv %s (it applies to kivi, specache, specache-refetch, specache-exact, topk-oracle)", f, kv.policy.c_str());
   if (!lowbit && kv.policy != "streaming")
     SPC_CHECK(!given("--kv-window"), "--kv-window has no effect with --kv %s", kv.policy.c_str());

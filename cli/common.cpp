@@ -41,6 +41,11 @@ void add_kv_flags(CLI::App& app, KvConfig& kv) {
                  "top-k beside the speculative row's (0: the paper's rule, speculative row only)")
       ->check(CLI::Range(0.0f, 16.0f))
       ->capture_default_str();
+  app.add_option("--kv-debias", kv.debias,
+                 "low-bit policies: lower the low-bit scores by this multiple of half their estimated error variance, "
+                 "so the low-bit positions' softmax mass is not inflated against the 16-bit ones (0: the paper's scores; "
+                 "default 0.5; specache-exact's own top-k already removes the bias)")
+      ->check(CLI::Range(0.0f, 4.0f));
   app.add_option("--kv-guess", kv.guess,
                  "specache: the guess after a miss: lookup (the token that followed the latest earlier occurrence of the "
                  "sequence's last tokens) or model (the speculative row's argmax, the paper's rule)")

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "engine/sampler.h"
+#include "kv/lowbit.h"
 #include "engine/session.h"
 #include "model/model.h"
 #include "test_util.h"
@@ -214,6 +215,121 @@ TEST(KvPolicy, SpecacheRefetchAfterAMissAttendsLikeSpecacheExact) {
   EXPECT_GT(spec_vs_exact, 1e-3) << "specache's speculative buffer should differ from the row's own top-k";
   EXPECT_EQ(a->stats().refetch_steps, 5u);
   EXPECT_EQ(c->stats().refetch_steps, 0u);
+}
+
+// --kv-debias: kivi's attention equals a reference over the dequantized copy whose low-bit
+// scores are lowered by debias * sum_c q_c^2 s_c^2 / 24 per key block (s_c the block's stored
+// channel step), and clearly not the reference without that correction.
+TEST(KvPolicy, DebiasLowersLowBitScoresByHalfTheirErrorVariance) {
+  ThreadPool pool(2);
+  RandomSteps rs(448);  // g = 64, R = 64: positions 0..383 in 6 low-bit blocks, 384..447 in the window
+  const KvGeometry& G = rs.g;
+  const int d = G.head_dim, nkv = G.n_head_kv, grp = G.n_head / nkv, g = 64;
+  const int64_t n = 448, n_quant = 384;
+  const float beta = 1.0f;
+  KvConfig kc = policy("kivi", 1, 0, 64, 64), kc_plain = kc;
+  kc.debias = beta;
+  kc_plain.debias = 0.0f;
+  auto kv = rs.make(kc), plain = rs.make(kc_plain);
+  const auto x = rs.row();
+  const auto got = rs.step(*kv, {&x}, 1, pool), got_plain = rs.step(*plain, {&x}, 1, pool);
+
+  LowBitSpec spec;
+  spec.bits = 1, spec.group = g, spec.head_dim = d;
+  auto reference = [&](float b) {
+    std::vector<float> out;
+    std::vector<uint8_t> kb(spec.key_block_bytes()), vb(spec.value_block_bytes());
+    std::vector<float> kh((size_t)g * d), vh(d), K((size_t)(n + 1) * d), V((size_t)(n + 1) * d), bias(n + 1, 0.0f);
+    for (int il = 0; il < G.n_layer; ++il)
+      for (int hq = 0; hq < G.n_head; ++hq) {
+        const int h = hq / grp;
+        const float* q = x.q.data() + (size_t)hq * d;
+        for (int64_t blk = 0; blk < n_quant / g; ++blk) {
+          const float* k0 = rs.pk.data() + ((size_t)blk * g * nkv + h) * d;
+          const float* v0 = rs.pv.data() + ((size_t)blk * g * nkv + h) * d;
+          lowbit_quantize_keys(spec, k0, (size_t)nkv * d, kb.data());
+          lowbit_quantize_values(spec, v0, (size_t)nkv * d, vb.data());
+          lowbit_dequantize_keys(spec, kb.data(), kh.data());
+          const fp16_t* sc = reinterpret_cast<const fp16_t*>(kb.data() + spec.key_plane_bytes());
+          double var = 0;
+          for (int c = 0; c < d; ++c) var += (double)q[c] * q[c] / d * fp16_to_fp32(sc[c]) * fp16_to_fp32(sc[c]);
+          for (int t = 0; t < g; ++t) {
+            std::copy_n(kh.data() + (size_t)t * d, d, K.data() + (blk * g + t) * d);
+            lowbit_dequantize_value(spec, vb.data(), t, V.data() + (blk * g + t) * d);
+            bias[blk * g + t] = (float)(b * var / 24);
+          }
+        }
+        for (int64_t j = n_quant; j < n; ++j) {  // the 16-bit window
+          std::copy_n(rs.pk.data() + ((size_t)j * nkv + h) * d, d, K.data() + j * d);
+          std::copy_n(rs.pv.data() + ((size_t)j * nkv + h) * d, d, V.data() + j * d);
+        }
+        for (int c = 0; c < d; ++c) {  // the step's own row (kept in fp16)
+          K[n * d + c] = fp16_to_fp32(fp32_to_fp16(x.k[(size_t)h * d + c]));
+          V[n * d + c] = fp16_to_fp32(fp32_to_fp16(x.v[(size_t)h * d + c]));
+        }
+        std::vector<double> p(n + 1);
+        double m = -1e300, l = 0;
+        for (int64_t j = 0; j <= n; ++j) {
+          double sdot = 0;
+          for (int c = 0; c < d; ++c) sdot += (double)q[c] * K[j * d + c];
+          p[j] = sdot / std::sqrt((double)d) - bias[j];
+          m = std::max(m, p[j]);
+        }
+        for (auto& e : p) l += (e = std::exp(e - m));
+        for (int c = 0; c < d; ++c) {
+          double o = 0;
+          for (int64_t j = 0; j <= n; ++j) o += p[j] * V[j * d + c];
+          out.push_back((float)(o / l));
+        }
+      }
+    return out;
+  };
+  const auto want = reference(beta), want_plain = reference(0.0f);
+  // 0.03: the packed kernels' 8-bit operands (query, key steps, value weights; lowbit.h).
+  const double tol = 0.03;
+  EXPECT_LT(max_abs_diff(got_plain, want_plain), tol) << "the reference itself";
+  EXPECT_LT(max_abs_diff(got, want), tol);
+  EXPECT_GT(max_abs_diff(want, want_plain), 4 * tol) << "the correction should matter in this setup";
+  EXPECT_GT(max_abs_diff(got, want_plain), 4 * tol);
+  std::printf("kivi vs reference: %.4f (debiased), %.4f (plain); the correction moves outputs by %.4f\n",
+              max_abs_diff(got, want), max_abs_diff(got_plain, want_plain), max_abs_diff(want, want_plain));
+}
+
+// Debiasing leaves the steps whose top-k row 0 chose from its own low-bit scores alone
+// (specache-exact; specache-refetch after a miss): bit-identical to debias = 0. It changes
+// specache's speculative steps and the oracle.
+TEST(KvPolicy, DebiasSkipsStepsWhereRowZeroChoseItsOwnTopk) {
+  ThreadPool pool(2);
+  RandomSteps rs(448);
+  auto with = [](KvConfig kc, float debias) {
+    kc.debias = debias;
+    return kc;
+  };
+  for (const char* name : {"specache-exact", "specache-refetch", "specache", "topk-oracle"}) {
+    auto a = rs.make(with(policy(name, 1, 16, 16, 64), 0.0f)), b = rs.make(with(policy(name, 1, 16, 16, 64), 0.5f));
+    auto x = rs.row();
+    const bool speculative = std::string(name) == "specache" || std::string(name) == "specache-refetch";
+    const bool oracle = std::string(name) == "topk-oracle";
+    const double first = max_abs_diff(rs.step(*a, {&x}, speculative ? 0 : 1, pool), rs.step(*b, {&x}, speculative ? 0 : 1, pool));
+    if (oracle) EXPECT_GT(first, 1e-3) << "the oracle's choice does not see the low-bit errors";
+    else EXPECT_EQ(first, 0.0) << name << ": the first step" << (speculative ? " (the pre-decoding pass selects its own top-k)" : "");
+    double diff = 0;
+    for (int i = 0; i < 5; ++i) {
+      const auto y = rs.row();
+      if (std::string(name) == "specache-refetch") a->note_guess_miss(), b->note_guess_miss();
+      if (speculative) {
+        const double e = max_abs_diff(rs.step(*a, {&x, &y}, 1, pool), rs.step(*b, {&x, &y}, 1, pool));
+        if (i == 0) {
+          EXPECT_EQ(e, 0.0) << name << ": the step after pre-decoding attends with the row's own top-k";
+        }
+        diff = std::max(diff, e);
+      }
+      else diff = std::max(diff, max_abs_diff(rs.step(*a, {&x}, 1, pool), rs.step(*b, {&x}, 1, pool)));
+      x = rs.row();
+    }
+    if (std::string(name) == "specache" || std::string(name) == "topk-oracle") EXPECT_GT(diff, 1e-3) << name;
+    else EXPECT_EQ(diff, 0.0) << name;
+  }
 }
 
 // Through Session: a refetch on exactly the steps whose guess missed.

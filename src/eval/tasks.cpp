@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "engine/chat.h"
@@ -56,13 +57,40 @@ std::vector<PolicySpec> parse_policies(const std::string& list, const KvConfig& 
     PolicySpec p;
     p.label = item;
     p.kv = base;
-    const size_t colon = item.find(':');
-    p.kv.policy = item.substr(0, colon);
+    // Per-policy knobs after '/': "specache:1/debias=0.5/topk=128" (so one run can compare them).
+    std::string head = item;
+    const size_t slash = item.find('/');
+    if (slash != std::string::npos) {
+      head = item.substr(0, slash);
+      size_t a = slash + 1;
+      while (a <= item.size()) {
+        size_t b = item.find('/', a);
+        if (b == std::string::npos) b = item.size();
+        const std::string kvp = item.substr(a, b - a);
+        a = b + 1;
+        const size_t eq = kvp.find('=');
+        SPC_CHECK(eq != std::string::npos && eq > 0 && eq + 1 < kvp.size(), "policy '%s': expected /key=value, got '/%s'",
+                  item.c_str(), kvp.c_str());
+        const std::string key = kvp.substr(0, eq), val = kvp.substr(eq + 1);
+        char* end = nullptr;
+        const double x = std::strtod(val.c_str(), &end);
+        SPC_CHECK(end && *end == '\0', "policy '%s': '%s' is not a number", item.c_str(), val.c_str());
+        if (key == "debias") p.kv.debias = (float)x;
+        else if (key == "shift") p.kv.shift = (float)x;
+        else if (key == "topk" || key == "window" || key == "group") {
+          SPC_CHECK(x == std::floor(x) && x >= 0 && x <= (1 << 20), "policy '%s': %s must be a whole number", item.c_str(), key.c_str());
+          (key == "topk" ? p.kv.topk : key == "window" ? p.kv.window : p.kv.group) = (int)x;
+        } else
+          throw Error(strfmt("policy '%s': unknown knob '%s' (known: debias, shift, topk, window, group)", item.c_str(), key.c_str()));
+      }
+    }
+    const size_t colon = head.find(':');
+    p.kv.policy = head.substr(0, colon);
     const auto& names = kv_policy_names();
     SPC_CHECK(std::find(names.begin(), names.end(), p.kv.policy) != names.end(), "unknown policy '%s' in --policies",
               p.kv.policy.c_str());
     if (colon != std::string::npos) {
-      const std::string b = item.substr(colon + 1);
+      const std::string b = head.substr(colon + 1);
       SPC_CHECK(b == "1" || b == "2", "policy '%s': bits must be 1 or 2", item.c_str());
       p.kv.bits = b[0] - '0';
     }
@@ -81,7 +109,7 @@ int64_t specache1_budget_positions(const KvConfig& base, int64_t n) {
 }
 
 KvConfig config_for_length(const PolicySpec& p, int64_t n) {
-  KvConfig kv = p.kv;
+  KvConfig kv = resolve_kv_config(p.kv);
   if (kv.policy == "streaming") {
     const int64_t budget = specache1_budget_positions(p.kv, n);
     kv.sinks = 4;

@@ -14,7 +14,17 @@ bool kv_policy_has_lowbit_copy(const std::string& p) {
   return p == "kivi" || p == "specache" || p == "specache-refetch" || p == "specache-exact" || p == "topk-oracle";
 }
 
-std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& cfg, const KvGeometry& g) {
+float kv_default_debias(const std::string& p) {
+  return kv_policy_has_lowbit_copy(p) ? 0.5f : 0.0f;
+}
+
+KvConfig resolve_kv_config(KvConfig cfg) {
+  if (cfg.debias < 0.0f) cfg.debias = kv_default_debias(cfg.policy);
+  return cfg;
+}
+
+std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& given, const KvGeometry& g) {
+  const KvConfig cfg = resolve_kv_config(given);
   SPC_CHECK(g.n_layer > 0 && g.n_head_kv > 0 && g.n_head % g.n_head_kv == 0 && g.head_dim > 0 && g.n_ctx > 0,
             "invalid KV geometry");
   if (cfg.policy == "full") return make_full_policy(cfg, g);
@@ -24,6 +34,7 @@ std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& cfg, const KvGeometry& 
     SPC_CHECK(cfg.group == 32 || cfg.group == 64, "--kv-group must be 32 or 64, got %d", cfg.group);
     SPC_CHECK(cfg.topk >= 0 && cfg.window >= 0, "--kv-topk and --kv-window must be >= 0");
     SPC_CHECK(cfg.shift >= 0.0f && cfg.shift <= 16.0f, "--kv-shift must be in [0, 16], got %g", (double)cfg.shift);
+    SPC_CHECK(cfg.debias >= 0.0f && cfg.debias <= 4.0f, "--kv-debias must be in [0, 4], got %g", (double)cfg.debias);
     SPC_CHECK(cfg.guess == "lookup" || cfg.guess == "model", "--kv-guess must be lookup or model, got '%s'", cfg.guess.c_str());
     SPC_CHECK(cfg.store == "host" || cfg.store == "file", "--kv-store must be host or file, got '%s'", cfg.store.c_str());
     SPC_CHECK(cfg.store != "file" || !cfg.dir.empty(), "--kv-store file needs --kv-dir DIR");

@@ -151,10 +151,13 @@ class LowBitPolicy final : public KvPolicy {
     n_keep_ = n_keep;
     refetch_ = miss_noted_ && n_keep > 0;
     miss_noted_ = false;
+    own_buffer_ = after_predecode_;  // the buffer the pre-decoding pass chose for this very row
+    after_predecode_ = false;
     if (refetch_) ++refetch_steps_;
   }
 
   void end_step() override {
+    after_predecode_ = n_keep_ == 0 && sel_ == Select::Speculative && k_ > 0;
     n_ += n_keep_;
     ++steps_;
     update_peak();
@@ -227,6 +230,8 @@ class LowBitPolicy final : public KvPolicy {
   bool refetch_on_miss_ = false;  // specache-refetch
   bool miss_noted_ = false;       // note_guess_miss() since the last begin_step
   bool refetch_ = false;          // this step selects row 0's own top-k (a miss under specache-refetch)
+  bool own_buffer_ = false;       // this step attends with a top-k row 0 chose from its own scores
+  bool after_predecode_ = false;
   uint64_t refetch_steps_ = 0;
   LowBitSpec spec_;
   int k_ = 0, group_ = 1, row_elems_ = 0;
@@ -246,6 +251,7 @@ class LowBitPolicy final : public KvPolicy {
   std::vector<float> outs_;         // [n_head_kv][n_chunks + 1][n_q][d]
   std::vector<AttnPartial> glob_;   // [n_head_kv][n_q] merged state of each query
   std::vector<float> win_s_;        // [n_head_kv][n_q][n_win] exp(window score - exact part's max)
+  std::vector<float> q2_;           // [n_head_kv][n_q][d] squared scaled queries (debiasing)
   std::vector<float> own_e_;        // own selection: [n_head_kv][group][n_quant] exp(row-0 score - chunk max)
   std::vector<AttnPartial> own_parts_;  // own selection: [n_head_kv][n_chunks][group] chunk max and sum
   std::vector<ThreadScratch> thr_;
@@ -424,10 +430,46 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   const int64_t chunk_tok = blocks_per_chunk * g;
   scores_.resize((size_t)nkv * n_q * std::max<int64_t>(nqt, 1));
   auto S = [&](int h, int iq) { return scores_.data() + ((size_t)h * n_q + iq) * nqt; };
-  auto score_chunk = [&](int h, int64_t ch) {
+  // Debiasing (cfg_.debias, KvConfig): a low-bit score carries an error e = q.(K - K_hat) of
+  // variance ~ sum_c q_c^2 s_c^2/12 over the block's channel steps s_c, so exp(score) is inflated
+  // by E[exp(e)] ~ exp(sigma^2/2) against the positions attended in 16-bit. Per block and query
+  // row: one dot product of q^2 with the block's s^2 (1/g of the scoring work).
+  const float debias = cfg_.debias;
+  if (debias > 0.0f) {
+    q2_.resize((size_t)nkv * n_q * d);
+    for (size_t i = 0; i < q2_.size(); ++i) q2_[i] = qs_[i] * qs_[i];
+  }
+  auto debias_chunk = [&](int h, int64_t ch) {
+    const int64_t b0 = ch * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
+    const size_t kbb = spec_.key_block_bytes(), scale_off = (size_t)spec_.bits * spec_.key_plane_bytes();
+    float s2[256];
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* sc = L.heads[h].kblocks.data() + b * kbb + scale_off;
+      for (int c = 0; c < d; ++c) {
+        fp16_t hv;
+        std::memcpy(&hv, sc + 2 * c, sizeof hv);
+        const float v = fp16_to_fp32(hv);
+        s2[c] = v * v;
+      }
+      for (int iq = 0; iq < n_q; ++iq) {
+        const float* q2 = q2_.data() + ((size_t)h * n_q + iq) * d;
+        float var = 0.0f;
+        for (int c = 0; c < d; ++c) var += q2[c] * s2[c];
+        const float bias = debias * var / 24.0f;
+        float* sp = S(h, iq) + b * g;
+        for (int t = 0; t < g; ++t) sp[t] -= bias;
+      }
+    }
+  };
+  // Not where row 0 chose its own top-k from these very scores (specache-exact, the pre-decoding
+  // pass and the step after it, a refetch step): that choice already moves the positions with the largest positive
+  // errors to 16-bit, and the positions left in low bit are biased low (measured: debiasing them
+  // as well raises perplexity; docs/RESULTS.md). The oracle's choice does not see the errors.
+  auto score_chunk = [&](int h, int64_t ch, bool apply_debias) {
     const int64_t b0 = ch * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
     lowbit_score_keys(spec_, L.heads[h].kblocks.data() + b0 * spec_.key_block_bytes(), (int)(b1 - b0), Q(h, 0), n_q, d,
                       S(h, 0) + b0 * g, nqt);
+    if (apply_debias && debias > 0.0f) debias_chunk(h, ch);
   };
 
   // Non-speculative selection: the real token picks its own top-k before attending. SpeCache's
@@ -450,7 +492,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     pool.for_each_task(n_chunks * nkv, [&](int64_t task, int) {
       const int h = (int)(task % nkv);
       const int64_t ch = task / nkv;
-      score_chunk(h, ch);
+      score_chunk(h, ch, /*apply_debias=*/oracle);
       if (oracle) return;
       const int64_t t0 = ch * chunk_tok, t1 = std::min(nqt, t0 + chunk_tok);
       for (int iq = 0; iq < group_; ++iq) {  // row 0's query heads
@@ -519,7 +561,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     if (task < n_chunks * nkv) {
       const int h = (int)(task % nkv);
       const int64_t ch = task / nkv;
-      if (!scored) score_chunk(h, ch);
+      if (!scored) score_chunk(h, ch, /*apply_debias=*/!own_buffer_);
       const int64_t t0 = ch * chunk_tok, t1 = std::min(nqt, t0 + chunk_tok);
       const HeadState& H = L.heads[h];
       const auto lo = std::lower_bound(H.resident.begin(), H.resident.end(), std::make_pair(t0, INT32_MIN));

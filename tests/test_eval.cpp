@@ -125,6 +125,24 @@ TEST(EvalPolicies, ParseSpecsAndStreamingBudget) {
   EXPECT_THROW(parse_policies("kivi:3", base), Error);
   EXPECT_THROW(parse_policies("nope", base), Error);
   EXPECT_THROW(parse_policies("full,full", base), Error);
+  // Per-policy knobs after '/': one run compares them on the same prefill.
+  const auto q = parse_policies("specache:1/debias=0/topk=128,specache:1,kivi:2/window=32/shift=0.5", base);
+  ASSERT_EQ(q.size(), 3u);
+  EXPECT_EQ(q[0].label, "specache:1/debias=0/topk=128");
+  EXPECT_EQ(q[0].kv.policy, "specache");
+  EXPECT_EQ(q[0].kv.bits, 1);
+  EXPECT_EQ(q[0].kv.debias, 0.0f);
+  EXPECT_EQ(q[0].kv.topk, 128);
+  EXPECT_EQ(config_for_length(q[1], 1024).debias, 0.5f) << "the policy default, resolved";
+  EXPECT_EQ(config_for_length(q[0], 1024).debias, 0.0f);
+  EXPECT_EQ(q[2].kv.bits, 2);
+  EXPECT_EQ(q[2].kv.window, 32);
+  EXPECT_EQ(q[2].kv.shift, 0.5f);
+  EXPECT_THROW(parse_policies("specache:1/debias", base), Error);
+  EXPECT_THROW(parse_policies("specache:1/debias=x", base), Error);
+  EXPECT_THROW(parse_policies("specache:1/colour=1", base), Error);
+  EXPECT_THROW(parse_policies("specache:1/topk=1.5", base), Error);
+  EXPECT_THROW(parse_policies("specache:1/", base), Error);
   // g = 64, R = 64, k = 64: 1024 * 1.5 / 16 = 96 positions of low-bit copy + 128.
   EXPECT_EQ(specache1_budget_positions(base, 1024), 224);
   const KvConfig s = config_for_length(p[3], 1024);

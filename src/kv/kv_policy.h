@@ -39,7 +39,7 @@ struct KvConfig {
   // debias * sigma^2/2, sigma^2 = sum_c q_c^2 s_c^2/12 (the variance of the score error of a key
   // quantized with step s_c per channel), so that their softmax mass is not inflated by
   // E[exp(error)] = exp(sigma^2/2) against the exact positions. 0 = the paper's scores. Negative:
-  // the policy's default (kv_default_debias), applied by resolve_kv_config.
+  // the policy's default, filled in by resolve_kv_config.
   float debias = -1.0f;
   std::string store = "host";   // slow tier: host | file
   std::string dir;              // directory for the file store
@@ -127,11 +127,9 @@ const std::vector<std::string>& kv_policy_names();
 // specache-exact, topk-oracle): the --kv-bits/--kv-group knobs apply to it.
 bool kv_policy_has_lowbit_copy(const std::string& policy);
 
-// Default of KvConfig::debias: 0.5 for the policies with a low-bit copy (measured best for
-// specache on SmolLM2 and better for kivi too, docs/RESULTS.md; specache-exact's steps never
-// apply it), 0 for the others.
-float kv_default_debias(const std::string& policy);
-// cfg with its "policy default" fields filled in (debias < 0 -> kv_default_debias).
+// cfg with its "policy default" fields filled in: debias < 0 -> 0.5 for the policies with a
+// low-bit copy (measured best for specache on SmolLM2 and better for kivi too, docs/RESULTS.md;
+// specache-exact's steps never apply it), 0 for the others.
 KvConfig resolve_kv_config(KvConfig cfg);
 
 }  // namespace spc

@@ -151,13 +151,12 @@ class LowBitPolicy final : public KvPolicy {
     n_keep_ = n_keep;
     refetch_ = miss_noted_ && n_keep > 0;
     miss_noted_ = false;
-    own_buffer_ = after_predecode_;  // the buffer the pre-decoding pass chose for this very row
-    after_predecode_ = false;
     if (refetch_) ++refetch_steps_;
   }
 
   void end_step() override {
-    after_predecode_ = n_keep_ == 0 && sel_ == Select::Speculative && k_ > 0;
+    // The step after the pre-decoding pass attends with the buffer that pass chose for this very row.
+    own_buffer_ = n_keep_ == 0 && sel_ == Select::Speculative && k_ > 0;
     n_ += n_keep_;
     ++steps_;
     update_peak();
@@ -230,8 +229,7 @@ class LowBitPolicy final : public KvPolicy {
   bool refetch_on_miss_ = false;  // specache-refetch
   bool miss_noted_ = false;       // note_guess_miss() since the last begin_step
   bool refetch_ = false;          // this step selects row 0's own top-k (a miss under specache-refetch)
-  bool own_buffer_ = false;       // this step attends with a top-k row 0 chose from its own scores
-  bool after_predecode_ = false;
+  bool own_buffer_ = false;       // this step attends with a top-k row 0 chose from its own scores (set by end_step)
   uint64_t refetch_steps_ = 0;
   LowBitSpec spec_;
   int k_ = 0, group_ = 1, row_elems_ = 0;
@@ -444,13 +442,9 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     const size_t kbb = spec_.key_block_bytes(), scale_off = (size_t)spec_.bits * spec_.key_plane_bytes();
     float s2[256];
     for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* sc = L.heads[h].kblocks.data() + b * kbb + scale_off;
-      for (int c = 0; c < d; ++c) {
-        fp16_t hv;
-        std::memcpy(&hv, sc + 2 * c, sizeof hv);
-        const float v = fp16_to_fp32(hv);
-        s2[c] = v * v;
-      }
+      // The block's fp16 scale[d] (lowbit.h layout; at an even offset of the block).
+      vec_from_f16(reinterpret_cast<const fp16_t*>(L.heads[h].kblocks.data() + b * kbb + scale_off), s2, d);
+      for (int c = 0; c < d; ++c) s2[c] *= s2[c];
       for (int iq = 0; iq < n_q; ++iq) {
         const float* q2 = q2_.data() + ((size_t)h * n_q + iq) * d;
         float var = 0.0f;
@@ -462,9 +456,10 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     }
   };
   // Not where row 0 chose its own top-k from these very scores (specache-exact, the pre-decoding
-  // pass and the step after it, a refetch step): that choice already moves the positions with the largest positive
-  // errors to 16-bit, and the positions left in low bit are biased low (measured: debiasing them
-  // as well raises perplexity; docs/RESULTS.md). The oracle's choice does not see the errors.
+  // pass and the step after it, a refetch step): that choice already moves the positions with the
+  // largest positive errors to 16-bit, and the positions left in low bit are biased low
+  // (measured: debiasing them as well raises perplexity; docs/RESULTS.md). The oracle's choice
+  // does not see the errors.
   auto score_chunk = [&](int h, int64_t ch, bool apply_debias) {
     const int64_t b0 = ch * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
     lowbit_score_keys(spec_, L.heads[h].kblocks.data() + b0 * spec_.key_block_bytes(), (int)(b1 - b0), Q(h, 0), n_q, d,

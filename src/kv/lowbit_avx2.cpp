@@ -171,6 +171,13 @@ SPC_AI inline void bcast_maddubs_acc(__m256i* acc, const __m256i* code, const ui
 #endif
 }
 
+// The block kPrefetchBlocks ahead into L1 (bytes bytes from p): its scales are read first and a
+// cold block otherwise stalls prep on them.
+constexpr int kPrefetchBlocks = 2;
+inline void prefetch_block(const uint8_t* p, size_t bytes) {
+  for (size_t off = 0; off < bytes; off += 64) _mm_prefetch((const char*)p + off, _MM_HINT_T0);
+}
+
 // ---- keys ----
 
 struct KeyCtx {
@@ -260,8 +267,12 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const KeyRows& kr, in
   }
   const __m256i ones16 = _mm256_set1_epi16(1), r128 = _mm256_set1_epi16(128);
   for (int iq = 0; iq < nq; ++iq) {
-    __m256 tz = _mm256_setzero_ps();
-    for (int c = 0; c < d16; c += 8) tz = _mm256_fmadd_ps(_mm256_load_ps(kr.q[iq] + c), _mm256_load_ps(zc + c), tz);
+    __m256 tz = _mm256_setzero_ps(), tz1 = _mm256_setzero_ps();  // two chains (d16 % 16 == 0)
+    for (int c = 0; c < d16; c += 16) {
+      tz = _mm256_fmadd_ps(_mm256_load_ps(kr.q[iq] + c), _mm256_load_ps(zc + c), tz);
+      tz1 = _mm256_fmadd_ps(_mm256_load_ps(kr.q[iq] + c + 8), _mm256_load_ps(zc + c + 8), tz1);
+    }
+    tz = _mm256_add_ps(tz, tz1);
     __m256i wsum = _mm256_setzero_si256();
     uint32_t* lo = kp.lo[iq];
     uint32_t* hi = kp.hi[iq];
@@ -379,16 +390,22 @@ void prep_value_block(const ValCtx& c, const uint8_t* block, const float* p, siz
   for (int iq = 0; iq < nq; ++iq) {
     const float* pr = p + (size_t)iq * p_stride;
     __m256* za = zacc + iq * kMaxGroups;
-    __m256 m = _mm256_setzero_ps();
-    for (int j = 0; j < n8; ++j) {
-      const __m256 pv = _mm256_loadu_ps(pr + 8 * j);
-      pm = _mm256_min_ps(pv, pm);  // a NaN in pv keeps pm
-      for (int gi = 0; gi < ng; ++gi) {
-        m = _mm256_max_ps(m, _mm256_mul_ps(pv, _mm256_load_ps(s + gi * g + 8 * j)));
-        za[gi] = _mm256_fmadd_ps(pv, _mm256_load_ps(zc + gi * g + 8 * j), za[gi]);
+    // Two partial sums per group and two maxima (even / odd j; n8 = g/8 is even): a single
+    // chain per row was latency-bound (n8 dependent FMAs per row and block).
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0;
+    for (int gi = 0; gi < ng; ++gi) {
+      __m256 z0 = _mm256_setzero_ps(), z1 = z0;
+      for (int j = 0; j < n8; j += 2) {
+        const __m256 p0 = _mm256_loadu_ps(pr + 8 * j), p1 = _mm256_loadu_ps(pr + 8 * j + 8);
+        if (gi == 0) pm = _mm256_min_ps(p1, _mm256_min_ps(p0, pm));  // a NaN in p keeps pm
+        m0 = _mm256_max_ps(m0, _mm256_mul_ps(p0, _mm256_load_ps(s + gi * g + 8 * j)));
+        m1 = _mm256_max_ps(m1, _mm256_mul_ps(p1, _mm256_load_ps(s + gi * g + 8 * j + 8)));
+        z0 = _mm256_fmadd_ps(p0, _mm256_load_ps(zc + gi * g + 8 * j), z0);
+        z1 = _mm256_fmadd_ps(p1, _mm256_load_ps(zc + gi * g + 8 * j + 8), z1);
       }
+      za[gi] = _mm256_add_ps(za[gi], _mm256_add_ps(z0, z1));
     }
-    const float mx = hmax8(m);
+    const float mx = hmax8(_mm256_max_ps(m0, m1));
     const float inv = mx > 0.0f ? 255.0f / mx : 0.0f;
     vp.half_b[iq] = 0.5f * (mx / 255.0f);
     const __m256 iv = _mm256_set1_ps(inv);
@@ -510,6 +527,7 @@ void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks
     const KeyTileFn fn = pick_key_tile(k.bits, nq);
     const int qg = k.bits == 1 ? kKeyQuadGroup<1> : kKeyQuadGroup<2>;
     for (int blk = 0; blk < n_blocks; ++blk) {
+      if (blk + kPrefetchBlocks < n_blocks) prefetch_block(blocks + (size_t)(blk + kPrefetchBlocks) * k.bb, k.bb);
       prep_key_block(k, blocks + (size_t)blk * k.bb, rows, nq, prep, padded);
       for (int j = 0; j < k.J; ++j)
         for (int h0 = 0; h0 < 2; h0 += tr) {
@@ -563,6 +581,7 @@ void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n
     const ValueFn full = pick_value_fn(c.bits, tr, false, nq);
     for (int blk = 0; blk < n_blocks; ++blk) {
       const uint8_t* block = values + (size_t)blk * vb;
+      if (blk + kPrefetchBlocks < n_blocks) prefetch_block(block + kPrefetchBlocks * vb, vb);
       prep_value_block(c, block, pt + (size_t)blk * g, p_stride, nq, prep, zacc, pmin);
       for (int m = 0; m < nchunks; ++m) {
         const bool tail = r > 0 && m == nchunks - 1;

@@ -447,9 +447,9 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       for (int c = 0; c < d; ++c) s2[c] *= s2[c];
       for (int iq = 0; iq < n_q; ++iq) {
         const float* q2 = q2_.data() + ((size_t)h * n_q + iq) * d;
-        float var = 0.0f;
-        for (int c = 0; c < d; ++c) var += q2[c] * s2[c];
-        const float bias = debias * var / 24.0f;
+        // (vec_dot: an in-order float sum here was a 64-long dependency chain per row and
+        // block, as slow as the block's scoring.)
+        const float bias = debias * vec_dot(q2, s2, d) / 24.0f;
         float* sp = S(h, iq) + b * g;
         for (int t = 0; t < g; ++t) sp[t] -= bias;
       }

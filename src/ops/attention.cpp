@@ -248,11 +248,23 @@ inline void decode_values8(const fp16_t* v, int d, int c0, int nb, const float* 
     for (int g = 0; g < G; ++g) acc[i][g] = _mm256_mul_ps(_mm256_loadu_ps(o + i * d + c0 + 8 * g), _mm256_set1_ps(alpha[i]));
   for (int j = 0; j < nb; ++j) {
     const fp16_t* vj = v + (int64_t)j * d + c0;
-    __m256 V[G];
-    for (int g = 0; g < G; ++g) V[g] = cvtph8(vj + 8 * g);
-    for (int i = 0; i < NQ; ++i) {
-      const __m256 pj = _mm256_set1_ps(p[i * kDecBlock + j]);
-      for (int g = 0; g < G; ++g) acc[i][g] = _mm256_fmadd_ps(pj, V[g], acc[i][g]);
+    if constexpr (NQ < G) {
+      // Weights first (NQ + 1 + NQ*G registers: 16 for NQ = 3, G = 4); converting all G value
+      // vectors first would need G + 1 + NQ*G = 17 and spill an accumulator through the stack,
+      // a store-forwarding round trip on every position.
+      __m256 P[NQ];
+      for (int i = 0; i < NQ; ++i) P[i] = _mm256_set1_ps(p[i * kDecBlock + j]);
+      for (int g = 0; g < G; ++g) {
+        const __m256 V = cvtph8(vj + 8 * g);
+        for (int i = 0; i < NQ; ++i) acc[i][g] = _mm256_fmadd_ps(P[i], V, acc[i][g]);
+      }
+    } else {
+      __m256 V[G];
+      for (int g = 0; g < G; ++g) V[g] = cvtph8(vj + 8 * g);
+      for (int i = 0; i < NQ; ++i) {
+        const __m256 pj = _mm256_set1_ps(p[i * kDecBlock + j]);
+        for (int g = 0; g < G; ++g) acc[i][g] = _mm256_fmadd_ps(pj, V[g], acc[i][g]);
+      }
     }
   }
   for (int i = 0; i < NQ; ++i)

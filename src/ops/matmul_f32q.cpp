@@ -301,14 +301,28 @@ void f32q_rows(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t 
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
+    // A prefetch every kPfStep blocks (<= 64 bytes apart, so no line of the row ahead is
+    // skipped) instead of one per (smaller) block.
+    constexpr int64_t kPfStep = 64 / Ty::kBytes;
+    const bool pf = b % kPfStep == 0;
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + r * rs + b * Ty::kBytes;
-      _mm_prefetch((const char*)(blk + kPrefetchRows * rs), _MM_HINT_T1);
+      if (pf) _mm_prefetch((const char*)(blk + kPrefetchRows * rs), _MM_HINT_T1);
       __m256 C[4];
       Ty::codes(blk, C);
-      const float d = ld_h(blk);
-      if (Ty::kConst) mrow[r * nb + b] = Ty::kMin ? ld_h(blk + 2) : -Ty::kOff * d;
-      const __m256 D = _mm256_set1_ps(d);
+      __m256 D;
+      if constexpr (Ty::kMin) {
+        // d and m (adjacent fp16) in one load and conversion.
+        uint32_t dm;
+        std::memcpy(&dm, blk, 4);
+        const __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm));
+        D = _mm256_broadcastss_ps(dmf);
+        mrow[r * nb + b] = _mm_cvtss_f32(_mm_movehdup_ps(dmf));
+      } else {
+        const float d = ld_h(blk);
+        if (Ty::kConst) mrow[r * nb + b] = -Ty::kOff * d;
+        D = _mm256_set1_ps(d);
+      }
       for (int t = 0; t < T; ++t) {
         const float* xb = x + t * n_in + b * 32;
         __m256 p = _mm256_mul_ps(C[0], _mm256_loadu_ps(xb));

@@ -59,7 +59,8 @@ inline int64_t key_tile_offset(int64_t pos, int head_dim) {  // element offset o
 // positions [k0, k1) of one KV head, with per-query causal limits (query i sees positions < limit[i]).
 // kt: tile-transposed keys (see key_tile_offset), v: [pos][head_dim] fp16.
 // q: [n_q][head_dim] (unscaled). Produces partial states; o: [n_q][head_dim] unnormalized.
-// n_q: 1..8. When attention_decode_f16_streams(head_dim) (AVX-512, head_dim % 16 == 0), keys and
+// n_q: 1..8. When attention_decode_f16_streams(head_dim) (AVX-512 with head_dim % 16 == 0, or AVX2
+// with head_dim % 8 == 0; head_dim <= 256), keys and
 // values are streamed once, block by block with an online softmax and the accumulators in
 // registers, and scratch is not used (may be null); otherwise scratch must hold at least
 // n_q * (k1 - k0 + kKeyTile) floats.

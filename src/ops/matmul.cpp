@@ -382,7 +382,7 @@ FDirectFn fdirect_for(GgmlType type, int r, int t) {
 template <int R, int T>
 void fkernel(const float* w, const float* x, int64_t n, float* out) {
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) out[r * kTileT + t] = dot_f32(w + r * n, x + t * n, n);
+    for (int t = 0; t < T; ++t) out[r * kTileT + t] = vec_dot(w + r * n, x + t * n, n);
 }
 using FDirectFn = void (*)(const void*, const float*, int64_t, float*);
 FDirectFn fdirect_for(GgmlType, int, int) { return nullptr; }
@@ -640,7 +640,7 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
             for (int r = 0; r < R; ++r)
               for (int t = 0; t < T; ++t)
                 y[(t0 + t) * n_out + rb0 + rt + r] =
-                    out[r * kTileT + t] + dot_f32(mt + (rt + r) * nvb * 2, xs + (t0 + t) * nvb * 2, 2 * nvb);
+                    out[r * kTileT + t] + vec_dot(mt + (rt + r) * nvb * 2, xs + (t0 + t) * nvb * 2, 2 * nvb);
           }
         }
       }

@@ -176,7 +176,7 @@ void f32q_kernel_fs(const uint8_t* w, size_t rs, int64_t nb, const float* x, int
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t)
-      out[r * kTileT + t] = _mm512_reduce_add_ps(acc[r][t]) + (Ty::kMin ? dot_f32(mrow + r * nb, xs + t * nb, nb) : 0.f);
+      out[r * kTileT + t] = _mm512_reduce_add_ps(acc[r][t]) + (Ty::kMin ? vec_dot(mrow + r * nb, xs + t * nb, nb) : 0.f);
 }
 template <class Ty, int R, int T>
 void f32q_entry(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t n_in, const float* xs, float* mrow,
@@ -335,7 +335,7 @@ void f32q_rows(const uint8_t* w, size_t rs, int64_t nb, const float* x, int64_t 
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t)
-      out[r * kTileT + t] = hsum8(acc[r][t]) + (Ty::kConst ? dot_f32(mrow + r * nb, xs + t * nb, nb) : 0.f);
+      out[r * kTileT + t] = hsum8(acc[r][t]) + (Ty::kConst ? vec_dot(mrow + r * nb, xs + t * nb, nb) : 0.f);
 }
 // The tile in passes of at most 4 accumulators (16 ymm registers): rows split, tokens not, so
 // each weight block is still widened only once.

@@ -25,8 +25,6 @@ namespace spc::mmk {
 constexpr int kTileR = 4;  // weight rows per tile
 constexpr int kTileT = 4;  // tokens per tile
 
-inline float dot_f32(const float* a, const float* b, int64_t n) { return vec_dot(a, b, n); }
-
 
 // Fused kernel: R (1..4) consecutive weight rows starting at w (row stride rs bytes, nvb
 // 32-element sub-blocks per row) times T (1..4) tokens of quantized activations (xq: stride

@@ -104,7 +104,7 @@ void fused_kernel(const uint8_t* w, size_t rs, int64_t nb, const int8_t* xq, con
   const float coef = Ty::kMin ? 1.f : -Ty::kOff;
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t)
-      out[r * kTileT + t] = hsum8(acc[r][t]) + coef * dot_f32(mrow + r * nb, xs32 + t * nb, nb);
+      out[r * kTileT + t] = hsum8(acc[r][t]) + coef * vec_dot(mrow + r * nb, xs32 + t * nb, nb);
 }
 
 
@@ -273,8 +273,8 @@ void fused_k_kernel(const uint8_t* w, size_t rs, int64_t nvb, const int8_t* xq, 
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t)
-      out[r * kTileT + t] = hsum8(acc[r][t]) + (Ty::kUniform ? dot_f32(mrow + r * nvb, xs32 + t * nvb, nvb)
-                                                                 : dot_f32(mrow + r * 2 * nvb, xs16 + t * 2 * nvb, 2 * nvb));
+      out[r * kTileT + t] = hsum8(acc[r][t]) + (Ty::kUniform ? vec_dot(mrow + r * nvb, xs32 + t * nvb, nvb)
+                                                                 : vec_dot(mrow + r * 2 * nvb, xs16 + t * 2 * nvb, 2 * nvb));
 }
 
 template <class Ty, int R>
@@ -445,7 +445,7 @@ void fused_rows(const uint8_t* w, size_t rs, int64_t nb, const int8_t* xq, const
   const float coef = Ty::kMin ? 1.f : -Ty::kOff;
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t)
-      out[r * kTileT + t] = hsum8(acc[r][t]) + (kConst ? coef * dot_f32(mrow + r * nb, xs32 + t * nb, nb) : 0.f);
+      out[r * kTileT + t] = hsum8(acc[r][t]) + (kConst ? coef * vec_dot(mrow + r * nb, xs32 + t * nb, nb) : 0.f);
 }
 // The tile in passes of at most 4 accumulators (rows split, so each block is decoded once).
 template <class Ty, int R, int T>

@@ -30,6 +30,7 @@ struct EvalArgs {
   std::string csv, json, heatmap_dir;
   std::vector<std::string> merge;
   bool quiet = false;
+  bool no_share_prefix = false;
   KvConfig kv;
 };
 
@@ -82,6 +83,7 @@ int run_eval_cmd(const CLI::App& app, EvalArgs& a) {
     for (size_t j = 0; j < i; ++j) SPC_CHECK(o.seeds[i] != o.seeds[j], "--seeds: %llu listed twice", (unsigned long long)o.seeds[i]);
   o.gen = a.gen, o.ppl_tokens = a.ppl_tokens, o.agree_tokens = a.agree_tokens;
   o.verbose = !a.quiet;
+  o.share_prefix = !a.no_share_prefix;
 
   auto model = Model::load(a.m.model);
   model->set_int8_decode(a.m.int8_act);
@@ -159,6 +161,9 @@ Runner add_eval(CLI::App& app) {
   sub->add_option("--json", a->json, "write every case as JSON");
   sub->add_option("--heatmap-dir", a->heatmap_dir, "write one SVG heat map per policy for passkey and niah");
   sub->add_option("--merge", a->merge, "no run: merge the cases of earlier --json files into one report")->delimiter(',');
+  sub->add_flag("--no-share-prefix", a->no_share_prefix,
+                "prefill every passkey/niah case whole (by default a case takes over the prompt prefix it shares "
+                "with the previous case; the results are the same)");
   sub->add_flag("-q,--quiet", a->quiet, "no progress lines");
   add_kv_flags(*sub, a->kv);
   return [sub, a] { return run_eval_cmd(*sub, *a); };

@@ -356,6 +356,49 @@ TEST(EvalGrid, SeveralSeedsGiveOneCasePerSeedAndRoundTrip) {
   EXPECT_NE(markdown_report(r, o).find("across depths and 2 seeds"), std::string::npos);
 }
 
+// Consecutive depths of one length share the haystack before the earlier needle: the second
+// case prefills only the rest, and every result is the one the same run without sharing gives.
+TEST(EvalGrid, DepthsSharePromptPrefixWithoutChangingResults) {
+  NEED_ENV();
+  for (const char* task : {"passkey", "niah"}) {
+    EvalOptions o = small_options(task, "full,specache:1");
+    o.depths = {0.25, 0.75};
+    ThreadPool pool(2);
+    const auto r = run_eval(*env()->model, *env()->tok, pool, o);
+    ASSERT_EQ(r.size(), 4u);
+    // What the two prompts have in common: everything before the first needle.
+    TaskPrompt p0, p1;
+    if (std::string(task) == "niah") {
+      NiahOptions no = o.niah;
+      no.length = 256, no.seed = o.seeds[0];
+      no.depth = 0.25, no.depth_index = 0;
+      p0 = make_niah(*env()->tok, o.haystack, no);
+      no.depth = 0.75, no.depth_index = 1;
+      p1 = make_niah(*env()->tok, o.haystack, no);
+    } else {
+      p0 = make_passkey(*env()->tok, {256, 0.25, o.seeds[0], 0});
+      p1 = make_passkey(*env()->tok, {256, 0.75, o.seeds[0], 1});
+    }
+    int64_t common = 0;
+    while (common < (int64_t)std::min(p0.tokens.size(), p1.tokens.size()) && p0.tokens[common] == p1.tokens[common]) ++common;
+    EXPECT_GT(common, (int64_t)p1.tokens.size() / 8) << task;
+    EXPECT_LT(common, (int64_t)p1.tokens.size() * 3 / 4) << task;
+    EXPECT_EQ(r[0].prefill_reused, 0) << task;
+    EXPECT_EQ(r[2].prefill_reused, common) << task;
+    EXPECT_EQ(r[3].prefill_reused, common) << task;
+    o.share_prefix = false;
+    const auto unshared = run_eval(*env()->model, *env()->tok, pool, o);
+    ASSERT_EQ(unshared.size(), r.size());
+    for (size_t i = 0; i < r.size(); ++i) {
+      EXPECT_EQ(unshared[i].prefill_reused, 0);
+      EXPECT_EQ(unshared[i].output, r[i].output) << task << " " << r[i].policy << " depth " << r[i].depth;
+      EXPECT_EQ(unshared[i].metrics, r[i].metrics) << task << " " << r[i].policy << " depth " << r[i].depth;
+    }
+    const auto back = results_from_json(json_report(r, o));
+    EXPECT_EQ(back[2].prefill_reused, common);
+  }
+}
+
 TEST(EvalReports, CsvJsonSvgWrittenAndParse) {
   NEED_ENV();
   EvalOptions o = small_options("passkey,niah,ppl", "full,kivi:1");

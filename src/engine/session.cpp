@@ -42,21 +42,29 @@ void Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* al
   timings_.prefill_ms += now_ms() - t0;
   timings_.prefill_tokens += (int64_t)tokens.size();
   spec_next_ = spec_prev_ = -1;
-  seq_ = tokens;
+  seq_.insert(seq_.end(), tokens.begin(), tokens.end());
 }
 
-void Session::prefill_from(const Session& other) {
+void Session::prefill_from(const Session& other, int64_t n_prefix) {
   SPC_CHECK(kv_->n_cached() == 0, "prefill_from needs an empty cache");
   const KvGeometry& g = other.kv().geometry();
-  const int64_t n = other.kv().n_cached();
-  std::vector<float> k((size_t)n * g.n_head_kv * g.head_dim), v(k.size());
+  const int64_t n_other = other.kv().n_cached();
+  const int64_t n = n_prefix < 0 ? n_other : n_prefix;
+  SPC_CHECK(n <= n_other, "prefill_from: %lld positions asked, the other session holds %lld", (long long)n,
+            (long long)n_other);
+  SPC_CHECK(n <= kv_->geometry().n_ctx, "prefill_from: %lld positions do not fit the context of %lld", (long long)n,
+            (long long)kv_->geometry().n_ctx);
+  SPC_ASSERT((int64_t)other.seq_.size() >= n);
+  std::vector<float> k((size_t)n_other * g.n_head_kv * g.head_dim), v(k.size());
   for (int il = 0; il < g.n_layer; ++il) {
     other.kv().export_layer(il, k.data(), v.data());
-    kv_->store_prefill(il, 0, n, k.data(), v.data());
+    if (n > 0) kv_->store_prefill(il, 0, n, k.data(), v.data());
   }
-  logits_ = other.logits_;
+  // Logits after the last position are known only when all of it is taken over.
+  if (n == n_other) logits_ = other.logits_;
+  else std::fill(logits_.begin(), logits_.end(), 0.0f);
   spec_next_ = spec_prev_ = -1;
-  seq_ = other.seq_;
+  seq_.assign(other.seq_.begin(), other.seq_.begin() + n);
 }
 
 void Session::decode(int32_t token) {

@@ -36,13 +36,20 @@ class Session {
  public:
   Session(const Model& model, std::unique_ptr<KvPolicy> kv, ThreadPool& pool);
 
-  // Exact prefill of the prompt on the empty cache. After it, logits() predicts the token after the prompt.
+  // Exact prefill of the prompt after whatever is cached (nothing, a prefix taken over with
+  // prefill_from, or an earlier prompt and its decoded tokens). After it, logits() predicts the
+  // token after the prompt; the next decode of a speculative policy starts with its pre-decoding pass.
   void prefill(const std::vector<int32_t>& tokens, std::vector<float>* all_logits = nullptr,
                const Model::Progress& progress = {});
 
-  // Takes over another session's prefilled prompt (prefill once, decode under several policies):
-  // its complete 16-bit K/V are handed to this session's policy, layer by layer.
-  void prefill_from(const Session& other);
+  // Takes over the first n_prefix positions (all when < 0) of another session's sequence
+  // (prefill once, decode under several policies; or share a prompt prefix): their complete
+  // 16-bit K/V are handed to this session's policy, layer by layer. Over a strict prefix the
+  // logits are not known: a prefill of the rest must follow before decoding.
+  void prefill_from(const Session& other, int64_t n_prefix = -1);
+
+  // The prompt and every real token decoded since: the positions the cache holds, in order.
+  const std::vector<int32_t>& sequence() const { return seq_; }
 
   // Feeds the next real token through the policy's decode path; logits() then predicts the one after it.
   // Speculative policies run [token, guess] steps; the guess is the argmax of the last step's second row.

@@ -121,6 +121,7 @@ struct EvalOptions {
   std::vector<int64_t> lengths = {1024, 2048, 4096, 8192};
   std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1};
   std::vector<uint64_t> seeds = {1};  // passkey / niah: one case per (seed, length, depth)
+  bool share_prefix = true;  // passkey / niah: a case takes over the prompt prefix it shares with the previous one
   std::string haystack;  // body text for niah, ppl and agree
   NiahOptions niah;      // needle / question / chat template
   int gen = 16;
@@ -141,7 +142,8 @@ struct CaseResult {
   KvConfig kv;
   KvStats stats;
   double decode_ms_per_token = 0;
-  double prefill_ms = 0;      // the shared full prefill of this case
+  double prefill_ms = 0;      // the shared full prefill of this case (of its tokens after prefill_reused)
+  int64_t prefill_reused = 0; // leading prompt tokens taken over from the previous case's prefill (same K/V)
 };
 
 using ResultSink = std::function<void(const CaseResult&)>;

@@ -192,7 +192,7 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
 static const char* kCsvHeader =
     "task,policy,length,prompt_tokens,depth,seed,score,nll,ppl,kl_mean,kl_max,top1,greedy_prefix,greedy_match,answer_top1,answer_nll,answer,output,"
     "bits,group,topk,window,sinks,shift,guess,debias,fast_bytes,slow_bytes,fetched_bytes_per_step,prefetch_reuse_rate,spec_recall,"
-    "guess_hit_rate,exact_mass_served,stall_ms,copy_ms,decode_steps,refetch_steps,decode_ms_per_token,prefill_ms";
+    "guess_hit_rate,exact_mass_served,stall_ms,copy_ms,decode_steps,refetch_steps,decode_ms_per_token,prefill_ms,prefill_reused";
 
 std::string csv_report(const std::vector<CaseResult>& r) {
   std::ostringstream s;
@@ -206,7 +206,7 @@ std::string csv_report(const std::vector<CaseResult>& r) {
       << "," << c.kv.window << "," << c.kv.sinks << "," << num(c.kv.shift) << "," << c.kv.guess << "," << num(c.kv.debias) << "," << c.stats.fast_bytes << "," << c.stats.slow_bytes << ","
       << num(c.stats.fetched_bytes_per_step) << "," << num(c.stats.prefetch_reuse_rate) << "," << num(c.stats.spec_recall)
       << "," << num(metric(c, "guess_hit_rate")) << "," << num(c.stats.exact_mass_served) << "," << num(c.stats.stall_ms) << "," << num(c.stats.copy_ms) << ","
-      << c.stats.decode_steps << "," << c.stats.refetch_steps << "," << num(c.decode_ms_per_token) << "," << num(c.prefill_ms) << "\n";
+      << c.stats.decode_steps << "," << c.stats.refetch_steps << "," << num(c.decode_ms_per_token) << "," << num(c.prefill_ms) << "," << c.prefill_reused << "\n";
   }
   return s.str();
 }
@@ -223,7 +223,8 @@ std::string json_report(const std::vector<CaseResult>& r, const EvalOptions& o) 
   for (const auto& c : r) {
     nlohmann::json x = {{"task", c.task}, {"policy", c.policy}, {"length", c.length}, {"prompt_tokens", c.prompt_tokens},
                         {"score", c.score}, {"metrics", c.metrics}, {"answer", c.answer}, {"output", c.output},
-                        {"decode_ms_per_token", c.decode_ms_per_token}, {"prefill_ms", c.prefill_ms}};
+                        {"decode_ms_per_token", c.decode_ms_per_token}, {"prefill_ms", c.prefill_ms},
+                        {"prefill_reused", c.prefill_reused}};
     if (c.depth >= 0) x["depth"] = c.depth;
     if (c.seed >= 0) x["seed"] = c.seed;
     x["kv_config"] = {{"policy", c.kv.policy}, {"bits", c.kv.bits}, {"group", c.kv.group}, {"topk", c.kv.topk},
@@ -250,6 +251,7 @@ std::vector<CaseResult> results_from_json(const std::string& text) {
       c.score = x.at("score"), c.answer = x.at("answer"), c.output = x.at("output");
       c.metrics = x.at("metrics").get<std::map<std::string, double>>();
       c.decode_ms_per_token = x.at("decode_ms_per_token"), c.prefill_ms = x.at("prefill_ms");
+      c.prefill_reused = x.value("prefill_reused", (int64_t)0);  // reports before prefix sharing
       if (x.contains("depth")) c.depth = x.at("depth");
       if (x.contains("seed")) c.seed = x.at("seed");
       const auto& k = x.at("kv_config");

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <memory>
 
 #include "engine/generate.h"
 #include "engine/sampler.h"
@@ -98,6 +99,15 @@ void fill_session_info(CaseResult& c, const Session& s) {
   if (s.guesses().checked) c.metrics["guess_hit_rate"] = s.guesses().hit_rate();
 }
 
+// Tokens at the start of `prompt` that `cached` holds at the same positions, leaving at least the
+// last token of the prompt to prefill (its logits start the case).
+int64_t shared_prefix(const std::vector<int32_t>& cached, const std::vector<int32_t>& prompt) {
+  const size_t lim = std::min(cached.size(), prompt.empty() ? 0 : prompt.size() - 1);
+  size_t n = 0;
+  while (n < lim && cached[n] == prompt[n]) ++n;
+  return (int64_t)n;
+}
+
 std::string one_line(std::string s) {
   for (char& ch : s)
     if (ch == '\n' || ch == '\r' || ch == '\t') ch = ' ';
@@ -130,7 +140,11 @@ std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, Threa
                    (long long)L, kv.sinks + kv.window, kv.sinks, kv.window);
     }
 
-  // Retrieval tasks: one prefill per (task, length, depth).
+  // Retrieval tasks: one prefill per (task, length, depth). Consecutive cases (the depths of one
+  // length) share the haystack before the earlier needle: the previous case's full session hands
+  // that prompt prefix over and only the rest is prefilled (a continued prefill gives the same
+  // K/V and logits as a whole one, so results do not depend on it).
+  std::unique_ptr<Session> prev;
   for (const char* task : {"passkey", "niah"}) {
     if (!has_task(o, task)) continue;
     const bool niah = std::string(task) == "niah";
@@ -147,18 +161,22 @@ std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, Threa
           p = make_passkey(tok, PasskeyOptions{L, o.depths[di], seed, (int)di});
         }
         const auto geom = model.kv_geometry((int64_t)(p.tokens.size() + p.answer_tokens.size()) + margin);
-        Session full(model, make_kv_policy(full_cfg, geom), pool);
+        auto full_s = std::make_unique<Session>(model, make_kv_policy(full_cfg, geom), pool);
+        Session& full = *full_s;
+        const int64_t reused = prev && o.share_prefix ? shared_prefix(prev->sequence(), p.tokens) : 0;
         const double t0 = now_s();
-        full.prefill(p.tokens);
+        if (reused > 0) full.prefill_from(*prev, reused);
+        full.prefill(std::vector<int32_t>(p.tokens.begin() + reused, p.tokens.end()));
         const double prefill_ms = (now_s() - t0) * 1000;
         if (o.verbose)
-          std::fprintf(stderr, "eval: %s seed=%llu L=%lld depth=%.2f: %zu tokens, prefill %.1f s, answer %s\n", task,
-                       (unsigned long long)seed, (long long)L, o.depths[di], p.tokens.size(), prefill_ms / 1000,
-                       p.answer.c_str());
+          std::fprintf(stderr, "eval: %s seed=%llu L=%lld depth=%.2f: %zu tokens (%lld shared with the previous case), "
+                       "prefill %.1f s, answer %s\n", task, (unsigned long long)seed, (long long)L, o.depths[di],
+                       p.tokens.size(), (long long)reused, prefill_ms / 1000, p.answer.c_str());
         for (const auto& spec : o.policies) {
           CaseResult c;
           c.task = task, c.policy = spec.label, c.length = L, c.prompt_tokens = (int64_t)p.tokens.size();
           c.depth = o.depths[di], c.seed = (int64_t)seed, c.answer = p.answer, c.kv = config_for_length(spec, L), c.prefill_ms = prefill_ms;
+          c.prefill_reused = reused;
           Session s(model, make_kv_policy(c.kv, geom), pool);
           s.prefill_from(full);
           GenerateOptions go;
@@ -185,8 +203,10 @@ std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, Threa
             std::fprintf(stderr, "  %-18s %s  \"%s\"\n", spec.label.c_str(), c.score > 0 ? "ok  " : "FAIL", one_line(g.text).c_str());
           emit(std::move(c));
         }
+        prev = std::move(full_s);
       }
   }
+  prev.reset();
 
   // ppl and agree share one prefill per length: the first (length - ppl_tokens) tokens of the text.
   if (has_task(o, "ppl") || has_task(o, "agree")) {

@@ -187,16 +187,17 @@ void Model::output(const float* x, int64_t n, ForwardScratch& s, float* logits, 
 void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
                     float* last_logits, std::vector<float>* all_logits, const Progress& progress, int64_t chunk) const {
   SPC_CHECK(n > 0, "prefill needs at least one token");
+  // A continued prefill (positions already cached) attends over the cached prefix too: its
+  // exact 16-bit K/V come back from the policy layer by layer (KvPolicy::export_layer).
   const int64_t pos0 = kv.n_cached();
-  SPC_CHECK(pos0 == 0, "prefill must start on an empty KV cache (%lld positions cached)", (long long)pos0);
-  SPC_CHECK(n <= kv.geometry().n_ctx, "prompt of %lld tokens does not fit the context of %lld", (long long)n,
-            (long long)kv.geometry().n_ctx);
+  SPC_CHECK(pos0 + n <= kv.geometry().n_ctx, "prompt of %lld tokens after %lld cached does not fit the context of %lld",
+            (long long)n, (long long)pos0, (long long)kv.geometry().n_ctx);
   const int64_t e = cfg_.n_embd, dq = (int64_t)cfg_.n_head * cfg_.head_dim, dkv = (int64_t)cfg_.n_head_kv * cfg_.head_dim;
   chunk = std::max<int64_t>(1, std::min(chunk, n));
-  s.x.resize((size_t)(n * e));                 // [n][n_embd] residual stream of the whole prompt
-  s.k_layer.resize((size_t)(n * dkv));         // [n][n_head_kv][head_dim] this layer's keys
-  s.v_layer.resize((size_t)(n * dkv));
-  s.q.resize((size_t)(chunk * dq));            // [chunk][n_head][head_dim]
+  s.x.resize((size_t)(n * e));                   // [n][n_embd] residual stream of the new tokens
+  s.k_layer.resize((size_t)((pos0 + n) * dkv));  // [pos0 + n][n_head_kv][head_dim] this layer's keys
+  s.v_layer.resize((size_t)((pos0 + n) * dkv));
+  s.q.resize((size_t)(chunk * dq));              // [chunk][n_head][head_dim]
   s.att.resize((size_t)(chunk * dq));
   std::vector<float> hbuf((size_t)(chunk * e));
   std::vector<int64_t> pos((size_t)chunk);
@@ -204,6 +205,9 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   const AttnShape shape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim};
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
+    if (pos0 > 0) kv.export_layer(il, s.k_layer.data(), s.v_layer.data());
+    float* kl = s.k_layer.data() + pos0 * dkv;  // the new tokens' K/V
+    float* vl = s.v_layer.data() + pos0 * dkv;
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
       const int64_t nc = std::min(chunk, n - c0);
       float* x = s.x.data() + c0 * e;
@@ -211,13 +215,13 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
         rmsnorm(x + i * e, L.attn_norm.data(), hbuf.data() + i * e, e, cfg_.rms_eps);
         pos[i] = pos0 + c0 + i;
       }
-      qkv(L, hbuf.data(), nc, pos.data(), s, s.q.data(), s.k_layer.data() + c0 * dkv, s.v_layer.data() + c0 * dkv, pool, false);
-      attention_prefill(shape, s.q.data(), nc, c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
+      qkv(L, hbuf.data(), nc, pos.data(), s, s.q.data(), kl + c0 * dkv, vl + c0 * dkv, pool, false);
+      attention_prefill(shape, s.q.data(), nc, pos0 + c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
       matmul(L.wo, s.att.data(), nc, hbuf.data(), pool);
       add_inplace(x, hbuf.data(), nc * e);
       ffn(L, x, nc, s, pool, false);
     }
-    kv.store_prefill(il, pos0, n, s.k_layer.data(), s.v_layer.data());
+    kv.store_prefill(il, pos0, n, kl, vl);
     if (progress) progress(il + 1, cfg_.n_layer);
   }
   if (all_logits) {

@@ -66,9 +66,13 @@ class Model {
   void set_int8_decode(bool on) { int8_decode_ = on; }
   bool int8_decode() const { return int8_decode_; }
 
-  // Prefill of `tokens` at positions [kv.n_cached(), ...) on an empty cache, layer by layer,
-  // exact attention, chunked (chunk rows at a time). Writes the last position's logits into
-  // last_logits [n_vocab]; all_logits (optional) gets [n_tokens][n_vocab].
+  // Prefill of `tokens` at positions [kv.n_cached(), ...), layer by layer, exact attention,
+  // chunked (chunk rows at a time). On a non-empty cache (a continued prefill) the new tokens
+  // also attend over the cached positions, whose 16-bit K/V the policy exports layer by layer
+  // (policies without a complete 16-bit copy, kivi and streaming, throw spc::Error). Each
+  // position's result does not depend on where the prompt was split: prefill(a + b) and
+  // prefill(a) then prefill(b) give the same K/V and logits. Writes the last position's logits
+  // into last_logits [n_vocab]; all_logits (optional) gets [n_tokens][n_vocab].
   using Progress = std::function<void(int layers_done, int n_layer)>;
   void prefill(const int32_t* tokens, int64_t n_tokens, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
                float* last_logits, std::vector<float>* all_logits = nullptr, const Progress& progress = {},

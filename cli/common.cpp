@@ -51,6 +51,12 @@ void add_kv_flags(CLI::App& app, KvConfig& kv) {
                  "sequence's last tokens) or model (the speculative row's argmax, the paper's rule)")
       ->check(CLI::IsMember({"lookup", "model"}))
       ->capture_default_str();
+  app.add_option("--kv-predecode", kv.predecode,
+                 "specache: how the pre-decoding pass after the prompt picks the first top-k, which the first real "
+                 "token attends with: exact (from exact 16-bit scores, one read of the slow tier per generation) or "
+                 "lowbit (from its own low-bit scores)")
+      ->check(CLI::IsMember({"exact", "lowbit"}))
+      ->capture_default_str();
   app.add_option("--kv-store", kv.store, "slow tier: host or file")->check(CLI::IsMember({"host", "file"}))->capture_default_str();
   app.add_option("--kv-dir", kv.dir, "directory for the file store (--kv-store file)");
   app.add_flag("--kv-diagnostics", kv.diagnostics, "measure the exact attention mass served in 16-bit (slow)");

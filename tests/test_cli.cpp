@@ -383,6 +383,8 @@ TEST(Cli, BadFlagsFailWithAMessage) {
   expect_failure(run_cli(gen_args({"--kv-topk", "8", "-p", "hi"})), "--kv-topk");
   expect_failure(run_cli(gen_args({"--kv-guess", "draft", "--kv", "specache", "-p", "hi"})), "kv-guess");
   expect_failure(run_cli(gen_args({"--kv-guess", "model", "--kv", "specache-exact", "-p", "hi"})), "--kv-guess");
+  expect_failure(run_cli(gen_args({"--kv-predecode", "oracle", "--kv", "specache", "-p", "hi"})), "kv-predecode");
+  expect_failure(run_cli(gen_args({"--kv-predecode", "lowbit", "--kv", "specache-exact", "-p", "hi"})), "--kv-predecode");
   expect_failure(run_cli(gen_args({"--kv-shift", "0", "--kv", "kivi", "-p", "hi"})), "--kv-shift");
   expect_failure(run_cli(gen_args({"--kv-debias", "0.5", "--kv", "full", "-p", "hi"})), "--kv-debias");
   expect_failure(run_cli(gen_args({"--kv-debias", "-1", "--kv", "specache", "-p", "hi"})), "kv-debias");

@@ -174,17 +174,28 @@ struct RandomSteps {
 
 // After the pre-decoding pass, the first step's row 0 is the same token at the same position, so
 // it must attend with the top-k that pass selected for itself (the pass may not replace it with a
-// selection for the position after), i.e. exactly as specache-exact's first step does.
+// selection for the position after): with --kv-predecode lowbit exactly as specache-exact's first
+// step does (a top-k from the row's own low-bit scores), with exact (the default) as the oracle's
+// first step (a top-k from exact scores).
 TEST(KvPolicy, FirstStepAfterPreDecodingAttendsWithThePassOwnTopk) {
   ThreadPool pool(2);
   RandomSteps rs(448);
-  KvConfig spec = policy("specache", 1, 16, 16, 64), exact = policy("specache-exact", 1, 16, 16, 64);
-  auto a = rs.make(spec), b = rs.make(exact), kivi = rs.make(policy("kivi", 1, 0, 16, 64));
+  KvConfig lowbit = policy("specache", 1, 16, 16, 64), exact = policy("specache", 1, 16, 16, 64);
+  lowbit.predecode = "lowbit";
+  exact.predecode = "exact";
+  auto a = rs.make(lowbit), b = rs.make(policy("specache-exact", 1, 16, 16, 64));
+  auto c = rs.make(exact), d = rs.make(policy("topk-oracle", 1, 16, 16, 64));
+  auto kivi = rs.make(policy("kivi", 1, 0, 16, 64));
   const auto x = rs.row(), y = rs.row();
   rs.step(*a, {&x}, /*n_keep=*/0, pool);  // pre-decoding
+  rs.step(*c, {&x}, /*n_keep=*/0, pool);
   const auto got = rs.step(*a, {&x, &y}, 1, pool);
   const auto want = rs.step(*b, {&x}, 1, pool);
   EXPECT_LT(max_abs_diff(got, want), 1e-5);
+  const auto got_exact = rs.step(*c, {&x, &y}, 1, pool);
+  const auto want_exact = rs.step(*d, {&x}, 1, pool);
+  EXPECT_LT(max_abs_diff(got_exact, want_exact), 1e-5);
+  EXPECT_GT(max_abs_diff(got_exact, want), 1e-3) << "the two pre-decoding choices should differ in this setup";
   EXPECT_GT(max_abs_diff(rs.step(*kivi, {&x}, 1, pool), want), 1e-3) << "the top-k should matter in this setup";
 }
 
@@ -194,7 +205,11 @@ TEST(KvPolicy, FirstStepAfterPreDecodingAttendsWithThePassOwnTopk) {
 TEST(KvPolicy, SpecacheRefetchAfterAMissAttendsLikeSpecacheExact) {
   ThreadPool pool(2);
   RandomSteps rs(448);
-  auto a = rs.make(policy("specache-refetch", 1, 16, 16, 64)), b = rs.make(policy("specache-exact", 1, 16, 16, 64));
+  // (a's pre-decoding pass chooses from its own low-bit scores, so its first step, which follows
+  // no miss, also attends like specache-exact's.)
+  KvConfig refetch_lowbit = policy("specache-refetch", 1, 16, 16, 64);
+  refetch_lowbit.predecode = "lowbit";
+  auto a = rs.make(refetch_lowbit), b = rs.make(policy("specache-exact", 1, 16, 16, 64));
   auto c = rs.make(policy("specache-refetch", 1, 16, 16, 64)), d = rs.make(policy("specache", 1, 16, 16, 64));
   auto x = rs.row();
   rs.step(*a, {&x}, 0, pool);
@@ -296,39 +311,48 @@ TEST(KvPolicy, DebiasLowersLowBitScoresByHalfTheirErrorVariance) {
 }
 
 // Debiasing leaves the steps whose top-k row 0 chose from its own low-bit scores alone
-// (specache-exact; specache-refetch after a miss): bit-identical to debias = 0. It changes
-// specache's speculative steps and the oracle.
+// (specache-exact; specache-refetch after a miss; the pre-decoding pass and the step after it with
+// --kv-predecode lowbit): bit-identical to debias = 0. It changes specache's speculative steps, the
+// oracle, and the exact pre-decoding pass and the step after it.
 TEST(KvPolicy, DebiasSkipsStepsWhereRowZeroChoseItsOwnTopk) {
   ThreadPool pool(2);
   RandomSteps rs(448);
-  auto with = [](KvConfig kc, float debias) {
+  auto with = [](KvConfig kc, float debias, const char* predecode) {
     kc.debias = debias;
+    kc.predecode = predecode;
     return kc;
   };
-  for (const char* name : {"specache-exact", "specache-refetch", "specache", "topk-oracle"}) {
-    auto a = rs.make(with(policy(name, 1, 16, 16, 64), 0.0f)), b = rs.make(with(policy(name, 1, 16, 16, 64), 0.5f));
+  for (const char* label : {"specache-exact", "specache-refetch", "specache", "specache/exact", "topk-oracle"}) {
+    const std::string l = label;
+    const std::string name = l.substr(0, l.find('/'));
+    const char* predecode = l.find("/exact") != std::string::npos ? "exact" : "lowbit";
+    auto a = rs.make(with(policy(name, 1, 16, 16, 64), 0.0f, predecode));
+    auto b = rs.make(with(policy(name, 1, 16, 16, 64), 0.5f, predecode));
     auto x = rs.row();
-    const bool speculative = std::string(name) == "specache" || std::string(name) == "specache-refetch";
-    const bool oracle = std::string(name) == "topk-oracle";
+    const bool speculative = name == "specache" || name == "specache-refetch";
+    const bool oracle = name == "topk-oracle";
+    const bool exact_first = oracle || std::string(predecode) == "exact";
     const double first = max_abs_diff(rs.step(*a, {&x}, speculative ? 0 : 1, pool), rs.step(*b, {&x}, speculative ? 0 : 1, pool));
-    if (oracle) EXPECT_GT(first, 1e-3) << "the oracle's choice does not see the low-bit errors";
-    else EXPECT_EQ(first, 0.0) << name << ": the first step" << (speculative ? " (the pre-decoding pass selects its own top-k)" : "");
+    if (exact_first) EXPECT_GT(first, 1e-3) << label << ": a choice from exact scores does not see the low-bit errors";
+    else EXPECT_EQ(first, 0.0) << label << ": the first step" << (speculative ? " (the pre-decoding pass selects its own top-k)" : "");
     double diff = 0;
     for (int i = 0; i < 5; ++i) {
       const auto y = rs.row();
-      if (std::string(name) == "specache-refetch") a->note_guess_miss(), b->note_guess_miss();
+      if (name == "specache-refetch") a->note_guess_miss(), b->note_guess_miss();
       if (speculative) {
         const double e = max_abs_diff(rs.step(*a, {&x, &y}, 1, pool), rs.step(*b, {&x, &y}, 1, pool));
-        if (i == 0) {
-          EXPECT_EQ(e, 0.0) << name << ": the step after pre-decoding attends with the row's own top-k";
+        if (i == 0 && exact_first) {
+          EXPECT_GT(e, 1e-3) << label << ": the step after an exact pre-decoding choice";
+        } else if (i == 0) {
+          EXPECT_EQ(e, 0.0) << label << ": the step after pre-decoding attends with the row's own top-k";
         }
         diff = std::max(diff, e);
       }
       else diff = std::max(diff, max_abs_diff(rs.step(*a, {&x}, 1, pool), rs.step(*b, {&x}, 1, pool)));
       x = rs.row();
     }
-    if (std::string(name) == "specache" || std::string(name) == "topk-oracle") EXPECT_GT(diff, 1e-3) << name;
-    else EXPECT_EQ(diff, 0.0) << name;
+    if (name == "specache" || oracle) EXPECT_GT(diff, 1e-3) << label;
+    else EXPECT_EQ(diff, 0.0) << label;
   }
 }
 

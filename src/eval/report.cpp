@@ -191,7 +191,7 @@ std::string markdown_report(const std::vector<CaseResult>& r, const EvalOptions&
 
 static const char* kCsvHeader =
     "task,policy,length,prompt_tokens,depth,seed,score,nll,ppl,kl_mean,kl_max,top1,greedy_prefix,greedy_match,answer_top1,answer_nll,answer,output,"
-    "bits,group,topk,window,sinks,shift,guess,debias,fast_bytes,slow_bytes,fetched_bytes_per_step,prefetch_reuse_rate,spec_recall,"
+    "bits,group,topk,window,sinks,shift,guess,debias,predecode,fast_bytes,slow_bytes,fetched_bytes_per_step,prefetch_reuse_rate,spec_recall,"
     "guess_hit_rate,exact_mass_served,stall_ms,copy_ms,decode_steps,refetch_steps,decode_ms_per_token,prefill_ms,prefill_reused";
 
 std::string csv_report(const std::vector<CaseResult>& r) {
@@ -203,7 +203,7 @@ std::string csv_report(const std::vector<CaseResult>& r) {
       << num(metric(c, "ppl")) << "," << num(metric(c, "kl_mean")) << "," << num(metric(c, "kl_max")) << ","
       << num(metric(c, "top1")) << "," << num(metric(c, "greedy_prefix")) << "," << num(metric(c, "greedy_match")) << ","
       << num(metric(c, "answer_top1")) << "," << num(metric(c, "answer_nll")) << "," << csv_field(c.answer) << "," << csv_field(c.output) << "," << c.kv.bits << "," << c.kv.group << "," << c.kv.topk
-      << "," << c.kv.window << "," << c.kv.sinks << "," << num(c.kv.shift) << "," << c.kv.guess << "," << num(c.kv.debias) << "," << c.stats.fast_bytes << "," << c.stats.slow_bytes << ","
+      << "," << c.kv.window << "," << c.kv.sinks << "," << num(c.kv.shift) << "," << c.kv.guess << "," << num(c.kv.debias) << "," << c.kv.predecode << "," << c.stats.fast_bytes << "," << c.stats.slow_bytes << ","
       << num(c.stats.fetched_bytes_per_step) << "," << num(c.stats.prefetch_reuse_rate) << "," << num(c.stats.spec_recall)
       << "," << num(metric(c, "guess_hit_rate")) << "," << num(c.stats.exact_mass_served) << "," << num(c.stats.stall_ms) << "," << num(c.stats.copy_ms) << ","
       << c.stats.decode_steps << "," << c.stats.refetch_steps << "," << num(c.decode_ms_per_token) << "," << num(c.prefill_ms) << "," << c.prefill_reused << "\n";
@@ -228,7 +228,8 @@ std::string json_report(const std::vector<CaseResult>& r, const EvalOptions& o) 
     if (c.depth >= 0) x["depth"] = c.depth;
     if (c.seed >= 0) x["seed"] = c.seed;
     x["kv_config"] = {{"policy", c.kv.policy}, {"bits", c.kv.bits}, {"group", c.kv.group}, {"topk", c.kv.topk},
-                      {"window", c.kv.window}, {"sinks", c.kv.sinks}, {"shift", c.kv.shift}, {"guess", c.kv.guess}, {"debias", c.kv.debias}};
+                      {"window", c.kv.window}, {"sinks", c.kv.sinks}, {"shift", c.kv.shift}, {"guess", c.kv.guess}, {"debias", c.kv.debias},
+                      {"predecode", c.kv.predecode}};
     x["kv_stats"] = {{"fast_bytes", c.stats.fast_bytes}, {"slow_bytes", c.stats.slow_bytes},
                      {"fetched_bytes_per_step", c.stats.fetched_bytes_per_step},
                      {"prefetch_reuse_rate", c.stats.prefetch_reuse_rate}, {"spec_recall", c.stats.spec_recall},
@@ -260,6 +261,7 @@ std::vector<CaseResult> results_from_json(const std::string& text) {
       c.kv.shift = k.value("shift", 0.0f);  // reports written before --kv-shift existed used the paper's rule
       c.kv.guess = k.value("guess", std::string("model"));  // and before --kv-guess, row 1's argmax
       c.kv.debias = k.value("debias", 0.0f);  // and before --kv-debias, the paper's scores
+      c.kv.predecode = k.value("predecode", std::string("lowbit"));  // and before --kv-predecode, own low-bit top-k
       const auto& st = x.at("kv_stats");
       c.stats.policy = c.kv.policy;
       c.stats.fast_bytes = st.at("fast_bytes"), c.stats.slow_bytes = st.at("slow_bytes");

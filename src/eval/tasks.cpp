@@ -76,12 +76,16 @@ std::vector<PolicySpec> parse_policies(const std::string& list, const KvConfig& 
         const double x = std::strtod(val.c_str(), &end);
         SPC_CHECK(end && *end == '\0', "policy '%s': '%s' is not a number", item.c_str(), val.c_str());
         if (key == "debias") p.kv.debias = (float)x;
+        else if (key == "predecode") {
+          SPC_CHECK(x == 0 || x == 1, "policy '%s': predecode must be 1 (exact) or 0 (lowbit)", item.c_str());
+          p.kv.predecode = x == 1 ? "exact" : "lowbit";
+        }
         else if (key == "shift") p.kv.shift = (float)x;
         else if (key == "topk" || key == "window" || key == "group") {
           SPC_CHECK(x == std::floor(x) && x >= 0 && x <= (1 << 20), "policy '%s': %s must be a whole number", item.c_str(), key.c_str());
           (key == "topk" ? p.kv.topk : key == "window" ? p.kv.window : p.kv.group) = (int)x;
         } else
-          throw Error(strfmt("policy '%s': unknown knob '%s' (known: debias, shift, topk, window, group)", item.c_str(), key.c_str()));
+          throw Error(strfmt("policy '%s': unknown knob '%s' (known: debias, shift, topk, window, group, predecode)", item.c_str(), key.c_str()));
       }
     }
     const size_t colon = head.find(':');

@@ -32,6 +32,8 @@ std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& given, const KvGeometry
     SPC_CHECK(cfg.shift >= 0.0f && cfg.shift <= 16.0f, "--kv-shift must be in [0, 16], got %g", (double)cfg.shift);
     SPC_CHECK(cfg.debias >= 0.0f && cfg.debias <= 4.0f, "--kv-debias must be in [0, 4], got %g", (double)cfg.debias);
     SPC_CHECK(cfg.guess == "lookup" || cfg.guess == "model", "--kv-guess must be lookup or model, got '%s'", cfg.guess.c_str());
+    SPC_CHECK(cfg.predecode == "exact" || cfg.predecode == "lowbit", "--kv-predecode must be exact or lowbit, got '%s'",
+              cfg.predecode.c_str());
     SPC_CHECK(cfg.store == "host" || cfg.store == "file", "--kv-store must be host or file, got '%s'", cfg.store.c_str());
     SPC_CHECK(cfg.store != "file" || !cfg.dir.empty(), "--kv-store file needs --kv-dir DIR");
     return make_lowbit_policy(cfg, g);

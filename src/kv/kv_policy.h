@@ -41,6 +41,11 @@ struct KvConfig {
   // E[exp(error)] = exp(sigma^2/2) against the exact positions. 0 = the paper's scores. Negative:
   // the policy's default, filled in by resolve_kv_config.
   float debias = -1.0f;
+  // specache / specache-refetch: how the pre-decoding pass (once per generation, after prefill)
+  // selects the first top-k, which the first step's real row (the same token) then attends with.
+  // "exact": from exact 16-bit scores, read once from the slow tier (like topk-oracle, one step);
+  // "lowbit": from the row's own low-bit scores (like specache-exact).
+  std::string predecode = "exact";
   std::string store = "host";   // slow tier: host | file
   std::string dir;              // directory for the file store
   bool diagnostics = false;     // compute expensive diagnostics (exact attention mass served)

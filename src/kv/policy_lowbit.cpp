@@ -99,6 +99,7 @@ class LowBitPolicy final : public KvPolicy {
     spec_ = LowBitSpec{cfg.bits, cfg.group, g.head_dim};
     spec_.validate();
     k_ = sel == Select::None ? 0 : cfg.topk;
+    exact_predecode_ = sel == Select::Speculative && cfg.predecode == "exact";
     group_ = g.n_head / g.n_head_kv;
     SPC_CHECK(group_ <= kMaxGroup, "%s supports at most %d query heads per KV head (the model has %d)", name, kMaxGroup,
               group_);
@@ -155,8 +156,9 @@ class LowBitPolicy final : public KvPolicy {
   }
 
   void end_step() override {
-    // The step after the pre-decoding pass attends with the buffer that pass chose for this very row.
-    own_buffer_ = n_keep_ == 0 && sel_ == Select::Speculative && k_ > 0;
+    // The step after the pre-decoding pass attends with the buffer that pass chose for this very
+    // row: from the row's own low-bit scores unless that choice was exact (--kv-predecode).
+    own_buffer_ = n_keep_ == 0 && sel_ == Select::Speculative && k_ > 0 && !exact_predecode_;
     n_ += n_keep_;
     ++steps_;
     update_peak();
@@ -230,6 +232,7 @@ class LowBitPolicy final : public KvPolicy {
   bool miss_noted_ = false;       // note_guess_miss() since the last begin_step
   bool refetch_ = false;          // this step selects row 0's own top-k (a miss under specache-refetch)
   bool own_buffer_ = false;       // this step attends with a top-k row 0 chose from its own scores (set by end_step)
+  bool exact_predecode_ = false;  // the pre-decoding pass selects from exact scores (--kv-predecode exact)
   uint64_t refetch_steps_ = 0;
   LowBitSpec spec_;
   int k_ = 0, group_ = 1, row_elems_ = 0;
@@ -479,7 +482,9 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     // Row 0's probabilities over the low-bit copy, GQA-averaged: chunk-local exponentials in
     // the scoring tasks (balanced over the threads), merged per query head, then one weighted
     // pass per KV head (vec_wsum) and the top-k. The raw scores stay in S for the fused pass.
-    const bool oracle = sel_ == Select::Oracle;
+    // The oracle selects from exact scores every step; SpeCache's pre-decoding pass does once
+    // (--kv-predecode exact): one read of the slow tier per generation.
+    const bool oracle = sel_ == Select::Oracle || (exact_predecode_ && rows.n_keep == 0);
     own_e_.resize((size_t)nkv * group_ * nqt);
     own_parts_.resize((size_t)nkv * n_chunks * group_);
     auto E = [&](int h, int iq) { return own_e_.data() + ((size_t)h * group_ + iq) * nqt; };

@@ -53,8 +53,8 @@ void add_kv_flags(CLI::App& app, KvConfig& kv) {
       ->capture_default_str();
   app.add_option("--kv-predecode", kv.predecode,
                  "specache: how the pre-decoding pass after the prompt picks the first top-k, which the first real "
-                 "token attends with: exact (from exact 16-bit scores, one read of the slow tier per generation) or "
-                 "lowbit (from its own low-bit scores)")
+                 "token attends with: lowbit (from its own low-bit scores) or exact (from exact 16-bit scores, one read "
+                 "of the slow tier per generation)")
       ->check(CLI::IsMember({"exact", "lowbit"}))
       ->capture_default_str();
   app.add_option("--kv-store", kv.store, "slow tier: host or file")->check(CLI::IsMember({"host", "file"}))->capture_default_str();

@@ -146,7 +146,7 @@ TEST(EvalPolicies, ParseSpecsAndStreamingBudget) {
   const auto pd = parse_policies("specache:1/predecode=0,specache:1/predecode=1", base);
   EXPECT_EQ(pd[0].kv.predecode, "lowbit");
   EXPECT_EQ(pd[1].kv.predecode, "exact");
-  EXPECT_EQ(q[1].kv.predecode, "exact") << "the default";
+  EXPECT_EQ(q[1].kv.predecode, "lowbit") << "the default";
   EXPECT_THROW(parse_policies("specache:1/predecode=2", base), Error);
   // g = 64, R = 64, k = 64: 1024 * 1.5 / 16 = 96 positions of low-bit copy + 128.
   EXPECT_EQ(specache1_budget_positions(base, 1024), 224);

@@ -43,9 +43,10 @@ struct KvConfig {
   float debias = -1.0f;
   // specache / specache-refetch: how the pre-decoding pass (once per generation, after prefill)
   // selects the first top-k, which the first step's real row (the same token) then attends with.
-  // "exact": from exact 16-bit scores, read once from the slow tier (like topk-oracle, one step);
-  // "lowbit": from the row's own low-bit scores (like specache-exact).
-  std::string predecode = "exact";
+  // "lowbit" (default): from the row's own low-bit scores (like specache-exact); "exact": from
+  // exact 16-bit scores, read once from the slow tier (like topk-oracle, one step). The eval grid
+  // of session 9 found no clear winner (docs/RESULTS.md), so the default stays the closer to the paper.
+  std::string predecode = "lowbit";
   std::string store = "host";   // slow tier: host | file
   std::string dir;              // directory for the file store
   bool diagnostics = false;     // compute expensive diagnostics (exact attention mass served)

@@ -14,6 +14,8 @@
 // with the defaults (39/41 with the paper's rule).
 // specache-refetch:1 (a synchronous fetch of row 0's own top-k after each miss): 56/64 here too,
 // with 29 refetches in 65 steps (on the eval's agree text at 4K: 0.86 against specache:1's 0.72).
+// Since session 7's score debiasing: 59/64. Session 9: 57/64 with --kv-predecode exact (the first
+// step's top-k from exact scores; near-tie positions flip both ways), 59/64 with the default.
 // The test reports agreement by margin and guards both the overall count and the confident positions against regressions.
 #include <gtest/gtest.h>
 

@@ -174,9 +174,9 @@ struct RandomSteps {
 
 // After the pre-decoding pass, the first step's row 0 is the same token at the same position, so
 // it must attend with the top-k that pass selected for itself (the pass may not replace it with a
-// selection for the position after): with --kv-predecode lowbit exactly as specache-exact's first
-// step does (a top-k from the row's own low-bit scores), with exact (the default) as the oracle's
-// first step (a top-k from exact scores).
+// selection for the position after): with --kv-predecode lowbit (the default) exactly as
+// specache-exact's first step does (a top-k from the row's own low-bit scores), with exact as the
+// oracle's first step (a top-k from exact scores).
 TEST(KvPolicy, FirstStepAfterPreDecodingAttendsWithThePassOwnTopk) {
   ThreadPool pool(2);
   RandomSteps rs(448);

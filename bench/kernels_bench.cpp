@@ -250,8 +250,9 @@ void BM_PolicyStep(benchmark::State& st, const char* policy, int bits, bool miss
 
 // Fixed iteration counts: the set-up (a synthetic prefill) runs once per invocation, and a
 // MinTime would re-invoke it for every trial count.
-BENCHMARK_CAPTURE(BM_PolicyStep, full, "full", 1)->Arg(8192)->Arg(32768)->ArgName("pos")->UseRealTime()->Iterations(60);
+BENCHMARK_CAPTURE(BM_PolicyStep, full, "full", 1)->Arg(512)->Arg(8192)->Arg(32768)->ArgName("pos")->UseRealTime()->Iterations(60);
 BENCHMARK_CAPTURE(BM_PolicyStep, specache1, "specache", 1)
+    ->Arg(512)
     ->Arg(8192)
     ->Arg(32768)
     ->ArgName("pos")

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kv/lowbit.h"
+#include "ops/vec_math.h"
 #include "util/error.h"
 #include "util/fp16.h"
 
@@ -651,6 +652,88 @@ TEST(LowBit, PackedValuesExactWhenWeightsAreRepresentable) {
 #if defined(SPC_LOWBIT_AVX2)
 // The AVX2 kernels (the dispatch target without AVX-512; built on AVX-512 machines too) agree with
 // the scalar ones to fp32 rounding, for every shape and row count (row tiles, tails, quad groups).
+// lowbit_score_keys_ex: the debias term (debias/24 * sum_c q_c^2 s_c^2 per block and row,
+// computed here in double from the stored scales) below the plain scores, the row maxima equal
+// to the largest written score, and debias 0 bitwise equal to the plain kernel.
+TEST(LowBit, ScoreKeysExDebiasAndRowMax) {
+  for (const Cfg& cfg : all_cfgs({50, 64, 128})) {
+    const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
+    const int nb = 5, n_tok = nb * cfg.g;
+    const auto k = gaussian((size_t)n_tok * cfg.d, 31 + cfg.d);
+    const auto blocks = make_keys(sp, nb, k);
+    for (int nq : {1, 3, 6, 7}) {
+      SCOPED_TRACE(name(cfg) + " nq=" + std::to_string(nq));
+      const size_t qs = cfg.d + 3, ss = n_tok + 9;
+      const auto q = gaussian((size_t)nq * qs, 17 + nq, 0.4f);
+      std::vector<float> plain((size_t)nq * ss, 7.0f), ex0 = plain, ex = plain;
+      std::vector<float> mx0(nq), mx(nq);
+      lowbit_score_keys(sp, blocks.data(), nb, q.data(), nq, qs, plain.data(), ss);
+      lowbit_score_keys_ex(sp, blocks.data(), nb, q.data(), nq, qs, ex0.data(), ss, 0.0f, mx0.data());
+      const float debias = 0.75f;
+      lowbit_score_keys_ex(sp, blocks.data(), nb, q.data(), nq, qs, ex.data(), ss, debias, mx.data());
+      for (int iq = 0; iq < nq; ++iq) {
+        float m0 = -INFINITY, m = -INFINITY;
+        for (int t = 0; t < n_tok; ++t) {
+          const size_t i = iq * ss + t;
+          ASSERT_EQ(ex0[i], plain[i]) << "t=" << t;
+          const uint8_t* blk = blocks.data() + (size_t)(t / cfg.g) * sp.key_block_bytes();
+          double bias = 0;
+          for (int c = 0; c < cfg.d; ++c) {
+            const double qc = q[iq * qs + c], sc = key_scale(sp, blk, c);
+            bias += qc * qc * sc * sc;
+          }
+          bias *= debias / 24.0;
+          ASSERT_GT(bias, 0.0);
+          ASSERT_NEAR(ex[i], plain[i] - bias, 1e-5 * (1.0 + std::fabs(plain[i]))) << "t=" << t;
+          m0 = std::max(m0, ex0[i]);
+          m = std::max(m, ex[i]);
+        }
+        EXPECT_EQ(mx0[iq], m0);
+        EXPECT_EQ(mx[iq], m);
+        for (size_t t = n_tok; t < ss; ++t) ASSERT_EQ(ex[iq * ss + t], 7.0f);  // padding untouched
+      }
+    }
+  }
+  const LowBitSpec sp{1, 64, 64};
+  std::vector<uint8_t> blocks(sp.key_block_bytes());
+  std::vector<float> q(64, 1.0f), s(64);
+  EXPECT_THROW(lowbit_score_keys_ex(sp, blocks.data(), 1, q.data(), 1, 64, s.data(), 64, -1.0f, nullptr), Error);
+}
+
+// lowbit_softmax_values equals vec_exp_shift_sum per row followed by lowbit_accumulate_values:
+// the same numerators written over the scores (-inf gives 0), the same value sums, the row sums
+// to float rounding. Includes several value groups per token (d = 128, g = 32).
+TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
+  for (const Cfg& cfg : all_cfgs({48, 64, 128})) {
+    const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
+    const int nb = 4, n_tok = nb * cfg.g;
+    const auto v = gaussian((size_t)n_tok * cfg.d, 41 + cfg.d);
+    const auto vals = make_values(sp, nb, v);
+    for (int nq : {1, 3, 6, 7}) {
+      SCOPED_TRACE(name(cfg) + " nq=" + std::to_string(nq));
+      const size_t ss = n_tok + 4, os = cfg.d + 2;
+      auto sc = gaussian((size_t)nq * ss, 3 + nq, 3.0f);
+      std::vector<float> m(nq);
+      for (int iq = 0; iq < nq; ++iq) {
+        sc[iq * ss + (7 * iq) % n_tok] = -INFINITY;  // a left-out position
+        m[iq] = 0.5f;
+        for (int t = 0; t < n_tok; ++t) m[iq] = std::max(m[iq], sc[iq * ss + t] + 0.25f * iq);  // m >= max
+      }
+      const auto init = gaussian((size_t)nq * os, 6, 0.1f);
+      std::vector<float> p_ref = sc, p_got = sc, o_ref = init, o_got = init, l_ref(nq), l_got(nq);
+      for (int iq = 0; iq < nq; ++iq) l_ref[iq] = vec_exp_shift_sum(p_ref.data() + iq * ss, n_tok, m[iq]);
+      lowbit_accumulate_values(sp, vals.data(), nb, p_ref.data(), nq, ss, o_ref.data(), os);
+      lowbit_softmax_values(sp, vals.data(), nb, p_got.data(), nq, ss, m.data(), l_got.data(), o_got.data(), os);
+      for (int iq = 0; iq < nq; ++iq) {
+        EXPECT_EQ(p_got[iq * ss + (7 * iq) % n_tok], 0.0f);
+        for (size_t t = 0; t < ss; ++t) ASSERT_EQ(p_got[iq * ss + t], p_ref[iq * ss + t]) << "t=" << t;
+        EXPECT_NEAR(l_got[iq], l_ref[iq], 1e-5 * l_ref[iq]);
+        for (size_t c = 0; c < os; ++c) ASSERT_EQ(o_got[iq * os + c], o_ref[iq * os + c]) << "c=" << c;
+      }
+    }
+  }
+}
+
 TEST(LowBit, Avx2KernelsMatchScalar) {
   for (const Cfg& cfg : all_cfgs({8, 10, 24, 100, 128, 200, 256})) {
     const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#include "ops/vec_math.h"
 #include "util/error.h"
 #include "util/fp16.h"
 
@@ -454,6 +456,71 @@ void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int
   }
 #endif
   lowbit_detail::accumulate_values_scalar(spec, values, n_blocks, p, n_q, p_stride, out, out_stride);
+}
+
+namespace {
+
+// The debias term and row maxima of lowbit_score_keys_ex as passes over written scores (the
+// paths whose kernels do not fold them in).
+void debias_and_max(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
+                    size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max) {
+  const int d = spec.head_dim, g = spec.group;
+  const size_t bb = spec.key_block_bytes(), scale_off = (size_t)spec.bits * spec.key_plane_bytes();
+  for (int iq = 0; iq < n_q; ++iq) {
+    const float* qr = q + (size_t)iq * q_stride;
+    float* sr = scores + (size_t)iq * score_stride;
+    if (debias > 0.0f) {
+      for (int b = 0; b < n_blocks; ++b) {
+        const uint8_t* sp = blocks + (size_t)b * bb + scale_off;
+        float t = 0.0f;
+        for (int c = 0; c < d; ++c) {
+          const float sc = load_f16(sp + 2 * c);
+          t += (qr[c] * qr[c]) * (sc * sc);
+        }
+        const float bias = debias / 24.0f * t;
+        for (int j = 0; j < g; ++j) sr[(size_t)b * g + j] -= bias;
+      }
+    }
+    if (row_max) row_max[iq] = vec_max(sr, (int64_t)n_blocks * g);
+  }
+}
+
+}  // namespace
+
+void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
+                          size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max) {
+  SPC_CHECK(debias >= 0.0f, "low-bit scores: debias must be >= 0, got %g", (double)debias);
+  if (n_q <= 0) return;
+  if (n_blocks <= 0) {
+    if (row_max) std::fill(row_max, row_max + n_q, -std::numeric_limits<float>::infinity());
+    return;
+  }
+#if defined(SPC_LOWBIT_AVX512)
+  if (lowbit_detail::score_keys_simd(spec)) {
+    lowbit_detail::score_keys_avx512(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride, debias, row_max);
+    return;
+  }
+#endif
+  lowbit_score_keys(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride);
+  debias_and_max(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride, debias, row_max);
+}
+
+void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride) {
+  if (n_q <= 0) return;
+  if (n_blocks <= 0) {
+    std::fill(l, l + n_q, 0.0f);
+    return;
+  }
+#if defined(SPC_LOWBIT_AVX512)
+  if (lowbit_detail::accumulate_values_simd(spec)) {
+    lowbit_detail::softmax_values_avx512(spec, values, n_blocks, s, n_q, s_stride, m, l, out, out_stride);
+    return;
+  }
+#endif
+  for (int iq = 0; iq < n_q; ++iq)
+    l[iq] = vec_exp_shift_sum(s + (size_t)iq * s_stride, (int64_t)n_blocks * spec.group, m[iq]);
+  lowbit_accumulate_values(spec, values, n_blocks, s, n_q, s_stride, out, out_stride);
 }
 
 // ---------------------------------------------------------------------------------------------

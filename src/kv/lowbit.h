@@ -139,6 +139,22 @@ void lowbit_score_keys(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
 void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
 
+// ---- Fused forms for the decode attention (one pass instead of several over the scores) ----
+// lowbit_score_keys, and: every score of block b and row iq is lowered by
+// debias * sum_c q_c^2 * s_c^2 / 24 (s_c: block b's key scales; the expected inflation of exp()
+// by the score error, docs/ARCHITECTURE.md; debias >= 0, 0 = off); when row_max is not null,
+// row_max[iq] = the largest score written to row iq. AVX-512 folds both into the kernel (the
+// debias term into the per-block constant qz); the other paths run a pass over the scores.
+void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
+                          size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max);
+// Softmax numerators and their value sum at once: for each row iq, s[iq*s_stride + t] (a score,
+// or -inf for a position to leave out) becomes p_t = exp(s_t - m[iq]) (m[iq] >= every finite
+// s_t of the row), l[iq] = sum_t p_t, and out[iq*out_stride + c] += sum_t p_t * V_hat_t[c], as
+// vec_exp_shift_sum followed by lowbit_accumulate_values (AVX-512 computes the exponentials
+// inside the value kernel's per-block weight preparation).
+void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride);
+
 // ---- References (dequantize, then double accumulation) ----
 void lowbit_score_keys_ref(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                            size_t q_stride, float* scores, size_t score_stride);
@@ -163,10 +179,15 @@ int value_code(const LowBitSpec& spec, const uint8_t* block, int t, int c);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define SPC_LOWBIT_AVX512 1
 // AVX-512 kernels (lowbit_avx512.cpp), any spec.
+// debias, row_max: as lowbit_score_keys_ex (0 / null: plain scores).
 void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
-                       size_t q_stride, float* scores, size_t score_stride);
+                       size_t q_stride, float* scores, size_t score_stride, float debias = 0.0f,
+                       float* row_max = nullptr);
 void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
+// lowbit_softmax_values' AVX-512 form.
+void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride);
 #endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define SPC_LOWBIT_AVX2 1

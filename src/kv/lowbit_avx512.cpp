@@ -21,9 +21,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
+#include "ops/vec_math.h"
 #include "util/error.h"
 #include "util/fp16.h"
 
@@ -220,11 +222,12 @@ inline __m512i key_code_bytes(uint64_t w0, uint64_t w1, __m512i sq, __m512i sq2)
 // Scores of JT chunks (16 tokens each) of one block for NQ rows: words = plane 0's first word of
 // the tile's first chunk, quads quad_stride bytes apart (plane 1 at + plane_bytes); sq / sq2:
 // the block's u8 key scales (and doubled) as one dword per quad; qq [NQ][kMaxQuads] int8x4
-// query dwords; A / qz [NQ]. NQ*JT <= 12 accumulators: GCC 12 spills beyond that.
+// query dwords; A / qz [NQ]; rmax [NQ][16]: running maxima of the rows' scores (lane-wise).
+// NQ*JT <= 12 accumulators: GCC 12 spills beyond that.
 template <int JT, int BITS, int NQ>
 void score_block(const uint8_t* words, int nquads, size_t quad_stride, size_t plane_bytes, const uint32_t* sq,
                  const uint32_t* sq2, const uint32_t* qq, const float* A, const float* qz, float* scores,
-                 size_t score_stride) {
+                 size_t score_stride, float* rmax) {
   __m512i acc[NQ][JT];
   unroll<NQ>([&](auto iq) SPC_AI { unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = _mm512_setzero_si512(); }); });
   for (int u = 0; u < nquads; ++u, words += quad_stride) {
@@ -243,15 +246,18 @@ void score_block(const uint8_t* words, int nquads, size_t quad_stride, size_t pl
   }
   unroll<NQ>([&](auto iq) SPC_AI {
     const __m512 av = _mm512_set1_ps(A[iq]), zv = _mm512_set1_ps(qz[iq]);
+    __m512 mx = _mm512_load_ps(rmax + 16 * iq);
     unroll<JT>([&](auto j) SPC_AI {
-      _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j,
-                       _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, acc[iq][j]), av, zv));
+      const __m512 sc = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, acc[iq][j]), av, zv);
+      _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j, sc);
+      mx = vmax(mx, sc);
     });
+    _mm512_store_ps(rmax + 16 * iq, mx);
   });
 }
 
 using ScoreFn = void (*)(const uint8_t*, int, size_t, size_t, const uint32_t*, const uint32_t*, const uint32_t*,
-                         const float*, const float*, float*, size_t);
+                         const float*, const float*, float*, size_t, float*);
 
 template <int JT, int BITS>
 ScoreFn score_fn_q(int nq) {
@@ -370,6 +376,7 @@ struct KeyCtx {
   int d, g, bits, nv, J, nq4, r, nquads;
   size_t bb, pb;
   float h, lim;
+  float dcoef;  // debias/24: qz -= dcoef * sum_c q_c^2 s_c^2 (0: off)
 };
 
 inline __mmask16 first_n(int n) { return n >= 16 ? kAll16 : (__mmask16)((1u << n) - 1u); }
@@ -437,6 +444,7 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const float* q, size_
   const __m512 hv = _mm512_set1_ps(k.h);
   alignas(64) float s[kMaxDim], zc[kMaxDim];
   __m512 sm = _mm512_setzero_ps();
+  const __m512 dc = _mm512_set1_ps(k.dcoef);
   for (int v = 0; v < nv; ++v) {  // lanes beyond d: s = z = 0
     const int n = std::min(16, d - 16 * v);
     const __m512 sv = cvtph_n(sp + 32 * v, n);
@@ -465,9 +473,13 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const float* q, size_
   __m512 t[NQ];
   unroll<NQ>([&](auto iq) SPC_AI {
     const float* qr = q + iq * q_stride;
-    __m512 tz = _mm512_setzero_ps();
-    for (int v = 0; v < nv; ++v)
-      tz = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(first_n(d - 16 * v), qr + 16 * v), _mm512_load_ps(zc + 16 * v), tz);
+    __m512 tz = _mm512_setzero_ps(), tb = _mm512_setzero_ps();
+    for (int v = 0; v < nv; ++v) {
+      const __m512 qv = _mm512_maskz_loadu_ps(first_n(d - 16 * v), qr + 16 * v), sv = _mm512_load_ps(s + 16 * v);
+      tz = _mm512_fmadd_ps(qv, _mm512_load_ps(zc + 16 * v), tz);
+      tb = _mm512_fmadd_ps(_mm512_mul_ps(qv, qv), _mm512_mul_ps(sv, sv), tb);
+    }
+    tz = _mm512_fnmadd_ps(tb, dc, tz);  // debias (0 when off)
     __m512i isum = _mm512_setzero_si512();
     const uint32_t* qq = kr.qq + iq * kMaxQuads;
     for (int v4 = 0; v4 < n64; ++v4) isum = dpbusd(isum, sqv[v4], _mm512_load_si512(qq + 16 * v4));
@@ -513,6 +525,14 @@ void prep_key_block_fast(const KeyCtx& k, const uint8_t* block, const float* q, 
     const float* qr = q + iq * q_stride;
     __m512 tz = _mm512_setzero_ps();
     unroll<NV>([&](auto v) SPC_AI { tz = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * v), zc[v], tz); });
+    if (k.dcoef > 0.0f) {  // debias: - dcoef * sum_c q_c^2 s_c^2
+      __m512 tb = _mm512_setzero_ps();
+      unroll<NV>([&](auto v) SPC_AI {
+        const __m512 qv = _mm512_loadu_ps(qr + 16 * v);
+        tb = _mm512_fmadd_ps(_mm512_mul_ps(qv, qv), _mm512_mul_ps(s[v], s[v]), tb);
+      });
+      tz = _mm512_fnmadd_ps(tb, _mm512_set1_ps(k.dcoef), tz);
+    }
     __m512i isum = _mm512_setzero_si512();
     unroll<NV / 4>([&](auto v4) SPC_AI {
       isum = dpbusd(isum, sqv[v4], _mm512_load_si512(kr.qq + iq * kMaxQuads + 16 * v4));
@@ -610,10 +630,12 @@ void prep_value_generic(const ValCtx& c, const uint8_t* block, const float* p, s
 }
 
 // The same for one value group per token (ngroups == 1), g = 16*J and NQ rows, unrolled with
-// everything in registers.
-template <int NQ, int J>
-void prep_value_fast(const ValCtx& c, const uint8_t* block, const float* p, size_t p_stride, ValPrep& vp,
-                     float* zacc, __m512& pmin) {
+// everything in registers. EXP: p holds the rows' scores; the weights are the softmax numerators
+// p_t = exp(p_t - m[iq]), written back over the scores, and added lane-wise to lsum[iq] (pmin is
+// not needed: exp >= 0).
+template <int NQ, int J, bool EXP>
+void prep_value_fast_t(const ValCtx& c, const uint8_t* block, float* p, size_t p_stride, ValPrep& vp, float* zacc,
+                       __m512& pmin, const float* m, __m512* lsum) {
   const uint8_t* sp = block + (size_t)c.bits * c.pb;
   const uint8_t* zp = sp + 2 * (size_t)c.g;
   const __m512 hv = _mm512_set1_ps(c.h);
@@ -625,17 +647,23 @@ void prep_value_fast(const ValCtx& c, const uint8_t* block, const float* p, size
   __m512 mx[NQ];
   __m512 pm = pmin;
   unroll<NQ>([&](auto iq) SPC_AI {
-    const float* pr = p + iq * p_stride;
+    float* pr = p + iq * p_stride;
     float* za = zacc + iq * kMaxGroups * 16;
-    __m512 m = _mm512_setzero_ps(), z = _mm512_load_ps(za);
+    __m512 um = _mm512_setzero_ps(), z = _mm512_load_ps(za);
     unroll<J>([&](auto j) SPC_AI {
-      const __m512 pv = _mm512_loadu_ps(pr + 16 * j);
-      pm = _mm512_maskz_min_ps(kAll16, pm, pv);
-      m = _mm512_maskz_max_ps(kAll16, m, _mm512_mul_ps(pv, s[j]));
+      __m512 pv = _mm512_loadu_ps(pr + 16 * j);
+      if constexpr (EXP) {
+        pv = exp_approx16(_mm512_sub_ps(pv, _mm512_set1_ps(m[iq])));
+        _mm512_storeu_ps(pr + 16 * j, pv);
+        lsum[iq] = _mm512_add_ps(lsum[iq], pv);
+      } else {
+        pm = _mm512_maskz_min_ps(kAll16, pm, pv);
+      }
+      um = _mm512_maskz_max_ps(kAll16, um, _mm512_mul_ps(pv, s[j]));
       z = _mm512_fmadd_ps(pv, zc[j], z);
     });
     _mm512_store_ps(za, z);
-    mx[iq] = m;
+    mx[iq] = um;
   });
   pmin = pm;
   constexpr int NG = (NQ + 3) / 4;
@@ -660,30 +688,32 @@ void prep_value_fast(const ValCtx& c, const uint8_t* block, const float* p, size
   });
 }
 
-using ValPrepFn = void (*)(const ValCtx&, const uint8_t*, const float*, size_t, ValPrep&, float*, __m512&);
+using ValPrepFn = void (*)(const ValCtx&, const uint8_t*, float*, size_t, ValPrep&, float*, __m512&, const float*,
+                           __m512*);
 
-template <int J>
+template <int J, bool EXP>
 ValPrepFn value_prep_q(int nq) {
   switch (nq) {
-    case 1: return prep_value_fast<1, J>;
-    case 2: return prep_value_fast<2, J>;
-    case 3: return prep_value_fast<3, J>;
-    case 4: return prep_value_fast<4, J>;
-    case 5: return prep_value_fast<5, J>;
-    default: return prep_value_fast<6, J>;
+    case 1: return prep_value_fast_t<1, J, EXP>;
+    case 2: return prep_value_fast_t<2, J, EXP>;
+    case 3: return prep_value_fast_t<3, J, EXP>;
+    case 4: return prep_value_fast_t<4, J, EXP>;
+    case 5: return prep_value_fast_t<5, J, EXP>;
+    default: return prep_value_fast_t<6, J, EXP>;
   }
 }
 
 // The fast preparation for one value group per token; nullptr otherwise (generic path).
-ValPrepFn pick_value_prep(int ng, int g, int nq) {
+ValPrepFn pick_value_prep(int ng, int g, int nq, bool exp) {
   if (ng != 1) return nullptr;
-  return g == 64 ? value_prep_q<4>(nq) : value_prep_q<2>(nq);
+  if (exp) return g == 64 ? value_prep_q<4, true>(nq) : value_prep_q<2, true>(nq);
+  return g == 64 ? value_prep_q<4, false>(nq) : value_prep_q<2, false>(nq);
 }
 
 }  // namespace
 
 void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
-                       size_t q_stride, float* scores, size_t score_stride) {
+                       size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max) {
   spec.validate();
   KeyCtx k;
   k.d = spec.head_dim;
@@ -698,6 +728,7 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
   k.pb = spec.key_plane_bytes();
   k.h = 0.5f * (float)((1 << k.bits) - 1);
   k.lim = key_scale_levels(k.bits);
+  k.dcoef = debias / 24.0f;
   KeyRows rows;
   KeyPrep prep[kBatch];
   alignas(64) uint8_t padded[2 * kMaxQuads * 4 * 8];  // d % 4 != 0: one block at a time
@@ -709,6 +740,8 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
     const ScoreFn fn = pick_score_fn(k.g, k.bits, nq);
     const KeyPrepFn pfn = pick_key_prep(k.d, nq);
     const int batch = k.r == 0 ? kBatch : 1;
+    alignas(64) float rmax[kMaxNq * 16];
+    std::fill(rmax, rmax + kMaxNq * 16, -std::numeric_limits<float>::infinity());
     for (int b0 = 0; b0 < n_blocks; b0 += batch) {
       const int nb = std::min(batch, n_blocks - b0);
       for (int i = 0; i < nb; ++i) pfn(k, blocks + (size_t)(b0 + i) * k.bb, qt, q_stride, rows, prep[i], padded);
@@ -716,14 +749,19 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
         const KeyPrep& kp = prep[i];
         for (int j0 = 0; j0 < k.J; j0 += jt)
           fn(kp.words + 8 * j0, k.nquads, (size_t)k.J * 8, kp.plane_bytes, kp.sq, kp.sq2, rows.qq, kp.A, kp.qz,
-             scores + (size_t)q0 * score_stride + (size_t)(b0 + i) * k.g + 16 * j0, score_stride);
+             scores + (size_t)q0 * score_stride + (size_t)(b0 + i) * k.g + 16 * j0, score_stride, rmax);
       }
     }
+    if (row_max)
+      for (int iq = 0; iq < nq; ++iq) row_max[q0 + iq] = hmax(_mm512_load_ps(rmax + 16 * iq));
   }
 }
 
-void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
-                              size_t p_stride, float* out, size_t out_stride) {
+namespace {
+
+// accumulate_values_avx512 (m == nullptr) and softmax_values_avx512 (p holds scores; m, l).
+void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* p, int n_q, size_t p_stride,
+                 float* out, size_t out_stride, const float* m, float* l) {
   spec.validate();
   ValCtx c;
   c.d = spec.head_dim;
@@ -743,17 +781,24 @@ void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int
 
   for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
     const int nq = std::min(kMaxNq, n_q - q0);
-    const float* pt = p + (size_t)q0 * p_stride;
+    float* pt = p + (size_t)q0 * p_stride;
     std::fill(facc, facc + nq * kMaxDim, 0.0f);
     std::fill(zacc, zacc + nq * kMaxGroups * 16, 0.0f);
     __m512 pmin = _mm512_setzero_ps();
-    const ValPrepFn fast = pick_value_prep(ng, g, nq);
+    __m512 lsum[kMaxNq];
+    for (int iq = 0; iq < nq; ++iq) lsum[iq] = _mm512_setzero_ps();
+    const bool fused = m && ng == 1;
+    if (m && !fused) {  // several value groups per token: the softmax numerators first
+      for (int iq = 0; iq < nq; ++iq)
+        l[q0 + iq] = vec_exp_shift_sum(pt + (size_t)iq * p_stride, (int64_t)n_blocks * g, m[q0 + iq]);
+    }
+    const ValPrepFn fast = pick_value_prep(ng, g, nq, fused);
     for (int b0 = 0; b0 < n_blocks; b0 += kBatch) {
       const int nb = std::min(kBatch, n_blocks - b0);
       for (int i = 0; i < nb; ++i) {
         const uint8_t* block = values + (size_t)(b0 + i) * vb;
-        const float* pb0 = pt + (size_t)(b0 + i) * g;
-        if (fast) fast(c, block, pb0, p_stride, prep[i], zacc, pmin);
+        float* pb0 = pt + (size_t)(b0 + i) * g;
+        if (fast) fast(c, block, pb0, p_stride, prep[i], zacc, pmin, m ? m + q0 : nullptr, lsum);
         else prep_value_generic(c, block, pb0, p_stride, nq, prep[i], zacc, pmin);
       }
       for (int i = 0; i < nb; ++i) {
@@ -768,18 +813,34 @@ void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int
       }
     }
     SPC_CHECK(!(hmin(pmin) < 0.0f), "low-bit values: weights must be >= 0, got %g", (double)hmin(pmin));
+    if (fused)
+      for (int iq = 0; iq < nq; ++iq) l[q0 + iq] = hsum(lsum[iq]);
     for (int iq = 0; iq < nq; ++iq) {
       float zs[kMaxGroups];
       for (int gi = 0; gi < ng; ++gi) zs[gi] = hsum(_mm512_load_ps(zacc + (iq * kMaxGroups + gi) * 16));
       float* o = out + (size_t)(q0 + iq) * out_stride;
-      for (int m = 0; m < nchunks; ++m) {  // a 16-channel chunk lies in one value group
-        const int n = std::min(16, d - 16 * m);
+      for (int mc = 0; mc < nchunks; ++mc) {  // a 16-channel chunk lies in one value group
+        const int n = std::min(16, d - 16 * mc);
         const __mmask16 mk = n >= 16 ? kAll16 : (__mmask16)((1u << n) - 1u);
-        const __m512 f = _mm512_add_ps(_mm512_load_ps(facc + iq * kMaxDim + 16 * m), _mm512_set1_ps(zs[16 * m / gv]));
-        _mm512_mask_storeu_ps(o + 16 * m, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o + 16 * m), f));
+        const __m512 f =
+            _mm512_add_ps(_mm512_load_ps(facc + iq * kMaxDim + 16 * mc), _mm512_set1_ps(zs[16 * mc / gv]));
+        _mm512_mask_storeu_ps(o + 16 * mc, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o + 16 * mc), f));
       }
     }
   }
+}
+
+}  // namespace
+
+void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+                              size_t p_stride, float* out, size_t out_stride) {
+  // (p is only read when m is null.)
+  values_impl(spec, values, n_blocks, const_cast<float*>(p), n_q, p_stride, out, out_stride, nullptr, nullptr);
+}
+
+void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride) {
+  values_impl(spec, values, n_blocks, s, n_q, s_stride, out, out_stride, m, l);
 }
 
 }  // namespace spc::lowbit_detail

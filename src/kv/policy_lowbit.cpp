@@ -252,7 +252,6 @@ class LowBitPolicy final : public KvPolicy {
   std::vector<float> outs_;         // [n_head_kv][n_chunks + 1][n_q][d]
   std::vector<AttnPartial> glob_;   // [n_head_kv][n_q] merged state of each query
   std::vector<float> win_s_;        // [n_head_kv][n_q][n_win] exp(window score - exact part's max)
-  std::vector<float> q2_;           // [n_head_kv][n_q][d] squared scaled queries (debiasing)
   std::vector<float> own_e_;        // own selection: [n_head_kv][group][n_quant] exp(row-0 score - chunk max)
   std::vector<AttnPartial> own_parts_;  // own selection: [n_head_kv][n_chunks][group] chunk max and sum
   std::vector<ThreadScratch> thr_;
@@ -434,40 +433,19 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   // Debiasing (cfg_.debias, KvConfig): a low-bit score carries an error e = q.(K - K_hat) of
   // variance ~ sum_c q_c^2 s_c^2/12 over the block's channel steps s_c, so exp(score) is inflated
   // by E[exp(e)] ~ exp(sigma^2/2) against the positions attended in 16-bit. Per block and query
-  // row: one dot product of q^2 with the block's s^2 (1/g of the scoring work).
+  // row: one dot product of q^2 with the block's s^2 (1/g of the scoring work), folded into the
+  // score kernel (lowbit_score_keys_ex), which also returns the rows' maxima over the chunk.
   const float debias = cfg_.debias;
-  if (debias > 0.0f) {
-    q2_.resize((size_t)nkv * n_q * d);
-    for (size_t i = 0; i < q2_.size(); ++i) q2_[i] = qs_[i] * qs_[i];
-  }
-  auto debias_chunk = [&](int h, int64_t ch) {
-    const int64_t b0 = ch * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
-    const size_t kbb = spec_.key_block_bytes(), scale_off = (size_t)spec_.bits * spec_.key_plane_bytes();
-    float s2[256];
-    for (int64_t b = b0; b < b1; ++b) {
-      // The block's fp16 scale[d] (lowbit.h layout; at an even offset of the block).
-      vec_from_f16(reinterpret_cast<const fp16_t*>(L.heads[h].kblocks.data() + b * kbb + scale_off), s2, d);
-      for (int c = 0; c < d; ++c) s2[c] *= s2[c];
-      for (int iq = 0; iq < n_q; ++iq) {
-        const float* q2 = q2_.data() + ((size_t)h * n_q + iq) * d;
-        // (vec_dot: an in-order float sum here was a 64-long dependency chain per row and
-        // block, as slow as the block's scoring.)
-        const float bias = debias * vec_dot(q2, s2, d) / 24.0f;
-        float* sp = S(h, iq) + b * g;
-        for (int t = 0; t < g; ++t) sp[t] -= bias;
-      }
-    }
-  };
   // Not where row 0 chose its own top-k from these very scores (specache-exact, the pre-decoding
   // pass and the step after it, a refetch step): that choice already moves the positions with the
   // largest positive errors to 16-bit, and the positions left in low bit are biased low
   // (measured: debiasing them as well raises perplexity; docs/RESULTS.md). The oracle's choice
   // does not see the errors.
-  auto score_chunk = [&](int h, int64_t ch, bool apply_debias) {
+  // row_max[iq]: the largest score of row iq in the chunk.
+  auto score_chunk = [&](int h, int64_t ch, bool apply_debias, float* row_max) {
     const int64_t b0 = ch * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
-    lowbit_score_keys(spec_, L.heads[h].kblocks.data() + b0 * spec_.key_block_bytes(), (int)(b1 - b0), Q(h, 0), n_q, d,
-                      S(h, 0) + b0 * g, nqt);
-    if (apply_debias && debias > 0.0f) debias_chunk(h, ch);
+    lowbit_score_keys_ex(spec_, L.heads[h].kblocks.data() + b0 * spec_.key_block_bytes(), (int)(b1 - b0), Q(h, 0),
+                         n_q, d, S(h, 0) + b0 * g, nqt, apply_debias ? debias : 0.0f, row_max);
   };
 
   // Non-speculative selection: the real token picks its own top-k before attending. SpeCache's
@@ -492,14 +470,14 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     pool.for_each_task(n_chunks * nkv, [&](int64_t task, int) {
       const int h = (int)(task % nkv);
       const int64_t ch = task / nkv;
-      score_chunk(h, ch, /*apply_debias=*/oracle);
+      float rm[2 * kMaxGroup];
+      score_chunk(h, ch, /*apply_debias=*/oracle, rm);
       if (oracle) return;
       const int64_t t0 = ch * chunk_tok, t1 = std::min(nqt, t0 + chunk_tok);
       for (int iq = 0; iq < group_; ++iq) {  // row 0's query heads
         float* e = E(h, iq) + t0;
         std::copy_n(S(h, iq) + t0, t1 - t0, e);
-        const float m = vec_max(e, t1 - t0);
-        EP(h, ch, iq) = AttnPartial{m, vec_exp_shift_sum(e, t1 - t0, m)};
+        EP(h, ch, iq) = AttnPartial{rm[iq], vec_exp_shift_sum(e, t1 - t0, rm[iq])};
       }
     });
     scored = true;
@@ -561,49 +539,56 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     if (task < n_chunks * nkv) {
       const int h = (int)(task % nkv);
       const int64_t ch = task / nkv;
-      if (!scored) score_chunk(h, ch, /*apply_debias=*/!own_buffer_);
+      float rm[2 * kMaxGroup], l[2 * kMaxGroup];
       const int64_t t0 = ch * chunk_tok, t1 = std::min(nqt, t0 + chunk_tok);
+      if (!scored) {
+        score_chunk(h, ch, /*apply_debias=*/!own_buffer_, rm);
+      } else {
+        for (int iq = 0; iq < n_q; ++iq) rm[iq] = vec_max(S(h, iq) + t0, t1 - t0);
+      }
       const HeadState& H = L.heads[h];
       const auto lo = std::lower_bound(H.resident.begin(), H.resident.end(), std::make_pair(t0, INT32_MIN));
       const auto hi = std::lower_bound(lo, H.resident.end(), std::make_pair(t1, INT32_MIN));
-      for (auto it = lo; it != hi; ++it)
-        dot_f32_f16_rows(Q(h, 0), n_q, d, slot_row(L, h, it->second), d, S(h, 0) + it->first, nqt);
-      for (int iq = 0; iq < n_q; ++iq) {
-        float* s = S(h, iq);
-        const float m = vec_max(s + t0, t1 - t0);
-        P(h, ch, iq) = AttnPartial{m, vec_exp_shift_sum(s + t0, t1 - t0, m)};
-      }
-      // Top-k positions use their exact values: their weights are taken out of the packed sum
-      // (whose u8 weight quantization is approximate, lowbit.h) and restored for the selection;
-      // their terms are summed in double (they can carry most of the mass, and a float sum in
-      // position order lost enough precision at -O0 to break
-      // KvPolicy.SpecacheWithTopkCoveringEverythingEqualsFull).
-      std::vector<float>& saved = thr_[t].saved;
-      saved.resize((size_t)(hi - lo) * n_q);
-      for (auto it = lo; it != hi; ++it)
-        for (int iq = 0; iq < n_q; ++iq) {
-          float& w = S(h, iq)[it->first];
-          saved[(size_t)(it - lo) * n_q + iq] = w;
-          w = 0.0f;
-        }
-      lowbit_accumulate_values(spec_, H.vals.data() + t0 / g * spec_.value_block_bytes(), (int)((t1 - t0) / g),
-                               S(h, 0) + t0, n_q, nqt, O(h, ch, 0), d);
-      std::vector<double>& acc = thr_[t].acc;
-      acc.assign((size_t)n_q * d, 0.0);
-      float vx[256];
+      // Top-k positions attend in 16-bit: their exact scores go to ex ([row][position]), and their
+      // low-bit scores become -inf, so the packed value sum (whose u8 weight quantization is
+      // approximate, lowbit.h) gives them weight 0. The chunk's maximum m may stay above every
+      // score left (a top-k position's low-bit score): any m >= the scores is a valid softmax shift.
+      const int64_t n_res = hi - lo;
+      std::vector<float>& ex = thr_[t].saved;
+      ex.resize((size_t)n_res * n_q);
       for (auto it = lo; it != hi; ++it) {
-        const fp16_t* vrow = slot_row(L, h, it->second) + d;
-        vec_from_f16(vrow, vx, d);
-        for (int iq = 0; iq < n_q; ++iq) {
-          const float pw = saved[(size_t)(it - lo) * n_q + iq];
-          S(h, iq)[it->first] = pw;
-          double* a = acc.data() + (size_t)iq * d;
-          for (int c = 0; c < d; ++c) a[c] += (double)pw * vx[c];
-        }
+        dot_f32_f16_rows(Q(h, 0), n_q, d, slot_row(L, h, it->second), d, ex.data() + (it - lo), n_res);
+        for (int iq = 0; iq < n_q; ++iq) S(h, iq)[it->first] = -std::numeric_limits<float>::infinity();
       }
-      if (hi != lo)
+      for (int iq = 0; iq < n_q; ++iq)
+        if (n_res > 0) rm[iq] = std::max(rm[iq], vec_max(ex.data() + iq * n_res, n_res));
+      // Softmax numerators (written over the scores: the selection pass reads them) and the
+      // packed value sum in one pass.
+      lowbit_softmax_values(spec_, H.vals.data() + t0 / g * spec_.value_block_bytes(), (int)((t1 - t0) / g),
+                            S(h, 0) + t0, n_q, nqt, rm, l, O(h, ch, 0), d);
+      // The top-k terms, summed in double (they can carry most of the mass, and a float sum in
+      // position order lost enough precision at -O0 to break
+      // KvPolicy.SpecacheWithTopkCoveringEverythingEqualsFull); their weights restored in S.
+      for (int iq = 0; iq < n_q; ++iq) {
+        if (n_res > 0) l[iq] += vec_exp_shift_sum(ex.data() + iq * n_res, n_res, rm[iq]);
+        P(h, ch, iq) = AttnPartial{rm[iq], l[iq]};
+      }
+      if (n_res > 0) {
+        std::vector<double>& acc = thr_[t].acc;
+        acc.assign((size_t)n_q * d, 0.0);
+        float vx[256];
+        for (auto it = lo; it != hi; ++it) {
+          vec_from_f16(slot_row(L, h, it->second) + d, vx, d);
+          for (int iq = 0; iq < n_q; ++iq) {
+            const float pw = ex[(size_t)iq * n_res + (it - lo)];
+            S(h, iq)[it->first] = pw;
+            double* a = acc.data() + (size_t)iq * d;
+            for (int c = 0; c < d; ++c) a[c] += (double)pw * vx[c];
+          }
+        }
         for (int iq = 0; iq < n_q; ++iq)
           for (int c = 0; c < d; ++c) O(h, ch, iq)[c] += (float)acc[(size_t)iq * d + c];
+      }
       return;
     }
     const int h = (int)(task - n_chunks * nkv);

@@ -26,10 +26,14 @@ namespace spc {
 // exp(x) on 16 lanes: the range reduction and polynomial of exp_approx (max relative error
 // ~2e-7 where exp_approx is exact to that). x is clamped to [-110, 88]; below ~-104 the result
 // underflows to exactly 0 (scalef), so -inf (masked) scores need no separate zeroing.
+// (Full-mask maskz forms: the same instructions, without GCC 12's false -Wuninitialized from the
+// plain intrinsics' _mm512_undefined_ps where this is inlined into unrolled kernels.)
 inline __m512 exp_approx16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-110.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  constexpr __mmask16 all = 0xFFFF;
+  x = _mm512_maskz_min_ps(all, _mm512_maskz_max_ps(all, x, _mm512_set1_ps(-110.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n =
+      _mm512_maskz_roundscale_ps(all, _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                 _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
@@ -39,7 +43,7 @@ inline __m512 exp_approx16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(all, p, n);
 }
 #endif
 

@@ -497,6 +497,34 @@ TEST(KvPolicy, PrefillHandOverMatchesOwnPrefill) {
   }
 }
 
+// export_layer(il, n) gives the first n positions of the whole export (a prefix costs only its
+// own rows), for the full cache and the slow tier; n beyond the cached positions throws.
+TEST(KvPolicy, ExportOfAPrefixIsThePrefixOfTheExport) {
+  NEED_STORIES();
+  const Fixture& fx = *stories();
+  ThreadPool pool(2);
+  for (const char* name : {"full", "specache"}) {
+    SCOPED_TRACE(name);
+    Session s(*fx.model, make_kv_policy(policy(name, 1), fx.model->kv_geometry(512)), pool);
+    s.prefill(fx.prompt);
+    const KvGeometry& g = s.kv().geometry();
+    const int64_t n = s.kv().n_cached(), row = (int64_t)g.n_head_kv * g.head_dim;
+    std::vector<float> k((size_t)(n * row)), v(k.size());
+    for (int il = 0; il < g.n_layer; ++il) {
+      s.kv().export_layer(il, n, k.data(), v.data());
+      for (int64_t np : {int64_t(0), int64_t(1), int64_t(77), n}) {
+        std::vector<float> kp((size_t)(np * row) + 1, -1.0f), vp(kp.size(), -1.0f);
+        s.kv().export_layer(il, np, kp.data(), vp.data());
+        ASSERT_TRUE(std::equal(kp.begin(), kp.end() - 1, k.begin())) << "layer " << il << " n " << np;
+        ASSERT_TRUE(std::equal(vp.begin(), vp.end() - 1, v.begin())) << "layer " << il << " n " << np;
+        ASSERT_EQ(kp.back(), -1.0f);  // nothing written beyond n rows
+        ASSERT_EQ(vp.back(), -1.0f);
+      }
+    }
+    EXPECT_THROW(s.kv().export_layer(0, n + 1, k.data(), v.data()), Error);
+  }
+}
+
 // A prompt prefilled in two parts (a prefix, then the rest attending over the cached prefix)
 // gives the same logits, bit for bit, as one prefill: each position's result does not depend on
 // where the prompt was split. The same when the prefix is taken over from another session, and

@@ -55,9 +55,9 @@ void Session::prefill_from(const Session& other, int64_t n_prefix) {
   SPC_CHECK(n <= kv_->geometry().n_ctx, "prefill_from: %lld positions do not fit the context of %lld", (long long)n,
             (long long)kv_->geometry().n_ctx);
   SPC_ASSERT((int64_t)other.seq_.size() >= n);
-  std::vector<float> k((size_t)n_other * g.n_head_kv * g.head_dim), v(k.size());
+  std::vector<float> k((size_t)n * g.n_head_kv * g.head_dim), v(k.size());
   for (int il = 0; il < g.n_layer; ++il) {
-    other.kv().export_layer(il, k.data(), v.data());
+    other.kv().export_layer(il, n, k.data(), v.data());
     if (n > 0) kv_->store_prefill(il, 0, n, k.data(), v.data());
   }
   // Logits after the last position are known only when all of it is taken over.

@@ -118,9 +118,11 @@ class KvPolicy {
 
   virtual KvStats stats() const = 0;
 
-  // Copies the complete 16-bit K/V of layer il, positions [0, n_cached()), into k, v
-  // ([n][n_head_kv][head_dim] fp32). Used to hand one prefill to several policies (eval).
-  virtual void export_layer(int il, float* k, float* v) const = 0;
+  // Copies the complete 16-bit K/V of layer il, positions [0, n) with 0 <= n <= n_cached(), into
+  // k, v ([n][n_head_kv][head_dim] fp32). Used to hand one prefill (or a prompt prefix of it) to
+  // other sessions (eval) and by a continued prefill. Throws spc::Error where the policy keeps
+  // no complete copy (kivi, streaming) or n is out of range.
+  virtual void export_layer(int il, int64_t n, float* k, float* v) const = 0;
 };
 
 // Builds the policy named in cfg. Throws spc::Error for unknown names or inconsistent knobs.

@@ -46,7 +46,10 @@ class FullPolicy final : public KvPolicy {
     return s;
   }
 
-  void export_layer(int il, float* k, float* v) const override { cache_.read(il, n_, k, v); }
+  void export_layer(int il, int64_t n, float* k, float* v) const override {
+    SPC_CHECK(n >= 0 && n <= n_, "export_layer: %lld positions asked, %lld cached", (long long)n, (long long)n_);
+    cache_.read(il, n, k, v);
+  }
 
  private:
   KvGeometry g_;

@@ -193,13 +193,14 @@ class LowBitPolicy final : public KvPolicy {
     return s;
   }
 
-  void export_layer(int il, float* k, float* v) const override {
+  void export_layer(int il, int64_t n, float* k, float* v) const override {
     SPC_CHECK(store_ != nullptr, "policy %s keeps no 16-bit copy to export", name_);
-    std::vector<fp16_t> buf((size_t)n_ * row_elems_);
+    SPC_CHECK(n >= 0 && n <= n_, "export_layer: %lld positions asked, %lld cached", (long long)n, (long long)n_);
+    std::vector<fp16_t> buf((size_t)n * row_elems_);
     const int d = g_.head_dim;
     for (int h = 0; h < g_.n_head_kv; ++h) {
-      if (n_ > 0) store_->read_range(il, h, 0, n_, buf.data());
-      for (int64_t p = 0; p < n_; ++p)
+      if (n > 0) store_->read_range(il, h, 0, n, buf.data());
+      for (int64_t p = 0; p < n; ++p)
         for (int c = 0; c < d; ++c) {
           k[(p * g_.n_head_kv + h) * d + c] = fp16_to_fp32(buf[p * row_elems_ + c]);
           v[(p * g_.n_head_kv + h) * d + c] = fp16_to_fp32(buf[p * row_elems_ + d + c]);

@@ -205,7 +205,7 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   const AttnShape shape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim};
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
-    if (pos0 > 0) kv.export_layer(il, s.k_layer.data(), s.v_layer.data());
+    if (pos0 > 0) kv.export_layer(il, pos0, s.k_layer.data(), s.v_layer.data());
     float* kl = s.k_layer.data() + pos0 * dkv;  // the new tokens' K/V
     float* vl = s.v_layer.data() + pos0 * dkv;
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {

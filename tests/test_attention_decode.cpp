@@ -193,6 +193,32 @@ TEST(AttentionDecode, F16CacheMatchesReference) {
   }
 }
 
+// vec_axpy_rows keeps the sums in registers across rows: bit-identical to one vec_axpy per row
+// (channel counts with and without a 64-channel block and a tail). vec_axpy_rows_f64 sums each
+// channel in double from 0 and adds it once: equal to that sum computed here in double.
+TEST(VecMath, RowAxpysEqualSuccessiveAxpysAndDoubleSums) {
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int d : {8, 37, 64, 100, 128, 200})
+    for (int64_t n : {0, 1, 5, 64, 130}) {
+      std::vector<float> x((size_t)(n * d)), w((size_t)n), y0((size_t)d);
+      for (auto& e : x) e = nd(rng);
+      for (auto& e : w) e = std::exp(nd(rng));
+      for (auto& e : y0) e = nd(rng);
+      std::vector<float> want = y0, got = y0;
+      for (int64_t j = 0; j < n; ++j) vec_axpy(w[j], x.data() + j * d, want.data(), d);
+      vec_axpy_rows(w.data(), x.data(), n, d, got.data());
+      EXPECT_EQ(got, want) << "d " << d << " n " << n;
+      std::vector<float> got64 = y0;
+      vec_axpy_rows_f64(w.data(), x.data(), n, d, got64.data());
+      for (int c = 0; c < d; ++c) {
+        double a = 0;
+        for (int64_t j = 0; j < n; ++j) a = std::fma((double)w[j], (double)x[j * d + c], a);
+        ASSERT_EQ(got64[c], y0[c] + (float)a) << "d " << d << " n " << n << " c " << c;
+      }
+    }
+}
+
 // vec_wsum is the fused form of a memset (or nothing) and one vec_axpy per stream: same fused
 // multiply-adds in the same order, so bit-identical, for every stream count (more than one pass
 // of 4 streams too) and lengths with vector tails.

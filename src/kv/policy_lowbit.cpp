@@ -85,8 +85,7 @@ struct LayerState {
 
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
-  std::vector<float> sc, pr, own, saved;
-  std::vector<double> acc;
+  std::vector<float> sc, pr, own, saved, rows;
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
   TopkScratch tk;
@@ -542,14 +541,21 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       const int64_t ch = task / nkv;
       float rm[2 * kMaxGroup], l[2 * kMaxGroup];
       const int64_t t0 = ch * chunk_tok, t1 = std::min(nqt, t0 + chunk_tok);
+      const HeadState& H = L.heads[h];
+      const auto lo = std::lower_bound(H.resident.begin(), H.resident.end(), std::make_pair(t0, INT32_MIN));
+      const auto hi = std::lower_bound(lo, H.resident.end(), std::make_pair(t1, INT32_MIN));
+      // The chunk's top-k rows were just written by the copy engine's thread (another core's
+      // cache, or memory): their loads are scattered misses the hardware prefetcher does not
+      // predict. Requested here, they arrive while the chunk is scored.
+      for (auto it = lo; it != hi; ++it) {
+        const char* r = reinterpret_cast<const char*>(slot_row(L, h, it->second));
+        for (size_t off = 0; off < row_elems_ * sizeof(fp16_t); off += 64) __builtin_prefetch(r + off);
+      }
       if (!scored) {
         score_chunk(h, ch, /*apply_debias=*/!own_buffer_, rm);
       } else {
         for (int iq = 0; iq < n_q; ++iq) rm[iq] = vec_max(S(h, iq) + t0, t1 - t0);
       }
-      const HeadState& H = L.heads[h];
-      const auto lo = std::lower_bound(H.resident.begin(), H.resident.end(), std::make_pair(t0, INT32_MIN));
-      const auto hi = std::lower_bound(lo, H.resident.end(), std::make_pair(t1, INT32_MIN));
       // Top-k positions attend in 16-bit: their exact scores go to ex ([row][position]), and their
       // low-bit scores become -inf, so the packed value sum (whose u8 weight quantization is
       // approximate, lowbit.h) gives them weight 0. The chunk's maximum m may stay above every
@@ -575,20 +581,13 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         P(h, ch, iq) = AttnPartial{rm[iq], l[iq]};
       }
       if (n_res > 0) {
-        std::vector<double>& acc = thr_[t].acc;
-        acc.assign((size_t)n_q * d, 0.0);
-        float vx[256];
+        std::vector<float>& vres = thr_[t].rows;  // the top-k rows' values, [n_res][d]
+        vres.resize((size_t)n_res * d);
         for (auto it = lo; it != hi; ++it) {
-          vec_from_f16(slot_row(L, h, it->second) + d, vx, d);
-          for (int iq = 0; iq < n_q; ++iq) {
-            const float pw = ex[(size_t)iq * n_res + (it - lo)];
-            S(h, iq)[it->first] = pw;
-            double* a = acc.data() + (size_t)iq * d;
-            for (int c = 0; c < d; ++c) a[c] += (double)pw * vx[c];
-          }
+          vec_from_f16(slot_row(L, h, it->second) + d, vres.data() + (it - lo) * d, d);
+          for (int iq = 0; iq < n_q; ++iq) S(h, iq)[it->first] = ex[(size_t)iq * n_res + (it - lo)];
         }
-        for (int iq = 0; iq < n_q; ++iq)
-          for (int c = 0; c < d; ++c) O(h, ch, iq)[c] += (float)acc[(size_t)iq * d + c];
+        for (int iq = 0; iq < n_q; ++iq) vec_axpy_rows_f64(ex.data() + iq * n_res, vres.data(), n_res, d, O(h, ch, iq));
       }
       return;
     }
@@ -618,13 +617,11 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       std::copy_n(sc.data(), n_win, W(h, iq));
       P(h, n_chunks, iq) = AttnPartial{m, l};
     }
-    // Window values: each row converted once for every query row.
-    float vx[256];
-    for (int64_t j = 0; j < n_win; ++j) {
-      const fp16_t* vrow = H.win.data() + j * row_elems_ + d;
-      vec_from_f16(vrow, vx, d);
-      for (int iq = 0; iq < n_q; ++iq) vec_axpy(W(h, iq)[j], vx, O(h, n_chunks, iq), d);
-    }
+    // Window values: each row converted once, then summed per query row in registers.
+    std::vector<float>& wv = thr_[t].rows;
+    wv.resize((size_t)n_win * d);
+    for (int64_t j = 0; j < n_win; ++j) vec_from_f16(H.win.data() + j * row_elems_ + d, wv.data() + j * d, d);
+    for (int iq = 0; iq < n_q; ++iq) vec_axpy_rows(W(h, iq), wv.data(), n_win, d, O(h, n_chunks, iq));
   });
 
   // Merge every chunk into the exact part's state; normalize.

@@ -11,9 +11,10 @@
 // Decode attention per layer (two pool dispatches):
 //   [exact/oracle: score, select top-k from row 0 and fetch it synchronously first]
 //   fused pass (parallel over head x chunk of key blocks, plus one task per head for the
-//           16-bit window and the step's own rows): low-bit scores, exact scores at top-k
-//           positions, chunk-local softmax, low-bit value sums corrected to exact V at top-k
-//           positions; merge of the partial states (serial, cheap);
+//           16-bit window and the step's own rows): low-bit scores (debias and chunk maxima in
+//           the score kernel), exact scores at top-k positions (their low-bit ones -> -inf),
+//           softmax numerators computed inside the packed value sum (lowbit_softmax_values),
+//           exact V at top-k positions; merge of the partial states (serial, cheap);
 //   selection pass (parallel over heads, specache only): the speculative row's attention
 //           probabilities, averaged over its query heads, pick the next top-k (exact radix
 //           select); spec_recall from the real row's own top-k;

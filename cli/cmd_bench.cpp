@@ -26,6 +26,7 @@ struct BenchArgs {
   int warmup = 2;
   std::string prompt_file;
   bool synthetic = false;
+  bool interleave = false;
   std::string csv, json, svg;
   bool bandwidth = false;
   int bandwidth_mib = 1024;
@@ -62,6 +63,7 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
   opt.reps = a.reps;
   opt.gen = a.gen;
   opt.warmup = a.warmup;
+  opt.interleave = a.interleave;
   SPC_CHECK(!(a.synthetic && !a.prompt_file.empty()), "give either --prompt-file or --synthetic, not both");
 
   std::string text_path = a.synthetic ? "" : a.prompt_file.empty() ? default_text_path() : a.prompt_file;
@@ -129,6 +131,9 @@ Runner add_bench(CLI::App& app) {
   sub->add_option("--warmup", a->warmup, "leading decode steps per session left out of the statistics")
       ->check(CLI::Range(0, 1 << 20))
       ->capture_default_str();
+  sub->add_flag("--interleave", a->interleave,
+                "per depth, one session of every policy decoding a step of each in turn, so slow spells of a shared "
+                "machine hit all policies alike; adds paired_ratio (median per-step time over the first policy's)");
   sub->add_option("--prompt-file", a->prompt_file,
                   "text to tokenize for the prompt, repeated as needed (default: ../shared/data/gutenberg/"
                   "pg2600-war-and-peace.txt when present, else synthetic ids)");

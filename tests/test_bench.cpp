@@ -1,6 +1,7 @@
 // specache bench: byte accounting, writers, bandwidth probe, policy specs. No timing assertions.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -305,6 +306,64 @@ TEST(BenchPrompt, TextIsRepeatedAndSyntheticCycles) {
   ASSERT_EQ(s.tokens.size(), 25u);
   EXPECT_EQ(s.tokens[0], 0);
   EXPECT_EQ(s.tokens[12], 2);
+}
+
+// --interleave: per depth one session of every policy, a step of each in turn. Every policy
+// gets its own row with the same sample counts as a plain run, the first policy's paired ratio
+// is exactly 1 and the others' positive; CSV, JSON and the table carry the column. The outputs
+// are those of separate sessions (interleaving changes no result): the kv bytes match a plain run's.
+TEST(BenchRun, InterleavedRunsPairEveryStep) {
+  SKIP_IF_MISSING(stories_path());
+  auto m = Model::load(stories_path());
+  auto tok = Tokenizer::from_gguf(m->gguf());
+  BenchOptions opt;
+  opt.model_path = stories_path();
+  opt.policies = {parse_policy_spec("full"), parse_policy_spec("specache:1")};
+  opt.kv.group = 32;
+  opt.kv.topk = 8;
+  opt.kv.window = 8;
+  opt.depths = {48, 96};
+  opt.threads = {2};
+  opt.gen = 6;
+  opt.reps = 2;
+  const std::string text = "Lily went to the park. She saw a big dog.\n";
+  BenchReport plain, inter;
+  run_bench(*m, tok.get(), opt, text, "t.txt", plain);
+  opt.interleave = true;
+  run_bench(*m, tok.get(), opt, text, "t.txt", inter);
+  ASSERT_EQ(inter.rows.size(), 4u);
+  EXPECT_TRUE(inter.interleaved);
+  for (const BenchRow& row : inter.rows) {
+    EXPECT_EQ(row.decode_samples, 2u * (6 - 2));
+    if (row.policy == "full") EXPECT_EQ(row.paired_ratio, 1.0);
+    else EXPECT_GT(row.paired_ratio, 0.0);
+    // The same configuration measured alone (plain rows are policy-major, interleaved depth-major).
+    const auto it = std::find_if(plain.rows.begin(), plain.rows.end(), [&](const BenchRow& p) {
+      return p.policy_spec == row.policy_spec && p.depth == row.depth;
+    });
+    ASSERT_NE(it, plain.rows.end());
+    EXPECT_EQ(it->paired_ratio, 0.0);
+    EXPECT_EQ(row.bytes.kv_fast, it->bytes.kv_fast);
+    EXPECT_EQ(row.kv_fast_bytes, it->kv_fast_bytes);
+    EXPECT_EQ(row.kv_slow_bytes, it->kv_slow_bytes);
+  }
+  EXPECT_EQ(inter.rows[0].depth, 48);  // depth-major: both policies of a depth together
+  EXPECT_EQ(inter.rows[1].depth, 48);
+  const auto lines = lines_of(to_csv(inter));
+  ASSERT_EQ(lines.size(), 5u);
+  const auto fields = csv_split;
+  const auto head = fields(lines[0]);
+  const size_t col = std::find(head.begin(), head.end(), "paired_ratio") - head.begin();
+  ASSERT_LT(col, head.size());
+  EXPECT_EQ(fields(lines[1])[col], "1");
+  EXPECT_GT(std::stod(fields(lines[2])[col]), 0.0);
+  EXPECT_EQ(fields(lines_of(to_csv(plain))[1])[col], "");
+  const nlohmann::json j = to_json(inter);
+  EXPECT_TRUE(j["interleaved"].get<bool>());
+  EXPECT_EQ(j["rows"][0]["paired_ratio"].get<double>(), 1.0);
+  EXPECT_FALSE(to_json(plain)["rows"][0].contains("paired_ratio"));
+  EXPECT_NE(to_table(inter).find("x first"), std::string::npos);
+  EXPECT_EQ(to_table(plain).find("x first"), std::string::npos);
 }
 
 TEST(BenchRun, EndToEndOnStories260K) {

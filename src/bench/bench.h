@@ -117,6 +117,9 @@ struct BenchOptions {
   int reps = 1;     // fresh-session repetitions of each (prefill + decode) measurement
   int gen = 16;     // decoded tokens per repetition
   int warmup = 2;   // leading decode steps of each repetition excluded from the statistics
+  // Per (depth, threads, repetition): one session of every policy, decoding a step of each in
+  // turn, so that the machine's slow spells hit every policy alike (paired_ratio).
+  bool interleave = false;
   KvConfig kv;      // defaults for what the specs do not set
 };
 
@@ -144,6 +147,9 @@ struct BenchRow {
   double bandwidth_gb_per_s = 0;  // probe with this row's thread count
   double floor_ms = 0;            // bytes.total() / bandwidth
   double floor_ratio = 0;         // decode median / floor
+  // Only when interleaved: median over decode steps of this policy's step time over the first
+  // policy's at the same step (1 for the first policy); 0 otherwise.
+  double paired_ratio = 0;
 };
 
 struct BenchReport {
@@ -154,6 +160,7 @@ struct BenchReport {
   int hardware_threads = 0;
   std::string decode_act = "fp32";  // activations of the decode matmuls: fp32, or int8 (--int8-act)
   std::string measurement;  // one sentence on what the numbers are
+  bool interleaved = false;  // BenchOptions::interleave
   std::vector<BandwidthResult> bandwidth;  // empty without --bandwidth
   std::vector<BenchRow> rows;
 };

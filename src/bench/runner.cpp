@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <memory>
 #include <thread>
 
 #include "bench/bench.h"
@@ -59,6 +60,71 @@ PromptSource build_prompt_tokens(const Tokenizer* tok, int n_vocab, const std::s
   return src;
 }
 
+namespace {
+
+// What one (policy, depth, threads) configuration collected over its sessions.
+struct Collected {
+  std::vector<double> prefill_ms, decode_ms;
+  std::vector<double> paired;  // interleaved: step time / the first policy's at the same step
+  KvStats at_depth, after;
+  double stall = 0, copy = 0, fetched = 0;
+};
+
+// Prefill of one session: its time, and the policy's statistics at depth.
+void prefilled(Session& s, const std::vector<int32_t>& toks, Collected& c) {
+  s.prefill(toks);
+  c.prefill_ms.push_back(s.timings().prefill_ms);
+  c.at_depth = s.kv().stats();
+}
+
+// One greedy decode step, timed; kept unless it is a warm-up step.
+double timed_step(Session& s, int n_vocab, int i, int warmup, Collected& c) {
+  const int32_t t = argmax(s.logits().data(), n_vocab);
+  const double t0 = now_ms();
+  s.decode(t);
+  const double dt = now_ms() - t0;
+  if (i >= warmup) c.decode_ms.push_back(dt);
+  return dt;
+}
+
+// The session's decode-side statistics, added after its last step.
+void finished(const Session& s, int gen, Collected& c) {
+  c.after = s.kv().stats();
+  c.stall += c.after.stall_ms / gen;
+  c.copy += c.after.copy_ms / gen;
+  c.fetched += c.after.fetched_bytes_per_step;
+}
+
+BenchRow make_row(const std::string& model_name, const PolicySpec& spec, const KvConfig& cfg, int64_t depth, int nt,
+                  const BenchOptions& opt, uint64_t wbytes, Collected& c, bool rss_reset) {
+  BenchRow row;
+  row.model = model_name;
+  row.policy_spec = spec.text;
+  row.policy = cfg.policy;
+  row.bits = reported_bits(cfg);
+  row.depth = depth;
+  row.threads = nt;
+  row.reps = opt.reps;
+  row.gen = opt.gen;
+  row.peak_rss_reset = rss_reset;
+  c.after.fetched_bytes_per_step = c.fetched / opt.reps;
+  row.prefill_ms = summarize(c.prefill_ms).median;
+  row.prefill_tok_per_s = row.prefill_ms > 0 ? (double)depth * 1000.0 / row.prefill_ms : 0;
+  row.decode_ms = summarize(c.decode_ms);
+  row.decode_samples = c.decode_ms.size();
+  row.bytes = token_bytes(wbytes, c.at_depth, c.after);
+  row.achieved_gb_per_s = row.decode_ms.median > 0 ? row.bytes.total() / (row.decode_ms.median * 1e6) : 0;
+  row.kv_fast_bytes = c.after.fast_bytes;
+  row.kv_slow_bytes = c.after.slow_bytes;
+  row.stall_ms_per_token = c.stall / opt.reps;
+  row.copy_ms_per_token = c.copy / opt.reps;
+  row.peak_rss_bytes = peak_rss_bytes();
+  if (!c.paired.empty()) row.paired_ratio = summarize(c.paired).median;
+  return row;
+}
+
+}  // namespace
+
 void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt, const std::string& text,
                const std::string& text_path, BenchReport& report, const BenchLog& log) {
   SPC_CHECK(!opt.policies.empty() && !opt.depths.empty() && !opt.threads.empty(), "bench: empty policy/depth/thread list");
@@ -73,6 +139,7 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
   report.cpu = cpu_model_name();
   report.hardware_threads = (int)std::thread::hardware_concurrency();
   report.decode_act = model.int8_decode() ? "int8" : "fp32";
+  report.interleaved = opt.interleave;
   // With gen <= warmup nothing would be left: keep at least the last step.
   const int warmup = std::min(opt.warmup, opt.gen - 1);
   report.measurement = strfmt(
@@ -80,61 +147,75 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
       "tokens greedily; decode statistics over the per-token times of all sessions with the first %d step(s) of each "
       "excluded as warm-up; prefill figures are the median over sessions",
       opt.reps, opt.gen, warmup);
+  if (opt.interleave)
+    report.measurement +=
+        "; interleaved: per (depth, threads, repetition) one session of every policy, all prefilled, then each "
+        "decode step runs once in every session in turn, so a slow spell of the machine hits all policies alike; "
+        "paired_ratio is the median over steps of a policy's step time over the first policy's at the same step; "
+        "peak RSS covers all the sessions of a depth";
   const uint64_t wbytes = model.weight_bytes_per_token();
   const std::string model_name = opt.model_path.substr(opt.model_path.find_last_of('/') + 1);
+  auto session_for = [&](const KvConfig& cfg, int64_t depth, ThreadPool& pool) {
+    return std::make_unique<Session>(model, make_kv_policy(cfg, model.kv_geometry(depth + opt.gen + 2)), pool);
+  };
 
   for (int nt : opt.threads) {
     ThreadPool pool(nt);
+    if (opt.interleave) {
+      const size_t np = opt.policies.size();
+      std::vector<KvConfig> cfgs;
+      for (const PolicySpec& spec : opt.policies) cfgs.push_back(apply_policy_spec(opt.kv, spec));
+      for (int64_t depth : opt.depths) {
+        const bool rss_reset = reset_peak_rss();
+        const std::vector<int32_t> toks(prompt.tokens.begin(), prompt.tokens.begin() + depth);
+        std::vector<Collected> col(np);
+        for (int rep = 0; rep < opt.reps; ++rep) {
+          std::vector<std::unique_ptr<Session>> ss;
+          for (size_t p = 0; p < np; ++p) {
+            ss.push_back(session_for(cfgs[p], depth, pool));
+            prefilled(*ss[p], toks, col[p]);
+          }
+          for (int i = 0; i < opt.gen; ++i) {
+            double first = 0;
+            for (size_t p = 0; p < np; ++p) {
+              const double dt = timed_step(*ss[p], mc.n_vocab, i, warmup, col[p]);
+              if (p == 0) first = dt;
+              if (i >= warmup && first > 0) col[p].paired.push_back(dt / first);
+            }
+          }
+          for (size_t p = 0; p < np; ++p) finished(*ss[p], opt.gen, col[p]);
+          if (log)
+            log(strfmt("interleaved depth %lld, %d thread(s), rep %d/%d: %zu sessions", (long long)depth, nt, rep + 1,
+                       opt.reps, np));
+        }
+        for (size_t p = 0; p < np; ++p) {
+          report.rows.push_back(make_row(model_name, opt.policies[p], cfgs[p], depth, nt, opt, wbytes, col[p], rss_reset));
+          const BenchRow& row = report.rows.back();
+          if (log)
+            log(strfmt("%s depth %lld, %d thread(s): decode %.3f ms/token (median of %zu), %.3fx %s (paired)",
+                       row.policy_spec.c_str(), (long long)depth, nt, row.decode_ms.median, row.decode_samples,
+                       row.paired_ratio, opt.policies[0].text.c_str()));
+        }
+      }
+      continue;
+    }
     for (const PolicySpec& spec : opt.policies) {
       const KvConfig cfg = apply_policy_spec(opt.kv, spec);
       for (int64_t depth : opt.depths) {
-        BenchRow row;
-        row.model = model_name;
-        row.policy_spec = spec.text;
-        row.policy = cfg.policy;
-        row.bits = reported_bits(cfg);
-        row.depth = depth;
-        row.threads = nt;
-        row.reps = opt.reps;
-        row.gen = opt.gen;
-        row.peak_rss_reset = reset_peak_rss();
+        const bool rss_reset = reset_peak_rss();
         const std::vector<int32_t> toks(prompt.tokens.begin(), prompt.tokens.begin() + depth);
-        std::vector<double> prefill_ms, decode_ms;
-        KvStats at_depth, after;
-        double stall = 0, copy = 0, fetched = 0;
+        Collected c;
         for (int rep = 0; rep < opt.reps; ++rep) {
-          Session s(model, make_kv_policy(cfg, model.kv_geometry(depth + opt.gen + 2)), pool);
-          s.prefill(toks);
-          prefill_ms.push_back(s.timings().prefill_ms);
-          at_depth = s.kv().stats();
-          for (int i = 0; i < opt.gen; ++i) {
-            const int32_t t = argmax(s.logits().data(), mc.n_vocab);
-            const double t0 = now_ms();
-            s.decode(t);
-            const double dt = now_ms() - t0;
-            if (i >= warmup) decode_ms.push_back(dt);
-          }
-          after = s.kv().stats();
-          stall += after.stall_ms / opt.gen;
-          copy += after.copy_ms / opt.gen;
-          fetched += after.fetched_bytes_per_step;
+          auto s = session_for(cfg, depth, pool);
+          prefilled(*s, toks, c);
+          for (int i = 0; i < opt.gen; ++i) timed_step(*s, mc.n_vocab, i, warmup, c);
+          finished(*s, opt.gen, c);
           if (log)
             log(strfmt("%s depth %lld, %d thread(s), rep %d/%d: prefill %.0f ms", spec.text.c_str(), (long long)depth,
-                       nt, rep + 1, opt.reps, prefill_ms.back()));
+                       nt, rep + 1, opt.reps, c.prefill_ms.back()));
         }
-        after.fetched_bytes_per_step = fetched / opt.reps;
-        row.prefill_ms = summarize(prefill_ms).median;
-        row.prefill_tok_per_s = row.prefill_ms > 0 ? (double)depth * 1000.0 / row.prefill_ms : 0;
-        row.decode_ms = summarize(decode_ms);
-        row.decode_samples = decode_ms.size();
-        row.bytes = token_bytes(wbytes, at_depth, after);
-        row.achieved_gb_per_s = row.decode_ms.median > 0 ? row.bytes.total() / (row.decode_ms.median * 1e6) : 0;
-        row.kv_fast_bytes = after.fast_bytes;
-        row.kv_slow_bytes = after.slow_bytes;
-        row.stall_ms_per_token = stall / opt.reps;
-        row.copy_ms_per_token = copy / opt.reps;
-        row.peak_rss_bytes = peak_rss_bytes();
-        report.rows.push_back(row);
+        report.rows.push_back(make_row(model_name, spec, cfg, depth, nt, opt, wbytes, c, rss_reset));
+        const BenchRow& row = report.rows.back();
         if (log)
           log(strfmt("%s depth %lld, %d thread(s): prefill %.1f tok/s, decode %.3f ms/token (median of %zu)",
                      spec.text.c_str(), (long long)depth, nt, row.prefill_tok_per_s, row.decode_ms.median,

@@ -34,7 +34,7 @@ std::vector<std::string> csv_columns() {
           "decode_ms_max", "decode_tok_per_s", "weight_bytes_per_token", "kv_fast_bytes_per_token",
           "kv_slow_bytes_per_token", "total_bytes_per_token", "achieved_gb_per_s", "kv_fast_bytes", "kv_slow_bytes",
           "stall_ms_per_token", "copy_ms_per_token", "peak_rss_bytes", "bandwidth_gb_per_s", "floor_ms",
-          "floor_ratio", "prompt", "decode_act", "git_commit", "build_type", "cxx_flags", "cpu"};
+          "floor_ratio", "paired_ratio", "prompt", "decode_act", "git_commit", "build_type", "cxx_flags", "cpu"};
 }
 
 std::string to_csv(const BenchReport& r) {
@@ -57,7 +57,7 @@ std::string to_csv(const BenchReport& r) {
         num(row.achieved_gb_per_s), std::to_string(row.kv_fast_bytes), std::to_string(row.kv_slow_bytes),
         num(row.stall_ms_per_token), num(row.copy_ms_per_token), std::to_string(row.peak_rss_bytes),
         bw ? num(row.bandwidth_gb_per_s) : "", bw ? num(row.floor_ms) : "", bw ? num(row.floor_ratio) : "",
-        r.prompt_kind + (r.prompt_path.empty() ? "" : ":" + r.prompt_path), r.decode_act, r.build.git_commit, r.build.build_type,
+        r.interleaved ? num(row.paired_ratio) : "", r.prompt_kind + (r.prompt_path.empty() ? "" : ":" + r.prompt_path), r.decode_act, r.build.git_commit, r.build.build_type,
         r.build.cxx_flags, r.cpu};
     SPC_ASSERT(f.size() == cols.size());
     for (size_t i = 0; i < f.size(); ++i) {
@@ -83,6 +83,7 @@ nlohmann::json to_json(const BenchReport& r) {
   j["hardware_threads"] = r.hardware_threads;
   j["decode_act"] = r.decode_act;
   j["measurement"] = r.measurement;
+  j["interleaved"] = r.interleaved;
   json bw = json::array();
   for (const auto& b : r.bandwidth)
     bw.push_back({{"threads", b.threads},
@@ -134,6 +135,7 @@ nlohmann::json to_json(const BenchReport& r) {
       o["floor_ms"] = row.floor_ms;
       o["floor_ratio"] = row.floor_ratio;
     }
+    if (r.interleaved) o["paired_ratio"] = row.paired_ratio;
     rows.push_back(std::move(o));
   }
   j["rows"] = rows;
@@ -151,6 +153,10 @@ std::string to_table(const BenchReport& r) {
     std::snprintf(buf, sizeof buf, " %8s %6s", "floor", "x");
     o << buf;
   }
+  if (r.interleaved) {
+    std::snprintf(buf, sizeof buf, " %7s", "paired");
+    o << buf;
+  }
   std::snprintf(buf, sizeof buf, " %8s %8s\n", "stall", "RSS");
   o << buf;
   std::snprintf(buf, sizeof buf, "%-16s %6s %3s %9s %9s %17s %8s %8s %8s %7s", "", "", "", "tok/s", "ms/tok", "ms",
@@ -158,6 +164,10 @@ std::string to_table(const BenchReport& r) {
   o << buf;
   if (bw) {
     std::snprintf(buf, sizeof buf, " %8s %6s", "ms/tok", "floor");
+    o << buf;
+  }
+  if (r.interleaved) {
+    std::snprintf(buf, sizeof buf, " %7s", "x first");
     o << buf;
   }
   std::snprintf(buf, sizeof buf, " %8s %8s\n", "ms/tok", "MiB");
@@ -170,6 +180,10 @@ std::string to_table(const BenchReport& r) {
     o << buf;
     if (bw) {
       std::snprintf(buf, sizeof buf, " %8.3f %6.2f", row.floor_ms, row.floor_ratio);
+      o << buf;
+    }
+    if (r.interleaved) {
+      std::snprintf(buf, sizeof buf, " %7.3f", row.paired_ratio);
       o << buf;
     }
     std::snprintf(buf, sizeof buf, " %8.3f %8.1f\n", row.stall_ms_per_token, row.peak_rss_bytes / 1048576.0);

@@ -193,6 +193,21 @@ TEST(AttentionDecode, F16CacheMatchesReference) {
   }
 }
 
+// exp_approx: close to exp over the softmax range, exactly 0 below -87 and for -inf (a
+// left-out position), like the 8- and 16-lane forms (vec_exp_shift_sum's tails use it).
+TEST(VecMath, ExpApproxIsCloseAndZeroBelowTheRange) {
+  for (float x = -86.5f; x <= 10.0f; x += 0.37f)
+    ASSERT_NEAR(exp_approx(x), std::exp((double)x), 3e-7 * std::exp((double)x)) << x;
+  EXPECT_EQ(exp_approx(-87.5f), 0.0f);
+  EXPECT_EQ(exp_approx(-1000.0f), 0.0f);
+  EXPECT_EQ(exp_approx(-INFINITY), 0.0f);
+  EXPECT_GT(exp_approx(-86.9f), 0.0f);
+  float x[3] = {-INFINITY, 0.5f, 1.0f};
+  const float l = vec_exp_shift_sum(x, 3, 1.0f);  // a tail: masked lanes (AVX-512) or exp_approx (AVX2)
+  EXPECT_EQ(x[0], 0.0f);
+  EXPECT_NEAR(l, 1.0 + std::exp(-0.5), 1e-6);
+}
+
 // vec_axpy_rows keeps the sums in registers across rows: bit-identical to one vec_axpy per row
 // (channel counts with and without a 64-channel block and a tail). vec_axpy_rows_f64 sums each
 // channel in double from 0 and adds it once: equal to that sum computed here in double.

@@ -18,7 +18,10 @@
 namespace spc {
 
 float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // Below -87 (and -inf, a left-out position): exactly 0, as exp_approx8 gives (a select, not a
+  // branch, so loops over it still vectorize).
+  const bool under = x < -87.0f;
+  x = under ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
   float p = 1.9875691500e-4f;
@@ -29,7 +32,7 @@ float exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t e = ((int32_t)n + 127) << 23;
-  return p * std::bit_cast<float>(e);
+  return under ? 0.0f : p * std::bit_cast<float>(e);
 }
 
 float dot_f32_f16(const float* q, const fp16_t* k, int d) {

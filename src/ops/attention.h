@@ -24,7 +24,8 @@ void dot_f32_f16_rows(const float* q, int n_q, int64_t q_stride, const fp16_t* k
 // o += p * v for fp16 v of length d.
 void axpy_f16(float p, const fp16_t* v, float* o, int d);
 
-// exp(x) for x <= 0 (and moderately positive x), max relative error ~2e-7; vectorizes.
+// exp(x) for x <= 0 (and moderately positive x), max relative error ~2e-7; vectorizes. Exactly 0
+// below -87 (and for -inf).
 float exp_approx(float x);
 
 // Exact causal attention for a chunk of prefill rows.

@@ -57,8 +57,8 @@ std::string to_csv(const BenchReport& r) {
         num(row.achieved_gb_per_s), std::to_string(row.kv_fast_bytes), std::to_string(row.kv_slow_bytes),
         num(row.stall_ms_per_token), num(row.copy_ms_per_token), std::to_string(row.peak_rss_bytes),
         bw ? num(row.bandwidth_gb_per_s) : "", bw ? num(row.floor_ms) : "", bw ? num(row.floor_ratio) : "",
-        r.interleaved ? num(row.paired_ratio) : "", r.prompt_kind + (r.prompt_path.empty() ? "" : ":" + r.prompt_path), r.decode_act, r.build.git_commit, r.build.build_type,
-        r.build.cxx_flags, r.cpu};
+        r.interleaved ? num(row.paired_ratio) : "", r.prompt_kind + (r.prompt_path.empty() ? "" : ":" + r.prompt_path),
+        r.decode_act, r.build.git_commit, r.build.build_type, r.build.cxx_flags, r.cpu};
     SPC_ASSERT(f.size() == cols.size());
     for (size_t i = 0; i < f.size(); ++i) {
       if (i) out += ',';

@@ -513,7 +513,8 @@ void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_
     return;
   }
 #if defined(SPC_LOWBIT_AVX512)
-  if (lowbit_detail::accumulate_values_simd(spec)) {
+  // Fused where a token's values form one group (the kernel's fast weight preparation).
+  if (lowbit_detail::accumulate_values_simd(spec) && spec.value_ngroups() == 1) {
     lowbit_detail::softmax_values_avx512(spec, values, n_blocks, s, n_q, s_stride, m, l, out, out_stride);
     return;
   }

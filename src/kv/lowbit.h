@@ -185,7 +185,7 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
                        float* row_max = nullptr);
 void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
-// lowbit_softmax_values' AVX-512 form.
+// lowbit_softmax_values' AVX-512 form; one value group per token (spec.value_ngroups() == 1).
 void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
                            size_t s_stride, const float* m, float* l, float* out, size_t out_stride);
 #endif

@@ -444,7 +444,6 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const float* q, size_
   const __m512 hv = _mm512_set1_ps(k.h);
   alignas(64) float s[kMaxDim], zc[kMaxDim];
   __m512 sm = _mm512_setzero_ps();
-  const __m512 dc = _mm512_set1_ps(k.dcoef);
   for (int v = 0; v < nv; ++v) {  // lanes beyond d: s = z = 0
     const int n = std::min(16, d - 16 * v);
     const __m512 sv = cvtph_n(sp + 32 * v, n);
@@ -473,13 +472,17 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const float* q, size_
   __m512 t[NQ];
   unroll<NQ>([&](auto iq) SPC_AI {
     const float* qr = q + iq * q_stride;
-    __m512 tz = _mm512_setzero_ps(), tb = _mm512_setzero_ps();
-    for (int v = 0; v < nv; ++v) {
-      const __m512 qv = _mm512_maskz_loadu_ps(first_n(d - 16 * v), qr + 16 * v), sv = _mm512_load_ps(s + 16 * v);
-      tz = _mm512_fmadd_ps(qv, _mm512_load_ps(zc + 16 * v), tz);
-      tb = _mm512_fmadd_ps(_mm512_mul_ps(qv, qv), _mm512_mul_ps(sv, sv), tb);
+    __m512 tz = _mm512_setzero_ps();
+    for (int v = 0; v < nv; ++v)
+      tz = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(first_n(d - 16 * v), qr + 16 * v), _mm512_load_ps(zc + 16 * v), tz);
+    if (k.dcoef > 0.0f) {  // debias: - dcoef * sum_c q_c^2 s_c^2
+      __m512 tb = _mm512_setzero_ps();
+      for (int v = 0; v < nv; ++v) {
+        const __m512 qv = _mm512_maskz_loadu_ps(first_n(d - 16 * v), qr + 16 * v), sv = _mm512_load_ps(s + 16 * v);
+        tb = _mm512_fmadd_ps(_mm512_mul_ps(qv, qv), _mm512_mul_ps(sv, sv), tb);
+      }
+      tz = _mm512_fnmadd_ps(tb, _mm512_set1_ps(k.dcoef), tz);
     }
-    tz = _mm512_fnmadd_ps(tb, dc, tz);  // debias (0 when off)
     __m512i isum = _mm512_setzero_si512();
     const uint32_t* qq = kr.qq + iq * kMaxQuads;
     for (int v4 = 0; v4 < n64; ++v4) isum = dpbusd(isum, sqv[v4], _mm512_load_si512(qq + 16 * v4));
@@ -787,11 +790,7 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
     __m512 pmin = _mm512_setzero_ps();
     __m512 lsum[kMaxNq];
     for (int iq = 0; iq < nq; ++iq) lsum[iq] = _mm512_setzero_ps();
-    const bool fused = m && ng == 1;
-    if (m && !fused) {  // several value groups per token: the softmax numerators first
-      for (int iq = 0; iq < nq; ++iq)
-        l[q0 + iq] = vec_exp_shift_sum(pt + (size_t)iq * p_stride, (int64_t)n_blocks * g, m[q0 + iq]);
-    }
+    const bool fused = m != nullptr;
     const ValPrepFn fast = pick_value_prep(ng, g, nq, fused);
     for (int b0 = 0; b0 < n_blocks; b0 += kBatch) {
       const int nb = std::min(kBatch, n_blocks - b0);
@@ -840,6 +839,7 @@ void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int
 
 void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
                            size_t s_stride, const float* m, float* l, float* out, size_t out_stride) {
+  SPC_ASSERT(spec.value_ngroups() == 1);  // the exponentials live in the fast weight preparation
   values_impl(spec, values, n_blocks, s, n_q, s_stride, out, out_stride, m, l);
 }
 

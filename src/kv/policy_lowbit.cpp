@@ -86,7 +86,7 @@ struct LayerState {
 
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
-  std::vector<float> sc, pr, own, saved, rows;
+  std::vector<float> sc, pr, own, exact, rows;  // exact: the chunk's top-k scores, then weights
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
   TopkScratch tk;
@@ -562,14 +562,14 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       // approximate, lowbit.h) gives them weight 0. The chunk's maximum m may stay above every
       // score left (a top-k position's low-bit score): any m >= the scores is a valid softmax shift.
       const int64_t n_res = hi - lo;
-      std::vector<float>& ex = thr_[t].saved;
+      std::vector<float>& ex = thr_[t].exact;
       ex.resize((size_t)n_res * n_q);
       for (auto it = lo; it != hi; ++it) {
         dot_f32_f16_rows(Q(h, 0), n_q, d, slot_row(L, h, it->second), d, ex.data() + (it - lo), n_res);
         for (int iq = 0; iq < n_q; ++iq) S(h, iq)[it->first] = -std::numeric_limits<float>::infinity();
       }
-      for (int iq = 0; iq < n_q; ++iq)
-        if (n_res > 0) rm[iq] = std::max(rm[iq], vec_max(ex.data() + iq * n_res, n_res));
+      if (n_res > 0)
+        for (int iq = 0; iq < n_q; ++iq) rm[iq] = std::max(rm[iq], vec_max(ex.data() + iq * n_res, n_res));
       // Softmax numerators (written over the scores: the selection pass reads them) and the
       // packed value sum in one pass.
       lowbit_softmax_values(spec_, H.vals.data() + t0 / g * spec_.value_block_bytes(), (int)((t1 - t0) / g),

@@ -151,7 +151,7 @@ void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_b
 // or -inf for a position to leave out) becomes p_t = exp(s_t - m[iq]) (m[iq] >= every finite
 // s_t of the row), l[iq] = sum_t p_t, and out[iq*out_stride + c] += sum_t p_t * V_hat_t[c], as
 // vec_exp_shift_sum followed by lowbit_accumulate_values (AVX-512 computes the exponentials
-// inside the value kernel's per-block weight preparation).
+// inside the value kernel's per-block weight preparation where a token's values form one group).
 void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
                            size_t s_stride, const float* m, float* l, float* out, size_t out_stride);
 

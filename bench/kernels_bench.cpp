@@ -203,7 +203,7 @@ void BM_LowBitAccumulate(benchmark::State& st) {
 // decode ms/token that the policy owns; profile it with perf without a long real prefill. Random
 // K/V spread the attention evenly (real text concentrates it), so the top-k buffer's reuse is low.
 // miss: note a wrong guess before every step (specache-refetch's worst case: a refetch per step).
-void BM_PolicyStep(benchmark::State& st, const char* policy, int bits, bool miss = false) {
+void BM_PolicyStep(benchmark::State& st, const char* policy, int bits, bool miss = false, const char* copy = "auto") {
   const int64_t n_pos = st.range(0);
   KvGeometry g{};
   g.n_layer = 30;
@@ -214,6 +214,7 @@ void BM_PolicyStep(benchmark::State& st, const char* policy, int bits, bool miss
   KvConfig kc;
   kc.policy = policy;
   kc.bits = bits;
+  kc.copy = copy;
   auto kv = make_kv_policy(kc, g);
   std::mt19937 rng(5);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -255,6 +256,14 @@ BENCHMARK_CAPTURE(BM_PolicyStep, specache1, "specache", 1)
     ->Arg(512)
     ->Arg(8192)
     ->Arg(32768)
+    ->ArgName("pos")
+    ->UseRealTime()
+    ->Iterations(60);
+// The prefetch copies on the copy engine's own thread instead of the pool's idle workers (what
+// --kv-copy auto picks when the pool's threads occupy every core, as on a 2-core machine).
+BENCHMARK_CAPTURE(BM_PolicyStep, specache1_copy_thread, "specache", 1, false, "thread")
+    ->Arg(512)
+    ->Arg(8192)
     ->ArgName("pos")
     ->UseRealTime()
     ->Iterations(60);

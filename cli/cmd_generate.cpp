@@ -47,7 +47,7 @@ void check_kv_combination(const CLI::App& app, const KvConfig& kv) {
     for (const char* f : {"--kv-store", "--kv-dir"})
       SPC_CHECK(!given(f), "%s has no effect with --kv %s (only specache, specache-refetch and specache-exact have a slow tier)", f, kv.policy.c_str());
   if (!speculative)
-    for (const char* f : {"--kv-shift", "--kv-guess", "--kv-predecode"})
+    for (const char* f : {"--kv-shift", "--kv-guess", "--kv-predecode", "--kv-copy"})
       SPC_CHECK(!given(f), "%s has no effect with --kv %s (it steers specache's speculative row)", f, kv.policy.c_str());
   if (kv.store == "file") SPC_CHECK(!kv.dir.empty(), "--kv-store file needs --kv-dir DIR");
   if (kv.store == "host") SPC_CHECK(kv.dir.empty(), "--kv-dir is only used with --kv-store file");

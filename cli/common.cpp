@@ -59,6 +59,11 @@ void add_kv_flags(CLI::App& app, KvConfig& kv) {
       ->capture_default_str();
   app.add_option("--kv-store", kv.store, "slow tier: host or file")->check(CLI::IsMember({"host", "file"}))->capture_default_str();
   app.add_option("--kv-dir", kv.dir, "directory for the file store (--kv-store file)");
+  app.add_option("--kv-copy", kv.copy,
+                 "specache: who runs the prefetch copies: thread (the copy engine's own thread), pool (the decode "
+                 "threads while they wait between jobs) or auto (pool when the threads occupy every core)")
+      ->check(CLI::IsMember({"auto", "thread", "pool"}))
+      ->capture_default_str();
   app.add_flag("--kv-diagnostics", kv.diagnostics, "measure the exact attention mass served in 16-bit (slow)");
 }
 

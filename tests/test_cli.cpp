@@ -385,6 +385,8 @@ TEST(Cli, BadFlagsFailWithAMessage) {
   expect_failure(run_cli(gen_args({"--kv-guess", "model", "--kv", "specache-exact", "-p", "hi"})), "--kv-guess");
   expect_failure(run_cli(gen_args({"--kv-predecode", "oracle", "--kv", "specache", "-p", "hi"})), "kv-predecode");
   expect_failure(run_cli(gen_args({"--kv-predecode", "lowbit", "--kv", "specache-exact", "-p", "hi"})), "--kv-predecode");
+  expect_failure(run_cli(gen_args({"--kv-copy", "gpu", "--kv", "specache", "-p", "hi"})), "kv-copy");
+  expect_failure(run_cli(gen_args({"--kv-copy", "pool", "--kv", "full", "-p", "hi"})), "--kv-copy");
   expect_failure(run_cli(gen_args({"--kv-shift", "0", "--kv", "kivi", "-p", "hi"})), "--kv-shift");
   expect_failure(run_cli(gen_args({"--kv-debias", "0.5", "--kv", "full", "-p", "hi"})), "--kv-debias");
   expect_failure(run_cli(gen_args({"--kv-debias", "-1", "--kv", "specache", "-p", "hi"})), "kv-debias");

@@ -431,10 +431,18 @@ TEST(KvPolicy, CopyDelaysNeverChangeResults) {
   NEED_STORIES();
   for (const char* name : {"specache", "specache-exact"}) {
     KvConfig a = policy(name, 1, 16, 16);
-    KvConfig b = a;
-    b.inject_delay_us = 300;
-    b.inject_seed = 42;
-    EXPECT_EQ(teacher_forced(*stories(), a), teacher_forced(*stories(), b)) << name;
+    a.copy = "thread";
+    const auto ref = teacher_forced(*stories(), a);
+    // Delays, and who runs the prefetch copies (the copy engine's thread or the pool's idle
+    // workers), change only when the copies finish, never what attention sees.
+    for (const char* copy : {"thread", "pool"})
+      for (uint32_t delay : {0u, 300u}) {
+        KvConfig b = a;
+        b.copy = copy;
+        b.inject_delay_us = delay;
+        b.inject_seed = 42;
+        EXPECT_EQ(ref, teacher_forced(*stories(), b)) << name << " copy " << copy << " delay " << delay;
+      }
   }
 }
 

@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -20,6 +22,7 @@
 #include "tier/rss.h"
 #include "tier/slow_store.h"
 #include "util/error.h"
+#include "util/threadpool.h"
 
 using namespace spc;
 namespace fs = std::filesystem;
@@ -489,9 +492,11 @@ struct EngineFixture {
 };
 
 // Submits n_tickets gathers, waits for them in a mixed order, returns all destination bytes.
+// pool: run the copies on its idle workers instead of the engine's thread.
 std::vector<std::vector<uint8_t>> run_gathers(SlowStore& store, int n_tickets, uint32_t delay_us,
-                                              std::vector<std::vector<RowRef>>* refs_out) {
+                                              std::vector<std::vector<RowRef>>* refs_out, ThreadPool* pool = nullptr) {
   CopyEngine eng(store);
+  eng.run_on(pool);
   eng.inject_delays(delay_us, 1234);
   std::mt19937_64 rng(77);
   std::vector<std::vector<uint8_t>> dst(n_tickets);
@@ -522,6 +527,68 @@ TEST(TierCopy, InjectedDelaysGiveIdenticalBytes) {
       expect_rows_equal(f.sh, refs[i], a[i]);
     }
   }
+}
+
+TEST(TierCopy, PoolWorkersRunTheCopiesWithIdenticalBytes) {
+  ThreadPool pool(3);
+  for (Kind k : {Kind::Host, Kind::FileUring}) {
+    EngineFixture f(k);
+    std::vector<std::vector<RowRef>> refs;
+    auto a = run_gathers(*f.store, 120, 0, &refs);
+    auto b = run_gathers(*f.store, 120, 0, nullptr, &pool);
+    auto c = run_gathers(*f.store, 120, 300, nullptr, &pool);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      ASSERT_EQ(a[i], b[i]) << "ticket " << i;
+      ASSERT_EQ(a[i], c[i]) << "ticket " << i;
+    }
+  }
+  // The idle workers copy without anyone waiting: the ticket completes on its own.
+  EngineFixture f(Kind::Host);
+  CopyEngine eng(*f.store);
+  eng.run_on(&pool);
+  std::mt19937_64 rng(5);
+  const auto refs = random_refs(*f.store, 64, rng);
+  std::vector<uint8_t> d(refs.size() * f.g.row_bytes(), 0);
+  const auto t = eng.submit_gather(refs, d.data());
+  for (int i = 0; i < 20000 && !eng.done(t); ++i) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  EXPECT_TRUE(eng.done(t));
+  EXPECT_EQ(eng.stats().stall_ms, 0.0);
+  eng.wait(t);
+  expect_rows_equal(f.sh, refs, d);
+  ThreadPool single(1);
+  EXPECT_THROW(eng.run_on(&single), Error);
+}
+
+TEST(TierCopy, WaitRunsBatchesNoExecutorStarted) {
+  // Workers kept busy by a long job: the waiter copies its own batches (and earlier ones, in order).
+  ThreadPool pool(2);
+  EngineFixture f(Kind::Host);
+  std::atomic<bool> release{false};
+  pool.post_background([&] {
+    while (!release.load()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  });
+  CopyEngine eng(*f.store);
+  eng.run_on(&pool);
+  std::mt19937_64 rng(6);
+  std::vector<std::vector<RowRef>> refs(3);
+  std::vector<std::vector<uint8_t>> d(3);
+  std::vector<CopyEngine::Ticket> ts;
+  for (int i = 0; i < 3; ++i) {
+    refs[i] = random_refs(*f.store, 32, rng);
+    d[i].assign(refs[i].size() * f.g.row_bytes(), 0);
+    ts.push_back(eng.submit_gather(refs[i], d[i].data()));
+  }
+  eng.wait(ts[1]);
+  EXPECT_TRUE(eng.done(ts[0]));
+  EXPECT_TRUE(eng.done(ts[1]));
+  EXPECT_FALSE(eng.done(ts[2]));
+  expect_rows_equal(f.sh, refs[0], d[0]);
+  expect_rows_equal(f.sh, refs[1], d[1]);
+  EXPECT_EQ(eng.stats().batches, 2u);
+  release.store(true);
+  eng.wait(ts[2]);
+  expect_rows_equal(f.sh, refs[2], d[2]);
 }
 
 TEST(TierCopy, StatsCountBytesRowsBatchesAndOneStoreCallPerBatch) {
@@ -602,6 +669,74 @@ TEST(TierCopy, DestructionWithPendingWorkDrains) {
   }
   for (int i = 0; i < 50; ++i) expect_rows_equal(f.sh, refs[i], dst[i]);
   { CopyEngine idle(*f.store); }  // construct/destroy with nothing queued
+  // The same with the copies on a pool's workers: the engine finishes its own queue; the jobs it
+  // posted and the pool runs later find nothing to do.
+  ThreadPool pool(2);
+  std::atomic<bool> release{false};
+  pool.post_background([&] {
+    while (!release.load()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  });
+  for (auto& x : dst) std::fill(x.begin(), x.end(), 0);
+  {
+    CopyEngine eng(*f.store);
+    eng.run_on(&pool);
+    for (int i = 0; i < 50; ++i) eng.submit_gather(refs[i], dst[i].data());
+  }
+  release.store(true);
+  for (int i = 0; i < 50; ++i) expect_rows_equal(f.sh, refs[i], dst[i]);
+}
+
+TEST(ThreadPoolBackground, JobsRunOnIdleOrSleepingWorkersAndAtDestruction) {
+  std::atomic<int> ran{0};
+  {
+    ThreadPool pool(2);
+    // Spinning workers (right after a job) and sleeping ones (after a pause) both pick jobs up.
+    pool.for_each_task(4, [](int64_t, int) {});
+    pool.post_background([&] { ran.fetch_add(1); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    pool.post_background([&] { ran.fetch_add(1); });
+    for (int i = 0; i < 20000 && ran.load() < 2; ++i) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    EXPECT_EQ(ran.load(), 2);
+    // Jobs in posting order, interleaved with parallel work.
+    std::vector<int> order;
+    std::mutex mu;
+    for (int i = 0; i < 100; ++i) {
+      pool.post_background([&, i] {
+        std::lock_guard<std::mutex> lock(mu);
+        order.push_back(i);
+      });
+      if (i % 10 == 0) pool.for_each_task(8, [](int64_t, int) {});
+    }
+    for (int i = 0; i < 20000; ++i) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (order.size() == 100) break;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(order.size(), 100u);
+    for (int i = 0; i < 100; ++i) EXPECT_EQ(order[i], i);
+  }
+  {
+    // Queued behind a job that holds the only worker until the pool is destroyed: the destructor runs them.
+    std::atomic<bool> release{false};
+    ran.store(0);
+    auto pool = std::make_unique<ThreadPool>(2);
+    pool->post_background([&] {
+      while (!release.load()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    });
+    for (int i = 0; i < 5; ++i) pool->post_background([&] { ran.fetch_add(1); });
+    std::thread releaser([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      release.store(true);
+    });
+    pool.reset();
+    releaser.join();
+    EXPECT_EQ(ran.load(), 5);
+  }
+  ThreadPool single(1);
+  EXPECT_THROW(single.post_background([] {}), Error);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ std::unique_ptr<KvPolicy> make_kv_policy(const KvConfig& given, const KvGeometry
               cfg.predecode.c_str());
     SPC_CHECK(cfg.store == "host" || cfg.store == "file", "--kv-store must be host or file, got '%s'", cfg.store.c_str());
     SPC_CHECK(cfg.store != "file" || !cfg.dir.empty(), "--kv-store file needs --kv-dir DIR");
+    SPC_CHECK(cfg.copy == "auto" || cfg.copy == "thread" || cfg.copy == "pool",
+              "--kv-copy must be auto, thread or pool, got '%s'", cfg.copy.c_str());
     return make_lowbit_policy(cfg, g);
   }
   std::string known;

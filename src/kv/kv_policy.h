@@ -48,6 +48,11 @@ struct KvConfig {
   // of session 9 found no clear winner (docs/RESULTS.md), so the default stays the closer to the paper.
   std::string predecode = "lowbit";
   std::string store = "host";   // slow tier: host | file
+  // specache / specache-refetch: who runs the asynchronous prefetch copies. "thread": the copy
+  // engine's own thread; "pool": the decode thread pool's workers while they wait between jobs
+  // (no wake-up system call, no preemption of a compute thread); "auto": pool when the pool has
+  // a worker and occupies every hardware thread, else thread.
+  std::string copy = "auto";
   std::string dir;              // directory for the file store
   bool diagnostics = false;     // compute expensive diagnostics (exact attention mass served)
   uint32_t inject_delay_us = 0; // test hook: random copy delays up to this many microseconds

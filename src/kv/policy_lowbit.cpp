@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <thread>
 
 #include "kv/kv_policy.h"
 #include "kv/lowbit.h"
@@ -217,6 +218,11 @@ class LowBitPolicy final : public KvPolicy {
   void start_fetch(int il, bool sync);
   void finish_fetch(int il);
   void update_peak();
+  // Whether the asynchronous prefetches run on the pool's idle workers (KvConfig::copy).
+  bool copies_on_pool(const ThreadPool& pool) const {
+    if (pool.size() < 2 || cfg_.copy == "thread") return false;
+    return cfg_.copy == "pool" || pool.size() >= (int)std::thread::hardware_concurrency();
+  }
   void measure_exact_mass(int il, const DecodeRows& rows);
   float exact_dot(const float* q, const fp16_t* krow) const { return dot_f32_f16(q, krow, g_.head_dim); }
   // spec_recall is measured on every kRecallEvery-th step (every step with --kv-diagnostics).
@@ -416,6 +422,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
 
   // This step's top-k buffer was prefetched during the previous step.
   finish_fetch(il);
+  if (copy_) copy_->run_on(copies_on_pool(pool) ? &pool : nullptr);
 
   qs_.resize((size_t)nkv * n_q * d);
   for (int h = 0; h < nkv; ++h)
@@ -705,10 +712,12 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     });
   }
 
+  // (Measured before start_fetch replaces the buffer's description with the next selection.)
   if (cfg_.diagnostics && nqt > 0 && rows.n_keep > 0) measure_exact_mass(il, rows);
-  if (rows.n_keep > 0) append(il, rows.pos0, rows.n_keep, rows.k, rows.v);
-  // The prefetch starts at once and overlaps the remaining layers of this step.
+  // The prefetch starts at once and overlaps the append and the remaining layers of this step. It
+  // reads none of the rows the append writes: those enter the window, which is never selected.
   if (n_sel > 0) start_fetch(il, /*sync=*/false);
+  if (rows.n_keep > 0) append(il, rows.pos0, rows.n_keep, rows.k, rows.v);
 }
 
 // Diagnostics: share of the real row's exact attention mass that this step computed in 16-bit

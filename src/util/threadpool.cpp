@@ -26,6 +26,35 @@ ThreadPool::~ThreadPool() {
   }
   cv_.notify_all();
   for (auto& t : workers_) t.join();
+  while (run_background()) {
+  }
+}
+
+void ThreadPool::post_background(std::function<void()> fn) {
+  SPC_CHECK(n_threads_ > 1, "post_background needs a pool with worker threads (size %d)", n_threads_);
+  {
+    std::lock_guard<std::mutex> lock(bg_mu_);
+    bg_.push_back(std::move(fn));
+    bg_queued_.fetch_add(1);
+  }
+  // Spinning workers see bg_queued_; only a sleeping one needs the (costly) wake-up.
+  if (sleeping_.load() > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    cv_.notify_one();
+  }
+}
+
+bool ThreadPool::run_background() {
+  std::function<void()> fn;
+  {
+    std::lock_guard<std::mutex> lock(bg_mu_);
+    if (bg_.empty()) return false;
+    fn = std::move(bg_.front());
+    bg_.pop_front();
+    bg_queued_.fetch_sub(1);
+  }
+  fn();
+  return true;
 }
 
 void ThreadPool::work(int index) {
@@ -42,13 +71,22 @@ void ThreadPool::worker_loop(int index) {
   for (;;) {
     uint64_t gen = generation_.load();
     for (int spin = 0; gen == seen && spin < 20000; ++spin) {
-      SPC_PAUSE();
+      if (bg_queued_.load(std::memory_order_relaxed) > 0 && run_background()) spin = 0;
+      else SPC_PAUSE();
       gen = generation_.load();
     }
     if (gen == seen) {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return generation_.load() != seen; });
+      sleeping_.fetch_add(1);
+      cv_.wait(lock, [&] { return generation_.load() != seen || bg_queued_.load() > 0; });
+      sleeping_.fetch_sub(1);
       gen = generation_.load();
+      if (gen == seen) {  // woken for background work
+        lock.unlock();
+        while (run_background()) {
+        }
+        continue;
+      }
     }
     seen = gen;
     if (stop_.load()) return;

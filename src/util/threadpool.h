@@ -2,10 +2,13 @@
 // Work is split into tasks claimed from a shared counter, so a worker that is slow to wake (a
 // busy machine) never stalls the caller: whoever is running takes the remaining tasks. Workers
 // spin briefly between jobs (decode issues hundreds of small jobs per token), then sleep.
+// Background work (post_background) runs on workers while they wait for the next job: on a machine
+// whose cores are all in the pool, that is where a copy can run without preempting the compute.
 #pragma once
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -30,9 +33,17 @@ class ThreadPool {
   // Splits [0, n) into contiguous chunks (a few per thread): fn(begin, end, thread_index).
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
 
+  // Queues fn to run once on a worker thread that is waiting for work (between jobs, or woken
+  // for it if asleep), without a system call when the workers are spinning. Returns at once;
+  // jobs run in posting order, and fn must not throw. Needs a worker (size() > 1). Jobs still
+  // queued when the pool is destroyed are run by the destructor, so whoever posts them never
+  // waits on a job that was dropped.
+  void post_background(std::function<void()> fn);
+
  private:
   void worker_loop(int index);
   void work(int index);
+  bool run_background();  // runs one queued background job; false if there was none
 
   int n_threads_;
   std::vector<std::thread> workers_;
@@ -46,6 +57,10 @@ class ThreadPool {
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   std::condition_variable cv_;
+  std::mutex bg_mu_;
+  std::deque<std::function<void()>> bg_;  // background jobs (post_background)
+  std::atomic<int64_t> bg_queued_{0};     // bg_.size(), read without the lock by spinning workers
+  std::atomic<int> sleeping_{0};          // workers blocked on cv_
 };
 
 }  // namespace spc

@@ -559,10 +559,12 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         const char* r = reinterpret_cast<const char*>(slot_row(L, h, it->second));
         for (size_t off = 0; off < row_elems_ * sizeof(fp16_t); off += 64) __builtin_prefetch(r + off);
       }
+      // So are the first key blocks (the score kernel requests the rest a batch ahead itself):
+      // requested here, they arrive while the top-k rows' exact scores are computed.
       if (!scored) {
-        score_chunk(h, ch, /*apply_debias=*/!own_buffer_, rm);
-      } else {
-        for (int iq = 0; iq < n_q; ++iq) rm[iq] = vec_max(S(h, iq) + t0, t1 - t0);
+        const char* kb = reinterpret_cast<const char*>(H.kblocks.data() + (t0 / g) * spec_.key_block_bytes());
+        const size_t n_bytes = (size_t)std::min<int64_t>(8, (t1 - t0) / g) * spec_.key_block_bytes();
+        for (size_t off = 0; off < n_bytes; off += 64) __builtin_prefetch(kb + off);
       }
       // Top-k positions attend in 16-bit: their exact scores go to ex ([row][position]), and their
       // low-bit scores become -inf, so the packed value sum (whose u8 weight quantization is
@@ -571,10 +573,15 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       const int64_t n_res = hi - lo;
       std::vector<float>& ex = thr_[t].exact;
       ex.resize((size_t)n_res * n_q);
-      for (auto it = lo; it != hi; ++it) {
+      for (auto it = lo; it != hi; ++it)
         dot_f32_f16_rows(Q(h, 0), n_q, d, slot_row(L, h, it->second), d, ex.data() + (it - lo), n_res);
-        for (int iq = 0; iq < n_q; ++iq) S(h, iq)[it->first] = -std::numeric_limits<float>::infinity();
+      if (!scored) {
+        score_chunk(h, ch, /*apply_debias=*/!own_buffer_, rm);
+      } else {
+        for (int iq = 0; iq < n_q; ++iq) rm[iq] = vec_max(S(h, iq) + t0, t1 - t0);
       }
+      for (auto it = lo; it != hi; ++it)
+        for (int iq = 0; iq < n_q; ++iq) S(h, iq)[it->first] = -std::numeric_limits<float>::infinity();
       if (n_res > 0)
         for (int iq = 0; iq < n_q; ++iq) rm[iq] = std::max(rm[iq], vec_max(ex.data() + iq * n_res, n_res));
       // Softmax numerators (written over the scores: the selection pass reads them) and the

@@ -411,11 +411,18 @@ TEST(KvPolicy, GuessRuleSteersOnlyTheSpeculativeRow) {
   EXPECT_GT(a.hits, b.hits + 10) << "lookup " << a.hits << ", model " << b.hits << " of " << a.checked;
 }
 
+// Equal up to float reordering, and what fp16 storage makes of it: the two policies sum attention
+// in different orders, so a new token's K/V differ from full's by ~1e-6 relative, and where such a
+// value sits near an fp16 rounding boundary the stored copies differ by one fp16 ulp (~2e-3 at
+// magnitude 2..4). One such token moves later logits of this 260K model by up to ~7e-3: measured
+// on the AVX2 build, where replacing std::exp by exp_approx in the FFN gate (same values to ~1e-7)
+// turned one stored token's 18 fp16 K/V elements one ulp apart (max logit difference 1.2e-4 ->
+// 7.2e-3; the AVX-512 build 1.9e-4 -> 1.1e-4).
 TEST(KvPolicy, SpecacheWithWindowCoveringEverythingEqualsFull) {
   NEED_STORIES();
   const auto full = teacher_forced(*stories(), policy("full"));
   const auto spec = teacher_forced(*stories(), policy("specache", 1, /*topk=*/0, /*window=*/512));
-  EXPECT_LT(max_abs_diff(full, spec), 2e-3);
+  EXPECT_LT(max_abs_diff(full, spec), 2e-2);
 }
 
 TEST(KvPolicy, SpecacheWithZeroTopkEqualsKivi) {

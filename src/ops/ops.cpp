@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "ops/vec_math.h"
 #include "util/error.h"
 
 namespace spc {
@@ -13,9 +14,7 @@ void rmsnorm(const float* x, const float* w, float* out, int64_t n, float eps) {
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
 }
 
-void silu_mul(float* g, const float* u, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-}
+void silu_mul(float* g, const float* u, int64_t n) { vec_silu_mul(g, u, n); }
 
 void add_inplace(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];

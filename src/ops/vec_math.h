@@ -1,6 +1,7 @@
 // Small vector helpers for softmax pieces over float arrays (AVX-512 with a portable fallback).
 // Inline so the decode loops that call them per chunk pay no call per element.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -171,6 +172,43 @@ inline float vec_exp_shift_sum(float* x, int64_t n, float m) {
 #endif
   for (; i < n; ++i) s += (x[i] = exp_approx(x[i] - m));
   return s;
+}
+
+// g[i] <- silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n (the FFN's gate), with
+// exp_approx's accuracy (it ran serially with std::exp between two parallel matmuls). Every element
+// takes the same path wherever it sits (the tail through the vector code too), so a row's result
+// does not depend on how many rows are processed together.
+#if defined(__AVX512F__)
+inline __m512 silu_mul16(__m512 x, __m512 u) {
+  const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+  return _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+#elif defined(SPC_VEC_AVX2)
+inline __m256 silu_mul8(__m256 x, __m256 u) {
+  const __m256 e = exp_approx8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+  return _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+#endif
+inline void vec_silu_mul(float* g, const float* u, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(g + i, silu_mul16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+  if (i < n) {
+    const __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(g + i, k, silu_mul16(_mm512_maskz_loadu_ps(k, g + i), _mm512_maskz_loadu_ps(k, u + i)));
+  }
+#elif defined(SPC_VEC_AVX2)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(g + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+  if (i < n) {
+    alignas(32) float gt[8] = {}, ut[8] = {};
+    std::copy(g + i, g + n, gt);
+    std::copy(u + i, u + n, ut);
+    _mm256_store_ps(gt, silu_mul8(_mm256_load_ps(gt), _mm256_load_ps(ut)));
+    std::copy(gt, gt + (n - i), g + i);
+  }
+#else
+  for (; i < n; ++i) g[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+#endif
 }
 
 // y[i] = x[i] for fp16 x, i < n.

@@ -221,7 +221,8 @@ class LowBitPolicy final : public KvPolicy {
   // Whether the asynchronous prefetches run on the pool's idle workers (KvConfig::copy).
   bool copies_on_pool(const ThreadPool& pool) const {
     if (pool.size() < 2 || cfg_.copy == "thread") return false;
-    return cfg_.copy == "pool" || pool.size() >= (int)std::thread::hardware_concurrency();
+    static const int hw = (int)std::thread::hardware_concurrency();  // (a system call in glibc: once)
+    return cfg_.copy == "pool" || pool.size() >= hw;
   }
   void measure_exact_mass(int il, const DecodeRows& rows);
   float exact_dot(const float* q, const fp16_t* krow) const { return dot_f32_f16(q, krow, g_.head_dim); }

@@ -8,22 +8,26 @@
 // k slots of 16-bit K|V rows (the slow store's row format). A new selection keeps the slots of
 // positions it shares with the old one (hit map) and the copy engine writes the misses straight
 // into the slots of evicted positions, so the buffer is k rows, not k rows plus staging.
-// Decode attention per layer (two pool dispatches):
+// Decode attention per layer (one pool dispatch):
 //   [exact/oracle: score, select top-k from row 0 and fetch it synchronously first]
 //   fused pass (parallel over head x chunk of key blocks, plus one task per head for the
-//           16-bit window and the step's own rows): low-bit scores (debias and chunk maxima in
-//           the score kernel), exact scores at top-k positions (their low-bit ones -> -inf),
+//           16-bit window and the step's own rows): exact scores at top-k positions, low-bit
+//           scores (debias and chunk maxima in the score kernel; top-k positions -> -inf),
 //           softmax numerators computed inside the packed value sum (lowbit_softmax_values),
 //           exact V at top-k positions; merge of the partial states (serial, cheap);
-//   selection pass (parallel over heads, specache only): the speculative row's attention
-//           probabilities, averaged over its query heads, pick the next top-k (exact radix
-//           select); spec_recall from the real row's own top-k;
-//   append the kept rows (slow store + window; full key blocks leave the window), then start
-//   the prefetch of the next top-k at once so it overlaps the remaining layers of this step.
+//   selection pass (specache only), as background work on the pool's worker while the caller
+//           goes on with the layer's projections (inline, parallel over heads, with one thread
+//           or --kv-diagnostics): the speculative row's attention probabilities, averaged over
+//           its query heads, pick the next top-k (exact radix select), then the prefetch of
+//           that top-k starts at once, overlapping the remaining layers of this step;
+//           spec_recall from the real row's own top-k; the next attend or end_step waits for it;
+//   append the kept rows (slow store + window; full key blocks leave the window).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <atomic>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -93,6 +97,14 @@ struct ThreadScratch {
   TopkScratch tk;
 };
 
+// What the selection pass of one layer needs besides the policy's score buffers.
+struct SelJob {
+  int il = 0, n_q = 0, n_rows = 0;
+  int64_t nqt = 0, n_win = 0, n_chunks = 0, chunk_tok = 0, n_sel = 0;
+  bool recall = false;
+};
+constexpr int kSelQueued = 0, kSelRunning = 1, kSelDone = 2;  // a background selection's state
+
 class LowBitPolicy final : public KvPolicy {
  public:
   LowBitPolicy(const KvConfig& cfg, const KvGeometry& g, Select sel, const char* name, bool refetch_on_miss = false)
@@ -123,6 +135,7 @@ class LowBitPolicy final : public KvPolicy {
   }
 
   ~LowBitPolicy() override {
+    finish_selection();
     // Drain in-flight prefetches before their destination buffers go away.
     copy_.reset();
   }
@@ -157,6 +170,7 @@ class LowBitPolicy final : public KvPolicy {
   }
 
   void end_step() override {
+    finish_selection();  // nothing of a step runs past its end (stats, export, the next prefill)
     // The step after the pre-decoding pass attends with the buffer that pass chose for this very
     // row: from the row's own low-bit scores unless that choice was exact (--kv-predecode).
     own_buffer_ = n_keep_ == 0 && sel_ == Select::Speculative && k_ > 0 && !exact_predecode_;
@@ -216,6 +230,9 @@ class LowBitPolicy final : public KvPolicy {
   void select_topk(const float* probs, int64_t n_pos, std::vector<int64_t>& out, TopkScratch& tk,
                    float* hint = nullptr) const;
   void start_fetch(int il, bool sync);
+  void selection_task(const SelJob& j, int64_t task, ThreadScratch& ts);
+  void run_selection_job(std::atomic<int>& state);
+  void finish_selection();
   void finish_fetch(int il);
   void update_peak();
   // Whether the asynchronous prefetches run on the pool's idle workers (KvConfig::copy).
@@ -263,6 +280,11 @@ class LowBitPolicy final : public KvPolicy {
   std::vector<float> own_e_;        // own selection: [n_head_kv][group][n_quant] exp(row-0 score - chunk max)
   std::vector<AttnPartial> own_parts_;  // own selection: [n_head_kv][n_chunks][group] chunk max and sum
   std::vector<ThreadScratch> thr_;
+  // The layer's selection pass running as background work (attend): its state, its job and the
+  // scratch of whichever thread runs it.
+  std::shared_ptr<std::atomic<int>> sel_pending_;
+  SelJob sel_job_;
+  ThreadScratch sel_scratch_;
   std::vector<fp16_t> rows_tmp_;    // append: [n][n_kv][K|V]
   std::vector<float> kb_tmp_, vb_tmp_;
   std::vector<RowRef> refs_;
@@ -421,6 +443,8 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   const int64_t n_win = L.n_tok - L.n_quant;
   if ((int)thr_.size() < pool.size()) thr_.resize((size_t)pool.size());
 
+  // The previous layer's selection first: this pass reuses the buffers it reads.
+  finish_selection();
   // This step's top-k buffer was prefetched during the previous step.
   finish_fetch(il);
   if (copy_) copy_->run_on(copies_on_pool(pool) ? &pool : nullptr);
@@ -668,64 +692,109 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   const bool recall = speculate && !refetch_ && rows.n_rows == 2 && nqt > 0 && !L.heads[0].resident.empty() &&
                       recall_step();
   if (n_sel > 0 || recall) {
-    // probs over [0, n) of row r's query heads (quantized positions, then window positions).
-    // pr[j + off] (+)= w * (probability of position j for row r), for j + off < n: per chunk one
-    // pass over pr for all the row's query heads (the first call writes, no memset).
-    auto add_row_probs = [&](int h, int r, int64_t n, float* pr, float w, int64_t off, bool accumulate) {
-      auto pass = [&](int64_t ch, int64_t t0, int64_t t1, bool window) {
-        const float* xs[kMaxGroup];
-        float as[kMaxGroup];
-        for (int i = 0; i < group_; ++i) {
-          const int iq = r * group_ + i;
-          const AttnPartial glob = glob_[(size_t)h * n_q + iq];
-          xs[i] = window ? W(h, iq) - nqt + t0 : S(h, iq) + t0;
-          as[i] = w * std::exp(P(h, ch, iq).m - glob.m) / glob.l;
-        }
-        vec_wsum(xs, as, group_, pr + t0 + off, t1 - t0, accumulate);
-      };
-      for (int64_t ch = 0; ch < n_chunks; ++ch) {
-        const int64_t t0 = ch * chunk_tok, t1 = std::min({nqt, t0 + chunk_tok, n - off});
-        if (t1 > t0) pass(ch, t0, t1, false);
-      }
-      if (n - off > nqt) pass(n_chunks, nqt, n - off, true);
-    };
-    auto row_probs = [&](int h, int r, int64_t n, std::vector<float>& pr) {
-      pr.resize((size_t)n);
-      add_row_probs(h, r, n, pr.data(), 1.0f, 0, /*accumulate=*/false);
-    };
-    // One task per (KV head, selection) and, on recall steps, per (KV head, recall): 3 KV heads
-    // on 2 threads would otherwise leave one thread idle for a third of the pass.
-    const int64_t n_sel_tasks = n_sel > 0 ? nkv : 0;
-    pool.for_each_task(n_sel_tasks + (recall ? nkv : 0), [&](int64_t task, int t) {
-      ThreadScratch& ts = thr_[t];
-      if (task < n_sel_tasks) {
-        const int h = (int)task;
-        row_probs(h, rows.n_rows - 1, n_sel, ts.pr);
-        if (cfg_.shift > 0) {
-          // Row 0's attention one position later: where a copying (induction) head of the next
-          // step's rows will look, read off the row whose own top-k was in place; it does not
-          // depend on the guess being right (ARCHITECTURE: the selection rule).
-          add_row_probs(h, 0, n_sel, ts.pr.data(), cfg_.shift, 1, /*accumulate=*/true);
-        }
-        select_topk(ts.pr.data(), n_sel, L.heads[h].next_pos, ts.tk, &L.heads[h].sel_hint);
-        return;
-      }
-      const int h = (int)(task - n_sel_tasks);
-      row_probs(h, 0, nqt, ts.own);
-      select_topk(ts.own.data(), nqt, ts.top, ts.tk, &L.heads[h].recall_hint);
-      const double rc = L.heads[h].share_held(ts.top);
-      std::lock_guard<std::mutex> lock(recall_mu_);
-      L.recall_sum += rc;
-      L.recall_n += 1;
-    });
+    const SelJob job{il, n_q, rows.n_rows, nqt, n_win, n_chunks, chunk_tok, n_sel, recall};
+    const int64_t n_tasks = (n_sel > 0 ? nkv : 0) + (recall ? nkv : 0);
+    if (pool.size() > 1 && !cfg_.diagnostics) {
+      // Nothing of this step needs the selection: it runs as background work on the pool's
+      // worker, serially over its tasks, while this thread goes on with the layer's output
+      // projection and FFN (the worker joins those when done). The next attend (or end_step)
+      // waits for it first: its fused pass reuses the score buffers the selection reads.
+      auto state = std::make_shared<std::atomic<int>>(kSelQueued);
+      sel_pending_ = state;
+      sel_job_ = job;
+      pool.post_background([this, state] {
+        int expected = kSelQueued;
+        if (state->compare_exchange_strong(expected, kSelRunning)) run_selection_job(*state);
+      });
+    } else {
+      // One task per (KV head, selection) and, on recall steps, per (KV head, recall).
+      pool.for_each_task(n_tasks, [&](int64_t task, int t) { selection_task(job, task, thr_[t]); });
+      if (cfg_.diagnostics && nqt > 0 && rows.n_keep > 0) measure_exact_mass(il, rows);
+      if (n_sel > 0) start_fetch(il, /*sync=*/false);
+    }
+  } else if (cfg_.diagnostics && nqt > 0 && rows.n_keep > 0) {
+    measure_exact_mass(il, rows);
   }
-
-  // (Measured before start_fetch replaces the buffer's description with the next selection.)
-  if (cfg_.diagnostics && nqt > 0 && rows.n_keep > 0) measure_exact_mass(il, rows);
-  // The prefetch starts at once and overlaps the append and the remaining layers of this step. It
-  // reads none of the rows the append writes: those enter the window, which is never selected.
-  if (n_sel > 0) start_fetch(il, /*sync=*/false);
   if (rows.n_keep > 0) append(il, rows.pos0, rows.n_keep, rows.k, rows.v);
+}
+
+// One task of the selection pass: task < n_sel ? nkv : 0 selects KV head `task`'s next top-k;
+// the others measure spec_recall for one KV head.
+void LowBitPolicy::selection_task(const SelJob& j, int64_t task, ThreadScratch& ts) {
+  LayerState& L = layers_[j.il];
+  const int nkv = g_.n_head_kv;
+  const int64_t nqt = j.nqt, n_chunks = j.n_chunks, chunk_tok = j.chunk_tok;
+  auto S = [&](int h, int iq) { return scores_.data() + ((size_t)h * j.n_q + iq) * nqt; };
+  auto W = [&](int h, int iq) { return win_s_.data() + ((size_t)h * j.n_q + iq) * j.n_win; };
+  auto P = [&](int h, int64_t ch, int iq) -> const AttnPartial& {
+    return parts_[((size_t)h * (n_chunks + 1) + ch) * j.n_q + iq];
+  };
+  // probs over [0, n) of row r's query heads (quantized positions, then window positions).
+  // pr[i + off] (+)= w * (probability of position i for row r), for i + off < n: per chunk one
+  // pass over pr for all the row's query heads (the first call writes, no memset).
+  auto add_row_probs = [&](int h, int r, int64_t n, float* pr, float w, int64_t off, bool accumulate) {
+    auto pass = [&](int64_t ch, int64_t t0, int64_t t1, bool window) {
+      const float* xs[kMaxGroup];
+      float as[kMaxGroup];
+      for (int i = 0; i < group_; ++i) {
+        const int iq = r * group_ + i;
+        const AttnPartial glob = glob_[(size_t)h * j.n_q + iq];
+        xs[i] = window ? W(h, iq) - nqt + t0 : S(h, iq) + t0;
+        as[i] = w * std::exp(P(h, ch, iq).m - glob.m) / glob.l;
+      }
+      vec_wsum(xs, as, group_, pr + t0 + off, t1 - t0, accumulate);
+    };
+    for (int64_t ch = 0; ch < n_chunks; ++ch) {
+      const int64_t t0 = ch * chunk_tok, t1 = std::min({nqt, t0 + chunk_tok, n - off});
+      if (t1 > t0) pass(ch, t0, t1, false);
+    }
+    if (n - off > nqt) pass(n_chunks, nqt, n - off, true);
+  };
+  auto row_probs = [&](int h, int r, int64_t n, std::vector<float>& pr) {
+    pr.resize((size_t)n);
+    add_row_probs(h, r, n, pr.data(), 1.0f, 0, /*accumulate=*/false);
+  };
+  const int64_t n_sel_tasks = j.n_sel > 0 ? nkv : 0;
+  if (task < n_sel_tasks) {
+    const int h = (int)task;
+    row_probs(h, j.n_rows - 1, j.n_sel, ts.pr);
+    if (cfg_.shift > 0) {
+      // Row 0's attention one position later: where a copying (induction) head of the next
+      // step's rows will look, read off the row whose own top-k was in place; it does not
+      // depend on the guess being right (ARCHITECTURE: the selection rule).
+      add_row_probs(h, 0, j.n_sel, ts.pr.data(), cfg_.shift, 1, /*accumulate=*/true);
+    }
+    select_topk(ts.pr.data(), j.n_sel, L.heads[h].next_pos, ts.tk, &L.heads[h].sel_hint);
+    return;
+  }
+  const int h = (int)(task - n_sel_tasks);
+  row_probs(h, 0, nqt, ts.own);
+  select_topk(ts.own.data(), nqt, ts.top, ts.tk, &L.heads[h].recall_hint);
+  const double rc = L.heads[h].share_held(ts.top);
+  std::lock_guard<std::mutex> lock(recall_mu_);
+  L.recall_sum += rc;
+  L.recall_n += 1;
+}
+
+// The background selection (claimed by whoever runs it): every task in turn, then the prefetch.
+void LowBitPolicy::run_selection_job(std::atomic<int>& state) {
+  const SelJob& j = sel_job_;
+  const int64_t n_tasks = (j.n_sel > 0 ? g_.n_head_kv : 0) + (j.recall ? g_.n_head_kv : 0);
+  for (int64_t task = 0; task < n_tasks; ++task) selection_task(j, task, sel_scratch_);
+  if (j.n_sel > 0) start_fetch(j.il, /*sync=*/false);
+  state.store(kSelDone);
+}
+
+// Waits for the pending background selection, running it here if no worker has started it.
+void LowBitPolicy::finish_selection() {
+  if (!sel_pending_) return;
+  int expected = kSelQueued;
+  if (sel_pending_->compare_exchange_strong(expected, kSelRunning)) {
+    run_selection_job(*sel_pending_);
+  } else {
+    while (sel_pending_->load() != kSelDone) std::this_thread::yield();
+  }
+  sel_pending_.reset();
 }
 
 // Diagnostics: share of the real row's exact attention mass that this step computed in 16-bit

@@ -25,10 +25,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <thread>
 
 #include "kv/kv_policy.h"
@@ -135,7 +137,10 @@ class LowBitPolicy final : public KvPolicy {
   }
 
   ~LowBitPolicy() override {
-    finish_selection();
+    try {
+      finish_selection();
+    } catch (...) {  // a failed selection nobody will use
+    }
     // Drain in-flight prefetches before their destination buffers go away.
     copy_.reset();
   }
@@ -285,6 +290,7 @@ class LowBitPolicy final : public KvPolicy {
   std::shared_ptr<std::atomic<int>> sel_pending_;
   SelJob sel_job_;
   ThreadScratch sel_scratch_;
+  std::exception_ptr sel_error_;
   std::vector<fp16_t> rows_tmp_;    // append: [n][n_kv][K|V]
   std::vector<float> kb_tmp_, vb_tmp_;
   std::vector<RowRef> refs_;
@@ -777,11 +783,16 @@ void LowBitPolicy::selection_task(const SelJob& j, int64_t task, ThreadScratch& 
 }
 
 // The background selection (claimed by whoever runs it): every task in turn, then the prefetch.
+// An error (the worker must not throw) is kept for finish_selection to rethrow.
 void LowBitPolicy::run_selection_job(std::atomic<int>& state) {
   const SelJob& j = sel_job_;
   const int64_t n_tasks = (j.n_sel > 0 ? g_.n_head_kv : 0) + (j.recall ? g_.n_head_kv : 0);
-  for (int64_t task = 0; task < n_tasks; ++task) selection_task(j, task, sel_scratch_);
-  if (j.n_sel > 0) start_fetch(j.il, /*sync=*/false);
+  try {
+    for (int64_t task = 0; task < n_tasks; ++task) selection_task(j, task, sel_scratch_);
+    if (j.n_sel > 0) start_fetch(j.il, /*sync=*/false);
+  } catch (...) {
+    sel_error_ = std::current_exception();
+  }
   state.store(kSelDone);
 }
 
@@ -795,6 +806,7 @@ void LowBitPolicy::finish_selection() {
     while (sel_pending_->load() != kSelDone) std::this_thread::yield();
   }
   sel_pending_.reset();
+  if (sel_error_) std::rethrow_exception(std::exchange(sel_error_, nullptr));
 }
 
 // Diagnostics: share of the real row's exact attention mass that this step computed in 16-bit

@@ -33,6 +33,7 @@
 #include "ops/vec_math.h"
 #include "util/error.h"
 #include "util/fp16.h"
+#include "util/prefetch.h"
 
 namespace spc::lowbit_detail {
 
@@ -174,9 +175,6 @@ SPC_AI inline void bcast_maddubs_acc(__m256i* acc, const __m256i* code, const ui
 // The block kPrefetchBlocks ahead into L1 (bytes bytes from p): its scales are read first and a
 // cold block otherwise stalls prep on them.
 constexpr int kPrefetchBlocks = 2;
-inline void prefetch_block(const uint8_t* p, size_t bytes) {
-  for (size_t off = 0; off < bytes; off += 64) _mm_prefetch((const char*)p + off, _MM_HINT_T0);
-}
 
 // ---- keys ----
 
@@ -527,7 +525,7 @@ void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks
     const KeyTileFn fn = pick_key_tile(k.bits, nq);
     const int qg = k.bits == 1 ? kKeyQuadGroup<1> : kKeyQuadGroup<2>;
     for (int blk = 0; blk < n_blocks; ++blk) {
-      if (blk + kPrefetchBlocks < n_blocks) prefetch_block(blocks + (size_t)(blk + kPrefetchBlocks) * k.bb, k.bb);
+      if (blk + kPrefetchBlocks < n_blocks) prefetch_bytes(blocks + (size_t)(blk + kPrefetchBlocks) * k.bb, k.bb);
       prep_key_block(k, blocks + (size_t)blk * k.bb, rows, nq, prep, padded);
       for (int j = 0; j < k.J; ++j)
         for (int h0 = 0; h0 < 2; h0 += tr) {
@@ -581,7 +579,7 @@ void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n
     const ValueFn full = pick_value_fn(c.bits, tr, false, nq);
     for (int blk = 0; blk < n_blocks; ++blk) {
       const uint8_t* block = values + (size_t)blk * vb;
-      if (blk + kPrefetchBlocks < n_blocks) prefetch_block(block + kPrefetchBlocks * vb, vb);
+      if (blk + kPrefetchBlocks < n_blocks) prefetch_bytes(block + kPrefetchBlocks * vb, vb);
       prep_value_block(c, block, pt + (size_t)blk * g, p_stride, nq, prep, zacc, pmin);
       for (int m = 0; m < nchunks; ++m) {
         const bool tail = r > 0 && m == nchunks - 1;

@@ -28,6 +28,7 @@
 #include "ops/vec_math.h"
 #include "util/error.h"
 #include "util/fp16.h"
+#include "util/prefetch.h"
 
 namespace spc::lowbit_detail {
 
@@ -362,11 +363,8 @@ constexpr int kBatch = 8;
 // too short a stream for the hardware prefetcher, so every block's first loads missed (perf put
 // a quarter to a third of each kernel's samples on them). The kernels request the blocks a
 // batch ahead: the first batch on entry, then block i + kBatch while preparing block i.
-inline void prefetch_block(const uint8_t* p, size_t bytes) {
-  for (size_t off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T0);
-}
 inline void prefetch_blocks(const uint8_t* blocks, size_t block_bytes, int b0, int b1) {
-  for (int b = b0; b < b1; ++b) prefetch_block(blocks + (size_t)b * block_bytes, block_bytes);
+  prefetch_bytes(blocks + (size_t)b0 * block_bytes, (size_t)(b1 - b0) * block_bytes);
 }
 
 // The rows' int8 queries (once per call and row tile).
@@ -760,7 +758,7 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
     for (int b0 = 0; b0 < n_blocks; b0 += batch) {
       const int nb = std::min(batch, n_blocks - b0);
       for (int i = 0; i < nb; ++i) {
-        if (q0 == 0 && b0 + i + kBatch < n_blocks) prefetch_block(blocks + (size_t)(b0 + i + kBatch) * k.bb, k.bb);
+        if (q0 == 0 && b0 + i + kBatch < n_blocks) prefetch_bytes(blocks + (size_t)(b0 + i + kBatch) * k.bb, k.bb);
         pfn(k, blocks + (size_t)(b0 + i) * k.bb, qt, q_stride, rows, prep[i], padded);
       }
       for (int i = 0; i < nb; ++i) {
@@ -811,7 +809,7 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
     for (int b0 = 0; b0 < n_blocks; b0 += kBatch) {
       const int nb = std::min(kBatch, n_blocks - b0);
       for (int i = 0; i < nb; ++i) {
-        if (q0 == 0 && b0 + i + kBatch < n_blocks) prefetch_block(values + (size_t)(b0 + i + kBatch) * vb, vb);
+        if (q0 == 0 && b0 + i + kBatch < n_blocks) prefetch_bytes(values + (size_t)(b0 + i + kBatch) * vb, vb);
         const uint8_t* block = values + (size_t)(b0 + i) * vb;
         float* pb0 = pt + (size_t)(b0 + i) * g;
         if (fast) fast(c, block, pb0, p_stride, prep[i], zacc, pmin, m ? m + q0 : nullptr, lsum);

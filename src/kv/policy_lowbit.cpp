@@ -44,6 +44,7 @@
 #include "util/error.h"
 #include "util/fp16.h"
 #include "util/lazy_buffer.h"
+#include "util/prefetch.h"
 #include "util/threadpool.h"
 
 namespace spc {
@@ -586,17 +587,12 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       // The chunk's top-k rows were just written by the copy engine's thread (another core's
       // cache, or memory): their loads are scattered misses the hardware prefetcher does not
       // predict. Requested here, they arrive while the chunk is scored.
-      for (auto it = lo; it != hi; ++it) {
-        const char* r = reinterpret_cast<const char*>(slot_row(L, h, it->second));
-        for (size_t off = 0; off < row_elems_ * sizeof(fp16_t); off += 64) __builtin_prefetch(r + off);
-      }
+      for (auto it = lo; it != hi; ++it) prefetch_bytes(slot_row(L, h, it->second), row_elems_ * sizeof(fp16_t));
       // So are the first key blocks (the score kernel requests the rest a batch ahead itself):
       // requested here, they arrive while the top-k rows' exact scores are computed.
-      if (!scored) {
-        const char* kb = reinterpret_cast<const char*>(H.kblocks.data() + (t0 / g) * spec_.key_block_bytes());
-        const size_t n_bytes = (size_t)std::min<int64_t>(8, (t1 - t0) / g) * spec_.key_block_bytes();
-        for (size_t off = 0; off < n_bytes; off += 64) __builtin_prefetch(kb + off);
-      }
+      if (!scored)
+        prefetch_bytes(H.kblocks.data() + (t0 / g) * spec_.key_block_bytes(),
+                       (size_t)std::min<int64_t>(8, (t1 - t0) / g) * spec_.key_block_bytes());
       // Top-k positions attend in 16-bit: their exact scores go to ex ([row][position]), and their
       // low-bit scores become -inf, so the packed value sum (whose u8 weight quantization is
       // approximate, lowbit.h) gives them weight 0. The chunk's maximum m may stay above every

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "util/error.h"
+#include "util/prefetch.h"
 
 namespace spc {
 
@@ -145,10 +146,7 @@ class HostStore final : public StoreBase {
     // Scattered rows: each is a few cache-line misses the hardware prefetcher cannot predict.
     // Requesting the rows kDist ahead keeps that many in flight instead of one at a time.
     constexpr size_t kDist = 8;
-    auto prefetch = [&](size_t i) {
-      const char* src = base_ + offset_bytes(refs[i].layer, refs[i].head, refs[i].pos);
-      for (size_t off = 0; off < rb; off += 64) __builtin_prefetch(src + off);
-    };
+    auto prefetch = [&](size_t i) { prefetch_bytes(base_ + offset_bytes(refs[i].layer, refs[i].head, refs[i].pos), rb); };
     for (size_t i = 0; i < std::min(n, kDist); ++i) prefetch(i);
     for (size_t i = 0; i < n; ++i) {
       if (i + kDist < n) prefetch(i + kDist);

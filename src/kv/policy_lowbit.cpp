@@ -23,15 +23,15 @@
 //           spec_recall from the real row's own top-k; the next attend or end_step waits for it;
 //   append the kept rows (slow store + window; full key blocks leave the window).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <exception>
 #include <limits>
-#include <atomic>
 #include <memory>
 #include <mutex>
-#include <utility>
 #include <thread>
+#include <utility>
 
 #include "kv/kv_policy.h"
 #include "kv/lowbit.h"
@@ -100,11 +100,25 @@ struct ThreadScratch {
   TopkScratch tk;
 };
 
-// What the selection pass of one layer needs besides the policy's score buffers.
+// The shape of one layer's fused-pass buffers (scores_, win_s_, parts_): the fused pass writes
+// them, the selection pass (possibly later, in the background) reads them, both through these.
+struct PassLayout {
+  int n_q = 0;  // queries per KV head
+  int64_t nqt = 0, n_win = 0, n_chunks = 0, chunk_tok = 0;
+  size_t score(int h, int iq) const { return ((size_t)h * n_q + iq) * nqt; }
+  size_t win(int h, int iq) const { return ((size_t)h * n_q + iq) * n_win; }
+  size_t part(int h, int64_t ch, int iq) const { return ((size_t)h * (n_chunks + 1) + ch) * n_q + iq; }
+};
+
+// What the selection pass of one layer needs besides the policy's score buffers: nkv tasks
+// selecting (when n_sel > 0), then nkv measuring spec_recall (when recall).
 struct SelJob {
-  int il = 0, n_q = 0, n_rows = 0;
-  int64_t nqt = 0, n_win = 0, n_chunks = 0, chunk_tok = 0, n_sel = 0;
+  PassLayout lay;
+  int il = 0, n_rows = 0;
+  int64_t n_sel = 0;
   bool recall = false;
+  int64_t n_sel_tasks(int nkv) const { return n_sel > 0 ? nkv : 0; }
+  int64_t n_tasks(int nkv) const { return n_sel_tasks(nkv) + (recall ? nkv : 0); }
 };
 constexpr int kSelQueued = 0, kSelRunning = 1, kSelDone = 2;  // a background selection's state
 
@@ -468,8 +482,9 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   const int64_t blocks_per_chunk = std::max<int64_t>(8, (n_blocks * nkv + 8 * pool.size() - 1) / (8 * pool.size()));
   const int64_t n_chunks = n_blocks ? (n_blocks + blocks_per_chunk - 1) / blocks_per_chunk : 0;
   const int64_t chunk_tok = blocks_per_chunk * g;
+  const PassLayout lay{n_q, nqt, n_win, n_chunks, chunk_tok};
   scores_.resize((size_t)nkv * n_q * std::max<int64_t>(nqt, 1));
-  auto S = [&](int h, int iq) { return scores_.data() + ((size_t)h * n_q + iq) * nqt; };
+  auto S = [&](int h, int iq) { return scores_.data() + lay.score(h, iq); };
   // Debiasing (cfg_.debias, KvConfig): a low-bit score carries an error e = q.(K - K_hat) of
   // variance ~ sum_c q_c^2 s_c^2/12 over the block's channel steps s_c, so exp(score) is inflated
   // by E[exp(e)] ~ exp(sigma^2/2) against the positions attended in 16-bit. Per block and query
@@ -572,9 +587,9 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   parts_.assign((size_t)nkv * (n_chunks + 1) * n_q, AttnPartial{-std::numeric_limits<float>::infinity(), 0.0f});
   outs_.assign((size_t)nkv * (n_chunks + 1) * n_q * d, 0.0f);
   win_s_.resize((size_t)nkv * n_q * std::max<int64_t>(n_win, 1));
-  auto P = [&](int h, int64_t ch, int iq) -> AttnPartial& { return parts_[((size_t)h * (n_chunks + 1) + ch) * n_q + iq]; };
-  auto O = [&](int h, int64_t ch, int iq) { return outs_.data() + (((size_t)h * (n_chunks + 1) + ch) * n_q + iq) * d; };
-  auto W = [&](int h, int iq) { return win_s_.data() + ((size_t)h * n_q + iq) * n_win; };
+  auto P = [&](int h, int64_t ch, int iq) -> AttnPartial& { return parts_[lay.part(h, ch, iq)]; };
+  auto O = [&](int h, int64_t ch, int iq) { return outs_.data() + lay.part(h, ch, iq) * d; };
+  auto W = [&](int h, int iq) { return win_s_.data() + lay.win(h, iq); };
   pool.for_each_task(n_chunks * nkv + nkv, [&](int64_t task, int t) {
     if (task < n_chunks * nkv) {
       const int h = (int)(task % nkv);
@@ -694,8 +709,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   const bool recall = speculate && !refetch_ && rows.n_rows == 2 && nqt > 0 && !L.heads[0].resident.empty() &&
                       recall_step();
   if (n_sel > 0 || recall) {
-    const SelJob job{il, n_q, rows.n_rows, nqt, n_win, n_chunks, chunk_tok, n_sel, recall};
-    const int64_t n_tasks = (n_sel > 0 ? nkv : 0) + (recall ? nkv : 0);
+    const SelJob job{lay, il, rows.n_rows, n_sel, recall};
     if (pool.size() > 1 && !cfg_.diagnostics) {
       // Nothing of this step needs the selection: it runs as background work on the pool's
       // worker, serially over its tasks, while this thread goes on with the layer's output
@@ -710,7 +724,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       });
     } else {
       // One task per (KV head, selection) and, on recall steps, per (KV head, recall).
-      pool.for_each_task(n_tasks, [&](int64_t task, int t) { selection_task(job, task, thr_[t]); });
+      pool.for_each_task(job.n_tasks(nkv), [&](int64_t task, int t) { selection_task(job, task, thr_[t]); });
       if (cfg_.diagnostics && nqt > 0 && rows.n_keep > 0) measure_exact_mass(il, rows);
       if (n_sel > 0) start_fetch(il, /*sync=*/false);
     }
@@ -724,13 +738,11 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
 // the others measure spec_recall for one KV head.
 void LowBitPolicy::selection_task(const SelJob& j, int64_t task, ThreadScratch& ts) {
   LayerState& L = layers_[j.il];
-  const int nkv = g_.n_head_kv;
-  const int64_t nqt = j.nqt, n_chunks = j.n_chunks, chunk_tok = j.chunk_tok;
-  auto S = [&](int h, int iq) { return scores_.data() + ((size_t)h * j.n_q + iq) * nqt; };
-  auto W = [&](int h, int iq) { return win_s_.data() + ((size_t)h * j.n_q + iq) * j.n_win; };
-  auto P = [&](int h, int64_t ch, int iq) -> const AttnPartial& {
-    return parts_[((size_t)h * (n_chunks + 1) + ch) * j.n_q + iq];
-  };
+  const PassLayout& lay = j.lay;
+  const int64_t nqt = lay.nqt, n_chunks = lay.n_chunks, chunk_tok = lay.chunk_tok;
+  auto S = [&](int h, int iq) { return scores_.data() + lay.score(h, iq); };
+  auto W = [&](int h, int iq) { return win_s_.data() + lay.win(h, iq); };
+  auto P = [&](int h, int64_t ch, int iq) -> const AttnPartial& { return parts_[lay.part(h, ch, iq)]; };
   // probs over [0, n) of row r's query heads (quantized positions, then window positions).
   // pr[i + off] (+)= w * (probability of position i for row r), for i + off < n: per chunk one
   // pass over pr for all the row's query heads (the first call writes, no memset).
@@ -740,7 +752,7 @@ void LowBitPolicy::selection_task(const SelJob& j, int64_t task, ThreadScratch& 
       float as[kMaxGroup];
       for (int i = 0; i < group_; ++i) {
         const int iq = r * group_ + i;
-        const AttnPartial glob = glob_[(size_t)h * j.n_q + iq];
+        const AttnPartial glob = glob_[(size_t)h * lay.n_q + iq];
         xs[i] = window ? W(h, iq) - nqt + t0 : S(h, iq) + t0;
         as[i] = w * std::exp(P(h, ch, iq).m - glob.m) / glob.l;
       }
@@ -756,7 +768,7 @@ void LowBitPolicy::selection_task(const SelJob& j, int64_t task, ThreadScratch& 
     pr.resize((size_t)n);
     add_row_probs(h, r, n, pr.data(), 1.0f, 0, /*accumulate=*/false);
   };
-  const int64_t n_sel_tasks = j.n_sel > 0 ? nkv : 0;
+  const int64_t n_sel_tasks = j.n_sel_tasks(g_.n_head_kv);
   if (task < n_sel_tasks) {
     const int h = (int)task;
     row_probs(h, j.n_rows - 1, j.n_sel, ts.pr);
@@ -782,9 +794,8 @@ void LowBitPolicy::selection_task(const SelJob& j, int64_t task, ThreadScratch& 
 // An error (the worker must not throw) is kept for finish_selection to rethrow.
 void LowBitPolicy::run_selection_job(std::atomic<int>& state) {
   const SelJob& j = sel_job_;
-  const int64_t n_tasks = (j.n_sel > 0 ? g_.n_head_kv : 0) + (j.recall ? g_.n_head_kv : 0);
   try {
-    for (int64_t task = 0; task < n_tasks; ++task) selection_task(j, task, sel_scratch_);
+    for (int64_t task = 0; task < j.n_tasks(g_.n_head_kv); ++task) selection_task(j, task, sel_scratch_);
     if (j.n_sel > 0) start_fetch(j.il, /*sync=*/false);
   } catch (...) {
     sel_error_ = std::current_exception();

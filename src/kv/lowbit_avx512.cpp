@@ -210,6 +210,20 @@ inline uint64_t spread_nibbles(uint64_t w, int r) {
 
 // ---- keys ----
 
+// The rows' int8 queries (once per call and row tile).
+struct KeyRows {
+  alignas(64) uint32_t qq[kMaxNq * kMaxQuads];  // int8x4 per (row, quad), 0 beyond d
+  float aq[kMaxNq];                              // qmax/127
+};
+
+struct KeyPrep {
+  alignas(64) uint32_t sq[kMaxQuads];   // u8 key scales, 4 per quad, 0 beyond d
+  alignas(64) uint32_t sq2[kMaxQuads];  // 2*sq (2 bits)
+  float A[kMaxNq], qz[kMaxNq];
+  const uint8_t* words;  // plane 0's code words [nquads][J]
+  size_t plane_bytes;
+};
+
 // 64 code bytes code * sq (sq = the quad's 4 u8 key scales, one per byte of each lane; <= 255).
 template <int BITS>
 inline __m512i key_code_bytes(uint64_t w0, uint64_t w1, __m512i sq, __m512i sq2) {
@@ -220,55 +234,66 @@ inline __m512i key_code_bytes(uint64_t w0, uint64_t w1, __m512i sq, __m512i sq2)
   return c;
 }
 
-// Scores of JT chunks (16 tokens each) of one block for NQ rows: words = plane 0's first word of
-// the tile's first chunk, quads quad_stride bytes apart (plane 1 at + plane_bytes); sq / sq2:
-// the block's u8 key scales (and doubled) as one dword per quad; qq [NQ][kMaxQuads] int8x4
-// query dwords; A / qz [NQ]; rmax [NQ][16]: running maxima of the rows' scores (lane-wise).
-// NQ*JT <= 12 accumulators: GCC 12 spills beyond that.
+// Scores of the nb prepared blocks kp[] for NQ rows, JT chunks (16 tokens each) at a time:
+// per block and tile the code words of plane 0's first chunk at kp.words + 8*j0, quads
+// J*8 bytes apart (plane 1 at + plane_bytes); sq / sq2: the block's u8 key scales (and doubled)
+// as one dword per quad; qq [NQ][kMaxQuads] int8x4 query dwords; A / qz [NQ]. scores: row 0's
+// first token of the first block (rows score_stride apart, blocks g tokens apart); rmax
+// [NQ][16]: running maxima of the rows' scores (lane-wise), held in registers over the blocks.
+// (Kept in memory and reloaded at every tile, right after that tile's score stores, the maxima
+// were where perf put over half of this kernel's samples at 8K context.)
+// NQ*JT <= 12 accumulators (+ NQ maxima): GCC 12 spills beyond that.
 template <int JT, int BITS, int NQ>
-void score_block(const uint8_t* words, int nquads, size_t quad_stride, size_t plane_bytes, const uint32_t* sq,
-                 const uint32_t* sq2, const uint32_t* qq, const float* A, const float* qz, float* scores,
-                 size_t score_stride, float* rmax) {
-  __m512i acc[NQ][JT];
-  unroll<NQ>([&](auto iq) SPC_AI { unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = _mm512_setzero_si512(); }); });
-  for (int u = 0; u < nquads; ++u, words += quad_stride) {
-    // The scaled codes of the JT chunks of the quad (shared by the rows), then per row JT
-    // vpdpbusd with its query dword as an embedded broadcast.
-    const __m512i s1 = _mm512_set1_epi32((int)sq[u]);
-    const __m512i s2 = BITS == 2 ? _mm512_set1_epi32((int)sq2[u]) : s1;
-    __m512i codes[JT];
-    unroll<JT>([&](auto j) SPC_AI {
-      codes[j] = key_code_bytes<BITS>(load_u64(words + 8 * j), BITS == 2 ? load_u64(words + plane_bytes + 8 * j) : 0,
-                                      s1, s2);
-    });
-    unroll<NQ>([&](auto iq) SPC_AI {
-      unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = dpbusd_bcast_s8(acc[iq][j], codes[j], qq + iq * kMaxQuads + u); });
-    });
+void score_blocks(const KeyPrep* kp, int nb, int J, int nquads, int g, const uint32_t* qq, float* scores,
+                  size_t score_stride, float* rmax) {
+  __m512 mx[NQ];
+  unroll<NQ>([&](auto iq) SPC_AI { mx[iq] = _mm512_load_ps(rmax + 16 * iq); });
+  const size_t quad_stride = (size_t)J * 8;
+  for (int i = 0; i < nb; ++i) {
+    const KeyPrep& p = kp[i];
+    for (int j0 = 0; j0 < J; j0 += JT) {
+      __m512i acc[NQ][JT];
+      unroll<NQ>([&](auto iq) SPC_AI { unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = _mm512_setzero_si512(); }); });
+      const uint8_t* words = p.words + 8 * j0;
+      for (int u = 0; u < nquads; ++u, words += quad_stride) {
+        // The scaled codes of the JT chunks of the quad (shared by the rows), then per row JT
+        // vpdpbusd with its query dword as an embedded broadcast.
+        const __m512i s1 = _mm512_set1_epi32((int)p.sq[u]);
+        const __m512i s2 = BITS == 2 ? _mm512_set1_epi32((int)p.sq2[u]) : s1;
+        __m512i codes[JT];
+        unroll<JT>([&](auto j) SPC_AI {
+          codes[j] = key_code_bytes<BITS>(load_u64(words + 8 * j),
+                                          BITS == 2 ? load_u64(words + p.plane_bytes + 8 * j) : 0, s1, s2);
+        });
+        unroll<NQ>([&](auto iq) SPC_AI {
+          unroll<JT>([&](auto j) SPC_AI { acc[iq][j] = dpbusd_bcast_s8(acc[iq][j], codes[j], qq + iq * kMaxQuads + u); });
+        });
+      }
+      float* st = scores + (size_t)i * g + 16 * j0;
+      unroll<NQ>([&](auto iq) SPC_AI {
+        const __m512 av = _mm512_set1_ps(p.A[iq]), zv = _mm512_set1_ps(p.qz[iq]);
+        unroll<JT>([&](auto j) SPC_AI {
+          const __m512 sc = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, acc[iq][j]), av, zv);
+          _mm512_storeu_ps(st + (size_t)iq * score_stride + 16 * j, sc);
+          mx[iq] = vmax(mx[iq], sc);
+        });
+      });
+    }
   }
-  unroll<NQ>([&](auto iq) SPC_AI {
-    const __m512 av = _mm512_set1_ps(A[iq]), zv = _mm512_set1_ps(qz[iq]);
-    __m512 mx = _mm512_load_ps(rmax + 16 * iq);
-    unroll<JT>([&](auto j) SPC_AI {
-      const __m512 sc = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, acc[iq][j]), av, zv);
-      _mm512_storeu_ps(scores + (size_t)iq * score_stride + 16 * j, sc);
-      mx = vmax(mx, sc);
-    });
-    _mm512_store_ps(rmax + 16 * iq, mx);
-  });
+  unroll<NQ>([&](auto iq) SPC_AI { _mm512_store_ps(rmax + 16 * iq, mx[iq]); });
 }
 
-using ScoreFn = void (*)(const uint8_t*, int, size_t, size_t, const uint32_t*, const uint32_t*, const uint32_t*,
-                         const float*, const float*, float*, size_t, float*);
+using ScoreFn = void (*)(const KeyPrep*, int, int, int, int, const uint32_t*, float*, size_t, float*);
 
 template <int JT, int BITS>
 ScoreFn score_fn_q(int nq) {
   switch (nq) {
-    case 1: return score_block<JT, BITS, 1>;
-    case 2: return score_block<JT, BITS, 2>;
-    case 3: return score_block<JT, BITS, 3>;
-    case 4: return score_block<2, BITS, 4>;
-    case 5: return score_block<2, BITS, 5>;
-    default: return score_block<2, BITS, 6>;
+    case 1: return score_blocks<JT, BITS, 1>;
+    case 2: return score_blocks<JT, BITS, 2>;
+    case 3: return score_blocks<JT, BITS, 3>;
+    case 4: return score_blocks<2, BITS, 4>;
+    case 5: return score_blocks<2, BITS, 5>;
+    default: return score_blocks<2, BITS, 6>;
   }
 }
 
@@ -366,20 +391,6 @@ constexpr int kBatch = 8;
 inline void prefetch_blocks(const uint8_t* blocks, size_t block_bytes, int b0, int b1) {
   prefetch_bytes(blocks + (size_t)b0 * block_bytes, (size_t)(b1 - b0) * block_bytes);
 }
-
-// The rows' int8 queries (once per call and row tile).
-struct KeyRows {
-  alignas(64) uint32_t qq[kMaxNq * kMaxQuads];  // int8x4 per (row, quad), 0 beyond d
-  float aq[kMaxNq];                              // qmax/127
-};
-
-struct KeyPrep {
-  alignas(64) uint32_t sq[kMaxQuads];   // u8 key scales, 4 per quad, 0 beyond d
-  alignas(64) uint32_t sq2[kMaxQuads];  // 2*sq (2 bits)
-  float A[kMaxNq], qz[kMaxNq];
-  const uint8_t* words;  // plane 0's code words [nquads][J]
-  size_t plane_bytes;
-};
 
 struct KeyCtx {
   int d, g, bits, nv, J, nq4, r, nquads;
@@ -748,25 +759,20 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
     const int nq = std::min(kMaxNq, n_q - q0);
     const float* qt = q + (size_t)q0 * q_stride;
     prep_key_rows(k, qt, q_stride, nq, rows);
-    const int jt = score_chunks_per_pass(k.g, nq);
     const ScoreFn fn = pick_score_fn(k.g, k.bits, nq);
     const KeyPrepFn pfn = pick_key_prep(k.d, nq);
     const int batch = k.r == 0 ? kBatch : 1;
     alignas(64) float rmax[kMaxNq * 16];
     std::fill(rmax, rmax + kMaxNq * 16, -std::numeric_limits<float>::infinity());
     if (q0 == 0) prefetch_blocks(blocks, k.bb, 0, std::min(kBatch, n_blocks));
+    float* st = scores + (size_t)q0 * score_stride;
     for (int b0 = 0; b0 < n_blocks; b0 += batch) {
       const int nb = std::min(batch, n_blocks - b0);
       for (int i = 0; i < nb; ++i) {
         if (q0 == 0 && b0 + i + kBatch < n_blocks) prefetch_bytes(blocks + (size_t)(b0 + i + kBatch) * k.bb, k.bb);
         pfn(k, blocks + (size_t)(b0 + i) * k.bb, qt, q_stride, rows, prep[i], padded);
       }
-      for (int i = 0; i < nb; ++i) {
-        const KeyPrep& kp = prep[i];
-        for (int j0 = 0; j0 < k.J; j0 += jt)
-          fn(kp.words + 8 * j0, k.nquads, (size_t)k.J * 8, kp.plane_bytes, kp.sq, kp.sq2, rows.qq, kp.A, kp.qz,
-             scores + (size_t)q0 * score_stride + (size_t)(b0 + i) * k.g + 16 * j0, score_stride, rmax);
-      }
+      fn(prep, nb, k.J, k.nquads, k.g, rows.qq, st + (size_t)b0 * k.g, score_stride, rmax);
     }
     if (row_max)
       for (int iq = 0; iq < nq; ++iq) row_max[q0 + iq] = hmax(_mm512_load_ps(rmax + 16 * iq));

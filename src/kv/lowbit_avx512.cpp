@@ -5,13 +5,14 @@
 // dword). Per block, the u8 key scales (one dword per quad) and per row the constant qz; then per
 // channel quad and 16-token chunk one 64-bit code word becomes 64 bytes code*sq (lane t, byte k =
 // token t, channel 4u+k), shared by the rows, and each row does one vpdpbusd with its query
-// dword as an embedded broadcast. 4 chunks x <= 3 rows or 2 chunks x <= 6 rows of accumulators.
+// dword as an embedded broadcast. 4 chunks x <= 3 rows or 2 chunks x <= 6 rows of accumulators;
+// the rows' running maxima stay in registers over a batch of blocks.
 //
 // Values: per block and row tile, the rows' u8 weights per token (and value group); then per
 // token quad and 16-channel chunk one 64-bit code word becomes 64 signed bytes 2*code - 2h
 // (lane c, byte k = token 4i+k, channel 16m+c), and each row does one vpdpbusd with its 4
 // broadcast weights. Channels are tiled by 32 (<= 2 chunks x 6 rows); the int32 sums go to fp32
-// accumulators (on the stack) at the end of each block.
+// accumulators at the end of each block, held in registers over a batch of blocks.
 //
 // The per-block operands of up to 8 blocks are prepared before their dot products run.
 #include "kv/lowbit.h"
@@ -319,62 +320,79 @@ inline __m512i value_code_bytes(uint64_t w0, uint64_t w1) {
   }
 }
 
-// NCH (1 or 2) chunks of 16 channels, inside one value group, of one block for NQ rows. rec:
-// plane 0's first record at the tile's first chunk; TAIL: the last chunk is the compact tail
-// (tail_bits = 4*(d % 16) code bits). w: the group's u8 weights of row 0 (row iq at + iq*kWRow),
-// one dword per token quad. Adds half_b * sums to facc ([NQ][kMaxDim], at the tile's first
-// channel). NQ*NCH <= 12 accumulators.
+struct ValPrep {
+  alignas(64) uint8_t w[kMaxNq * kWRow];  // u8 weights [row][group*g + t]
+  float half_b[kMaxNq];                   // b/2 per row
+};
+
+// NCH (1 or 2) chunks of 16 channels, inside one value group, of the nb prepared blocks prep[]
+// (vb bytes apart) for NQ rows. rec0: block 0's plane 0 record at the tile's first chunk; TAIL:
+// the last chunk is the compact tail (tail_bits = 4*(d % 16) code bits). w_off: the group's
+// offset in a row of a block's u8 weights (row iq at + iq*kWRow), one dword per token quad. Adds
+// half_b * sums of every block to facc ([NQ][kMaxDim], at the tile's first channel), held in
+// registers over the blocks (one load and store per batch, not per block).
+// NQ*NCH <= 12 int32 accumulators, plus as many fp32 ones.
 template <int NCH, int BITS, int NQ, bool TAIL>
-void value_tile(const uint8_t* rec, size_t rec_bytes, size_t plane_bytes, int n_quads, int tail_bits,
-                const uint8_t* w, const float* half_b, float* facc) {
-  __m512i acc[NQ][NCH];
-  unroll<NQ>([&](auto iq) SPC_AI { unroll<NCH>([&](auto j) SPC_AI { acc[iq][j] = _mm512_setzero_si512(); }); });
+void value_tiles(const uint8_t* rec0, size_t vb, const ValPrep* prep, int nb, int w_off, size_t rec_bytes,
+                 size_t plane_bytes, int n_quads, int tail_bits, float* facc) {
+  __m512 F[NQ][NCH];
+  unroll<NQ>([&](auto iq) SPC_AI {
+    unroll<NCH>([&](auto j) SPC_AI { F[iq][j] = _mm512_load_ps(facc + iq * kMaxDim + 16 * j); });
+  });
   const uint64_t tail_mask = TAIL ? (1ull << tail_bits) - 1 : ~0ull;
-  for (int i = 0; i < n_quads; ++i, rec += rec_bytes) {
-    __m512i codes[NCH];
-    unroll<NCH>([&](auto j) SPC_AI {
-      // The tail field is followed by the next record or the block's scales: reading 8 bytes
-      // stays inside the block.
-      const uint64_t m = (TAIL && j == NCH - 1) ? tail_mask : ~0ull;
-      codes[j] = value_code_bytes<BITS>(load_u64(rec + 8 * j) & m,
-                                        BITS == 2 ? load_u64(rec + plane_bytes + 8 * j) & m : 0);
-    });
+  for (int b = 0; b < nb; ++b) {
+    const uint8_t* rec = rec0 + (size_t)b * vb;
+    const uint8_t* w = prep[b].w + w_off;
+    __m512i acc[NQ][NCH];
+    unroll<NQ>([&](auto iq) SPC_AI { unroll<NCH>([&](auto j) SPC_AI { acc[iq][j] = _mm512_setzero_si512(); }); });
+    for (int i = 0; i < n_quads; ++i, rec += rec_bytes) {
+      __m512i codes[NCH];
+      unroll<NCH>([&](auto j) SPC_AI {
+        // The tail field is followed by the next record or the block's scales: reading 8 bytes
+        // stays inside the block.
+        const uint64_t m = (TAIL && j == NCH - 1) ? tail_mask : ~0ull;
+        codes[j] = value_code_bytes<BITS>(load_u64(rec + 8 * j) & m,
+                                          BITS == 2 ? load_u64(rec + plane_bytes + 8 * j) & m : 0);
+      });
+      unroll<NQ>([&](auto iq) SPC_AI {
+        const __m512i wv = _mm512_set1_epi32((int)load_u32(w + iq * kWRow + 4 * i));
+        unroll<NCH>([&](auto j) SPC_AI { acc[iq][j] = dpbusd(acc[iq][j], wv, codes[j]); });
+      });
+    }
     unroll<NQ>([&](auto iq) SPC_AI {
-      const __m512i wv = _mm512_set1_epi32((int)load_u32(w + iq * kWRow + 4 * i));
-      unroll<NCH>([&](auto j) SPC_AI { acc[iq][j] = dpbusd(acc[iq][j], wv, codes[j]); });
+      const __m512 hb = _mm512_set1_ps(prep[b].half_b[iq]);
+      unroll<NCH>([&](auto j) SPC_AI {
+        F[iq][j] = _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, acc[iq][j]), hb, F[iq][j]);
+      });
     });
   }
   unroll<NQ>([&](auto iq) SPC_AI {
-    const __m512 hb = _mm512_set1_ps(half_b[iq]);
-    unroll<NCH>([&](auto j) SPC_AI {
-      float* f = facc + iq * kMaxDim + 16 * j;
-      _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_maskz_cvtepi32_ps(kAll16, acc[iq][j]), hb, _mm512_load_ps(f)));
-    });
+    unroll<NCH>([&](auto j) SPC_AI { _mm512_store_ps(facc + iq * kMaxDim + 16 * j, F[iq][j]); });
   });
 }
 
-using ValueFn = void (*)(const uint8_t*, size_t, size_t, int, int, const uint8_t*, const float*, float*);
+using ValuesFn = void (*)(const uint8_t*, size_t, const ValPrep*, int, int, size_t, size_t, int, int, float*);
 
 template <int NCH, int BITS, bool TAIL>
-ValueFn value_fn_q(int nq) {
+ValuesFn values_fn_q(int nq) {
   switch (nq) {
-    case 1: return value_tile<NCH, BITS, 1, TAIL>;
-    case 2: return value_tile<NCH, BITS, 2, TAIL>;
-    case 3: return value_tile<NCH, BITS, 3, TAIL>;
-    case 4: return value_tile<NCH, BITS, 4, TAIL>;
-    case 5: return value_tile<NCH, BITS, 5, TAIL>;
-    default: return value_tile<NCH, BITS, 6, TAIL>;
+    case 1: return value_tiles<NCH, BITS, 1, TAIL>;
+    case 2: return value_tiles<NCH, BITS, 2, TAIL>;
+    case 3: return value_tiles<NCH, BITS, 3, TAIL>;
+    case 4: return value_tiles<NCH, BITS, 4, TAIL>;
+    case 5: return value_tiles<NCH, BITS, 5, TAIL>;
+    default: return value_tiles<NCH, BITS, 6, TAIL>;
   }
 }
 
 template <int BITS>
-ValueFn value_fn_c(int nch, bool tail, int nq) {
-  if (nch == 1) return tail ? value_fn_q<1, BITS, true>(nq) : value_fn_q<1, BITS, false>(nq);
-  return tail ? value_fn_q<2, BITS, true>(nq) : value_fn_q<2, BITS, false>(nq);
+ValuesFn values_fn_c(int nch, bool tail, int nq) {
+  if (nch == 1) return tail ? values_fn_q<1, BITS, true>(nq) : values_fn_q<1, BITS, false>(nq);
+  return tail ? values_fn_q<2, BITS, true>(nq) : values_fn_q<2, BITS, false>(nq);
 }
 
-ValueFn pick_value_fn(int bits, int nch, bool tail, int nq) {
-  return bits == 1 ? value_fn_c<1>(nch, tail, nq) : value_fn_c<2>(nch, tail, nq);
+ValuesFn pick_values_fn(int bits, int nch, bool tail, int nq) {
+  return bits == 1 ? values_fn_c<1>(nch, tail, nq) : values_fn_c<2>(nch, tail, nq);
 }
 
 // ---- per-block preparation (weights quantized per block and row) ----
@@ -593,11 +611,6 @@ KeyPrepFn pick_key_prep(int d, int nq) {
     default: return prep_key_block<6>;
   }
 }
-
-struct ValPrep {
-  alignas(64) uint8_t w[kMaxNq * kWRow];  // u8 weights [row][group*g + t]
-  float half_b[kMaxNq];                   // b/2 per row
-};
 
 struct ValCtx {
   int d, g, bits, gv, ng, J;
@@ -821,15 +834,12 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
         if (fast) fast(c, block, pb0, p_stride, prep[i], zacc, pmin, m ? m + q0 : nullptr, lsum);
         else prep_value_generic(c, block, pb0, p_stride, nq, prep[i], zacc, pmin);
       }
-      for (int i = 0; i < nb; ++i) {
-        const uint8_t* block = values + (size_t)(b0 + i) * vb;
-        // Tiles of 32 channels (32-aligned): always inside one value group (gv is 32, 64 or d < g).
-        for (int ch0 = 0; ch0 < nchunks; ch0 += 2) {
-          const int nch = std::min(2, nchunks - ch0);
-          const bool tail = r > 0 && ch0 + nch == nchunks;
-          pick_value_fn(c.bits, nch, tail, nq)(block + 8 * (size_t)ch0, R, c.pb, n_quads, 4 * r,
-                                               prep[i].w + (16 * ch0) / gv * g, prep[i].half_b, facc + 16 * ch0);
-        }
+      // Tiles of 32 channels (32-aligned): always inside one value group (gv is 32, 64 or d < g).
+      for (int ch0 = 0; ch0 < nchunks; ch0 += 2) {
+        const int nch = std::min(2, nchunks - ch0);
+        const bool tail = r > 0 && ch0 + nch == nchunks;
+        pick_values_fn(c.bits, nch, tail, nq)(values + (size_t)b0 * vb + 8 * (size_t)ch0, vb, prep, nb,
+                                              (16 * ch0) / gv * g, R, c.pb, n_quads, 4 * r, facc + 16 * ch0);
       }
     }
     SPC_CHECK(!(hmin(pmin) < 0.0f), "low-bit values: weights must be >= 0, got %g", (double)hmin(pmin));

@@ -35,9 +35,9 @@ class ThreadPool {
 
   // Queues fn to run once on a worker thread that is waiting for work (between jobs, or woken
   // for it if asleep), without a system call when the workers are spinning. Returns at once;
-  // jobs start in posting order (with several workers they may overlap), and fn must not throw. Needs a worker (size() > 1). Jobs still
-  // queued when the pool is destroyed are run by the destructor, so whoever posts them never
-  // waits on a job that was dropped.
+  // jobs start in posting order (with several workers they may overlap), and fn must not throw.
+  // Needs a worker (size() > 1). Jobs still queued when the pool is destroyed are run by the
+  // destructor, so whoever posts them never waits on a job that was dropped.
   void post_background(std::function<void()> fn);
 
  private:

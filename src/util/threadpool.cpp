@@ -121,10 +121,75 @@ void ThreadPool::for_each_task(int64_t n_tasks, const std::function<void(int64_t
   job_ = nullptr;
 }
 
+namespace {
+
+// parallel_for: each thread owns one contiguous range and takes it from the front in steps of
+// about 1/kStepsPerRange of it; a thread whose range is empty takes steps from the back of the
+// others'. Consecutive steps of one thread continue one stream through memory (the decode
+// matmuls' software and hardware prefetch run on past a step's end into the next), where a few
+// chunks per thread claimed in turn made each thread restart its stream at every chunk: paired
+// runs (bench --interleave) put the contiguous ranges at 0.93x (fp32) and 0.90x (int8) of the
+// chunked decode step time of `full` at 512 tokens, 0.95x at 8K, and 0.96x for `specache:1` at
+// 512. Stealing keeps the balance of dynamic chunks (a late or interrupted worker costs at most a
+// step).
+constexpr int64_t kStepsPerRange = 16;
+
+// A contiguous range of items [lo, hi) packed into one word, so that its owner (taking steps from
+// the front) and thieves (taking them from the back) claim disjoint parts with one CAS.
+struct alignas(64) StealRange {
+  std::atomic<uint64_t> lohi{0};
+};
+constexpr uint64_t pack_range(uint64_t lo, uint64_t hi) { return (hi << 32) | lo; }
+
+bool take_front(StealRange& r, int64_t step, int64_t& b, int64_t& e) {
+  uint64_t v = r.lohi.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t lo = v & 0xffffffffu, hi = v >> 32;
+    if (lo >= hi) return false;
+    const uint64_t nl = std::min<uint64_t>(lo + (uint64_t)step, hi);
+    if (r.lohi.compare_exchange_weak(v, pack_range(nl, hi))) {
+      b = (int64_t)lo, e = (int64_t)nl;
+      return true;
+    }
+  }
+}
+
+bool take_back(StealRange& r, int64_t step, int64_t& b, int64_t& e) {
+  uint64_t v = r.lohi.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t lo = v & 0xffffffffu, hi = v >> 32;
+    if (lo >= hi) return false;
+    const uint64_t nh = hi - std::min<uint64_t>((uint64_t)step, hi - lo);
+    if (r.lohi.compare_exchange_weak(v, pack_range(lo, nh))) {
+      b = (int64_t)nh, e = (int64_t)hi;
+      return true;
+    }
+  }
+}
+
+}  // namespace
+
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
   if (n <= 0) return;
-  const int64_t n_chunks = std::min<int64_t>(n, n_threads_ == 1 ? 1 : 4LL * n_threads_);
-  for_each_task(n_chunks, [&](int64_t c, int t) { fn(n * c / n_chunks, n * (c + 1) / n_chunks, t); });
+  if (n_threads_ == 1) {
+    fn(0, n, 0);
+    return;
+  }
+  if (n > (int64_t)0xffffffff) {  // beyond the 32-bit packed ranges: plain chunks
+    const int64_t n_chunks = 4LL * n_threads_;
+    for_each_task(n_chunks, [&](int64_t c, int t) { fn(n * c / n_chunks, n * (c + 1) / n_chunks, t); });
+    return;
+  }
+  const int parts = (int)std::min<int64_t>(n, n_threads_);
+  const int64_t step = std::max<int64_t>(1, n / ((int64_t)parts * kStepsPerRange));
+  std::vector<StealRange> ranges(parts);
+  for (int p = 0; p < parts; ++p) ranges[p].lohi.store(pack_range((uint64_t)(n * p / parts), (uint64_t)(n * (p + 1) / parts)));
+  for_each_task(parts, [&](int64_t p, int t) {
+    int64_t b, e;
+    while (take_front(ranges[p], step, b, e)) fn(b, e, t);
+    for (int k = 1; k < parts; ++k)
+      while (take_back(ranges[(p + k) % parts], step, b, e)) fn(b, e, t);
+  });
 }
 
 }  // namespace spc

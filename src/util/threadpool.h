@@ -30,7 +30,9 @@ class ThreadPool {
   // thread_index < size() identifies per-thread scratch. Returns when all tasks are done.
   void for_each_task(int64_t n_tasks, const std::function<void(int64_t, int)>& fn);
 
-  // Splits [0, n) into contiguous chunks (a few per thread): fn(begin, end, thread_index).
+  // Runs fn(begin, end, thread_index) over disjoint contiguous pieces covering [0, n): each
+  // thread works through its own contiguous share front to back, in steps, and when it is done
+  // takes steps from the back of the others' shares (see threadpool.cpp).
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
 
   // Queues fn to run once on a worker thread that is waiting for work (between jobs, or woken

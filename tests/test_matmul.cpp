@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "matmul_test_util.h"
 #include "ops/matmul.h"
 #include "ops/quant.h"
 #include "ops/quant_ref.h"
@@ -18,8 +19,6 @@
 
 using namespace spc;
 
-// Defined in test_quant.cpp: random payload bytes with sane fp16 scales.
-std::vector<uint8_t> quant_test_random_row(GgmlType t, int64_t n, std::mt19937& rng);
 
 namespace {
 
@@ -36,33 +35,10 @@ bool is_float(GgmlType t) { return t == GgmlType::F32 || t == GgmlType::F16 || t
 // measured worst cases are ~1e-3 (budget 5e-3).
 double budget(GgmlType t, bool int8) { return is_float(t) || !int8 ? 1e-5 : 5e-3; }
 
-struct Case {
-  std::vector<uint8_t> w;
-  std::vector<double> wd;    // reference weights
-  std::vector<double> wnorm; // per row
-};
+using Case = MatmulCase;
 
 Case make_weights(GgmlType t, int64_t n_in, int64_t n_out, std::mt19937& rng, bool from_quantizer) {
-  Case c;
-  const size_t rs = row_size(t, n_in);
-  c.w.resize(rs * n_out);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> tmp(n_in);
-  for (int64_t o = 0; o < n_out; ++o) {
-    if (from_quantizer) {
-      for (auto& v : tmp) v = nd(rng) * 0.1f;
-      quantize_row(t, tmp.data(), c.w.data() + o * rs, n_in);
-    } else {
-      const auto row = quant_test_random_row(t, n_in, rng);
-      std::copy(row.begin(), row.end(), c.w.begin() + o * rs);
-    }
-    const auto r = ref::dequantize_row(t, c.w.data() + o * rs, n_in);
-    double s = 0;
-    for (double v : r) s += v * v;
-    c.wnorm.push_back(std::sqrt(s));
-    c.wd.insert(c.wd.end(), r.begin(), r.end());
-  }
-  return c;
+  return make_matmul_weights(t, n_in, n_out, rng, from_quantizer);
 }
 
 void check_matmul(GgmlType t, int64_t n_in, int64_t n_out, int64_t n_tok, ThreadPool& pool, const Case& c,

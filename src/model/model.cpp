@@ -126,6 +126,21 @@ KvGeometry Model::kv_geometry(int64_t n_ctx) const {
   return KvGeometry{cfg_.n_layer, cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim, n_ctx};
 }
 
+void Model::set_int8_decode(bool on) {
+  int8_decode_ = on;
+  if (!on || !i8x8_.empty()) return;
+  auto repack = [&](WeightView& w) {
+    const size_t bytes = i8x8_bytes(w);
+    if (bytes == 0) return;
+    i8x8_.emplace_back(bytes);
+    i8x8_repack(w, i8x8_.back().data());
+    w.i8x8 = i8x8_.back().data();
+  };
+  for (LayerWeights& L : layers_)
+    for (WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) repack(*w);
+  repack(w_out_);
+}
+
 uint64_t Model::weight_bytes_per_token() const {
   auto bytes = [](const WeightView& w) { return (uint64_t)row_size(w.type, w.n_in) * w.n_out; };
   uint64_t total = bytes(w_out_) + row_size(tok_embd_.type, tok_embd_.n_in);

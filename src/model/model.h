@@ -63,7 +63,11 @@ class Model {
   // path: mean KL 5e-4..8e-4 from the fp32 logits, same top-1 at every step; see
   // tests/test_int8_decode.cpp). Prefill stays fp32.
   // Off by default. Set before decoding; applies to every session of this model.
-  void set_int8_decode(bool on) { int8_decode_ = on; }
+  // Turning it on the first time also builds the row-interleaved copies of the decode matrices
+  // that the int8 kernels read where the build has them (AVX-512 VNNI; Q4_0, Q4_1, Q8_0:
+  // i8x8_repack, 8 rows per dot product). They cost as much memory again as those matrices
+  // (~96 MB for SmolLM2-135M Q4_1); the original layout stays for prefill and the fp32 path.
+  void set_int8_decode(bool on);
   bool int8_decode() const { return int8_decode_; }
 
   // Prefill of `tokens` at positions [kv.n_cached(), ...), layer by layer, exact attention,
@@ -99,6 +103,7 @@ class Model {
   std::vector<float> out_norm_;
   std::vector<LayerWeights> layers_;
   bool int8_decode_ = false;
+  std::vector<std::vector<uint8_t>> i8x8_;  // row-interleaved copies (set_int8_decode)
 };
 
 }  // namespace spc

@@ -587,6 +587,23 @@ void quant_tiles(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
   });
 }
 
+// Groups [gb, ge) (8 rows each) of an int8 decode matmul over the row-interleaved copy w.i8x8.
+void i8x8_groups(const WeightView& w, const QAct& a, int64_t n_tok, float* y, int64_t gb, int64_t ge) {
+  const int64_t n = w.n_in, nvb = n / 32;
+  const size_t rec = mmk::i8x8_record_bytes(w.type);
+  for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
+    const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
+    const mmk::I8x8Fn fn = mmk::i8x8_for(w.type, T);
+    for (int64_t g = gb; g < ge; ++g)
+      fn(w.i8x8 + (size_t)g * nvb * rec, nvb, a.xq + t0 * n, a.xd + t0 * nvb, a.xs32 + t0 * nvb, n,
+         y + t0 * w.n_out + 8 * g, w.n_out);
+  }
+}
+
+bool use_i8x8(const WeightView& w, int64_t n_tok) {
+  return w.i8x8 != nullptr && n_tok <= kFusedMaxTokens && mmk::i8x8_for(w.type, 1) != nullptr;
+}
+
 void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   const int64_t n = w.n_in, n_out = w.n_out, nvb = n / 32;
   const size_t rs = row_size(w.type, n);
@@ -597,6 +614,11 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   const float* xd = a.xd;
   const float* xs = a.xs16;
 
+  if (use_i8x8(w, n_tok)) {
+    // Decode over the row-interleaved copy: 8 rows per dot product.
+    pool.parallel_for(w.n_out / 8, [&](int64_t gb, int64_t ge, int) { i8x8_groups(w, a, n_tok, y, gb, ge); });
+    return;
+  }
   if (n_tok <= kFusedMaxTokens && fused_for(w.type, 1, 1) != nullptr) {
     // Decode: each thread's 4-row tiles stream by once; the few tokens' activations stay in L1.
     const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
@@ -662,6 +684,24 @@ void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x
                  bool int8_activations) {
   SPC_CHECK(n_tok >= 0, "matmul: negative token count %lld", (long long)n_tok);
   bool fuse = n_w > 1 && n_tok > 0 && n_tok <= kFusedMaxTokens;
+  bool all_i8x8 = int8_activations && n_w > 1 && n_tok > 0;
+  for (int i = 0; i < n_w; ++i) all_i8x8 = all_i8x8 && use_i8x8(ws[i], n_tok) && ws[i].n_in == ws[0].n_in;
+  if (all_i8x8) {
+    // One dispatch over the 8-row groups of all matrices (interleaved copies).
+    std::vector<int64_t> first(n_w + 1, 0);
+    for (int i = 0; i < n_w; ++i) {
+      validate(ws[i]);
+      first[i + 1] = first[i] + ws[i].n_out / 8;
+    }
+    const QAct a = quant_prepare(x, n_tok, ws[0].n_in, pool);
+    pool.parallel_for(first[n_w], [&](int64_t gb, int64_t ge, int) {
+      for (int i = 0; i < n_w; ++i) {
+        const int64_t b = std::max(gb, first[i]), e = std::min(ge, first[i + 1]);
+        if (b < e) i8x8_groups(ws[i], a, n_tok, ys[i], b - first[i], e - first[i]);
+      }
+    });
+    return;
+  }
   for (int i = 0; i < n_w; ++i) {
     validate(ws[i]);
     fuse = fuse && ws[i].n_in == ws[0].n_in &&

@@ -1,5 +1,6 @@
 // Matrix multiplication of a (possibly quantized) weight matrix with fp32 activations.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "core/dtype.h"
@@ -13,6 +14,10 @@ struct WeightView {
   int64_t n_in;
   int64_t n_out;
   const void* data;
+  // Optional: the same matrix repacked by i8x8_repack (8 rows interleaved per block). When set,
+  // decode matmuls with int8 activations read it instead of data (same results up to the order
+  // of float sums; see matmul_i8x8.cpp).
+  const uint8_t* i8x8 = nullptr;
 };
 
 // y[t*n_out + o] = sum_i W[o,i] * x[t*n_in + i] for t in [0, n_tok). x, y fp32, row-major.
@@ -34,6 +39,12 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
 // separate matmul calls.
 void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x, int64_t n_tok, ThreadPool& pool,
                  bool int8_activations = false);
+
+// Bytes of the row-interleaved copy of w for the int8 decode kernels (Q4_0, Q4_1, Q8_0 with
+// n_out a multiple of 8, on builds with AVX-512 VL + VNNI); 0 where there is none.
+size_t i8x8_bytes(const WeightView& w);
+// Writes that copy (i8x8_bytes(w) bytes) to dst. Throws spc::Error where i8x8_bytes(w) is 0.
+void i8x8_repack(const WeightView& w, uint8_t* dst);
 
 // dst[r*n_in + i] = W[row0 + r, i] for r in [0, n_rows) (get_rows / embedding lookup).
 void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* dst);

@@ -53,4 +53,14 @@ F32QFn f32q_for(GgmlType type, int r, int t);
 bool f32q_permuted(GgmlType type);
 void f32q_permute_x(const float* x, int64_t n, float* xp);
 
+// Int8 decode kernel over the row-interleaved copy (matmul_i8x8.cpp): one group of 8 rows (its
+// records from rec, nb blocks) times T (1..4) tokens of quantized activations (xq: stride n_in;
+// xd, xs32: stride nb). Writes y[t * y_stride + r], r < 8.
+using I8x8Fn = void (*)(const uint8_t* rec, int64_t nb, const int8_t* xq, const float* xd, const float* xs32,
+                        int64_t n_in, float* y, int64_t y_stride);
+// nullptr when the type has no interleaved layout or the build lacks AVX-512 VL + VNNI.
+I8x8Fn i8x8_for(GgmlType type, int t);
+// Bytes of one interleaved record (8 rows, one 32-element block); 0 for other types.
+size_t i8x8_record_bytes(GgmlType type);
+
 }  // namespace spc::mmk

@@ -1,0 +1,170 @@
+// Int8-activation decode matmuls over a row-interleaved copy of the weights ("i8x8"): 8 rows
+// per group, and per 32-element block the 8 rows' scales, constant terms and codes side by side,
+// so that one 256-bit vpdpbusd computes 4 elements of all 8 rows at once (lane r = row r) with
+// the activations' dword as an embedded broadcast. The row-major kernels (matmul_vnni.cpp) do
+// the same multiply-adds one row at a time and pay a conversion, a scale multiply and an FMA per
+// block, row and token; here those are shared by 8 rows, so a second token (SpeCache's
+// speculative row) costs ~12 operations per block and 8 rows instead of ~32.
+//
+// Record of one group and block (R = 8 rows):
+//   Q4_0: d[8] fp16 | codes 128 B                (144 B)
+//   Q4_1: d[8] fp16 | m[8] fp16 | codes 128 B    (160 B)
+//   Q8_0: d[8] fp16 | codes 256 B                (272 B)
+// Q4 codes: 4 chunks of 32 bytes; chunk k, dword r = bytes 4k..4k+3 of row r's 16 nibble bytes
+// (low nibbles: elements 4k..4k+3, high nibbles: elements 16+4k..16+4k+3). Q8_0 codes: 8 chunks;
+// chunk k, dword r = row r's elements 4k..4k+3 as u8 (code + 128). A group's records follow one
+// another block by block, and the groups one another: each thread reads one stream.
+//
+// Result, as the row-major int8 kernels: y = sum_b d_b xd_b P_b + coef * sum_b c_b xs32_b, with
+// P_b the integer dot product of the block's codes and int8 activations, c_b = m_b (Q4_1) or d_b,
+// coef = 1 (Q4_1), -8 (Q4_0), -128 (Q8_0). Only the order of the float sums differs.
+#include <cstring>
+
+#include "ops/matmul.h"
+#include "ops/matmul_kernels.h"
+#include "util/error.h"
+
+namespace spc {
+
+namespace {
+
+struct I8x8Geom {
+  size_t src_block;   // bytes of one block of the GGUF type
+  size_t rec;         // bytes of one interleaved record (8 rows, one block)
+  size_t code_off;    // offset of the codes in the record
+  bool has_min;       // Q4_1: m[8] after d[8]
+  bool q8;            // Q8_0 codes (else 4-bit)
+};
+
+bool geom_of(GgmlType t, I8x8Geom& g) {
+  switch (t) {
+    case GgmlType::Q4_0: g = {18, 144, 16, false, false}; return true;
+    case GgmlType::Q4_1: g = {20, 160, 32, true, false}; return true;
+    case GgmlType::Q8_0: g = {34, 272, 16, false, true}; return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+size_t i8x8_bytes(const WeightView& w) {
+  I8x8Geom g;
+  if (mmk::i8x8_for(w.type, 1) == nullptr || !geom_of(w.type, g) || w.n_out % 8 != 0 || w.n_in % 32 != 0 || w.n_out <= 0)
+    return 0;
+  return (size_t)(w.n_out / 8) * (size_t)(w.n_in / 32) * g.rec;
+}
+
+void i8x8_repack(const WeightView& w, uint8_t* dst) {
+  I8x8Geom g;
+  SPC_CHECK(i8x8_bytes(w) > 0 && geom_of(w.type, g), "i8x8_repack: unsupported matrix (type %s, %lld x %lld)",
+            type_name(w.type), (long long)w.n_out, (long long)w.n_in);
+  const int64_t nb = w.n_in / 32;
+  const size_t rs = (size_t)nb * g.src_block;
+  const uint8_t* src = (const uint8_t*)w.data;
+  for (int64_t grp = 0; grp < w.n_out / 8; ++grp) {
+    for (int64_t b = 0; b < nb; ++b, dst += g.rec) {
+      for (int r = 0; r < 8; ++r) {
+        const uint8_t* blk = src + (size_t)(grp * 8 + r) * rs + (size_t)b * g.src_block;
+        std::memcpy(dst + 2 * r, blk, 2);                       // d
+        if (g.has_min) std::memcpy(dst + 16 + 2 * r, blk + 2, 2);  // m
+        uint8_t* codes = dst + g.code_off;
+        if (g.q8) {
+          for (int k = 0; k < 8; ++k)
+            for (int i = 0; i < 4; ++i) codes[32 * k + 4 * r + i] = (uint8_t)(blk[2 + 4 * k + i] ^ 0x80);
+        } else {
+          const uint8_t* qs = blk + (g.has_min ? 4 : 2);
+          for (int k = 0; k < 4; ++k) std::memcpy(codes + 32 * k + 4 * r, qs + 4 * k, 4);
+        }
+      }
+    }
+  }
+}
+
+namespace mmk {
+
+#if defined(SPC_MM_VNNI)
+namespace {
+
+inline __m256 ld_h8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+// vpdpbusd with the 4 int8 activations at x broadcast to every lane (an embedded {1to8} operand).
+inline __m256i dp_bcast(__m256i acc, __m256i u8, const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_dpbusd_epi32(acc, u8, _mm256_set1_epi32(v));
+}
+
+// One group of 8 rows, T tokens: y[t * y_stride + r] for r < 8.
+template <GgmlType TY, int T>
+void group_kernel(const uint8_t* rec, int64_t nb, const int8_t* xq, const float* xd, const float* xs32, int64_t n_in,
+                  float* y, int64_t y_stride) {
+  constexpr bool kQ8 = TY == GgmlType::Q8_0, kMin = TY == GgmlType::Q4_1;
+  constexpr size_t kRec = TY == GgmlType::Q4_0 ? 144 : TY == GgmlType::Q4_1 ? 160 : 272;
+  constexpr size_t kCodes = kMin ? 32 : 16;
+  constexpr float kCoef = TY == GgmlType::Q4_1 ? 1.f : TY == GgmlType::Q4_0 ? -8.f : -128.f;
+  __m256 acc[T], accm[T];
+  for (int t = 0; t < T; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  for (int64_t b = 0; b < nb; ++b, rec += kRec) {
+    _mm_prefetch((const char*)(rec + 8 * kRec), _MM_HINT_T0);
+    if constexpr (kRec > 192) _mm_prefetch((const char*)(rec + 8 * kRec + 192), _MM_HINT_T0);
+    const __m256 d8 = ld_h8(rec);
+    const __m256 c8 = kMin ? ld_h8(rec + 16) : d8;
+    const uint8_t* codes = rec + kCodes;
+    __m256i cv[8];  // elements 4k..4k+3 (k < 4) and 16+4(k-4).. (k >= 4) of the 8 rows
+    if constexpr (kQ8) {
+      for (int k = 0; k < 8; ++k) cv[k] = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
+    } else {
+      for (int k = 0; k < 4; ++k) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
+        cv[k] = _mm256_and_si256(v, m4);
+        cv[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const int8_t* xb = xq + t * n_in + b * 32;
+      // Two independent chains (elements 0..15 and 16..31) shorten the dependency on vpdpbusd.
+      __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+      for (int k = 0; k < 4; ++k) {
+        p0 = dp_bcast(p0, cv[k], xb + 4 * k);
+        p1 = dp_bcast(p1, cv[4 + k], xb + 16 + 4 * k);
+      }
+      const __m256 s = _mm256_mul_ps(d8, _mm256_set1_ps(xd[t * nb + b]));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), s, acc[t]);
+      accm[t] = _mm256_fmadd_ps(c8, _mm256_set1_ps(xs32[t * nb + b]), accm[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    _mm256_storeu_ps(y + t * y_stride, _mm256_fmadd_ps(accm[t], _mm256_set1_ps(kCoef), acc[t]));
+}
+
+template <GgmlType TY>
+I8x8Fn for_t(int t) {
+  switch (t) {
+    case 1: return group_kernel<TY, 1>;
+    case 2: return group_kernel<TY, 2>;
+    case 3: return group_kernel<TY, 3>;
+    default: return group_kernel<TY, 4>;
+  }
+}
+
+}  // namespace
+
+I8x8Fn i8x8_for(GgmlType type, int t) {
+  switch (type) {
+    case GgmlType::Q4_0: return for_t<GgmlType::Q4_0>(t);
+    case GgmlType::Q4_1: return for_t<GgmlType::Q4_1>(t);
+    case GgmlType::Q8_0: return for_t<GgmlType::Q8_0>(t);
+    default: return nullptr;
+  }
+}
+#else
+I8x8Fn i8x8_for(GgmlType, int) { return nullptr; }
+#endif
+
+size_t i8x8_record_bytes(GgmlType type) {
+  I8x8Geom g;
+  return geom_of(type, g) ? g.rec : 0;
+}
+
+}  // namespace mmk
+}  // namespace spc

@@ -1,0 +1,146 @@
+// Int8 decode matmuls over the row-interleaved copy (i8x8_repack, matmul_i8x8.cpp): the same
+// integer dot products and scales as the row-major int8 kernels, so the two agree to float
+// summation order; both stay within the int8 budget of a double-precision reference. Also the
+// joint dispatch of matmul_many and the shapes and types without an interleaved layout.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "core/dtype.h"
+#include "matmul_test_util.h"
+#include "ops/matmul.h"
+#include "util/error.h"
+#include "util/threadpool.h"
+
+using namespace spc;
+
+
+namespace {
+
+const GgmlType kTypes[] = {GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0};
+
+bool have_kernel() { return i8x8_bytes(WeightView{GgmlType::Q4_1, 64, 8, nullptr}) > 0; }
+
+struct Mat : MatmulCase {
+  std::vector<uint8_t> il;  // the interleaved copy
+  GgmlType type;
+  int64_t n_in, n_out;
+  WeightView plain() const { return WeightView{type, n_in, n_out, w.data()}; }
+  WeightView inter() const {
+    WeightView v = plain();
+    v.i8x8 = il.data();
+    return v;
+  }
+};
+
+Mat make(GgmlType t, int64_t n_in, int64_t n_out, std::mt19937& rng, bool from_quantizer) {
+  Mat m;
+  static_cast<MatmulCase&>(m) = make_matmul_weights(t, n_in, n_out, rng, from_quantizer);
+  m.type = t, m.n_in = n_in, m.n_out = n_out;
+  m.il.resize(i8x8_bytes(m.plain()));
+  i8x8_repack(m.plain(), m.il.data());
+  return m;
+}
+
+std::vector<float> random_x(int64_t n_tok, int64_t n_in, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> x(n_tok * n_in);
+  for (auto& v : x) v = nd(rng);
+  // An outlier in one block (where the row has enough blocks to keep the int8 rounding of that
+  // block's other elements within the reference budget).
+  if (n_in >= 256) x[3] = 30.f;
+  return x;
+}
+
+}  // namespace
+
+TEST(MatmulI8x8, MatchesRowMajorInt8AndReference) {
+  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI)";
+  std::mt19937 rng(11);
+  ThreadPool pool1(1), pool2(2);
+  for (GgmlType t : kTypes) {
+    for (auto [n_in, n_out] : std::vector<std::pair<int64_t, int64_t>>{{32, 8}, {576, 192}, {1536, 64}, {576, 200}}) {
+      for (bool from_quantizer : {false, true}) {
+        const Mat m = make(t, n_in, n_out, rng, from_quantizer);
+        ASSERT_EQ(m.il.size(), m.w.size()) << "the interleaved copy holds the same bytes, rearranged";
+        for (int64_t n_tok : {1, 2, 3, 4, 5, 8}) {
+          const std::vector<float> x = random_x(n_tok, n_in, rng);
+          for (ThreadPool* pool : {&pool1, &pool2}) {
+            std::vector<float> yi(n_tok * n_out, NAN), yr(n_tok * n_out, NAN);
+            matmul(m.inter(), x.data(), n_tok, yi.data(), *pool, /*int8_activations=*/true);
+            matmul(m.plain(), x.data(), n_tok, yr.data(), *pool, /*int8_activations=*/true);
+            double worst_pair = 0, worst_ref = 0;
+            for (int64_t tt = 0; tt < n_tok; ++tt) {
+              double xn = 0;
+              for (int64_t i = 0; i < n_in; ++i) xn += (double)x[tt * n_in + i] * x[tt * n_in + i];
+              xn = std::sqrt(xn);
+              for (int64_t o = 0; o < n_out; ++o) {
+                const double got = yi[tt * n_out + o];
+                ASSERT_TRUE(std::isfinite(got)) << "token " << tt << " row " << o;
+                double want = 0;
+                for (int64_t i = 0; i < n_in; ++i) want += m.wd[o * n_in + i] * x[tt * n_in + i];
+                const double denom = std::max(m.wnorm[o] * xn, 1e-30);
+                worst_pair = std::max(worst_pair, std::fabs(got - yr[tt * n_out + o]) / denom);
+                worst_ref = std::max(worst_ref, std::fabs(got - want) / denom);
+              }
+            }
+            const auto where = testing::Message() << type_name(t) << " " << n_out << "x" << n_in << " n_tok=" << n_tok
+                                                  << " threads=" << pool->size();
+            // Same integers and scales; only the order of the float sums differs.
+            EXPECT_LE(worst_pair, 1e-5) << where;
+            EXPECT_GT(worst_pair + worst_ref, 0.0) << where;
+            EXPECT_LE(worst_ref, 5e-3) << where;  // the int8 budget of tests/test_matmul.cpp
+          }
+        }
+      }
+    }
+  }
+}
+
+// matmul_many over interleaved copies is one dispatch over all matrices' 8-row groups; it must
+// give exactly what separate calls give (the same kernel on the same groups).
+TEST(MatmulI8x8, ManyEqualsSeparateCalls) {
+  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI)";
+  std::mt19937 rng(12);
+  ThreadPool pool(2);
+  const Mat a = make(GgmlType::Q4_1, 576, 576, rng, true), b = make(GgmlType::Q4_1, 576, 192, rng, true),
+            c = make(GgmlType::Q8_0, 576, 64, rng, true);
+  const WeightView ws[3] = {a.inter(), b.inter(), c.inter()};
+  for (int64_t n_tok : {1, 2}) {
+    const std::vector<float> x = random_x(n_tok, 576, rng);
+    std::vector<std::vector<float>> joint(3), sep(3);
+    float* ys[3];
+    for (int i = 0; i < 3; ++i) {
+      joint[i].assign(n_tok * ws[i].n_out, NAN);
+      sep[i].assign(n_tok * ws[i].n_out, NAN);
+      ys[i] = joint[i].data();
+    }
+    matmul_many(ws, ys, 3, x.data(), n_tok, pool, true);
+    for (int i = 0; i < 3; ++i) {
+      matmul(ws[i], x.data(), n_tok, sep[i].data(), pool, true);
+      for (size_t j = 0; j < sep[i].size(); ++j) ASSERT_EQ(joint[i][j], sep[i][j]) << "matrix " << i << " output " << j;
+    }
+  }
+}
+
+// Where there is no interleaved layout (other types, row counts not a multiple of 8), the size is
+// 0 and repacking is a clear error; the fp32-activation path ignores the copy.
+TEST(MatmulI8x8, UnsupportedShapesAndTypes) {
+  std::vector<uint8_t> buf(row_size(GgmlType::Q4_1, 64) * 12);
+  EXPECT_EQ(i8x8_bytes(WeightView{GgmlType::Q4_1, 64, 12, buf.data()}), 0u);
+  EXPECT_EQ(i8x8_bytes(WeightView{GgmlType::Q5_0, 64, 8, buf.data()}), 0u);
+  EXPECT_EQ(i8x8_bytes(WeightView{GgmlType::F16, 64, 8, buf.data()}), 0u);
+  EXPECT_EQ(i8x8_bytes(WeightView{GgmlType::Q4_K, 256, 8, buf.data()}), 0u);
+  EXPECT_THROW(i8x8_repack(WeightView{GgmlType::Q4_1, 64, 12, buf.data()}, buf.data()), Error);
+  if (!have_kernel()) return;
+  std::mt19937 rng(13);
+  ThreadPool pool(2);
+  const Mat m = make(GgmlType::Q4_1, 576, 64, rng, true);
+  const std::vector<float> x = random_x(2, 576, rng);
+  std::vector<float> yi(2 * 64), yr(2 * 64);
+  matmul(m.inter(), x.data(), 2, yi.data(), pool, /*int8_activations=*/false);
+  matmul(m.plain(), x.data(), 2, yr.data(), pool, /*int8_activations=*/false);
+  EXPECT_EQ(yi, yr) << "fp32 activations must read the row-major data";
+}

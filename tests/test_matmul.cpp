@@ -19,7 +19,6 @@
 
 using namespace spc;
 
-
 namespace {
 
 const GgmlType kAllTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q4_0, GgmlType::Q4_1,

@@ -600,9 +600,8 @@ void i8x8_groups(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
   }
 }
 
-bool use_i8x8(const WeightView& w, int64_t n_tok) {
-  return w.i8x8 != nullptr && n_tok <= kFusedMaxTokens && mmk::i8x8_for(w.type, 1) != nullptr;
-}
+// w.i8x8 is only ever set from i8x8_repack, which requires the kernel.
+bool use_i8x8(const WeightView& w, int64_t n_tok) { return w.i8x8 != nullptr && n_tok <= kFusedMaxTokens; }
 
 void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   const int64_t n = w.n_in, n_out = w.n_out, nvb = n / 32;
@@ -684,47 +683,35 @@ void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x
                  bool int8_activations) {
   SPC_CHECK(n_tok >= 0, "matmul: negative token count %lld", (long long)n_tok);
   bool fuse = n_w > 1 && n_tok > 0 && n_tok <= kFusedMaxTokens;
-  bool all_i8x8 = int8_activations && n_w > 1 && n_tok > 0;
-  for (int i = 0; i < n_w; ++i) all_i8x8 = all_i8x8 && use_i8x8(ws[i], n_tok) && ws[i].n_in == ws[0].n_in;
-  if (all_i8x8) {
-    // One dispatch over the 8-row groups of all matrices (interleaved copies).
-    std::vector<int64_t> first(n_w + 1, 0);
-    for (int i = 0; i < n_w; ++i) {
-      validate(ws[i]);
-      first[i + 1] = first[i] + ws[i].n_out / 8;
-    }
-    const QAct a = quant_prepare(x, n_tok, ws[0].n_in, pool);
-    pool.parallel_for(first[n_w], [&](int64_t gb, int64_t ge, int) {
-      for (int i = 0; i < n_w; ++i) {
-        const int64_t b = std::max(gb, first[i]), e = std::min(ge, first[i + 1]);
-        if (b < e) i8x8_groups(ws[i], a, n_tok, ys[i], b - first[i], e - first[i]);
-      }
-    });
-    return;
-  }
+  bool i8x8 = int8_activations;  // every matrix has an interleaved copy (8-row groups)
+  for (int i = 0; i < n_w; ++i) i8x8 = i8x8 && use_i8x8(ws[i], n_tok);
   for (int i = 0; i < n_w; ++i) {
     validate(ws[i]);
     fuse = fuse && ws[i].n_in == ws[0].n_in &&
-           (int8_activations ? !is_float_type(ws[i].type) && fused_for(ws[i].type, 1, 1) != nullptr
-                             : f32q_for(ws[i].type, 1, 1) != nullptr &&
-                                   f32q_permuted(ws[i].type) == f32q_permuted(ws[0].type));
+           (i8x8 || (int8_activations ? !is_float_type(ws[i].type) && fused_for(ws[i].type, 1, 1) != nullptr
+                                      : f32q_for(ws[i].type, 1, 1) != nullptr &&
+                                            f32q_permuted(ws[i].type) == f32q_permuted(ws[0].type)));
   }
   if (!fuse) {
     for (int i = 0; i < n_w; ++i) matmul(ws[i], x, n_tok, ys[i], pool, int8_activations);
     return;
   }
-  // One dispatch over the output tiles of all matrices (fewer pool hand-offs per token).
-  std::vector<int64_t> first(n_w + 1, 0);  // first tile of each matrix in the joint range
-  for (int i = 0; i < n_w; ++i) first[i + 1] = first[i] + (ws[i].n_out + kTileR - 1) / kTileR;
-  auto run = [&](auto&& tiles) {
-    pool.parallel_for(first[n_w], [&](int64_t tb, int64_t te, int) {
+  // One dispatch over the output units of all matrices (fewer pool hand-offs per token): 8-row
+  // groups of the interleaved copies, else 4-row tiles.
+  std::vector<int64_t> first(n_w + 1, 0);  // first unit of each matrix in the joint range
+  for (int i = 0; i < n_w; ++i) first[i + 1] = first[i] + (i8x8 ? ws[i].n_out / 8 : (ws[i].n_out + kTileR - 1) / kTileR);
+  auto run = [&](auto&& units) {
+    pool.parallel_for(first[n_w], [&](int64_t ub, int64_t ue, int) {
       for (int i = 0; i < n_w; ++i) {
-        const int64_t b = std::max(tb, first[i]), e = std::min(te, first[i + 1]);
-        if (b < e) tiles(i, b - first[i], e - first[i]);
+        const int64_t b = std::max(ub, first[i]), e = std::min(ue, first[i + 1]);
+        if (b < e) units(i, b - first[i], e - first[i]);
       }
     });
   };
-  if (int8_activations) {
+  if (i8x8) {
+    const QAct a = quant_prepare(x, n_tok, ws[0].n_in, pool);
+    run([&](int i, int64_t b, int64_t e) { i8x8_groups(ws[i], a, n_tok, ys[i], b, e); });
+  } else if (int8_activations) {
     const QAct a = quant_prepare(x, n_tok, ws[0].n_in, pool);
     run([&](int i, int64_t b, int64_t e) { quant_tiles(ws[i], a, n_tok, ys[i], b, e); });
   } else {

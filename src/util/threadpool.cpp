@@ -13,7 +13,7 @@
 
 namespace spc {
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads) {
+ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads), ranges_(n_threads > 0 ? n_threads : 1) {
   SPC_CHECK(n_threads >= 1, "thread count must be >= 1, got %d", n_threads);
   for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
@@ -134,14 +134,9 @@ namespace {
 // step).
 constexpr int64_t kStepsPerRange = 16;
 
-// A contiguous range of items [lo, hi) packed into one word, so that its owner (taking steps from
-// the front) and thieves (taking them from the back) claim disjoint parts with one CAS.
-struct alignas(64) StealRange {
-  std::atomic<uint64_t> lohi{0};
-};
 constexpr uint64_t pack_range(uint64_t lo, uint64_t hi) { return (hi << 32) | lo; }
 
-bool take_front(StealRange& r, int64_t step, int64_t& b, int64_t& e) {
+bool take_front(ThreadPool::StealRange& r, int64_t step, int64_t& b, int64_t& e) {
   uint64_t v = r.lohi.load(std::memory_order_relaxed);
   for (;;) {
     const uint64_t lo = v & 0xffffffffu, hi = v >> 32;
@@ -154,7 +149,7 @@ bool take_front(StealRange& r, int64_t step, int64_t& b, int64_t& e) {
   }
 }
 
-bool take_back(StealRange& r, int64_t step, int64_t& b, int64_t& e) {
+bool take_back(ThreadPool::StealRange& r, int64_t step, int64_t& b, int64_t& e) {
   uint64_t v = r.lohi.load(std::memory_order_relaxed);
   for (;;) {
     const uint64_t lo = v & 0xffffffffu, hi = v >> 32;
@@ -182,13 +177,13 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
   }
   const int parts = (int)std::min<int64_t>(n, n_threads_);
   const int64_t step = std::max<int64_t>(1, n / ((int64_t)parts * kStepsPerRange));
-  std::vector<StealRange> ranges(parts);
-  for (int p = 0; p < parts; ++p) ranges[p].lohi.store(pack_range((uint64_t)(n * p / parts), (uint64_t)(n * (p + 1) / parts)));
+  for (int p = 0; p < parts; ++p)
+    ranges_[p].lohi.store(pack_range((uint64_t)(n * p / parts), (uint64_t)(n * (p + 1) / parts)));
   for_each_task(parts, [&](int64_t p, int t) {
     int64_t b, e;
-    while (take_front(ranges[p], step, b, e)) fn(b, e, t);
+    while (take_front(ranges_[p], step, b, e)) fn(b, e, t);
     for (int k = 1; k < parts; ++k)
-      while (take_back(ranges[(p + k) % parts], step, b, e)) fn(b, e, t);
+      while (take_back(ranges_[(p + k) % parts], step, b, e)) fn(b, e, t);
   });
 }
 

@@ -42,6 +42,13 @@ class ThreadPool {
   // destructor, so whoever posts them never waits on a job that was dropped.
   void post_background(std::function<void()> fn);
 
+  // parallel_for's per-thread share: a contiguous range of items [lo, hi) packed into one word,
+  // so that its owner (taking steps from the front) and thieves (taking them from the back) claim
+  // disjoint parts with one CAS.
+  struct alignas(64) StealRange {
+    std::atomic<uint64_t> lohi{0};
+  };
+
  private:
   void worker_loop(int index);
   void work(int index);
@@ -63,6 +70,7 @@ class ThreadPool {
   std::deque<std::function<void()>> bg_;  // background jobs (post_background)
   std::atomic<int64_t> bg_queued_{0};     // bg_.size(), read without the lock by spinning workers
   std::atomic<int> sleeping_{0};          // workers blocked on cv_
+  std::vector<StealRange> ranges_;        // parallel_for (one job at a time, like job_)
 };
 
 }  // namespace spc

@@ -13,6 +13,7 @@
 #include "engine/tokenizer.h"
 #include "model/model.h"
 #include "test_util.h"
+#include "tier/rss.h"
 #include "util/threadpool.h"
 
 using namespace spc;
@@ -73,4 +74,35 @@ TEST(Int8Decode, SmolLM2TeacherForcedCloseToFp32) {
   EXPECT_LT(kl_mean, 5e-3);
   EXPECT_LT(kl_max, 0.1);
   EXPECT_GE(agree, n - 4);
+}
+
+// The interleaved copies replace the mapped weights for everything int8 mode runs: a model with
+// int8 decode on prefills (fp32, reading the copies' rows and the tied embedding's) to the logits
+// of a model without (every chunk's matmuls bit for bit; the last position's output matmul takes
+// the row-block path instead of the fused one-token kernel, so up to the order of float sums),
+// and building the copies releases the source pages, so the resident memory grows by about the
+// copies' size, not twice it.
+TEST(Int8Decode, SmolLM2CopiesReplaceTheMappedWeights) {
+  SMOLLM2_WITH_BOOK(plain, prompt, 2000, 256);
+  auto inter = Model::load(plain_path_);
+  const size_t rss0 = current_rss_bytes();
+  inter->set_int8_decode(true);
+  const size_t grew = current_rss_bytes() - std::min(rss0, current_rss_bytes());
+  const size_t copy = inter->int8_copy_bytes();
+  if (copy == 0) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI)";
+  std::printf("interleaved copies %.1f MB, resident memory grew by %.1f MB while building them\n", copy / 1e6,
+              grew / 1e6);
+  EXPECT_LT(grew, copy + copy / 4) << "the mapped source pages were not released";
+
+  ThreadPool pool(2);
+  KvConfig cfg;
+  Session a(*plain, make_kv_policy(cfg, plain->kv_geometry(300)), pool);
+  Session b(*inter, make_kv_policy(cfg, inter->kv_geometry(300)), pool);
+  a.prefill(prompt);
+  b.prefill(prompt);
+  const int nv = plain->config().n_vocab;
+  double max_diff = 0;
+  for (int j = 0; j < nv; ++j) max_diff = std::max(max_diff, (double)std::fabs(a.logits()[j] - b.logits()[j]));
+  EXPECT_LT(max_diff, 1e-3);
+  EXPECT_EQ(argmax(a.logits().data(), nv), argmax(b.logits().data(), nv));
 }

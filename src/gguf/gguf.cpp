@@ -183,6 +183,15 @@ GgufFile::~GgufFile() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+void GgufFile::release_pages(const void* p, size_t n) const {
+  const uintptr_t lo = (uintptr_t)p, hi = lo + n;
+  SPC_CHECK(lo >= (uintptr_t)base_ && hi <= (uintptr_t)base_ + size_ && hi >= lo,
+            "%s: release_pages: range outside the mapping", path_.c_str());
+  const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  const uintptr_t a = (lo + page - 1) / page * page, b = hi / page * page;
+  if (a < b) (void)madvise((void*)a, b - a, MADV_DONTNEED);
+}
+
 void GgufFile::parse() {
   Cursor c(path_, base_, size_);
   const uint32_t magic = c.read<uint32_t>("magic");

@@ -80,6 +80,12 @@ class GgufFile {
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
   const GgufTensorInfo* find_tensor(std::string_view name) const;
 
+  // Drops the whole pages inside [p, p + n) (a range of this file's mapping) from the process's
+  // resident memory (madvise MADV_DONTNEED): for tensors the caller no longer reads, e.g. copied
+  // into another layout. Reading them again later is still valid (the pages fault back in from
+  // the page cache). Best effort: a failing madvise is ignored.
+  void release_pages(const void* p, size_t n) const;
+
  private:
   GgufFile() = default;
   void parse();

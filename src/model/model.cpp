@@ -128,17 +128,33 @@ KvGeometry Model::kv_geometry(int64_t n_ctx) const {
 
 void Model::set_int8_decode(bool on) {
   int8_decode_ = on;
-  if (!on || !i8x8_.empty()) return;
-  auto repack = [&](WeightView& w) {
-    const size_t bytes = i8x8_bytes(w);
-    if (bytes == 0) return;
-    i8x8_.emplace_back(bytes);
-    i8x8_repack(w, i8x8_.back().data());
-    w.i8x8 = i8x8_.back().data();
-  };
-  for (LayerWeights& L : layers_)
-    for (WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) repack(*w);
-  repack(w_out_);
+  if (on && i8x8_.empty()) {
+    // Each source matrix is released right after its copy is written, so the peak resident
+    // memory grows by about one matrix, not by all of them.
+    auto repack = [&](WeightView& w) {
+      const size_t bytes = i8x8_bytes(w);
+      if (bytes == 0) return;
+      i8x8_.emplace_back(bytes);
+      i8x8_repack(w, i8x8_.back().data());
+      i8x8_views_.emplace_back(&w, i8x8_.back().data());
+      if (w.data == tok_embd_.data && w.type == tok_embd_.type && w.n_in == tok_embd_.n_in &&
+          w.n_out == tok_embd_.n_out)
+        i8x8_views_.emplace_back(&tok_embd_, i8x8_.back().data());  // tied output: same rows
+      file_->release_pages(w.data, row_size(w.type, w.n_in) * (size_t)w.n_out);
+    };
+    for (LayerWeights& L : layers_)
+      for (WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) repack(*w);
+    repack(w_out_);
+  }
+  // On: every path reads the copies (see WeightView::i8x8). Off: every path reads the mapped
+  // file again, whose released pages fault back in.
+  for (auto& [w, copy] : i8x8_views_) w->i8x8 = on ? copy : nullptr;
+}
+
+size_t Model::int8_copy_bytes() const {
+  size_t n = 0;
+  for (const auto& c : i8x8_) n += c.size();
+  return n;
 }
 
 uint64_t Model::weight_bytes_per_token() const {

@@ -65,10 +65,15 @@ class Model {
   // Off by default. Set before decoding; applies to every session of this model.
   // Turning it on the first time also builds the row-interleaved copies of the decode matrices
   // that the int8 kernels read where the build has them (AVX-512 VNNI; Q4_0, Q4_1, Q8_0:
-  // i8x8_repack, 8 rows per dot product). They cost as much memory again as those matrices
-  // (~96 MB for SmolLM2-135M Q4_1); the original layout stays for prefill and the fp32 path.
+  // i8x8_repack, 8 rows per dot product; ~96 MB for SmolLM2-135M Q4_1). While it is on, prefill
+  // and the embedding lookup read the copies as well (identical values), and each source
+  // matrix's pages of the mapped GGUF are released as soon as it is copied, so the resident
+  // weights stay about one copy in size. Turning it off again detaches the copies: every path
+  // reads the original layout, whose pages fault back in.
   void set_int8_decode(bool on);
   bool int8_decode() const { return int8_decode_; }
+  // Bytes of the interleaved copies built by set_int8_decode (0 before, or without the kernels).
+  size_t int8_copy_bytes() const;
 
   // Prefill of `tokens` at positions [kv.n_cached(), ...), layer by layer, exact attention,
   // chunked (chunk rows at a time). On a non-empty cache (a continued prefill) the new tokens
@@ -104,6 +109,7 @@ class Model {
   std::vector<LayerWeights> layers_;
   bool int8_decode_ = false;
   std::vector<std::vector<uint8_t>> i8x8_;  // row-interleaved copies (set_int8_decode)
+  std::vector<std::pair<WeightView*, const uint8_t*>> i8x8_views_;  // matrix -> its copy
 };
 
 }  // namespace spc

@@ -406,7 +406,7 @@ FKernelFn fkernel_for(int r, int t) {
 // ---------------------------------------------------------------------------------------------
 
 struct Scratch {
-  std::vector<uint8_t> u;
+  std::vector<uint8_t> u, row;
   std::vector<float> sc8, mn2, f;
 };
 
@@ -414,6 +414,16 @@ struct Scratch {
 Scratch& thread_scratch() {
   thread_local Scratch s;
   return s;
+}
+
+// Row r of w in its GGUF layout: in w.data, or rebuilt from the interleaved copy into buf
+// (whose source pages the model may have released: see WeightView::i8x8).
+const uint8_t* row_bytes(const WeightView& w, int64_t r, std::vector<uint8_t>& buf) {
+  const size_t rs = row_size(w.type, w.n_in);
+  if (w.i8x8 == nullptr) return (const uint8_t*)w.data + (size_t)r * rs;
+  if (buf.size() < rs) buf.resize(rs);
+  i8x8_unpack_row(w, r, buf.data());
+  return buf.data();
 }
 
 // Per-call activation buffers, owned by the calling thread.
@@ -497,14 +507,17 @@ void f32q_tiles(const WeightView& w, const F32qAct& a, int64_t n_tok, float* y, 
 void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   const int64_t n = w.n_in, n_out = w.n_out;
   const size_t rs = row_size(w.type, n);
-  if (n_tok <= kFusedMaxTokens && f32q_for(w.type, 1, 1) != nullptr) {
+  // The fused kernels read w.data; with an interleaved copy (whose source pages the model
+  // released) every token count takes the row-block path, which reads the copy.
+  const bool fused = n_tok <= kFusedMaxTokens && w.i8x8 == nullptr;
+  if (fused && f32q_for(w.type, 1, 1) != nullptr) {
     // Decode, 32-element block types: blocks widened to fp32 in registers inside the kernel.
     const F32qAct a = f32q_prepare(w.type, x, n_tok, n);
     const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
     pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) { f32q_tiles(w, a, n_tok, y, tb, te); });
     return;
   }
-  if (n_tok <= kFusedMaxTokens && fdirect_for(w.type, 1, 1) != nullptr) {
+  if (fused && fdirect_for(w.type, 1, 1) != nullptr) {
     // Decode: weights read (and widened) straight from the matrix.
     const int64_t n_tiles = (n_out + kTileR - 1) / kTileR;
     pool.parallel_for(n_tiles, [&](int64_t tb, int64_t te, int) {
@@ -528,8 +541,7 @@ void matmul_float(const WeightView& w, const float* x, int64_t n_tok, float* y, 
       if (w.type == GgmlType::F32) {
         wf = (const float*)((const uint8_t*)w.data + rb0 * rs);
       } else {
-        for (int r = 0; r < RB; ++r)
-          dequantize_row(w.type, (const uint8_t*)w.data + (rb0 + r) * rs, s.f.data() + r * n, n);
+        for (int r = 0; r < RB; ++r) dequantize_row(w.type, row_bytes(w, rb0 + r, s.row), s.f.data() + r * n, n);
         wf = s.f.data();
       }
       for (int64_t c0 = 0; c0 < n_tok; c0 += kChunk) {
@@ -605,7 +617,6 @@ bool use_i8x8(const WeightView& w, int64_t n_tok) { return w.i8x8 != nullptr && 
 
 void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   const int64_t n = w.n_in, n_out = w.n_out, nvb = n / 32;
-  const size_t rs = row_size(w.type, n);
   const float off = (float)detail::unpack_offset(w.type);
 
   const QAct a = quant_prepare(x, n_tok, n, pool);
@@ -639,7 +650,7 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
       const int64_t rb0 = blk * kRowBlock;
       const int RB = (int)std::min<int64_t>(kRowBlock, n_out - rb0);
       for (int r = 0; r < RB; ++r) {
-        const uint8_t* row = (const uint8_t*)w.data + (rb0 + r) * rs;
+        const uint8_t* row = row_bytes(w, rb0 + r, s.row);
         float* m = mt + r * nvb * 2;
         const float* sc = sc8 + r * nvb * 8;
         if (fast) {
@@ -689,7 +700,7 @@ void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x
     validate(ws[i]);
     fuse = fuse && ws[i].n_in == ws[0].n_in &&
            (i8x8 || (int8_activations ? !is_float_type(ws[i].type) && fused_for(ws[i].type, 1, 1) != nullptr
-                                      : f32q_for(ws[i].type, 1, 1) != nullptr &&
+                                      : ws[i].i8x8 == nullptr && f32q_for(ws[i].type, 1, 1) != nullptr &&
                                             f32q_permuted(ws[i].type) == f32q_permuted(ws[0].type)));
   }
   if (!fuse) {
@@ -724,9 +735,8 @@ void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* d
   validate(w);
   SPC_CHECK(row0 >= 0 && n_rows >= 0 && row0 + n_rows <= w.n_out, "dequantize_rows: rows [%lld, %lld) outside [0, %lld)",
             (long long)row0, (long long)(row0 + n_rows), (long long)w.n_out);
-  const size_t rs = row_size(w.type, w.n_in);
-  for (int64_t r = 0; r < n_rows; ++r)
-    dequantize_row(w.type, (const uint8_t*)w.data + (row0 + r) * rs, dst + r * w.n_in, w.n_in);
+  Scratch& s = thread_scratch();
+  for (int64_t r = 0; r < n_rows; ++r) dequantize_row(w.type, row_bytes(w, row0 + r, s.row), dst + r * w.n_in, w.n_in);
 }
 
 }  // namespace spc

@@ -16,7 +16,10 @@ struct WeightView {
   const void* data;
   // Optional: the same matrix repacked by i8x8_repack (8 rows interleaved per block). When set,
   // decode matmuls with int8 activations read it instead of data (same results up to the order
-  // of float sums; see matmul_i8x8.cpp).
+  // of float sums; see matmul_i8x8.cpp), and every other path reads it too: fp32 activations
+  // at any token count take the row-block path (rows rebuilt by i8x8_unpack_row and dequantized
+  // to fp32: identical values), as do dequantize_rows and int8 matmuls of more than 8 tokens.
+  // So data is not read at all and its pages may be released (Model::set_int8_decode).
   const uint8_t* i8x8 = nullptr;
 };
 
@@ -45,6 +48,9 @@ void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x
 size_t i8x8_bytes(const WeightView& w);
 // Writes that copy (i8x8_bytes(w) bytes) to dst. Throws spc::Error where i8x8_bytes(w) is 0.
 void i8x8_repack(const WeightView& w, uint8_t* dst);
+// Row `row` of w in its GGUF layout (row_size(w.type, w.n_in) bytes to dst), rebuilt from w.i8x8:
+// byte for byte the row of w.data that i8x8_repack read. Throws spc::Error without a copy.
+void i8x8_unpack_row(const WeightView& w, int64_t row, uint8_t* dst);
 
 // dst[r*n_in + i] = W[row0 + r, i] for r in [0, n_rows) (get_rows / embedding lookup).
 void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* dst);

@@ -80,6 +80,28 @@ void i8x8_repack(const WeightView& w, uint8_t* dst) {
   }
 }
 
+void i8x8_unpack_row(const WeightView& w, int64_t row, uint8_t* dst) {
+  I8x8Geom g;
+  SPC_CHECK(w.i8x8 != nullptr && geom_of(w.type, g) && row >= 0 && row < w.n_out,
+            "i8x8_unpack_row: no interleaved copy of row %lld (type %s, %lld rows)", (long long)row,
+            type_name(w.type), (long long)w.n_out);
+  const int64_t nb = w.n_in / 32;
+  const int r = (int)(row % 8);
+  const uint8_t* rec = w.i8x8 + (size_t)(row / 8) * (size_t)nb * g.rec;
+  for (int64_t b = 0; b < nb; ++b, rec += g.rec, dst += g.src_block) {
+    std::memcpy(dst, rec + 2 * r, 2);                       // d
+    if (g.has_min) std::memcpy(dst + 2, rec + 16 + 2 * r, 2);  // m
+    const uint8_t* codes = rec + g.code_off;
+    if (g.q8) {
+      for (int k = 0; k < 8; ++k)
+        for (int i = 0; i < 4; ++i) dst[2 + 4 * k + i] = (uint8_t)(codes[32 * k + 4 * r + i] ^ 0x80);
+    } else {
+      uint8_t* qs = dst + (g.has_min ? 4 : 2);
+      for (int k = 0; k < 4; ++k) std::memcpy(qs + 4 * k, codes + 32 * k + 4 * r, 4);
+    }
+  }
+}
+
 namespace mmk {
 
 #if defined(SPC_MM_VNNI)

@@ -32,7 +32,7 @@ struct BenchArgs {
   int bandwidth_mib = 1024;
   int bandwidth_passes = 5;
   KvConfig kv;
-  bool int8_act = false;
+  ActArgs act;
 };
 
 std::string default_text_path() {
@@ -70,7 +70,7 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
   const std::string text = text_path.empty() ? "" : read_text_file(text_path);
 
   auto model = Model::load(a.model);
-  model->set_int8_decode(a.int8_act);
+  apply_act(a.act, *model);
   const ModelConfig& mc = model->config();
   std::unique_ptr<Tokenizer> tok;
   try {
@@ -118,7 +118,7 @@ Runner add_bench(CLI::App& app) {
   auto a = std::make_shared<BenchArgs>();
   CLI::App* sub = app.add_subcommand("bench", "measure prefill and decode speed across KV policies, depths and threads");
   sub->add_option("-m,--model", a->model, "GGUF model file")->required();
-  add_int8_act_flag(*sub, a->int8_act);
+  add_act_flags(*sub, a->act);
   sub->add_option("--policies", a->policies,
                   "comma-separated policy specs name[:bits], e.g. full,specache:1,kivi:2 (other knobs from --kv-*)")
       ->capture_default_str();

@@ -86,7 +86,7 @@ int run_eval_cmd(const CLI::App& app, EvalArgs& a) {
   o.share_prefix = !a.no_share_prefix;
 
   auto model = Model::load(a.m.model);
-  model->set_int8_decode(a.m.int8_act);
+  apply_act(a.m.act, *model);
   auto tok = Tokenizer::from_gguf(model->gguf());
   const ModelConfig& mc = model->config();
   for (int64_t L : o.lengths) {
@@ -138,7 +138,7 @@ Runner add_eval(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   CLI::App* sub = app.add_subcommand("eval", "quality of the KV policies: passkey, needle in a haystack, perplexity, agreement");
   add_model_flags(*sub, a->m);
-  add_int8_act_flag(*sub, a->m.int8_act);
+  add_act_flags(*sub, a->m.act);
   sub->get_option("--model")->required(false);  // not needed with --merge; checked in run_eval_cmd
   sub->add_option("--tasks", a->tasks, "comma-separated: passkey, niah, ppl, agree")->capture_default_str();
   sub->add_option("--policies", a->policies, "comma-separated policy[:bits] list")->capture_default_str();

@@ -58,7 +58,7 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
   check_kv_combination(app, a.kv);
   std::string text = a.prompt_file.empty() ? a.prompt : read_text_file(a.prompt_file);
   auto model = Model::load(a.m.model);
-  model->set_int8_decode(a.m.int8_act);
+  const std::string decode_act = apply_act(a.m.act, *model);
   const ModelConfig& mc = model->config();
   auto tok = Tokenizer::from_gguf(model->gguf());
   SPC_CHECK(tok->n_vocab() == mc.n_vocab, "%s: tokenizer has %d tokens but the embedding has %d rows",
@@ -112,7 +112,7 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
                     {"prefill_tok_per_s", t.prefill_ms > 0 ? t.prefill_tokens * 1000.0 / t.prefill_ms : 0},
                     {"decode_ms_per_token", dms},
                     {"decode_tok_per_s", dms > 0 ? 1000.0 / dms : 0},
-                    {"decode_act", a.m.int8_act ? "int8" : "fp32"}};
+                    {"decode_act", decode_act}};
     nlohmann::json kv = {{"policy", ks.policy}, {"fast_bytes", ks.fast_bytes}, {"slow_bytes", ks.slow_bytes}};
     if (a.kv.policy != "full") {
       kv["fetched_bytes_per_step"] = ks.fetched_bytes_per_step;
@@ -146,7 +146,7 @@ Runner add_generate(CLI::App& app) {
   auto a = std::make_shared<GenerateArgs>();
   CLI::App* sub = app.add_subcommand("generate", "generate text from a prompt");
   add_model_flags(*sub, a->m);
-  add_int8_act_flag(*sub, a->m.int8_act);
+  add_act_flags(*sub, a->m.act);
   sub->add_option("-p,--prompt", a->prompt, "prompt text");
   sub->add_option("-f,--file", a->prompt_file, "read the prompt from a file");
   sub->add_option("-n,--n-predict", a->n_predict, "tokens to generate (-1: until EOS or context end)")->check(CLI::Range(-1, 1 << 30))->capture_default_str();

@@ -5,18 +5,28 @@
 #include <string>
 
 #include "kv/kv_policy.h"
+#include "model/model.h"
 
 namespace spc::cli {
 
 // Flags every model-running subcommand takes.
+// Activations of the decode matmuls: --act auto|int8|fp32, and --int8-act (= --act int8).
+struct ActArgs {
+  std::string act = "auto";
+  bool int8_flag = false;
+};
 struct ModelArgs {
   std::string model;
   int threads = 0;  // 0: all hardware threads
-  bool int8_act = false;  // --int8-act: decode matmuls with int8 activations
+  ActArgs act;
 };
 void add_model_flags(CLI::App& app, ModelArgs& a);
-// --int8-act (decode matmuls with int8 activations), for subcommands that run decode steps.
-void add_int8_act_flag(CLI::App& app, bool& on);
+// --act and --int8-act, for subcommands that run decode steps.
+void add_act_flags(CLI::App& app, ActArgs& a);
+// Sets the model's decode activations from those flags and returns what it chose ("int8" or
+// "fp32"). auto: int8 where the build has the interleaved int8 kernels (AVX-512 VNNI) for the
+// model's matrices (Q4_0, Q4_1, Q8_0), else fp32.
+std::string apply_act(const ActArgs& a, Model& m);
 int resolve_threads(int requested);
 
 // --kv* flags.

@@ -2,8 +2,9 @@
 """Peer comparison: llama.cpp (through llama-cpp-python) against `specache bench --policies full`.
 
 Same GGUF, same prompt length (depth), same thread count, greedy decode of --gen tokens. specache
-runs twice: with its default fp32 decode activations and with --int8-act (int8 activations, what
-llama.cpp's CPU matmuls use; --no-int8 skips that row). Prints all side by side and writes a JSON file. Not part of CI: the first run creates a throwaway venv and
+runs twice: with --act int8 (int8 decode activations, what llama.cpp's CPU matmuls use, and
+specache's default on AVX-512 VNNI) and with --act fp32 (--no-fp32 skips that row). Prints all
+side by side and writes a JSON file. Not part of CI: the first run creates a throwaway venv and
 pip-installs llama-cpp-python, which compiles llama.cpp from source (several minutes on 2 cores).
 
   python3 scripts/bench_llamacpp.py --depths 2048 --threads 2 --json /tmp/peer.json
@@ -132,12 +133,11 @@ def bench_llamacpp(args, depth, threads):
     }
 
 
-def bench_specache(args, depth, threads, int8_act=False):
+def bench_specache(args, depth, threads, act):
     out = f"/tmp/specache-peer-{os.getpid()}-{depth}-{threads}.json"
     cmd = [args.specache, "bench", "-m", args.model, "--policies", "full", "--depths", str(depth), "-t", str(threads),
-           "--gen", str(args.gen), "--warmup", str(args.warmup), "--reps", str(args.reps), "--json", out]
-    if int8_act:
-        cmd += ["--int8-act"]
+           "--gen", str(args.gen), "--warmup", str(args.warmup), "--reps", str(args.reps), "--json", out,
+           "--act", act]
     if args.prompt_file and os.path.exists(args.prompt_file):
         cmd += ["--prompt-file", args.prompt_file]
     else:
@@ -149,7 +149,7 @@ def bench_specache(args, depth, threads, int8_act=False):
     os.unlink(out)
     row = rep["rows"][0]
     return {
-        "engine": "specache-i8" if int8_act else "specache",
+        "engine": "specache" if act == "int8" else "specache-f32",
         "version": rep["build"]["git_commit"],
         "decode_act": rep.get("decode_act", "fp32"),
         "depth": depth,
@@ -176,8 +176,8 @@ def main():
     ap.add_argument("--venv", default=DEFAULT_VENV)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--skip-specache", action="store_true")
-    ap.add_argument("--no-int8", action="store_true",
-                    help="skip the specache row with --int8-act (int8 decode activations, as llama.cpp uses)")
+    ap.add_argument("--no-fp32", action="store_true",
+                    help="skip the specache row with --act fp32 (fp32 decode activations)")
     args = ap.parse_args()
     ensure_venv(args.venv)
 
@@ -187,9 +187,9 @@ def main():
             print(f"llama.cpp: depth {d}, {t} thread(s)", file=sys.stderr)
             results.append(bench_llamacpp(args, d, t))
             if not args.skip_specache:
-                results.append(bench_specache(args, d, t))
-                if not args.no_int8:
-                    results.append(bench_specache(args, d, t, int8_act=True))
+                results.append(bench_specache(args, d, t, "int8"))
+                if not args.no_fp32:
+                    results.append(bench_specache(args, d, t, "fp32"))
 
     print(f"{'engine':<10} {'depth':>6} {'thr':>3} {'prefill tok/s':>14} {'decode ms/tok':>14} {'p25 .. p75':>18} {'tok/s':>7}")
     for r in results:

@@ -86,7 +86,7 @@ def main():
 
     full = results["full"]
     print()
-    print(f"prompt tokens: {len(full['prompt_tokens'])}")
+    print(f"prompt tokens: {len(full['prompt_tokens'])}, decode activations: {full['timings']['decode_act']}")
     for name, r in results.items():
         kv, t = r["kv"], r["timings"]
         print(f"[{name:16s}] answer: {r['text'].strip()[:100]!r}")

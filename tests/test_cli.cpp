@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "ops/matmul.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -272,14 +273,37 @@ TEST(Cli, GenerateJsonIsOneObjectWithTheDocumentedKeys) {
   EXPECT_GE(kv["slow_bytes"].get<double>(), 0);
 }
 
-TEST(Cli, Int8ActFlagIsRecorded) {
+// --act auto (the default) picks int8 only where the interleaved int8 kernels serve the model's
+// matrices: never for stories260K's F32 weights; for SmolLM2's Q4_1 exactly when the build has
+// them.
+TEST(Cli, DecodeActivationsAreChosenAndRecorded) {
   SKIP_IF_MISSING(stories_path());
+  auto act_of = [](const RunResult& r) { return parse_single_json(r)["timings"]["decode_act"].get<std::string>(); };
   RunResult r = run_cli(gen_args({"-p", "Once", "-n", "4", "--json", "--temp", "0"}));
   expect_success(r);
-  EXPECT_EQ(parse_single_json(r)["timings"]["decode_act"], "fp32");
-  r = run_cli(gen_args({"-p", "Once", "-n", "4", "--json", "--temp", "0", "--int8-act"}));
-  expect_success(r);
-  EXPECT_EQ(parse_single_json(r)["timings"]["decode_act"], "int8");
+  EXPECT_EQ(act_of(r), "fp32");
+  for (const char* flag : {"--int8-act", "--act=int8"}) {
+    r = run_cli(gen_args({"-p", "Once", "-n", "4", "--json", "--temp", "0", flag}));
+    expect_success(r);
+    EXPECT_EQ(act_of(r), "int8") << flag;
+  }
+  expect_failure(run_cli(gen_args({"-p", "Once", "--act", "int4"})), "act");
+  expect_failure(run_cli(gen_args({"-p", "Once", "--act", "fp32", "--int8-act"})), "int8-act");
+
+  const std::string smol = default_model_path();
+  if (!fs::exists(smol)) GTEST_SKIP() << "no " << smol << ": the auto choice on Q4_1 is not checked";
+  auto smol_args = [&](const char* act) {
+    return std::vector<std::string>{"generate", "-m", smol, "-t", "2", "-p", "The capital of France is",
+                                    "-n", "1", "--json", "--act", act};
+  };
+  const RunResult a = run_cli(smol_args("auto")), i = run_cli(smol_args("int8")), f = run_cli(smol_args("fp32"));
+  expect_success(a);
+  expect_success(i);
+  expect_success(f);
+  EXPECT_EQ(act_of(i), "int8");
+  EXPECT_EQ(act_of(f), "fp32");
+  const bool have_kernels = spc::i8x8_bytes(spc::WeightView{spc::GgmlType::Q4_1, 64, 8, nullptr}) > 0;
+  EXPECT_EQ(act_of(a), have_kernels ? "int8" : "fp32");
 }
 
 TEST(Cli, GreedyGenerationIsRepeatable) {

@@ -158,7 +158,7 @@ struct BenchReport {
   BuildInfo build;
   std::string cpu;
   int hardware_threads = 0;
-  std::string decode_act = "fp32";  // activations of the decode matmuls: fp32, or int8 (--int8-act)
+  std::string decode_act = "fp32";  // activations of the decode matmuls: fp32 or int8 (--act)
   std::string measurement;  // one sentence on what the numbers are
   bool interleaved = false;  // BenchOptions::interleave
   std::vector<BandwidthResult> bandwidth;  // empty without --bandwidth

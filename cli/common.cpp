@@ -19,8 +19,8 @@ void add_act_flags(CLI::App& app, ActArgs& a) {
   CLI::Option* act =
       app.add_option("--act", a.act,
                      "activations of the decode matmuls: int8 (quantized per block of 32 for integer dot products, as "
-                     "llama.cpp does; mean KL ~1e-3 from fp32), fp32 (exact), or auto (int8 where the build has the "
-                     "interleaved AVX-512 VNNI kernels for the model's Q4_0/Q4_1/Q8_0 matrices, else fp32)")
+                     "llama.cpp does; mean KL ~1e-3 from fp32), fp32 (exact), or auto (int8 where the build has SIMD "
+                     "int8 kernels, AVX-512 VNNI or AVX2, for the model's quantized matrices, else fp32)")
           ->check(CLI::IsMember({"auto", "int8", "fp32"}))
           ->capture_default_str();
   app.add_flag("--int8-act", a.int8_flag, "the same as --act int8")->excludes(act);
@@ -28,12 +28,7 @@ void add_act_flags(CLI::App& app, ActArgs& a) {
 
 std::string apply_act(const ActArgs& a, Model& m) {
   const std::string act = a.int8_flag ? "int8" : a.act;
-  if (act == "fp32") {
-    m.set_int8_decode(false);
-  } else {
-    m.set_int8_decode(true);
-    if (act == "auto" && m.int8_copy_bytes() == 0) m.set_int8_decode(false);
-  }
+  m.set_int8_decode(act == "int8" || (act == "auto" && m.int8_decode_supported()));
   return m.int8_decode() ? "int8" : "fp32";
 }
 

@@ -24,8 +24,8 @@ void add_model_flags(CLI::App& app, ModelArgs& a);
 // --act and --int8-act, for subcommands that run decode steps.
 void add_act_flags(CLI::App& app, ActArgs& a);
 // Sets the model's decode activations from those flags and returns what it chose ("int8" or
-// "fp32"). auto: int8 where the build has the interleaved int8 kernels (AVX-512 VNNI) for the
-// model's matrices (Q4_0, Q4_1, Q8_0), else fp32.
+// "fp32"). auto: int8 where the build has SIMD int8 kernels for the model's quantized matrices
+// (Model::int8_decode_supported), else fp32.
 std::string apply_act(const ActArgs& a, Model& m);
 int resolve_threads(int requested);
 

@@ -3,7 +3,7 @@
 
 Same GGUF, same prompt length (depth), same thread count, greedy decode of --gen tokens. specache
 runs twice: with --act int8 (int8 decode activations, what llama.cpp's CPU matmuls use, and
-specache's default on AVX-512 VNNI) and with --act fp32 (--no-fp32 skips that row). Prints all
+specache's default for quantized models on SIMD builds) and with --act fp32 (--no-fp32 skips that row). Prints all
 side by side and writes a JSON file. Not part of CI: the first run creates a throwaway venv and
 pip-installs llama-cpp-python, which compiles llama.cpp from source (several minutes on 2 cores).
 

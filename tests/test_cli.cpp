@@ -273,9 +273,8 @@ TEST(Cli, GenerateJsonIsOneObjectWithTheDocumentedKeys) {
   EXPECT_GE(kv["slow_bytes"].get<double>(), 0);
 }
 
-// --act auto (the default) picks int8 only where the interleaved int8 kernels serve the model's
-// matrices: never for stories260K's F32 weights; for SmolLM2's Q4_1 exactly when the build has
-// them.
+// --act auto (the default) picks int8 only where SIMD int8 kernels serve the model's matrices:
+// never for stories260K's F32 weights; for SmolLM2's Q4_1 exactly when the build has them.
 TEST(Cli, DecodeActivationsAreChosenAndRecorded) {
   SKIP_IF_MISSING(stories_path());
   auto act_of = [](const RunResult& r) { return parse_single_json(r)["timings"]["decode_act"].get<std::string>(); };
@@ -302,7 +301,7 @@ TEST(Cli, DecodeActivationsAreChosenAndRecorded) {
   expect_success(f);
   EXPECT_EQ(act_of(i), "int8");
   EXPECT_EQ(act_of(f), "fp32");
-  const bool have_kernels = spc::i8x8_bytes(spc::WeightView{spc::GgmlType::Q4_1, 64, 8, nullptr}) > 0;
+  const bool have_kernels = spc::has_int8_decode_kernel(spc::GgmlType::Q4_1);
   EXPECT_EQ(act_of(a), have_kernels ? "int8" : "fp32");
 }
 

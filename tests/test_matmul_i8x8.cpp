@@ -190,3 +190,15 @@ TEST(MatmulI8x8, CopyServesPrefillAndRowLookups) {
     }
   }
 }
+
+// What --act auto asks: SIMD int8 decode kernels exist for the block types on every SIMD level
+// (interleaved with VNNI, row-major on AVX2) and never for float weights.
+TEST(MatmulI8x8, Int8KernelAvailability) {
+  for (GgmlType t : {GgmlType::F32, GgmlType::F16, GgmlType::BF16}) EXPECT_FALSE(has_int8_decode_kernel(t)) << type_name(t);
+  if (have_kernel()) {
+    for (GgmlType t : kTypes) EXPECT_TRUE(has_int8_decode_kernel(t)) << type_name(t);
+  }
+#if defined(__AVX2__) && defined(__FMA__)
+  for (GgmlType t : kTypes) EXPECT_TRUE(has_int8_decode_kernel(t)) << type_name(t);
+#endif
+}

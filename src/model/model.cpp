@@ -157,6 +157,14 @@ size_t Model::int8_copy_bytes() const {
   return n;
 }
 
+bool Model::int8_decode_supported() const {
+  bool any = has_int8_decode_kernel(w_out_.type);
+  for (const LayerWeights& L : layers_)
+    for (const WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down})
+      any = any || has_int8_decode_kernel(w->type);
+  return any;
+}
+
 uint64_t Model::weight_bytes_per_token() const {
   auto bytes = [](const WeightView& w) { return (uint64_t)row_size(w.type, w.n_in) * w.n_out; };
   uint64_t total = bytes(w_out_) + row_size(tok_embd_.type, tok_embd_.n_in);

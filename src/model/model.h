@@ -74,6 +74,9 @@ class Model {
   bool int8_decode() const { return int8_decode_; }
   // Bytes of the interleaved copies built by set_int8_decode (0 before, or without the kernels).
   size_t int8_copy_bytes() const;
+  // True when this build has SIMD int8 decode kernels for the model's decode matrices (any of
+  // them quantized to a type has_int8_decode_kernel covers): where int8 decode pays off.
+  bool int8_decode_supported() const;
 
   // Prefill of `tokens` at positions [kv.n_cached(), ...), layer by layer, exact attention,
   // chunked (chunk rows at a time). On a non-empty cache (a continued prefill) the new tokens

@@ -731,6 +731,10 @@ void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x
   }
 }
 
+bool has_int8_decode_kernel(GgmlType t) {
+  return !is_float_type(t) && quant_type_supported(t) && (mmk::i8x8_for(t, 1) != nullptr || fused_for(t, 1, 1) != nullptr);
+}
+
 void dequantize_rows(const WeightView& w, int64_t row0, int64_t n_rows, float* dst) {
   validate(w);
   SPC_CHECK(row0 >= 0 && n_rows >= 0 && row0 + n_rows <= w.n_out, "dequantize_rows: rows [%lld, %lld) outside [0, %lld)",

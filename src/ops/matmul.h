@@ -43,6 +43,10 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
 void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x, int64_t n_tok, ThreadPool& pool,
                  bool int8_activations = false);
 
+// True when this build has a SIMD int8-activation decode kernel for weights of type t (AVX-512
+// VNNI, or AVX2): what int8_activations = true runs at decode sizes; false for F32/F16/BF16.
+bool has_int8_decode_kernel(GgmlType t);
+
 // Bytes of the row-interleaved copy of w for the int8 decode kernels (Q4_0, Q4_1, Q8_0 with
 // n_out a multiple of 8, on builds with AVX-512 VL + VNNI); 0 where there is none.
 size_t i8x8_bytes(const WeightView& w);

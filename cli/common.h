@@ -9,12 +9,12 @@
 
 namespace spc::cli {
 
-// Flags every model-running subcommand takes.
 // Activations of the decode matmuls: --act auto|int8|fp32, and --int8-act (= --act int8).
 struct ActArgs {
   std::string act = "auto";
   bool int8_flag = false;
 };
+// Flags every model-running subcommand takes.
 struct ModelArgs {
   std::string model;
   int threads = 0;  // 0: all hardware threads

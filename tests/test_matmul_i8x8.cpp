@@ -151,10 +151,10 @@ TEST(MatmulI8x8, UnsupportedShapesAndTypes) {
   for (size_t i = 0; i < yi.size(); ++i) EXPECT_NEAR(yi[i], yr[i], 1e-4f + 1e-5f * std::fabs(yr[i])) << i;
 }
 
-// With the interleaved copy, the model releases the row-major pages, so everything but the fp32
-// decode kernels must read the copy: rows rebuilt by i8x8_unpack_row are the original bytes, and
-// the prefill paths (row blocks dequantized to fp32, or unpacked for int8 activations) and the
-// row lookups give bit-identical results with the row-major data replaced by garbage.
+// With the interleaved copy, the model releases the row-major pages, so every path must read the
+// copy: rows rebuilt by i8x8_unpack_row are the original bytes, and the prefill paths (row blocks
+// dequantized to fp32, or unpacked for int8 activations) and the row lookups give bit-identical
+// results with the row-major data replaced by garbage (the decode sizes: the test above).
 TEST(MatmulI8x8, CopyServesPrefillAndRowLookups) {
   if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI)";
   std::mt19937 rng(14);

@@ -479,10 +479,11 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   auto Q = [&](int h, int iq) { return qs_.data() + ((size_t)h * n_q + iq) * d; };
 
   // Chunks of key blocks, two per thread over the layer's heads (SmolLM2 on 2 threads: two per
-  // head, 3/4 and 1/4 of it, which the task order balances). Each chunk pays its own top-k lookups, query quantization, kernel entry, partial
-  // softmax state and merge, and a pass of the selection; in-process pairs at 2K and 8K had two
-  // per thread 4-6% faster per decode step than eight, in both of the host's states (one per
-  // thread swung between 0.89x and 1.03x, with the tail of three tasks on two threads).
+  // head, 3/4 and 1/4 of it, which the task order balances). Each chunk pays its own top-k
+  // lookups, query quantization, kernel entry, partial softmax state and merge, and a pass of the
+  // selection: in-process pairs had two per thread 4-6% faster per decode step than eight at 2K
+  // and 8K, in both of the host's states, and 10% at 32K (one per thread swung between 0.89x and
+  // 1.03x with the host's state: three equal tasks on two threads).
   const int64_t blocks_per_chunk = std::max<int64_t>(8, (n_blocks * nkv + 2 * pool.size() - 1) / (2 * pool.size()));
   const int64_t n_chunks = n_blocks ? (n_blocks + blocks_per_chunk - 1) / blocks_per_chunk : 0;
   const int64_t chunk_tok = blocks_per_chunk * g;

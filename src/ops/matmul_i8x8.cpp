@@ -54,30 +54,47 @@ size_t i8x8_bytes(const WeightView& w) {
   return (size_t)(w.n_out / 8) * (size_t)(w.n_in / 32) * g.rec;
 }
 
+namespace {
+
+// Row r's fields of one 32-element block, between its GGUF block blk and its group's record rec:
+// into the record (Pack: blk is only read) or back out of it (rec is only read). The one place
+// that knows where a row's scale, minimum and codes sit in a record.
+template <bool Pack>
+void move_block(const I8x8Geom& g, uint8_t* rec, int r, uint8_t* blk) {
+  auto mv = [](uint8_t* in_rec, uint8_t* in_blk, size_t n) {
+    if constexpr (Pack) std::memcpy(in_rec, in_blk, n);
+    else std::memcpy(in_blk, in_rec, n);
+  };
+  mv(rec + 2 * r, blk, 2);                          // d
+  if (g.has_min) mv(rec + 16 + 2 * r, blk + 2, 2);  // m
+  uint8_t* codes = rec + g.code_off;
+  uint8_t* qs = blk + (g.has_min ? 4 : 2);
+  if (g.q8) {  // int8 codes stored as u8 (code + 128): the same xor both ways
+    for (int k = 0; k < 8; ++k)
+      for (int i = 0; i < 4; ++i) {
+        uint8_t& c = codes[32 * k + 4 * r + i];
+        uint8_t& q = qs[4 * k + i];
+        if constexpr (Pack) c = (uint8_t)(q ^ 0x80);
+        else q = (uint8_t)(c ^ 0x80);
+      }
+  } else {
+    for (int k = 0; k < 4; ++k) mv(codes + 32 * k + 4 * r, qs + 4 * k, 4);
+  }
+}
+
+}  // namespace
+
 void i8x8_repack(const WeightView& w, uint8_t* dst) {
   I8x8Geom g;
   SPC_CHECK(i8x8_bytes(w) > 0 && geom_of(w.type, g), "i8x8_repack: unsupported matrix (type %s, %lld x %lld)",
             type_name(w.type), (long long)w.n_out, (long long)w.n_in);
   const int64_t nb = w.n_in / 32;
   const size_t rs = (size_t)nb * g.src_block;
-  const uint8_t* src = (const uint8_t*)w.data;
-  for (int64_t grp = 0; grp < w.n_out / 8; ++grp) {
-    for (int64_t b = 0; b < nb; ++b, dst += g.rec) {
-      for (int r = 0; r < 8; ++r) {
-        const uint8_t* blk = src + (size_t)(grp * 8 + r) * rs + (size_t)b * g.src_block;
-        std::memcpy(dst + 2 * r, blk, 2);                       // d
-        if (g.has_min) std::memcpy(dst + 16 + 2 * r, blk + 2, 2);  // m
-        uint8_t* codes = dst + g.code_off;
-        if (g.q8) {
-          for (int k = 0; k < 8; ++k)
-            for (int i = 0; i < 4; ++i) codes[32 * k + 4 * r + i] = (uint8_t)(blk[2 + 4 * k + i] ^ 0x80);
-        } else {
-          const uint8_t* qs = blk + (g.has_min ? 4 : 2);
-          for (int k = 0; k < 4; ++k) std::memcpy(codes + 32 * k + 4 * r, qs + 4 * k, 4);
-        }
-      }
-    }
-  }
+  uint8_t* src = const_cast<uint8_t*>((const uint8_t*)w.data);  // only read (move_block<true>)
+  for (int64_t grp = 0; grp < w.n_out / 8; ++grp)
+    for (int64_t b = 0; b < nb; ++b, dst += g.rec)
+      for (int r = 0; r < 8; ++r)
+        move_block<true>(g, dst, r, src + (size_t)(grp * 8 + r) * rs + (size_t)b * g.src_block);
 }
 
 void i8x8_unpack_row(const WeightView& w, int64_t row, uint8_t* dst) {
@@ -86,20 +103,8 @@ void i8x8_unpack_row(const WeightView& w, int64_t row, uint8_t* dst) {
             "i8x8_unpack_row: no interleaved copy of row %lld (type %s, %lld rows)", (long long)row,
             type_name(w.type), (long long)w.n_out);
   const int64_t nb = w.n_in / 32;
-  const int r = (int)(row % 8);
-  const uint8_t* rec = w.i8x8 + (size_t)(row / 8) * (size_t)nb * g.rec;
-  for (int64_t b = 0; b < nb; ++b, rec += g.rec, dst += g.src_block) {
-    std::memcpy(dst, rec + 2 * r, 2);                       // d
-    if (g.has_min) std::memcpy(dst + 2, rec + 16 + 2 * r, 2);  // m
-    const uint8_t* codes = rec + g.code_off;
-    if (g.q8) {
-      for (int k = 0; k < 8; ++k)
-        for (int i = 0; i < 4; ++i) dst[2 + 4 * k + i] = (uint8_t)(codes[32 * k + 4 * r + i] ^ 0x80);
-    } else {
-      uint8_t* qs = dst + (g.has_min ? 4 : 2);
-      for (int k = 0; k < 4; ++k) std::memcpy(qs + 4 * k, codes + 32 * k + 4 * r, 4);
-    }
-  }
+  uint8_t* rec = const_cast<uint8_t*>(w.i8x8) + (size_t)(row / 8) * (size_t)nb * g.rec;  // only read
+  for (int64_t b = 0; b < nb; ++b, rec += g.rec, dst += g.src_block) move_block<false>(g, rec, (int)(row % 8), dst);
 }
 
 namespace mmk {

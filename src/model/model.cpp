@@ -142,9 +142,7 @@ void Model::set_int8_decode(bool on) {
         i8x8_views_.emplace_back(&tok_embd_, i8x8_.back().data());  // tied output: same rows
       file_->release_pages(w.data, row_size(w.type, w.n_in) * (size_t)w.n_out);
     };
-    for (LayerWeights& L : layers_)
-      for (WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) repack(*w);
-    repack(w_out_);
+    for_each_decode_matrix(*this, repack);
   }
   // On: every path reads the copies (see WeightView::i8x8). Off: every path reads the mapped
   // file again, whose released pages fault back in.
@@ -158,18 +156,14 @@ size_t Model::int8_copy_bytes() const {
 }
 
 bool Model::int8_decode_supported() const {
-  bool any = has_int8_decode_kernel(w_out_.type);
-  for (const LayerWeights& L : layers_)
-    for (const WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down})
-      any = any || has_int8_decode_kernel(w->type);
+  bool any = false;
+  for_each_decode_matrix(*this, [&](const WeightView& w) { any = any || has_int8_decode_kernel(w.type); });
   return any;
 }
 
 uint64_t Model::weight_bytes_per_token() const {
-  auto bytes = [](const WeightView& w) { return (uint64_t)row_size(w.type, w.n_in) * w.n_out; };
-  uint64_t total = bytes(w_out_) + row_size(tok_embd_.type, tok_embd_.n_in);
-  for (const auto& L : layers_)
-    total += bytes(L.wq) + bytes(L.wk) + bytes(L.wv) + bytes(L.wo) + bytes(L.w_gate) + bytes(L.w_up) + bytes(L.w_down);
+  uint64_t total = row_size(tok_embd_.type, tok_embd_.n_in);  // one embedding row
+  for_each_decode_matrix(*this, [&](const WeightView& w) { total += (uint64_t)row_size(w.type, w.n_in) * w.n_out; });
   return total;
 }
 

@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <initializer_list>
 #include <vector>
 
 #include "gguf/gguf.h"
@@ -104,6 +105,13 @@ class Model {
            float* v, ThreadPool& pool, bool i8) const;
   void ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, ThreadPool& pool, bool i8) const;
   void output(const float* x, int64_t n, ForwardScratch& s, float* logits, ThreadPool& pool, bool i8) const;
+  // f(w) for every matrix a decode step reads in full: each layer's seven, then the output.
+  template <class Self, class F>
+  static void for_each_decode_matrix(Self& self, F&& f) {
+    for (auto& L : self.layers_)
+      for (auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) f(*w);
+    f(self.w_out_);
+  }
 
   std::unique_ptr<GgufFile> file_;
   ModelConfig cfg_;

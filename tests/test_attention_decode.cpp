@@ -208,6 +208,57 @@ TEST(VecMath, ExpApproxIsCloseAndZeroBelowTheRange) {
   EXPECT_NEAR(l, 1.0 + std::exp(-0.5), 1e-6);
 }
 
+// exp_fast (the low-bit value sums' softmax numerators): within 4e-6 of exp over the softmax range
+// (the polynomial's 2.7e-6, plus log2(e) rounded to float at the bottom of the range), exactly 0
+// below -87 and for -inf, and the scalar, AVX2 and AVX-512 forms bit for bit the same (so results
+// do not depend on the machine's SIMD level).
+TEST(VecMath, ExpFastIsCloseZeroBelowTheRangeAndOneValueOnEveryPath) {
+  double worst = 0;
+  for (float x = -87.0f; x <= 0.0f; x += 0.00731f) {
+    const double e = std::exp((double)x);
+    worst = std::max(worst, std::fabs(exp_fast(x) - e) / e);
+  }
+  EXPECT_LT(worst, 4e-6);
+  EXPECT_GT(worst, 1e-7);  // (it is the cheap form, not exp_approx)
+  EXPECT_NEAR(exp_fast(0.0f), 1.0f, 1e-6f);
+  EXPECT_EQ(exp_fast(-87.01f), 0.0f);
+  EXPECT_EQ(exp_fast(-1000.0f), 0.0f);
+  EXPECT_EQ(exp_fast(-INFINITY), 0.0f);
+  EXPECT_GT(exp_fast(-87.0f), 0.0f);
+
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(-95.0f, 3.0f);
+  const int n = 16 * 7 + 5;  // vector bodies and a scalar tail
+  std::vector<float> x(n);
+  for (auto& v : x) v = u(rng);
+  x[3] = -INFINITY;
+  x[20] = 3.0f;  // the maximum: exp_fast(0)
+  std::vector<float> got = x;
+  const float l = vec_exp_fast_shift_sum(got.data(), n, 3.0f);
+  double sum = 0;
+  for (int i = 0; i < n; ++i) {
+    const float want = exp_fast(x[i] - 3.0f);
+    ASSERT_EQ(got[i], want) << "i=" << i << " x=" << x[i];
+    sum += want;
+  }
+  EXPECT_NEAR(l, sum, 1e-6 * sum);
+  EXPECT_EQ(got[3], 0.0f);
+#if defined(SPC_VEC_HAVE_AVX2)
+  for (int i = 0; i + 8 <= n; i += 8) {
+    alignas(32) float e[8];
+    _mm256_store_ps(e, exp_fast8(_mm256_sub_ps(_mm256_loadu_ps(x.data() + i), _mm256_set1_ps(3.0f))));
+    for (int j = 0; j < 8; ++j) ASSERT_EQ(e[j], exp_fast(x[i + j] - 3.0f)) << "AVX2, i=" << i + j;
+  }
+#endif
+#if defined(__AVX512F__)
+  for (int i = 0; i + 16 <= n; i += 16) {
+    alignas(64) float e[16];
+    _mm512_store_ps(e, exp_fast16(_mm512_sub_ps(_mm512_loadu_ps(x.data() + i), _mm512_set1_ps(3.0f))));
+    for (int j = 0; j < 16; ++j) ASSERT_EQ(e[j], exp_fast(x[i + j] - 3.0f)) << "AVX-512, i=" << i + j;
+  }
+#endif
+}
+
 // The FFN gate: silu(g) * u against a double reference, over vector bodies and tails, including
 // gates far in both saturated ranges (silu -> g for large g, -> 0 for very negative g).
 TEST(VecMath, SiluMulMatchesDoubleReference) {

@@ -700,7 +700,7 @@ TEST(LowBit, ScoreKeysExDebiasAndRowMax) {
   EXPECT_THROW(lowbit_score_keys_ex(sp, blocks.data(), 1, q.data(), 1, 64, s.data(), 64, -1.0f, nullptr), Error);
 }
 
-// lowbit_softmax_values equals vec_exp_shift_sum per row followed by lowbit_accumulate_values:
+// lowbit_softmax_values equals vec_exp_fast_shift_sum per row followed by lowbit_accumulate_values:
 // the same numerators written over the scores (-inf gives 0), the same value sums, the row sums
 // to float rounding. Includes several value groups per token (d = 128, g = 32).
 TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
@@ -721,7 +721,7 @@ TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
       }
       const auto init = gaussian((size_t)nq * os, 6, 0.1f);
       std::vector<float> p_ref = sc, p_got = sc, o_ref = init, o_got = init, l_ref(nq), l_got(nq);
-      for (int iq = 0; iq < nq; ++iq) l_ref[iq] = vec_exp_shift_sum(p_ref.data() + iq * ss, n_tok, m[iq]);
+      for (int iq = 0; iq < nq; ++iq) l_ref[iq] = vec_exp_fast_shift_sum(p_ref.data() + iq * ss, n_tok, m[iq]);
       lowbit_accumulate_values(sp, vals.data(), nb, p_ref.data(), nq, ss, o_ref.data(), os);
       lowbit_softmax_values(sp, vals.data(), nb, p_got.data(), nq, ss, m.data(), l_got.data(), o_got.data(), os);
       for (int iq = 0; iq < nq; ++iq) {

@@ -520,7 +520,7 @@ void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_
   }
 #endif
   for (int iq = 0; iq < n_q; ++iq)
-    l[iq] = vec_exp_shift_sum(s + (size_t)iq * s_stride, (int64_t)n_blocks * spec.group, m[iq]);
+    l[iq] = vec_exp_fast_shift_sum(s + (size_t)iq * s_stride, (int64_t)n_blocks * spec.group, m[iq]);
   lowbit_accumulate_values(spec, values, n_blocks, s, n_q, s_stride, out, out_stride);
 }
 

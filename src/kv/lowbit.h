@@ -148,9 +148,11 @@ void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int
 void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                           size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max);
 // Softmax numerators and their value sum at once: for each row iq, s[iq*s_stride + t] (a score,
-// or -inf for a position to leave out) becomes p_t = exp(s_t - m[iq]) (m[iq] >= every finite
-// s_t of the row), l[iq] = sum_t p_t, and out[iq*out_stride + c] += sum_t p_t * V_hat_t[c], as
-// vec_exp_shift_sum followed by lowbit_accumulate_values (AVX-512 computes the exponentials
+// or -inf for a position to leave out) becomes p_t = exp_fast(s_t - m[iq]) (m[iq] >= every
+// finite s_t of the row; exp_fast, ops/vec_math.h: relative error < 4e-6, about half of
+// exp_approx's work, bit for bit the same on every SIMD level: the weights are quantized to 8 bits
+// next), l[iq] = sum_t p_t, and out[iq*out_stride + c] += sum_t p_t * V_hat_t[c], as
+// vec_exp_fast_shift_sum followed by lowbit_accumulate_values (AVX-512 computes the exponentials
 // inside the value kernel's per-block weight preparation where a token's values form one group).
 void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
                            size_t s_stride, const float* m, float* l, float* out, size_t out_stride);

@@ -667,8 +667,8 @@ void prep_value_generic(const ValCtx& c, const uint8_t* block, const float* p, s
 
 // The same for one value group per token (ngroups == 1), g = 16*J and NQ rows, unrolled with
 // everything in registers. EXP: p holds the rows' scores; the weights are the softmax numerators
-// p_t = exp(p_t - m[iq]), written back over the scores, and added lane-wise to lsum[iq] (pmin is
-// not needed: exp >= 0).
+// p_t = exp_fast(p_t - m[iq]), written back over the scores, and added lane-wise to lsum[iq]
+// (pmin is not needed: exp >= 0).
 template <int NQ, int J, bool EXP>
 void prep_value_fast_t(const ValCtx& c, const uint8_t* block, float* p, size_t p_stride, ValPrep& vp, float* zacc,
                        __m512& pmin, const float* m, __m512* lsum) {
@@ -689,7 +689,7 @@ void prep_value_fast_t(const ValCtx& c, const uint8_t* block, float* p, size_t p
     unroll<J>([&](auto j) SPC_AI {
       __m512 pv = _mm512_loadu_ps(pr + 16 * j);
       if constexpr (EXP) {
-        pv = exp_approx16(_mm512_sub_ps(pv, _mm512_set1_ps(m[iq])));
+        pv = exp_fast16(_mm512_sub_ps(pv, _mm512_set1_ps(m[iq])));
         _mm512_storeu_ps(pr + 16 * j, pv);
         lsum[iq] = _mm512_add_ps(lsum[iq], pv);
       } else {

@@ -140,21 +140,95 @@ inline float vec_max(const float* x, int64_t n) {
   return m;
 }
 
-// x[i] <- exp(x[i] - m) for i < n; returns the sum of the new values.
-inline float vec_exp_shift_sum(float* x, int64_t n, float m) {
+// ---- exp_fast: the softmax numerators of the low-bit attention ----
+// exp(x) = 2^n * 2^f with t = x*log2(e), n = t rounded to nearest (ties to even),
+// f = fma(x, log2(e), -n) in [-0.5, 0.5] and 2^f from a degree-4 polynomial (fitted for relative
+// error): relative error <= 3e-6 against exp for -87 <= x <= 0 (tests/test_vec_math.cpp), about
+// half the work of exp_approx's. x < -87 (and -inf, a left-out position) gives exactly 0; x must
+// not exceed 88. The numerators it serves are quantized to 8 bits right after (lowbit.h), where
+// exp_approx's ~2e-7 buys nothing. The scalar, AVX2 and AVX-512 forms do the same IEEE operations
+// (explicit fmas; scaling by 2^n is exact), so they agree bit for bit.
+constexpr float kExpFastC0 = 0.9999992847442627f, kExpFastC1 = 0.6931217908859253f, kExpFastC2 = 0.240247443318367f,
+                kExpFastC3 = 0.05591786280274391f, kExpFastC4 = 0.009570102207362652f;
+constexpr float kExpFastLog2e = 1.44269504088896341f;
+inline float exp_fast(float x) {
+  if (!(x >= -87.0f)) return 0.0f;
+  const float n = std::nearbyint(x * kExpFastLog2e);
+  const float f = std::fma(x, kExpFastLog2e, -n);
+  float p = std::fma(kExpFastC4, f, kExpFastC3);
+  p = std::fma(p, f, kExpFastC2);
+  p = std::fma(p, f, kExpFastC1);
+  p = std::fma(p, f, kExpFastC0);
+  return std::ldexp(p, (int)n);
+}
+#if defined(__AVX512F__)
+inline __m512 exp_fast16(__m512 x) {
+  constexpr __mmask16 all = 0xFFFF;
+  const __mmask16 ok = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  const __m512 l2e = _mm512_set1_ps(kExpFastLog2e);
+  const __m512 n = _mm512_maskz_roundscale_ps(all, _mm512_mul_ps(x, l2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fmsub_ps(x, l2e, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpFastC4), f, _mm512_set1_ps(kExpFastC3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpFastC2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpFastC1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExpFastC0));
+  return _mm512_maskz_scalef_ps(ok, p, n);  // (lanes below -87, -inf among them, computed NaN: dropped)
+}
+#endif
+#if defined(SPC_VEC_HAVE_AVX2)
+inline __m256 exp_fast8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_NGE_UQ);
+  x = _mm256_max_ps(x, lo);  // (-inf -> -87: no NaN; those lanes are zeroed below)
+  const __m256 l2e = _mm256_set1_ps(kExpFastLog2e);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, l2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_fmsub_ps(x, l2e, n);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExpFastC4), f, _mm256_set1_ps(kExpFastC3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpFastC2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpFastC1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpFastC0));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+namespace vec_detail {
+// exp_approx (kFast false) or exp_fast (true), per lane count.
+template <bool kFast>
+inline float exp1(float x) {
+  if constexpr (kFast) return exp_fast(x);
+  else return exp_approx(x);
+}
+#if defined(__AVX512F__)
+template <bool kFast>
+inline __m512 exp16(__m512 x) {
+  if constexpr (kFast) return exp_fast16(x);
+  else return exp_approx16(x);
+}
+#endif
+#if defined(SPC_VEC_HAVE_AVX2)
+template <bool kFast>
+inline __m256 exp8(__m256 x) {
+  if constexpr (kFast) return exp_fast8(x);
+  else return exp_approx8(x);
+}
+#endif
+
+template <bool kFast>
+inline float exp_shift_sum(float* x, int64_t n, float m) {
   float s = 0;
   int64_t i = 0;
 #if defined(__AVX512F__)
   const __m512 mv = _mm512_set1_ps(m);
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
+    const __m512 e = exp16<kFast>(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
     _mm512_storeu_ps(x + i, e);
     acc = _mm512_add_ps(acc, e);
   }
   if (i < n) {
     const __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
-    const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), mv));
+    const __m512 e = exp16<kFast>(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), mv));
     _mm512_mask_storeu_ps(x + i, k, e);
     acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
     i = n;
@@ -164,15 +238,21 @@ inline float vec_exp_shift_sum(float* x, int64_t n, float m) {
   const __m256 mv = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp_approx8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+    const __m256 e = exp8<kFast>(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
     _mm256_storeu_ps(x + i, e);
     acc = _mm256_add_ps(acc, e);
   }
   s = hsum8(acc);
 #endif
-  for (; i < n; ++i) s += (x[i] = exp_approx(x[i] - m));
+  for (; i < n; ++i) s += (x[i] = exp1<kFast>(x[i] - m));
   return s;
 }
+}  // namespace vec_detail
+
+// x[i] <- exp(x[i] - m) for i < n; returns the sum of the new values.
+inline float vec_exp_shift_sum(float* x, int64_t n, float m) { return vec_detail::exp_shift_sum<false>(x, n, m); }
+// The same with exp_fast: what the low-bit value sums weight their tokens with.
+inline float vec_exp_fast_shift_sum(float* x, int64_t n, float m) { return vec_detail::exp_shift_sum<true>(x, n, m); }
 
 // g[i] <- silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n (the FFN's gate), with
 // exp_approx's accuracy (it ran serially with std::exp between two parallel matmuls). Every element

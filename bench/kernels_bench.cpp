@@ -1,7 +1,8 @@
 // Microbenchmarks of the decode kernels (Google Benchmark), reporting bytes streamed per second:
-// fused fp32-activation quantized matmul at the SmolLM2-135M shapes (n_tok 1 and 2) and decode
-// attention over an fp16 cache. The machine is small and shared: run with --benchmark_repetitions
-// and compare the best (max) bytes_per_second, not the mean.
+// quantized matmul at the SmolLM2-135M shapes (n_tok 1 and 2; i8:0 fp32 activations, i8:1 int8
+// over the GGUF rows, i8:2 int8 over the row-interleaved copy, which is what decode runs by
+// default) and decode attention over an fp16 cache. The machine is small and shared: run with
+// --benchmark_repetitions and compare the best (max) bytes_per_second, not the mean.
 //   ./build/specache_kernel_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=false
 #include <benchmark/benchmark.h>
 
@@ -32,6 +33,7 @@ ThreadPool& pool_of(int n) {
 // matrix from DRAM once per token): at least 64 MiB in all, cycled through.
 struct Weights {
   std::vector<std::vector<uint8_t>> copies;
+  std::vector<std::vector<uint8_t>> i8x8;  // the copies repacked by i8x8_repack (when supported)
   size_t bytes = 0;
 };
 Weights make_weights(GgmlType t, int64_t n_out, int64_t n_in, bool hot) {
@@ -48,15 +50,27 @@ Weights make_weights(GgmlType t, int64_t n_out, int64_t n_in, bool hot) {
   ws.bytes = w.size();
   const size_t n_copies = hot ? 1 : std::max<size_t>(1, (64u << 20) / w.size() + 1);
   for (size_t i = 0; i < n_copies; ++i) ws.copies.push_back(w);
+  const size_t ib = i8x8_bytes(WeightView{t, n_in, n_out, w.data()});
+  if (ib > 0)
+    for (size_t i = 0; i < n_copies; ++i) {
+      ws.i8x8.emplace_back(ib);
+      i8x8_repack(WeightView{t, n_in, n_out, w.data()}, ws.i8x8.back().data());
+    }
   return ws;
 }
 
 // hot: one copy of the weights, cache-resident when small (the kernel's compute ceiling).
+// i8: 0 fp32 activations, 1 int8 activations over the GGUF rows, 2 int8 activations over the
+// row-interleaved copy (what decode runs where the build has the kernel; bytes: the copy's).
 void BM_Matmul(benchmark::State& st, GgmlType t, int64_t n_out, int64_t n_in, bool hot) {
   const int64_t n_tok = st.range(0);
   const int threads = (int)st.range(1);
-  const bool int8 = st.range(2) != 0;
+  const bool int8 = st.range(2) != 0, interleaved = st.range(2) == 2;
   const Weights ws = make_weights(t, n_out, n_in, hot);
+  if (interleaved && ws.i8x8.empty()) {
+    st.SkipWithError("no int8 interleaved kernel in this build");
+    return;
+  }
   std::vector<float> x(n_tok * n_in), y(n_tok * n_out);
   std::mt19937 rng(2);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -64,11 +78,13 @@ void BM_Matmul(benchmark::State& st, GgmlType t, int64_t n_out, int64_t n_in, bo
   ThreadPool& pool = pool_of(threads);
   size_t i = 0;
   for (auto _ : st) {
-    matmul(WeightView{t, n_in, n_out, ws.copies[i].data()}, x.data(), n_tok, y.data(), pool, int8);
+    WeightView wv{t, n_in, n_out, ws.copies[i].data()};
+    if (interleaved) wv.i8x8 = ws.i8x8[i].data();
+    matmul(wv, x.data(), n_tok, y.data(), pool, int8);
     benchmark::DoNotOptimize(y.data());
     i = (i + 1) % ws.copies.size();
   }
-  st.SetBytesProcessed((int64_t)st.iterations() * (int64_t)ws.bytes);
+  st.SetBytesProcessed((int64_t)st.iterations() * (int64_t)(interleaved ? ws.i8x8[0].size() : ws.bytes));
 }
 
 // Decode attention of one layer over n_pos cached positions (3 KV heads, head_dim 64, 9 query
@@ -109,7 +125,7 @@ void BM_AttnDecode(benchmark::State& st) {
 void matmul_args(benchmark::internal::Benchmark* b) {
   for (int threads : {1, 2})
     for (int n_tok : {1, 2})
-      for (int i8 : {0, 1}) b->Args({n_tok, threads, i8});
+      for (int i8 : {0, 1, 2}) b->Args({n_tok, threads, i8});
   b->ArgNames({"tok", "thr", "i8"})->UseRealTime()->MinTime(0.2);
 }
 

@@ -33,10 +33,12 @@ ThreadPool& pool_of(int n) {
 // matrix from DRAM once per token): at least 64 MiB in all, cycled through.
 struct Weights {
   std::vector<std::vector<uint8_t>> copies;
-  std::vector<std::vector<uint8_t>> i8x8;  // the copies repacked by i8x8_repack (when supported)
+  std::vector<std::vector<uint8_t>> i8x8;  // the copies repacked by i8x8_repack (when asked and supported)
   size_t bytes = 0;
 };
-Weights make_weights(GgmlType t, int64_t n_out, int64_t n_in, bool hot) {
+// interleaved: also the copies repacked by i8x8_repack (repacked once, then copied), where the
+// build has the kernel.
+Weights make_weights(GgmlType t, int64_t n_out, int64_t n_in, bool hot, bool interleaved) {
   std::mt19937 rng(1);
   std::normal_distribution<float> nd(0.f, 0.05f);
   const size_t rs = row_size(t, n_in);
@@ -50,12 +52,12 @@ Weights make_weights(GgmlType t, int64_t n_out, int64_t n_in, bool hot) {
   ws.bytes = w.size();
   const size_t n_copies = hot ? 1 : std::max<size_t>(1, (64u << 20) / w.size() + 1);
   for (size_t i = 0; i < n_copies; ++i) ws.copies.push_back(w);
-  const size_t ib = i8x8_bytes(WeightView{t, n_in, n_out, w.data()});
-  if (ib > 0)
-    for (size_t i = 0; i < n_copies; ++i) {
-      ws.i8x8.emplace_back(ib);
-      i8x8_repack(WeightView{t, n_in, n_out, w.data()}, ws.i8x8.back().data());
-    }
+  const WeightView wv{t, n_in, n_out, w.data()};
+  if (interleaved && i8x8_bytes(wv) > 0) {
+    std::vector<uint8_t> packed(i8x8_bytes(wv));
+    i8x8_repack(wv, packed.data());
+    ws.i8x8.assign(n_copies, packed);
+  }
   return ws;
 }
 
@@ -66,7 +68,7 @@ void BM_Matmul(benchmark::State& st, GgmlType t, int64_t n_out, int64_t n_in, bo
   const int64_t n_tok = st.range(0);
   const int threads = (int)st.range(1);
   const bool int8 = st.range(2) != 0, interleaved = st.range(2) == 2;
-  const Weights ws = make_weights(t, n_out, n_in, hot);
+  const Weights ws = make_weights(t, n_out, n_in, hot, interleaved);
   if (interleaved && ws.i8x8.empty()) {
     st.SkipWithError("no int8 interleaved kernel in this build");
     return;

@@ -58,7 +58,7 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
   check_kv_combination(app, a.kv);
   std::string text = a.prompt_file.empty() ? a.prompt : read_text_file(a.prompt_file);
   auto model = Model::load(a.m.model);
-  const std::string decode_act = apply_act(a.m.act, *model);
+  const ActChoice act = apply_act(a.m.act, *model);
   const ModelConfig& mc = model->config();
   auto tok = Tokenizer::from_gguf(model->gguf());
   SPC_CHECK(tok->n_vocab() == mc.n_vocab, "%s: tokenizer has %d tokens but the embedding has %d rows",
@@ -112,7 +112,8 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
                     {"prefill_tok_per_s", t.prefill_ms > 0 ? t.prefill_tokens * 1000.0 / t.prefill_ms : 0},
                     {"decode_ms_per_token", dms},
                     {"decode_tok_per_s", dms > 0 ? 1000.0 / dms : 0},
-                    {"decode_act", decode_act}};
+                    {"decode_act", act.decode},
+                    {"prefill_act", act.prefill}};
     nlohmann::json kv = {{"policy", ks.policy}, {"fast_bytes", ks.fast_bytes}, {"slow_bytes", ks.slow_bytes}};
     if (a.kv.policy != "full") {
       kv["fetched_bytes_per_step"] = ks.fetched_bytes_per_step;

@@ -9,10 +9,12 @@
 
 namespace spc::cli {
 
-// Activations of the decode matmuls: --act auto|int8|fp32, and --int8-act (= --act int8).
+// Activations of the matmuls: --act auto|int8|fp32 and --int8-act (= --act int8) for decode,
+// --prefill-act auto|fp32 for the prompt.
 struct ActArgs {
   std::string act = "auto";
   bool int8_flag = false;
+  std::string prefill = "auto";
 };
 // Flags every model-running subcommand takes.
 struct ModelArgs {
@@ -21,12 +23,16 @@ struct ModelArgs {
   ActArgs act;
 };
 void add_model_flags(CLI::App& app, ModelArgs& a);
-// --act and --int8-act, for subcommands that run decode steps.
+// --act, --int8-act and --prefill-act, for subcommands that run the model.
 void add_act_flags(CLI::App& app, ActArgs& a);
-// Sets the model's decode activations from those flags and returns what it chose ("int8" or
-// "fp32"). auto: int8 where the build has SIMD int8 kernels for the model's quantized matrices
-// (Model::int8_decode_supported), else fp32.
-std::string apply_act(const ActArgs& a, Model& m);
+// What apply_act chose: "int8" or "fp32" for decode and for prefill.
+struct ActChoice {
+  std::string decode, prefill;
+};
+// Sets the model's activations from those flags. Decode, auto: int8 where the build has SIMD int8
+// kernels for the model's quantized matrices (Model::int8_decode_supported), else fp32. Prefill,
+// auto: int8 where Model::int8_prefill then holds (int8 decode over the interleaved copies).
+ActChoice apply_act(const ActArgs& a, Model& m);
 int resolve_threads(int requested);
 
 // --kv* flags.

@@ -2,8 +2,9 @@
 """Peer comparison: llama.cpp (through llama-cpp-python) against `specache bench --policies full`.
 
 Same GGUF, same prompt length (depth), same thread count, greedy decode of --gen tokens. specache
-runs twice: with --act int8 (int8 decode activations, what llama.cpp's CPU matmuls use, and
-specache's default for quantized models on SIMD builds) and with --act fp32 (--no-fp32 skips that row). Prints all
+runs twice: with --act int8 (int8 activations, what llama.cpp's CPU matmuls use, and
+specache's default for quantized models on SIMD builds; the prompt's matmuls too where the build has
+the interleaved int8 kernels, AVX-512 VNNI) and with --act fp32 (--no-fp32 skips that row). Prints all
 side by side and writes a JSON file. Not part of CI: the first run creates a throwaway venv and
 pip-installs llama-cpp-python, which compiles llama.cpp from source (several minutes on 2 cores).
 
@@ -152,6 +153,7 @@ def bench_specache(args, depth, threads, act):
         "engine": "specache" if act == "int8" else "specache-f32",
         "version": rep["build"]["git_commit"],
         "decode_act": rep.get("decode_act", "fp32"),
+        "prefill_act": rep.get("prefill_act", "fp32"),
         "depth": depth,
         "threads": threads,
         "prompt": rep["prompt"]["kind"],

@@ -86,7 +86,9 @@ def main():
 
     full = results["full"]
     print()
-    print(f"prompt tokens: {len(full['prompt_tokens'])}, decode activations: {full['timings']['decode_act']}")
+    t0 = full['timings']
+    print(f"prompt tokens: {len(full['prompt_tokens'])}, matmul activations: prefill {t0.get('prefill_act', 'fp32')}, "
+          f"decode {t0['decode_act']}")
     for name, r in results.items():
         kv, t = r["kv"], r["timings"]
         print(f"[{name:16s}] answer: {r['text'].strip()[:100]!r}")

@@ -274,7 +274,8 @@ TEST(Cli, GenerateJsonIsOneObjectWithTheDocumentedKeys) {
 }
 
 // --act auto (the default) picks int8 only where SIMD int8 kernels serve the model's matrices:
-// never for stories260K's F32 weights; for SmolLM2's Q4_1 exactly when the build has them.
+// never for stories260K's F32 weights; for SmolLM2's Q4_1 exactly when the build has them. The
+// prompt's activations (--prefill-act) are recorded beside the decode ones.
 TEST(Cli, DecodeActivationsAreChosenAndRecorded) {
   SKIP_IF_MISSING(stories_path());
   auto act_of = [](const RunResult& r) { return parse_single_json(r)["timings"]["decode_act"].get<std::string>(); };
@@ -285,6 +286,8 @@ TEST(Cli, DecodeActivationsAreChosenAndRecorded) {
     r = run_cli(gen_args({"-p", "Once", "-n", "4", "--json", "--temp", "0", flag}));
     expect_success(r);
     EXPECT_EQ(act_of(r), "int8") << flag;
+    // F32 weights have no interleaved copies: the prompt stays fp32.
+    EXPECT_EQ(parse_single_json(r)["timings"]["prefill_act"], "fp32") << flag;
   }
   expect_failure(run_cli(gen_args({"-p", "Once", "--act", "int4"})), "act");
   expect_failure(run_cli(gen_args({"-p", "Once", "--act", "fp32", "--int8-act"})), "int8-act");
@@ -303,6 +306,21 @@ TEST(Cli, DecodeActivationsAreChosenAndRecorded) {
   EXPECT_EQ(act_of(f), "fp32");
   const bool have_kernels = spc::has_int8_decode_kernel(spc::GgmlType::Q4_1);
   EXPECT_EQ(act_of(a), have_kernels ? "int8" : "fp32");
+
+  // Prefill follows int8 decode where the interleaved kernels serve every matrix (AVX-512 VNNI
+  // builds: i8x8_bytes > 0), unless --prefill-act fp32; never without int8 decode.
+  auto prefill_of = [](const RunResult& r) { return parse_single_json(r)["timings"]["prefill_act"].get<std::string>(); };
+  const bool interleaved = spc::i8x8_bytes(spc::WeightView{spc::GgmlType::Q4_1, 64, 8, nullptr}) > 0;
+  EXPECT_EQ(prefill_of(a), interleaved ? "int8" : "fp32");
+  EXPECT_EQ(prefill_of(i), interleaved ? "int8" : "fp32");
+  EXPECT_EQ(prefill_of(f), "fp32");
+  auto args = smol_args("auto");
+  args.insert(args.end(), {"--prefill-act", "fp32"});
+  const RunResult p = run_cli(args);
+  expect_success(p);
+  EXPECT_EQ(act_of(p), act_of(a));
+  EXPECT_EQ(prefill_of(p), "fp32");
+  expect_failure(run_cli(gen_args({"-p", "Once", "--prefill-act", "int4"})), "prefill-act");
 }
 
 TEST(Cli, GreedyGenerationIsRepeatable) {

@@ -1,4 +1,5 @@
-// Int8 decode matmuls over the row-interleaved copy (i8x8_repack, matmul_i8x8.cpp): the same
+// Int8 matmuls over the row-interleaved copy (i8x8_repack, matmul_i8x8.cpp; decode, and prefill
+// with Model::set_int8_prefill): the same
 // integer dot products and scales as the row-major int8 kernels, so the two agree to float
 // summation order; both stay within the int8 budget of a double-precision reference. Also the
 // joint dispatch of matmul_many and the shapes and types without an interleaved layout.
@@ -66,7 +67,7 @@ TEST(MatmulI8x8, MatchesRowMajorInt8AndReference) {
       for (bool from_quantizer : {false, true}) {
         const Mat m = make(t, n_in, n_out, rng, from_quantizer);
         ASSERT_EQ(m.il.size(), m.w.size()) << "the interleaved copy holds the same bytes, rearranged";
-        for (int64_t n_tok : {1, 2, 3, 4, 5, 8}) {
+        for (int64_t n_tok : {1, 2, 3, 4, 5, 8, 9, 37}) {  // > kTileT: blocks of groups (prefill)
           const std::vector<float> x = random_x(n_tok, n_in, rng);
           for (ThreadPool* pool : {&pool1, &pool2}) {
             std::vector<float> yi(n_tok * n_out, NAN), yr(n_tok * n_out, NAN);
@@ -153,8 +154,9 @@ TEST(MatmulI8x8, UnsupportedShapesAndTypes) {
 
 // With the interleaved copy, the model releases the row-major pages, so every path must read the
 // copy: rows rebuilt by i8x8_unpack_row are the original bytes, and the prefill paths (row blocks
-// dequantized to fp32, or unpacked for int8 activations) and the row lookups give bit-identical
-// results with the row-major data replaced by garbage (the decode sizes: the test above).
+// dequantized to fp32, or the interleaved kernels for int8 activations) and the row lookups give
+// bit-identical results with the row-major data replaced by garbage (the decode sizes: the test
+// above).
 TEST(MatmulI8x8, CopyServesPrefillAndRowLookups) {
   if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI)";
   std::mt19937 rng(14);
@@ -182,12 +184,20 @@ TEST(MatmulI8x8, CopyServesPrefillAndRowLookups) {
 
     const int64_t n_tok = 33;  // > the decode kernels' token limit: the prefill paths
     const std::vector<float> x = random_x(n_tok, n_in, rng);
-    for (bool i8 : {false, true}) {
-      std::vector<float> ya(n_tok * n_out), yb(n_tok * n_out);
-      matmul(m.plain(), x.data(), n_tok, ya.data(), pool, i8);
-      matmul(copy_only, x.data(), n_tok, yb.data(), pool, i8);
-      EXPECT_EQ(ya, yb) << type_name(t) << ": prefill matmul, int8 activations " << i8;
-    }
+    std::vector<float> ya(n_tok * n_out), yb(n_tok * n_out), yc(n_tok * n_out);
+    // fp32 activations: row blocks rebuilt from the copy, bit for bit the row-major result.
+    matmul(m.plain(), x.data(), n_tok, ya.data(), pool, false);
+    matmul(copy_only, x.data(), n_tok, yb.data(), pool, false);
+    EXPECT_EQ(ya, yb) << type_name(t) << ": prefill matmul, fp32 activations";
+    // int8 activations: the interleaved kernels, which read only the copy (the same result with
+    // the row-major bytes replaced by garbage), and agree with the row-major int8 path up to the
+    // order of the float sums.
+    matmul(m.plain(), x.data(), n_tok, ya.data(), pool, true);
+    matmul(m.inter(), x.data(), n_tok, yb.data(), pool, true);
+    matmul(copy_only, x.data(), n_tok, yc.data(), pool, true);
+    EXPECT_EQ(yb, yc) << type_name(t) << ": prefill matmul, int8 activations";
+    for (size_t i = 0; i < ya.size(); ++i)
+      ASSERT_NEAR(yb[i], ya[i], 1e-4f * (1.0f + std::fabs(ya[i]))) << type_name(t) << " output " << i;
   }
 }
 

@@ -155,6 +155,13 @@ size_t Model::int8_copy_bytes() const {
   return n;
 }
 
+bool Model::int8_prefill() const {
+  if (!int8_prefill_ || !int8_decode_) return false;
+  bool all = true;
+  for_each_decode_matrix(*this, [&](const WeightView& w) { all = all && w.i8x8 != nullptr; });
+  return all;
+}
+
 bool Model::int8_decode_supported() const {
   bool any = false;
   for_each_decode_matrix(*this, [&](const WeightView& w) { any = any || has_int8_decode_kernel(w.type); });
@@ -235,6 +242,7 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   std::vector<float> hbuf((size_t)(chunk * e));
   std::vector<int64_t> pos((size_t)chunk);
   embed(tokens, n, s.x.data());
+  const bool i8 = int8_prefill();
   const AttnShape shape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim};
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
@@ -248,11 +256,11 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
         rmsnorm(x + i * e, L.attn_norm.data(), hbuf.data() + i * e, e, cfg_.rms_eps);
         pos[i] = pos0 + c0 + i;
       }
-      qkv(L, hbuf.data(), nc, pos.data(), s, s.q.data(), kl + c0 * dkv, vl + c0 * dkv, pool, false);
+      qkv(L, hbuf.data(), nc, pos.data(), s, s.q.data(), kl + c0 * dkv, vl + c0 * dkv, pool, i8);
       attention_prefill(shape, s.q.data(), nc, pos0 + c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
-      matmul(L.wo, s.att.data(), nc, hbuf.data(), pool);
+      matmul(L.wo, s.att.data(), nc, hbuf.data(), pool, i8);
       add_inplace(x, hbuf.data(), nc * e);
-      ffn(L, x, nc, s, pool, false);
+      ffn(L, x, nc, s, pool, i8);
     }
     kv.store_prefill(il, pos0, n, kl, vl);
     if (progress) progress(il + 1, cfg_.n_layer);
@@ -261,11 +269,11 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
     all_logits->resize((size_t)(n * cfg_.n_vocab));
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
       const int64_t nc = std::min(chunk, n - c0);
-      output(s.x.data() + c0 * e, nc, s, all_logits->data() + c0 * cfg_.n_vocab, pool, false);
+      output(s.x.data() + c0 * e, nc, s, all_logits->data() + c0 * cfg_.n_vocab, pool, i8);
     }
     std::memcpy(last_logits, all_logits->data() + (n - 1) * cfg_.n_vocab, sizeof(float) * cfg_.n_vocab);
   } else {
-    output(s.x.data() + (n - 1) * e, 1, s, last_logits, pool, false);
+    output(s.x.data() + (n - 1) * e, 1, s, last_logits, pool, i8);
   }
   // Release the prompt-sized buffers: decode needs only a few rows.
   std::vector<float>().swap(s.x);

@@ -62,7 +62,7 @@ class Model {
   // products, like llama.cpp's Q8 activations) instead of fp32 activations. Faster (~1.4x per
   // matmul on Zen 4); adds a small error (SmolLM2-135M, teacher-forced along the fp32 greedy
   // path: mean KL 5e-4..8e-4 from the fp32 logits, same top-1 at every step; see
-  // tests/test_int8_decode.cpp). Prefill stays fp32.
+  // tests/test_int8_decode.cpp). Prefill stays fp32 unless set_int8_prefill.
   // Off by default. Set before decoding; applies to every session of this model.
   // Turning it on the first time also builds the row-interleaved copies of the decode matrices
   // that the int8 kernels read where the build has them (AVX-512 VNNI; Q4_0, Q4_1, Q8_0:
@@ -75,6 +75,14 @@ class Model {
   bool int8_decode() const { return int8_decode_; }
   // Bytes of the interleaved copies built by set_int8_decode (0 before, or without the kernels).
   size_t int8_copy_bytes() const;
+  // Prefill matmuls with int8 activations too, through the interleaved copies' kernels (8 rows
+  // per vpdpbusd, ~450 GOPS on 2 Zen 4 cores at 256 tokens against ~95-150 GFLOP/s for the fp32
+  // row-block path): the same quantization of the activations as int8 decode, now also in the
+  // K/V the prompt leaves in the cache and in its logits. Off by default. Takes effect only
+  // while int8 decode is on and every matrix a decode step reads has an interleaved copy
+  // (int8_prefill() says whether it does); otherwise prefill stays fp32.
+  void set_int8_prefill(bool on) { int8_prefill_ = on; }
+  bool int8_prefill() const;
   // True when this build has SIMD int8 decode kernels for the model's decode matrices (any of
   // them quantized to a type has_int8_decode_kernel covers): where int8 decode pays off.
   bool int8_decode_supported() const;
@@ -119,6 +127,7 @@ class Model {
   std::vector<float> out_norm_;
   std::vector<LayerWeights> layers_;
   bool int8_decode_ = false;
+  bool int8_prefill_ = false;
   std::vector<std::vector<uint8_t>> i8x8_;  // row-interleaved copies (set_int8_decode)
   std::vector<std::pair<WeightView*, const uint8_t*>> i8x8_views_;  // matrix -> its copy
 };

@@ -628,7 +628,7 @@ void i8x8_groups(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
 
 // w.i8x8 is only ever set from i8x8_repack, which requires the kernel. Any token count: the
 // interleaved kernels are also the fastest int8 prefill path (8 rows per vpdpbusd).
-bool use_i8x8(const WeightView& w, int64_t) { return w.i8x8 != nullptr; }
+bool use_i8x8(const WeightView& w) { return w.i8x8 != nullptr; }
 
 void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, ThreadPool& pool) {
   const int64_t n = w.n_in, n_out = w.n_out, nvb = n / 32;
@@ -639,7 +639,7 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   const float* xd = a.xd;
   const float* xs = a.xs16;
 
-  if (use_i8x8(w, n_tok)) {
+  if (use_i8x8(w)) {
     // Decode over the row-interleaved copy: 8 rows per dot product.
     pool.parallel_for(w.n_out / 8, [&](int64_t gb, int64_t ge, int) { i8x8_groups(w, a, n_tok, y, gb, ge); });
     return;
@@ -710,7 +710,7 @@ void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x
   SPC_CHECK(n_tok >= 0, "matmul: negative token count %lld", (long long)n_tok);
   bool fuse = n_w > 1 && n_tok > 0 && n_tok <= kFusedMaxTokens;
   bool i8x8 = int8_activations;  // every matrix has an interleaved copy (8-row groups)
-  for (int i = 0; i < n_w; ++i) i8x8 = i8x8 && use_i8x8(ws[i], n_tok);
+  for (int i = 0; i < n_w; ++i) i8x8 = i8x8 && use_i8x8(ws[i]);
   for (int i = 0; i < n_w; ++i) {
     validate(ws[i]);
     fuse = fuse && ws[i].n_in == ws[0].n_in &&

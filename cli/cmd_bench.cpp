@@ -98,9 +98,10 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
   bench::run_bench(*model, tok.get(), opt, text, text_path, report, log);
 
   const auto& b = report.build;
-  std::printf("model %s; prompt %s%s%s; matmul activations: decode %s, prefill %s\n", a.model.c_str(),
-              report.prompt_kind.c_str(), report.prompt_path.empty() ? "" : " from ", report.prompt_path.c_str(),
-              report.decode_act.c_str(), report.prefill_act.c_str());
+  std::printf("model %s; prompt %s%s%s; matmul activations: decode %s, prefill %s; prefill attention %s\n",
+              a.model.c_str(), report.prompt_kind.c_str(), report.prompt_path.empty() ? "" : " from ",
+              report.prompt_path.c_str(), report.decode_act.c_str(), report.prefill_act.c_str(),
+              report.prefill_attn.c_str());
   std::printf("build %s %s (%s; %s); cpu %s, %d hardware threads\n", b.git_commit.c_str(), b.build_type.c_str(),
               b.compiler.c_str(), b.cxx_flags.c_str(), report.cpu.c_str(), report.hardware_threads);
   std::printf("%s\n\n", report.measurement.c_str());

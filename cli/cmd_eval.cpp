@@ -87,7 +87,8 @@ int run_eval_cmd(const CLI::App& app, EvalArgs& a) {
 
   auto model = Model::load(a.m.model);
   const ActChoice act = apply_act(a.m.act, *model);
-  std::fprintf(stderr, "eval: matmul activations: decode %s, prefill %s\n", act.decode.c_str(), act.prefill.c_str());
+  std::fprintf(stderr, "eval: matmul activations: decode %s, prefill %s; prefill attention %s\n", act.decode.c_str(),
+               act.prefill.c_str(), act.prefill_attn.c_str());
   auto tok = Tokenizer::from_gguf(model->gguf());
   const ModelConfig& mc = model->config();
   for (int64_t L : o.lengths) {

@@ -113,7 +113,8 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
                     {"decode_ms_per_token", dms},
                     {"decode_tok_per_s", dms > 0 ? 1000.0 / dms : 0},
                     {"decode_act", act.decode},
-                    {"prefill_act", act.prefill}};
+                    {"prefill_act", act.prefill},
+                    {"prefill_attn", act.prefill_attn}};
     nlohmann::json kv = {{"policy", ks.policy}, {"fast_bytes", ks.fast_bytes}, {"slow_bytes", ks.slow_bytes}};
     if (a.kv.policy != "full") {
       kv["fetched_bytes_per_step"] = ks.fetched_bytes_per_step;

@@ -30,13 +30,22 @@ void add_act_flags(CLI::App& app, ActArgs& a) {
                  "~2e-3 from fp32 throughout against ~1.6e-3 for int8 decode alone; else fp32) or fp32")
       ->check(CLI::IsMember({"auto", "fp32"}))
       ->capture_default_str();
+  app.add_option("--prefill-attn", a.prefill_attn,
+                 "dot products of the prompt's attention: bf16 (vdpbf16ps, AVX-512 BF16 builds only: Q, K, V and the "
+                 "softmax weights rounded to bf16, sums in fp32), fp32, or auto (bf16 where the build has it)")
+      ->check(CLI::IsMember({"auto", "bf16", "fp32"}))
+      ->capture_default_str();
 }
 
 ActChoice apply_act(const ActArgs& a, Model& m) {
   const std::string act = a.int8_flag ? "int8" : a.act;
   m.set_int8_decode(act == "int8" || (act == "auto" && m.int8_decode_supported()));
   m.set_int8_prefill(a.prefill == "auto");
-  return ActChoice{m.int8_decode() ? "int8" : "fp32", m.int8_prefill() ? "int8" : "fp32"};
+  SPC_CHECK(a.prefill_attn != "bf16" || m.prefill_attn_bf16_supported(),
+            "--prefill-attn bf16: this build has no bf16 attention kernel (it needs AVX-512 BF16; use auto or fp32)");
+  m.set_prefill_attn_bf16(a.prefill_attn != "fp32");
+  return ActChoice{m.int8_decode() ? "int8" : "fp32", m.int8_prefill() ? "int8" : "fp32",
+                   m.prefill_attn_bf16() ? "bf16" : "fp32"};
 }
 
 int resolve_threads(int requested) {

@@ -15,6 +15,7 @@ struct ActArgs {
   std::string act = "auto";
   bool int8_flag = false;
   std::string prefill = "auto";
+  std::string prefill_attn = "auto";
 };
 // Flags every model-running subcommand takes.
 struct ModelArgs {
@@ -23,15 +24,18 @@ struct ModelArgs {
   ActArgs act;
 };
 void add_model_flags(CLI::App& app, ModelArgs& a);
-// --act, --int8-act and --prefill-act, for subcommands that run the model.
+// --act, --int8-act, --prefill-act and --prefill-attn, for subcommands that run the model.
 void add_act_flags(CLI::App& app, ActArgs& a);
-// What apply_act chose: "int8" or "fp32" for decode and for prefill.
+// What apply_act chose: "int8" or "fp32" for decode and for prefill; "bf16" or "fp32" for the
+// prompt's attention.
 struct ActChoice {
-  std::string decode, prefill;
+  std::string decode, prefill, prefill_attn;
 };
 // Sets the model's activations from those flags. Decode, auto: int8 where the build has SIMD int8
 // kernels for the model's quantized matrices (Model::int8_decode_supported), else fp32. Prefill,
 // auto: int8 where Model::int8_prefill then holds (int8 decode over the interleaved copies).
+// Prefill attention: bf16 where Model::prefill_attn_bf16_supported for auto; bf16 where the build
+// lacks the kernel is an spc::Error.
 ActChoice apply_act(const ActArgs& a, Model& m);
 int resolve_threads(int requested);
 

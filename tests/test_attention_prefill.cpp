@@ -8,9 +8,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "ops/attention.h"
+#include "util/error.h"
+#include "util/fp16.h"
 #include "util/threadpool.h"
 
 using namespace spc;
@@ -18,10 +21,11 @@ using namespace spc;
 namespace {
 
 // out[r][h][c] for rows at positions p0 + r over keys 0 .. p0 + r, in double.
+// q is multiplied by 1/sqrt(head_dim) unless prescaled.
 std::vector<double> reference(const AttnShape& s, const std::vector<float>& q, int64_t n_rows, int64_t p0,
-                              const std::vector<float>& k, const std::vector<float>& v) {
+                              const std::vector<float>& k, const std::vector<float>& v, bool prescaled = false) {
   const int d = s.head_dim, g = s.n_head / s.n_head_kv;
-  const double scale = 1.0 / std::sqrt((double)d);
+  const double scale = prescaled ? 1.0 : 1.0 / std::sqrt((double)d);
   std::vector<double> out((size_t)(n_rows * s.n_head * d));
   std::vector<double> w;
   for (int64_t r = 0; r < n_rows; ++r)
@@ -116,6 +120,86 @@ TEST(AttentionPrefill, PortablePathMatchesDoubleReference) {
     for (int threads : {1, 2}) check(cs, threads, true);
 }
 
+float round_bf16(float x) { return bf16_to_fp32(fp32_to_bf16(x)); }
+
+// The bf16 kernel against the double reference over bf16-rounded inputs (what the kernel
+// multiplies): only the rounding of the softmax weights and the fp32 sums remain, a few 1e-3 at
+// worst. Chunks after the first (p0 > 0) read bf16 K/V converted chunk by chunk, as the model does.
+void check_bf16(const Case& cs, int threads) {
+  const AttnShape s{cs.n_head, cs.n_head_kv, cs.head_dim};
+  std::mt19937 rng((unsigned)(cs.n_head * 131 + cs.head_dim * 17 + cs.n_rows * 7 + cs.p0));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int64_t n_keys = cs.p0 + cs.n_rows;
+  const int64_t e = (int64_t)s.n_head_kv * s.head_dim;
+  std::vector<float> q((size_t)(cs.n_rows * s.n_head * s.head_dim)), k((size_t)(n_keys * e)), v(k.size());
+  for (auto& x : q) x = 2.0f * nd(rng);
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  std::vector<bf16_t> kb((size_t)(n_keys * e)), vb((size_t)((n_keys + 1) / 2 * 2 * e), (bf16_t)0x7fc0);  // NaN fill
+  // Converted in uneven pieces (odd boundaries re-pair), like a prompt prefilled chunk by chunk.
+  for (int64_t j0 = 0; j0 < n_keys;) {
+    const int64_t j1 = std::min(n_keys, j0 + 1 + (j0 * 7 + 13) % 37);
+    kv_to_bf16(s, k.data(), v.data(), j0, j1, kb.data(), vb.data());
+    j0 = j1;
+  }
+  for (int64_t j = 0; j < n_keys; ++j)
+    for (int64_t i = 0; i < e; ++i) {
+      ASSERT_EQ(kb[j * e + i], fp32_to_bf16(k[j * e + i]));
+      ASSERT_EQ(vb[((j / 2) * e + i) * 2 + j % 2], fp32_to_bf16(v[j * e + i]));
+    }
+  if (n_keys % 2) {
+    ASSERT_EQ(vb[((n_keys / 2) * e) * 2 + 1], 0) << "the missing half of the last pair must be 0";
+  }
+  std::vector<float> out(q.size(), -1.0f);
+  ThreadPool pool(threads);
+  attention_prefill_bf16(s, q.data(), cs.n_rows, cs.p0, kb.data(), vb.data(), out.data(), pool);
+  const float scale = 1.0f / std::sqrt((float)s.head_dim);
+  std::vector<float> qr(q.size()), kr(k.size()), vr(v.size());
+  for (size_t i = 0; i < q.size(); ++i) qr[i] = round_bf16(q[i] * scale);
+  for (size_t i = 0; i < k.size(); ++i) kr[i] = round_bf16(k[i]), vr[i] = round_bf16(v[i]);
+  const auto ref = reference(s, qr, cs.n_rows, cs.p0, kr, vr, true);
+  const auto exact = reference(s, q, cs.n_rows, cs.p0, k, v);
+  double worst = 0, sq = 0, sq_exact = 0;
+  size_t bad = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double err = std::abs(out[i] - ref[i]);
+    worst = std::max(worst, err / (1.0 + std::abs(ref[i])));
+    if (!(err <= 1e-2 * (1.0 + std::abs(ref[i])))) ++bad;
+    sq += err * err;
+    sq_exact += (out[i] - exact[i]) * (out[i] - exact[i]);
+  }
+  const double rms = std::sqrt(sq / (double)out.size()), rms_exact = std::sqrt(sq_exact / (double)out.size());
+  const std::string what = "heads " + std::to_string(cs.n_head) + "/" + std::to_string(cs.n_head_kv) + " head_dim " +
+                           std::to_string(cs.head_dim) + " rows " + std::to_string(cs.n_rows) + " p0 " +
+                           std::to_string(cs.p0) + " threads " + std::to_string(threads);
+  EXPECT_EQ(bad, 0u) << what << ": worst relative error " << worst;
+  EXPECT_LT(rms, 1.5e-3) << what;
+  // Against unrounded inputs the error is the bf16 rounding of q and k in the scores (inputs of
+  // unit scale, scores up to ~10 here): still small, and far below any masking or pairing bug.
+  EXPECT_LT(rms_exact, 3e-2) << what;
+}
+
+TEST(AttentionPrefill, Bf16MatchesRoundedReference) {
+  if (!attention_prefill_bf16_supported(AttnShape{9, 3, 64}))
+    GTEST_SKIP() << "this build has no bf16 prefill attention kernel (needs AVX-512 BF16)";
+  int n = 0;
+  for (const Case& cs : kCases) {
+    if (!attention_prefill_bf16_supported(AttnShape{cs.n_head, cs.n_head_kv, cs.head_dim})) continue;
+    for (int threads : {1, 2}) check_bf16(cs, threads);
+    ++n;
+  }
+  EXPECT_GE(n, 10);
+}
+
+TEST(AttentionPrefill, Bf16UnavailableIsAnError) {
+  const AttnShape odd{6, 2, 20};  // head_dim not a multiple of 8: never supported
+  ASSERT_FALSE(attention_prefill_bf16_supported(odd));
+  std::vector<float> q(6 * 20), out(q.size());
+  std::vector<bf16_t> kb(2 * 20), vb(2 * 2 * 20);
+  ThreadPool pool(1);
+  EXPECT_THROW(attention_prefill_bf16(odd, q.data(), 1, 0, kb.data(), vb.data(), out.data(), pool), spc::Error);
+}
+
 // Throughput report; asserts nothing about speed. Run with SPECACHE_TIMING=1.
 TEST(AttentionPrefill, Timing) {
   if (!std::getenv("SPECACHE_TIMING")) GTEST_SKIP() << "set SPECACHE_TIMING=1 to print prefill attention throughput";
@@ -135,10 +219,16 @@ TEST(AttentionPrefill, Timing) {
     const double flops = pairs * s.n_head * 4.0 * s.head_dim;
     for (int threads : {1, 2}) {
       ThreadPool pool(threads);
-      for (bool portable : {false, true}) {
+      std::vector<bf16_t> kb(k.size()), vb((size_t)((n_keys + 1) / 2 * 2 * s.n_head_kv * s.head_dim));
+      kv_to_bf16(s, k.data(), v.data(), 0, n_keys, kb.data(), vb.data());
+      for (int kind : {0, 1, 2}) {  // default, portable, bf16
+        const bool portable = kind == 1;
         if (portable && p0 > 1792) continue;  // slow
+        if (kind == 2 && !attention_prefill_bf16_supported(s)) continue;
         auto run = [&] {
-          if (portable)
+          if (kind == 2)
+            attention_prefill_bf16(s, q.data(), chunk, p0, kb.data(), vb.data(), out.data(), pool);
+          else if (portable)
             attention_prefill_portable(s, q.data(), chunk, p0, k.data(), v.data(), out.data(), pool);
           else
             attention_prefill(s, q.data(), chunk, p0, k.data(), v.data(), out.data(), pool);
@@ -154,7 +244,7 @@ TEST(AttentionPrefill, Timing) {
           el = std::chrono::duration<double>(c1 - t0).count();
         } while (el < 0.5);
         std::printf("prefill attention %-8s chunk %lld at p0 %6lld, %d thread(s): %8.3f ms  %6.1f GFLOP/s\n",
-                    portable ? "portable" : "default", (long long)chunk, (long long)p0, threads, best * 1e3,
+                    kind == 2 ? "bf16" : portable ? "portable" : "default", (long long)chunk, (long long)p0, threads, best * 1e3,
                     flops / best * 1e-9);
       }
     }

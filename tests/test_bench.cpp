@@ -246,7 +246,7 @@ TEST(BenchWriters, JsonParsesAndHasTheFields) {
   for (const auto& row : j["rows"]) {
     for (const char* k : {"model", "policy", "bits", "depth", "threads", "prefill_tok_per_s", "decode_ms_per_token",
                           "bytes_per_token", "achieved_gb_per_s", "kv_fast_bytes", "stall_ms_per_token", "copy_ms_per_token",
-                          "peak_rss_bytes", "decode_act", "prefill_act", "git_commit", "cxx_flags", "cpu", "floor_ms", "floor_ratio"})
+                          "peak_rss_bytes", "decode_act", "prefill_act", "prefill_attn", "git_commit", "cxx_flags", "cpu", "floor_ms", "floor_ratio"})
       EXPECT_TRUE(row.contains(k)) << k;
     for (const char* k : {"median", "p25", "p75", "min", "max"}) EXPECT_TRUE(row["decode_ms_per_token"].contains(k)) << k;
     for (const char* k : {"weights", "kv_fast", "kv_slow", "total"}) EXPECT_TRUE(row["bytes_per_token"].contains(k)) << k;

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "ops/attention.h"
 #include "ops/matmul.h"
 #include "test_util.h"
 
@@ -321,6 +322,28 @@ TEST(Cli, DecodeActivationsAreChosenAndRecorded) {
   EXPECT_EQ(act_of(p), act_of(a));
   EXPECT_EQ(prefill_of(p), "fp32");
   expect_failure(run_cli(gen_args({"-p", "Once", "--prefill-act", "int4"})), "prefill-act");
+}
+
+// --prefill-attn: auto picks bf16 exactly where the build has the kernel; fp32 is always there;
+// bf16 where the build lacks it is a clear error, not a silent fallback.
+TEST(Cli, PrefillAttentionIsChosenAndRecorded) {
+  SKIP_IF_MISSING(stories_path());
+  auto attn_of = [](const RunResult& r) { return parse_single_json(r)["timings"]["prefill_attn"].get<std::string>(); };
+  const bool have = spc::attention_prefill_bf16_supported(spc::AttnShape{8, 4, 8});  // stories260K
+  RunResult r = run_cli(gen_args({"-p", "Once upon a time", "-n", "4", "--json", "--temp", "0"}));
+  expect_success(r);
+  EXPECT_EQ(attn_of(r), have ? "bf16" : "fp32");
+  r = run_cli(gen_args({"-p", "Once upon a time", "-n", "4", "--json", "--temp", "0", "--prefill-attn", "fp32"}));
+  expect_success(r);
+  EXPECT_EQ(attn_of(r), "fp32");
+  r = run_cli(gen_args({"-p", "Once upon a time", "-n", "4", "--json", "--temp", "0", "--prefill-attn", "bf16"}));
+  if (have) {
+    expect_success(r);
+    EXPECT_EQ(attn_of(r), "bf16");
+  } else {
+    expect_failure(r, "AVX-512 BF16");
+  }
+  expect_failure(run_cli(gen_args({"-p", "Once", "--prefill-attn", "fp16"})), "prefill-attn");
 }
 
 TEST(Cli, GreedyGenerationIsRepeatable) {

@@ -34,7 +34,7 @@ std::vector<std::string> csv_columns() {
           "decode_ms_max", "decode_tok_per_s", "weight_bytes_per_token", "kv_fast_bytes_per_token",
           "kv_slow_bytes_per_token", "total_bytes_per_token", "achieved_gb_per_s", "kv_fast_bytes", "kv_slow_bytes",
           "stall_ms_per_token", "copy_ms_per_token", "peak_rss_bytes", "bandwidth_gb_per_s", "floor_ms",
-          "floor_ratio", "paired_ratio", "prompt", "decode_act", "prefill_act", "git_commit", "build_type", "cxx_flags", "cpu"};
+          "floor_ratio", "paired_ratio", "prompt", "decode_act", "prefill_act", "prefill_attn", "git_commit", "build_type", "cxx_flags", "cpu"};
 }
 
 std::string to_csv(const BenchReport& r) {
@@ -58,7 +58,7 @@ std::string to_csv(const BenchReport& r) {
         num(row.stall_ms_per_token), num(row.copy_ms_per_token), std::to_string(row.peak_rss_bytes),
         bw ? num(row.bandwidth_gb_per_s) : "", bw ? num(row.floor_ms) : "", bw ? num(row.floor_ratio) : "",
         r.interleaved ? num(row.paired_ratio) : "", r.prompt_kind + (r.prompt_path.empty() ? "" : ":" + r.prompt_path),
-        r.decode_act, r.prefill_act, r.build.git_commit, r.build.build_type, r.build.cxx_flags, r.cpu};
+        r.decode_act, r.prefill_act, r.prefill_attn, r.build.git_commit, r.build.build_type, r.build.cxx_flags, r.cpu};
     SPC_ASSERT(f.size() == cols.size());
     for (size_t i = 0; i < f.size(); ++i) {
       if (i) out += ',';
@@ -83,6 +83,7 @@ nlohmann::json to_json(const BenchReport& r) {
   j["hardware_threads"] = r.hardware_threads;
   j["decode_act"] = r.decode_act;
   j["prefill_act"] = r.prefill_act;
+  j["prefill_attn"] = r.prefill_attn;
   j["measurement"] = r.measurement;
   j["interleaved"] = r.interleaved;
   json bw = json::array();
@@ -128,6 +129,7 @@ nlohmann::json to_json(const BenchReport& r) {
               {"peak_rss_reset_before_row", row.peak_rss_reset},
               {"decode_act", r.decode_act},
               {"prefill_act", r.prefill_act},
+              {"prefill_attn", r.prefill_attn},
               {"git_commit", r.build.git_commit},
               {"build_type", r.build.build_type},
               {"cxx_flags", r.build.cxx_flags},

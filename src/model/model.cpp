@@ -162,6 +162,12 @@ bool Model::int8_prefill() const {
   return all;
 }
 
+bool Model::prefill_attn_bf16_supported() const {
+  return attention_prefill_bf16_supported(AttnShape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim});
+}
+
+bool Model::prefill_attn_bf16() const { return prefill_attn_bf16_ && prefill_attn_bf16_supported(); }
+
 bool Model::int8_decode_supported() const {
   bool any = false;
   for_each_decode_matrix(*this, [&](const WeightView& w) { any = any || has_int8_decode_kernel(w.type); });
@@ -243,10 +249,16 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   std::vector<int64_t> pos((size_t)chunk);
   embed(tokens, n, s.x.data());
   const bool i8 = int8_prefill();
+  const bool bf16 = prefill_attn_bf16();
   const AttnShape shape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim};
+  if (bf16) {
+    s.k_bf16.resize((size_t)((pos0 + n) * dkv));
+    s.v_bf16.resize((size_t)((pos0 + n + 1) / 2 * 2 * dkv));
+  }
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
     if (pos0 > 0) kv.export_layer(il, pos0, s.k_layer.data(), s.v_layer.data());
+    if (bf16 && pos0 > 0) kv_to_bf16(shape, s.k_layer.data(), s.v_layer.data(), 0, pos0, s.k_bf16.data(), s.v_bf16.data());
     float* kl = s.k_layer.data() + pos0 * dkv;  // the new tokens' K/V
     float* vl = s.v_layer.data() + pos0 * dkv;
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
@@ -257,7 +269,12 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
         pos[i] = pos0 + c0 + i;
       }
       qkv(L, hbuf.data(), nc, pos.data(), s, s.q.data(), kl + c0 * dkv, vl + c0 * dkv, pool, i8);
-      attention_prefill(shape, s.q.data(), nc, pos0 + c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
+      if (bf16) {
+        kv_to_bf16(shape, s.k_layer.data(), s.v_layer.data(), pos0 + c0, pos0 + c0 + nc, s.k_bf16.data(), s.v_bf16.data());
+        attention_prefill_bf16(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), s.att.data(), pool);
+      } else {
+        attention_prefill(shape, s.q.data(), nc, pos0 + c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
+      }
       matmul(L.wo, s.att.data(), nc, hbuf.data(), pool, i8);
       add_inplace(x, hbuf.data(), nc * e);
       ffn(L, x, nc, s, pool, i8);
@@ -279,6 +296,8 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   std::vector<float>().swap(s.x);
   std::vector<float>().swap(s.k_layer);
   std::vector<float>().swap(s.v_layer);
+  std::vector<bf16_t>().swap(s.k_bf16);
+  std::vector<bf16_t>().swap(s.v_bf16);
 }
 
 void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,

@@ -12,6 +12,7 @@
 #include "kv/kv_policy.h"
 #include "ops/matmul.h"
 #include "ops/ops.h"
+#include "util/fp16.h"
 
 namespace spc {
 
@@ -44,6 +45,7 @@ struct LayerWeights {
 struct ForwardScratch {
   std::vector<float> x, h, q, k, v, att, ff_g, ff_u, logits_in;
   std::vector<float> k_layer, v_layer;  // prefill: one layer's K/V for the whole prompt
+  std::vector<bf16_t> k_bf16, v_bf16;   // prefill with bf16 attention: their bf16 copies (kv_to_bf16)
   std::vector<float> rope_cos, rope_sin;
 };
 
@@ -83,6 +85,12 @@ class Model {
   // (int8_prefill() says whether it does); otherwise prefill stays fp32.
   void set_int8_prefill(bool on) { int8_prefill_ = on; }
   bool int8_prefill() const;
+  // Prefill attention with bf16 dot products (attention_prefill_bf16: Q, K, V and the softmax
+  // weights rounded to bf16, sums in fp32) instead of fp32. Off by default; takes effect only
+  // where the build has the kernel (prefill_attn_bf16() says whether it does).
+  void set_prefill_attn_bf16(bool on) { prefill_attn_bf16_ = on; }
+  bool prefill_attn_bf16() const;
+  bool prefill_attn_bf16_supported() const;
   // True when this build has SIMD int8 decode kernels for the model's decode matrices (any of
   // them quantized to a type has_int8_decode_kernel covers): where int8 decode pays off.
   bool int8_decode_supported() const;
@@ -128,6 +136,7 @@ class Model {
   std::vector<LayerWeights> layers_;
   bool int8_decode_ = false;
   bool int8_prefill_ = false;
+  bool prefill_attn_bf16_ = false;
   std::vector<std::vector<uint8_t>> i8x8_;  // row-interleaved copies (set_int8_decode)
   std::vector<std::pair<WeightView*, const uint8_t*>> i8x8_views_;  // matrix -> its copy
 };

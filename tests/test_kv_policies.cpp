@@ -568,37 +568,44 @@ TEST(KvPolicy, ExportOfAPrefixIsThePrefixOfTheExport) {
 // gives the same logits, bit for bit, as one prefill: each position's result does not depend on
 // where the prompt was split. The same when the prefix is taken over from another session, and
 // for a policy with a slow tier (its prefix K/V come back from there), whose decode then starts
-// with its pre-decoding pass. Policies without a complete 16-bit copy refuse to continue.
+// with its pre-decoding pass. Policies without a complete 16-bit copy refuse to continue. With
+// fp32 and (where the build has it) bf16 prefill attention.
 TEST(KvPolicy, ContinuedPrefillEqualsOnePrefill) {
   NEED_STORIES();
   const Fixture& fx = *stories();
   ThreadPool pool(2);
-  for (const KvConfig& kc : {policy("full"), policy("specache", 1, 16, 16)}) {
-    Session one(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
-    one.prefill(fx.prompt);
-    for (int64_t split : {1, 37, 256, 299}) {
-      const std::vector<int32_t> head(fx.prompt.begin(), fx.prompt.begin() + split);
-      const std::vector<int32_t> tail(fx.prompt.begin() + split, fx.prompt.end());
-      Session two(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
-      two.prefill(head);
-      two.prefill(tail);
-      ASSERT_EQ(one.logits(), two.logits()) << kc.policy << " split at " << split;
-      ASSERT_EQ(two.sequence(), fx.prompt);
-      Session taken(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
-      taken.prefill_from(one, split);
-      ASSERT_EQ(taken.n_past(), split);
-      taken.prefill(tail);
-      ASSERT_EQ(one.logits(), taken.logits()) << kc.policy << " prefix of " << split << " taken over";
-      if (split != 37) continue;
-      Session ref(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
-      ref.prefill(fx.prompt);
-      for (int i = 0; i < 8; ++i) {
-        two.decode(fx.cont[i]);
-        ref.decode(fx.cont[i]);
-        ASSERT_EQ(ref.logits(), two.logits()) << kc.policy << " decode step " << i;
+  for (bool bf16 : {false, true}) {
+    if (bf16 && !fx.model->prefill_attn_bf16_supported()) continue;
+    fx.model->set_prefill_attn_bf16(bf16);
+    SCOPED_TRACE(bf16 ? "bf16 attention" : "fp32 attention");
+    for (const KvConfig& kc : {policy("full"), policy("specache", 1, 16, 16)}) {
+      Session one(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
+      one.prefill(fx.prompt);
+      for (int64_t split : {1, 37, 256, 299}) {
+        const std::vector<int32_t> head(fx.prompt.begin(), fx.prompt.begin() + split);
+        const std::vector<int32_t> tail(fx.prompt.begin() + split, fx.prompt.end());
+        Session two(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
+        two.prefill(head);
+        two.prefill(tail);
+        ASSERT_EQ(one.logits(), two.logits()) << kc.policy << " split at " << split;
+        ASSERT_EQ(two.sequence(), fx.prompt);
+        Session taken(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
+        taken.prefill_from(one, split);
+        ASSERT_EQ(taken.n_past(), split);
+        taken.prefill(tail);
+        ASSERT_EQ(one.logits(), taken.logits()) << kc.policy << " prefix of " << split << " taken over";
+        if (split != 37) continue;
+        Session ref(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
+        ref.prefill(fx.prompt);
+        for (int i = 0; i < 8; ++i) {
+          two.decode(fx.cont[i]);
+          ref.decode(fx.cont[i]);
+          ASSERT_EQ(ref.logits(), two.logits()) << kc.policy << " decode step " << i;
+        }
       }
     }
   }
+  fx.model->set_prefill_attn_bf16(false);
   for (const char* name : {"kivi", "streaming"}) {
     Session s(*fx.model, make_kv_policy(policy(name), fx.model->kv_geometry(512)), pool);
     s.prefill({1, 2, 3});
@@ -616,17 +623,22 @@ TEST(KvPolicy, SmolLM2ContinuedPrefillEqualsOnePrefill) {
   SMOLLM2_WITH_BOOK(model, prompt, 3000, 600);
   ThreadPool pool(2);
   KvConfig kc;
-  Session one(*model, make_kv_policy(kc, model->kv_geometry(1024)), pool);
-  one.prefill(prompt);
-  Session two(*model, make_kv_policy(kc, model->kv_geometry(1024)), pool);
-  two.prefill_from(one, 301);
-  two.prefill(std::vector<int32_t>(prompt.begin() + 301, prompt.end()));
-  ASSERT_EQ(one.logits(), two.logits());
-  for (int i = 0; i < 4; ++i) {
-    const int32_t t = argmax(one.logits().data(), (int)one.logits().size());
-    one.decode(t);
-    two.decode(t);
-    ASSERT_EQ(one.logits(), two.logits()) << "decode step " << i;
+  for (bool bf16 : {false, true}) {
+    if (bf16 && !model->prefill_attn_bf16_supported()) continue;
+    model->set_prefill_attn_bf16(bf16);
+    SCOPED_TRACE(bf16 ? "bf16 attention" : "fp32 attention");
+    Session one(*model, make_kv_policy(kc, model->kv_geometry(1024)), pool);
+    one.prefill(prompt);
+    Session two(*model, make_kv_policy(kc, model->kv_geometry(1024)), pool);
+    two.prefill_from(one, 301);
+    two.prefill(std::vector<int32_t>(prompt.begin() + 301, prompt.end()));
+    ASSERT_EQ(one.logits(), two.logits());
+    for (int i = 0; i < 4; ++i) {
+      const int32_t t = argmax(one.logits().data(), (int)one.logits().size());
+      one.decode(t);
+      two.decode(t);
+      ASSERT_EQ(one.logits(), two.logits()) << "decode step " << i;
+    }
   }
 }
 

@@ -187,26 +187,44 @@ void Model::embed(const int32_t* tokens, int64_t n, float* x) const {
   }
 }
 
-void Model::qkv(const LayerWeights& L, const float* h, int64_t n, const int64_t* pos, ForwardScratch& s, float* q,
-                float* k, float* v, ThreadPool& pool, bool i8) const {
+namespace {
+
+// f(b, e) over row ranges of [0, n): split over the pool for a prefill chunk's rows, so the
+// row-wise steps between the matmuls do not run on one core while the others wait (and each
+// thread mostly touches the rows it will quantize for the next matmul); inline for decode's few
+// rows, where a dispatch costs more than the work.
+template <class F>
+void for_rows(ThreadPool& pool, int64_t n, F&& f) {
+  if (n >= 32 && pool.size() > 1)
+    pool.parallel_for(n, [&](int64_t b, int64_t e, int) { f(b, e); });
+  else
+    f(0, n);
+}
+
+}  // namespace
+
+void Model::qkv(const LayerWeights& L, const float* h, int64_t n, const float* rope_cos, const float* rope_sin,
+                float* q, float* k, float* v, ThreadPool& pool, bool i8) const {
   const int64_t dq = (int64_t)cfg_.n_head * cfg_.head_dim, dkv = (int64_t)cfg_.n_head_kv * cfg_.head_dim;
+  const int64_t half = cfg_.rope.n_rot / 2;
   const WeightView ws[3] = {L.wq, L.wk, L.wv};
   float* const ys[3] = {q, k, v};
   matmul_many(ws, ys, 3, h, n, pool, i8);
-  if (cfg_.qkv_bias)
-    for (int64_t i = 0; i < n; ++i) {
-      add_inplace(q + i * dq, L.bq.data(), dq);
-      add_inplace(k + i * dkv, L.bk.data(), dkv);
-      add_inplace(v + i * dkv, L.bv.data(), dkv);
+  for_rows(pool, n, [&](int64_t b, int64_t e) {
+    if (cfg_.qkv_bias)
+      for (int64_t i = b; i < e; ++i) {
+        add_inplace(q + i * dq, L.bq.data(), dq);
+        add_inplace(k + i * dkv, L.bk.data(), dkv);
+        add_inplace(v + i * dkv, L.bv.data(), dkv);
+      }
+    rope_apply(cfg_.rope, q + b * dq, e - b, cfg_.n_head, cfg_.head_dim, rope_cos + b * half, rope_sin + b * half);
+    rope_apply(cfg_.rope, k + b * dkv, e - b, cfg_.n_head_kv, cfg_.head_dim, rope_cos + b * half, rope_sin + b * half);
+    // The cache is 16-bit: round K/V here so prefill attention sees what decode will see.
+    for (int64_t i = b * dkv; i < e * dkv; ++i) {
+      k[i] = fp16_to_fp32(fp32_to_fp16(k[i]));
+      v[i] = fp16_to_fp32(fp32_to_fp16(v[i]));
     }
-  rope_tables(cfg_.rope, pos, n, s.rope_cos, s.rope_sin);
-  rope_apply(cfg_.rope, q, n, cfg_.n_head, cfg_.head_dim, s.rope_cos.data(), s.rope_sin.data());
-  rope_apply(cfg_.rope, k, n, cfg_.n_head_kv, cfg_.head_dim, s.rope_cos.data(), s.rope_sin.data());
-  // The cache is 16-bit: round K/V here so prefill attention sees what decode will see.
-  for (int64_t i = 0; i < n * dkv; ++i) {
-    k[i] = fp16_to_fp32(fp32_to_fp16(k[i]));
-    v[i] = fp16_to_fp32(fp32_to_fp16(v[i]));
-  }
+  });
 }
 
 void Model::ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, ThreadPool& pool, bool i8) const {
@@ -214,13 +232,15 @@ void Model::ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, T
   s.h.resize((size_t)(n * e));
   s.ff_g.resize((size_t)(n * ff));
   s.ff_u.resize((size_t)(n * ff));
-  for (int64_t i = 0; i < n; ++i) rmsnorm(x + i * e, L.ffn_norm.data(), s.h.data() + i * e, e, cfg_.rms_eps);
+  for_rows(pool, n, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) rmsnorm(x + i * e, L.ffn_norm.data(), s.h.data() + i * e, e, cfg_.rms_eps);
+  });
   const WeightView ws[2] = {L.w_gate, L.w_up};
   float* const ys[2] = {s.ff_g.data(), s.ff_u.data()};
   matmul_many(ws, ys, 2, s.h.data(), n, pool, i8);
-  silu_mul(s.ff_g.data(), s.ff_u.data(), n * ff);
+  for_rows(pool, n, [&](int64_t b, int64_t end) { silu_mul(s.ff_g.data() + b * ff, s.ff_u.data() + b * ff, (end - b) * ff); });
   matmul(L.w_down, s.ff_g.data(), n, s.h.data(), pool, i8);
-  add_inplace(x, s.h.data(), n * e);
+  for_rows(pool, n, [&](int64_t b, int64_t end) { add_inplace(x + b * e, s.h.data() + b * e, (end - b) * e); });
 }
 
 void Model::output(const float* x, int64_t n, ForwardScratch& s, float* logits, ThreadPool& pool, bool i8) const {
@@ -246,7 +266,11 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   s.q.resize((size_t)(chunk * dq));              // [chunk][n_head][head_dim]
   s.att.resize((size_t)(chunk * dq));
   std::vector<float> hbuf((size_t)(chunk * e));
-  std::vector<int64_t> pos((size_t)chunk);
+  // RoPE angles of every new position, once for all layers.
+  std::vector<int64_t> pos((size_t)n);
+  for (int64_t i = 0; i < n; ++i) pos[i] = pos0 + i;
+  rope_tables(cfg_.rope, pos.data(), n, s.rope_cos, s.rope_sin);
+  const int64_t half = cfg_.rope.n_rot / 2;
   embed(tokens, n, s.x.data());
   const bool i8 = int8_prefill();
   const bool bf16 = prefill_attn_bf16();
@@ -264,11 +288,11 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
       const int64_t nc = std::min(chunk, n - c0);
       float* x = s.x.data() + c0 * e;
-      for (int64_t i = 0; i < nc; ++i) {
-        rmsnorm(x + i * e, L.attn_norm.data(), hbuf.data() + i * e, e, cfg_.rms_eps);
-        pos[i] = pos0 + c0 + i;
-      }
-      qkv(L, hbuf.data(), nc, pos.data(), s, s.q.data(), kl + c0 * dkv, vl + c0 * dkv, pool, i8);
+      for_rows(pool, nc, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) rmsnorm(x + i * e, L.attn_norm.data(), hbuf.data() + i * e, e, cfg_.rms_eps);
+      });
+      qkv(L, hbuf.data(), nc, s.rope_cos.data() + c0 * half, s.rope_sin.data() + c0 * half, s.q.data(), kl + c0 * dkv,
+          vl + c0 * dkv, pool, i8);
       if (bf16) {
         kv_to_bf16(shape, s.k_layer.data(), s.v_layer.data(), pos0 + c0, pos0 + c0 + nc, s.k_bf16.data(), s.v_bf16.data());
         attention_prefill_bf16(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), s.att.data(), pool);
@@ -276,7 +300,7 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
         attention_prefill(shape, s.q.data(), nc, pos0 + c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
       }
       matmul(L.wo, s.att.data(), nc, hbuf.data(), pool, i8);
-      add_inplace(x, hbuf.data(), nc * e);
+      for_rows(pool, nc, [&](int64_t b, int64_t end) { add_inplace(x + b * e, hbuf.data() + b * e, (end - b) * e); });
       ffn(L, x, nc, s, pool, i8);
     }
     kv.store_prefill(il, pos0, n, kl, vl);
@@ -298,6 +322,8 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   std::vector<float>().swap(s.v_layer);
   std::vector<bf16_t>().swap(s.k_bf16);
   std::vector<bf16_t>().swap(s.v_bf16);
+  std::vector<float>().swap(s.rope_cos);
+  std::vector<float>().swap(s.rope_sin);
 }
 
 void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
@@ -315,11 +341,13 @@ void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, 
   SPC_ASSERT(n_rows <= 16);
   for (int r = 0; r < n_rows; ++r) pos[r] = pos0 + r;
   embed(tokens, n_rows, s.x.data());
+  rope_tables(cfg_.rope, pos, n_rows, s.rope_cos, s.rope_sin);  // once for all layers
   kv.begin_step(n_rows, n_keep);
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
     for (int r = 0; r < n_rows; ++r) rmsnorm(s.x.data() + r * e, L.attn_norm.data(), hbuf.data() + r * e, e, cfg_.rms_eps);
-    qkv(L, hbuf.data(), n_rows, pos, s, s.q.data(), s.k.data(), s.v.data(), pool, int8_decode_);
+    qkv(L, hbuf.data(), n_rows, s.rope_cos.data(), s.rope_sin.data(), s.q.data(), s.k.data(), s.v.data(), pool,
+        int8_decode_);
     DecodeRows rows{n_rows, n_keep, pos0, s.q.data(), s.k.data(), s.v.data()};
     kv.attend(il, rows, s.att.data(), pool);
     matmul(L.wo, s.att.data(), n_rows, hbuf.data(), pool, int8_decode_);

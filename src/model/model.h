@@ -115,10 +115,10 @@ class Model {
  private:
   Model() = default;
   void embed(const int32_t* tokens, int64_t n, float* x) const;
-  // q/k/v projections (+bias) and RoPE for n rows of normalized input h at positions pos.
-  // i8: int8 activations in the matmuls (decode with int8_decode_).
-  void qkv(const LayerWeights& L, const float* h, int64_t n, const int64_t* pos, ForwardScratch& s, float* q, float* k,
-           float* v, ThreadPool& pool, bool i8) const;
+  // q/k/v projections (+bias) and RoPE for n rows of normalized input h; rope_cos/rope_sin: the
+  // rows' angle tables (rope_tables, n_rot / 2 per row). i8: int8 activations in the matmuls.
+  void qkv(const LayerWeights& L, const float* h, int64_t n, const float* rope_cos, const float* rope_sin, float* q,
+           float* k, float* v, ThreadPool& pool, bool i8) const;
   void ffn(const LayerWeights& L, float* x, int64_t n, ForwardScratch& s, ThreadPool& pool, bool i8) const;
   void output(const float* x, int64_t n, ForwardScratch& s, float* logits, ThreadPool& pool, bool i8) const;
   // f(w) for every matrix a decode step reads in full: each layer's seven, then the output.

@@ -88,7 +88,7 @@ def main():
     print()
     t0 = full['timings']
     print(f"prompt tokens: {len(full['prompt_tokens'])}, matmul activations: prefill {t0.get('prefill_act', 'fp32')}, "
-          f"decode {t0['decode_act']}")
+          f"decode {t0['decode_act']}; prefill attention {t0.get('prefill_attn', 'fp32')}")
     for name, r in results.items():
         kv, t = r["kv"], r["timings"]
         print(f"[{name:16s}] answer: {r['text'].strip()[:100]!r}")

@@ -31,9 +31,12 @@ void add_act_flags(CLI::App& app, ActArgs& a) {
       ->check(CLI::IsMember({"auto", "fp32"}))
       ->capture_default_str();
   app.add_option("--prefill-attn", a.prefill_attn,
-                 "dot products of the prompt's attention: bf16 (vdpbf16ps, AVX-512 BF16 builds only: Q, K, V and the "
-                 "softmax weights rounded to bf16, sums in fp32), fp32, or auto (bf16 where the build has it)")
-      ->check(CLI::IsMember({"auto", "bf16", "fp32"}))
+                 "dot products of the prompt's attention: bf16 (vdpbf16ps: Q, K, V and the softmax weights rounded to "
+                 "bf16; SmolLM2: mean KL ~1e-5 from fp32), int8 (scores from int8 codes of each query and key vector, "
+                 "vpdpbusd, values in bf16: ~1.25x faster attention, KL ~1e-4 on SmolLM2, but keys with large "
+                 "per-channel offsets lose precision), both on AVX-512 BF16 + VNNI builds only, with sums in fp32; "
+                 "fp32; or auto (bf16 where the build has it)")
+      ->check(CLI::IsMember({"auto", "int8", "bf16", "fp32"}))
       ->capture_default_str();
 }
 
@@ -41,11 +44,15 @@ ActChoice apply_act(const ActArgs& a, Model& m) {
   const std::string act = a.int8_flag ? "int8" : a.act;
   m.set_int8_decode(act == "int8" || (act == "auto" && m.int8_decode_supported()));
   m.set_int8_prefill(a.prefill == "auto");
-  SPC_CHECK(a.prefill_attn != "bf16" || m.prefill_attn_bf16_supported(),
-            "--prefill-attn bf16: this build has no bf16 attention kernel (it needs AVX-512 BF16; use auto or fp32)");
-  m.set_prefill_attn_bf16(a.prefill_attn != "fp32");
+  using PA = Model::PrefillAttn;
+  const PA attn = a.prefill_attn == "fp32" ? PA::fp32 : a.prefill_attn == "int8" ? PA::int8 : PA::bf16;
+  SPC_CHECK(a.prefill_attn == "auto" || m.prefill_attn_supported(attn),
+            "--prefill-attn %s: this build has no such attention kernel (it needs AVX-512 BF16 and VNNI; use auto or "
+            "fp32)",
+            a.prefill_attn.c_str());
+  m.set_prefill_attn(attn);
   return ActChoice{m.int8_decode() ? "int8" : "fp32", m.int8_prefill() ? "int8" : "fp32",
-                   m.prefill_attn_bf16() ? "bf16" : "fp32"};
+                   Model::prefill_attn_name(m.prefill_attn())};
 }
 
 int resolve_threads(int requested) {

@@ -26,16 +26,16 @@ struct ModelArgs {
 void add_model_flags(CLI::App& app, ModelArgs& a);
 // --act, --int8-act, --prefill-act and --prefill-attn, for subcommands that run the model.
 void add_act_flags(CLI::App& app, ActArgs& a);
-// What apply_act chose: "int8" or "fp32" for decode and for prefill; "bf16" or "fp32" for the
-// prompt's attention.
+// What apply_act chose: "int8" or "fp32" for decode and for prefill; "int8", "bf16" or "fp32" for
+// the prompt's attention.
 struct ActChoice {
   std::string decode, prefill, prefill_attn;
 };
 // Sets the model's activations from those flags. Decode, auto: int8 where the build has SIMD int8
 // kernels for the model's quantized matrices (Model::int8_decode_supported), else fp32. Prefill,
 // auto: int8 where Model::int8_prefill then holds (int8 decode over the interleaved copies).
-// Prefill attention: bf16 where Model::prefill_attn_bf16_supported for auto; bf16 where the build
-// lacks the kernel is an spc::Error.
+// Prefill attention, auto: bf16 where the build has the kernel (Model::prefill_attn_supported),
+// else fp32; int8 or bf16 where it lacks it is an spc::Error.
 ActChoice apply_act(const ActArgs& a, Model& m);
 int resolve_threads(int requested);
 

@@ -125,7 +125,17 @@ float round_bf16(float x) { return bf16_to_fp32(fp32_to_bf16(x)); }
 // The bf16 kernel against the double reference over bf16-rounded inputs (what the kernel
 // multiplies): only the rounding of the softmax weights and the fp32 sums remain, a few 1e-3 at
 // worst. Chunks after the first (p0 > 0) read bf16 K/V converted chunk by chunk, as the model does.
-void check_bf16(const Case& cs, int threads) {
+// int8 codes of one vector (the kernel's per-lane / per-key quantization), dequantized.
+void dequant_i8(const float* x, int d, float* out) {
+  float amax = 0;
+  for (int c = 0; c < d; ++c) amax = std::max(amax, std::fabs(x[c]));
+  const float inv = amax > 0 ? 127.0f / amax : 0.0f, sc = amax * (1.0f / 127.0f);
+  for (int c = 0; c < d; ++c) out[c] = (float)std::nearbyint(x[c] * inv) * sc;
+}
+
+// int8: the scores from int8 codes of the queries and keys (keys_to_i8); the reference then
+// multiplies the dequantized codes.
+void check_bf16(const Case& cs, int threads, bool int8 = false) {
   const AttnShape s{cs.n_head, cs.n_head_kv, cs.head_dim};
   std::mt19937 rng((unsigned)(cs.n_head * 131 + cs.head_dim * 17 + cs.n_rows * 7 + cs.p0));
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -150,13 +160,38 @@ void check_bf16(const Case& cs, int threads) {
   if (n_keys % 2) {
     ASSERT_EQ(vb[((n_keys / 2) * e) * 2 + 1], 0) << "the missing half of the last pair must be 0";
   }
+  std::vector<int8_t> k8(k.size());
+  std::vector<float> k8_scale((size_t)(n_keys * s.n_head_kv));
+  std::vector<int32_t> k8_sum(k8_scale.size());
+  for (int64_t j0 = 0; j0 < n_keys; j0 += 50)
+    keys_to_i8(s, k.data(), j0, std::min<int64_t>(n_keys, j0 + 50), k8.data(), k8_scale.data(), k8_sum.data());
+  for (size_t r = 0; r < k8_sum.size(); ++r) {
+    int32_t total = 0;
+    for (int c = 0; c < s.head_dim; ++c) total += k8[r * s.head_dim + c];
+    ASSERT_EQ(total, k8_sum[r]);
+  }
+  const PrefillKeysI8 keys{k8.data(), k8_scale.data(), k8_sum.data()};
   std::vector<float> out(q.size(), -1.0f);
   ThreadPool pool(threads);
-  attention_prefill_bf16(s, q.data(), cs.n_rows, cs.p0, kb.data(), vb.data(), out.data(), pool);
+  attention_prefill_bf16(s, q.data(), cs.n_rows, cs.p0, kb.data(), vb.data(), out.data(), pool, int8 ? &keys : nullptr);
   const float scale = 1.0f / std::sqrt((float)s.head_dim);
+  const int d = s.head_dim;
   std::vector<float> qr(q.size()), kr(k.size()), vr(v.size());
-  for (size_t i = 0; i < q.size(); ++i) qr[i] = round_bf16(q[i] * scale);
-  for (size_t i = 0; i < k.size(); ++i) kr[i] = round_bf16(k[i]), vr[i] = round_bf16(v[i]);
+  if (int8) {
+    std::vector<float> qs(d);
+    for (size_t r = 0; r < q.size() / d; ++r) {
+      for (int c = 0; c < d; ++c) qs[c] = q[r * d + c] * scale;
+      dequant_i8(qs.data(), d, qr.data() + r * d);
+    }
+    for (size_t r = 0; r < k.size() / d; ++r) {
+      dequant_i8(k.data() + r * d, d, kr.data() + r * d);
+      for (int c = 0; c < d; ++c) ASSERT_FLOAT_EQ(kr[r * d + c], k8[r * d + c] * k8_scale[r]);
+    }
+    for (size_t i = 0; i < v.size(); ++i) vr[i] = round_bf16(v[i]);
+  } else {
+    for (size_t i = 0; i < q.size(); ++i) qr[i] = round_bf16(q[i] * scale);
+    for (size_t i = 0; i < k.size(); ++i) kr[i] = round_bf16(k[i]), vr[i] = round_bf16(v[i]);
+  }
   const auto ref = reference(s, qr, cs.n_rows, cs.p0, kr, vr, true);
   const auto exact = reference(s, q, cs.n_rows, cs.p0, k, v);
   double worst = 0, sq = 0, sq_exact = 0;
@@ -171,12 +206,13 @@ void check_bf16(const Case& cs, int threads) {
   const double rms = std::sqrt(sq / (double)out.size()), rms_exact = std::sqrt(sq_exact / (double)out.size());
   const std::string what = "heads " + std::to_string(cs.n_head) + "/" + std::to_string(cs.n_head_kv) + " head_dim " +
                            std::to_string(cs.head_dim) + " rows " + std::to_string(cs.n_rows) + " p0 " +
-                           std::to_string(cs.p0) + " threads " + std::to_string(threads);
+                           std::to_string(cs.p0) + " threads " + std::to_string(threads) + (int8 ? " int8 scores" : "");
   EXPECT_EQ(bad, 0u) << what << ": worst relative error " << worst;
   EXPECT_LT(rms, 1.5e-3) << what;
-  // Against unrounded inputs the error is the bf16 rounding of q and k in the scores (inputs of
-  // unit scale, scores up to ~10 here): still small, and far below any masking or pairing bug.
-  EXPECT_LT(rms_exact, 3e-2) << what;
+  // Against unrounded inputs the error is the rounding of q and k in the scores (bf16, or int8
+  // codes; inputs of unit scale, scores up to ~10 here): still small, and far below any masking,
+  // pairing or code-offset bug.
+  EXPECT_LT(rms_exact, int8 ? 6e-2 : 3e-2) << what;
 }
 
 TEST(AttentionPrefill, Bf16MatchesRoundedReference) {
@@ -185,7 +221,10 @@ TEST(AttentionPrefill, Bf16MatchesRoundedReference) {
   int n = 0;
   for (const Case& cs : kCases) {
     if (!attention_prefill_bf16_supported(AttnShape{cs.n_head, cs.n_head_kv, cs.head_dim})) continue;
-    for (int threads : {1, 2}) check_bf16(cs, threads);
+    for (int threads : {1, 2}) {
+      check_bf16(cs, threads);
+      check_bf16(cs, threads, true);
+    }
     ++n;
   }
   EXPECT_GE(n, 10);
@@ -221,13 +260,19 @@ TEST(AttentionPrefill, Timing) {
       ThreadPool pool(threads);
       std::vector<bf16_t> kb(k.size()), vb((size_t)((n_keys + 1) / 2 * 2 * s.n_head_kv * s.head_dim));
       kv_to_bf16(s, k.data(), v.data(), 0, n_keys, kb.data(), vb.data());
-      for (int kind : {0, 1, 2}) {  // default, portable, bf16
+      std::vector<int8_t> k8(k.size());
+      std::vector<float> k8_scale((size_t)(n_keys * s.n_head_kv));
+      std::vector<int32_t> k8_sum(k8_scale.size());
+      keys_to_i8(s, k.data(), 0, n_keys, k8.data(), k8_scale.data(), k8_sum.data());
+      const PrefillKeysI8 keys{k8.data(), k8_scale.data(), k8_sum.data()};
+      for (int kind : {0, 1, 2, 3}) {  // default, portable, bf16, int8 scores
         const bool portable = kind == 1;
         if (portable && p0 > 1792) continue;  // slow
-        if (kind == 2 && !attention_prefill_bf16_supported(s)) continue;
+        if (kind >= 2 && !attention_prefill_bf16_supported(s)) continue;
         auto run = [&] {
-          if (kind == 2)
-            attention_prefill_bf16(s, q.data(), chunk, p0, kb.data(), vb.data(), out.data(), pool);
+          if (kind >= 2)
+            attention_prefill_bf16(s, q.data(), chunk, p0, kb.data(), vb.data(), out.data(), pool,
+                                   kind == 3 ? &keys : nullptr);
           else if (portable)
             attention_prefill_portable(s, q.data(), chunk, p0, k.data(), v.data(), out.data(), pool);
           else
@@ -244,7 +289,7 @@ TEST(AttentionPrefill, Timing) {
           el = std::chrono::duration<double>(c1 - t0).count();
         } while (el < 0.5);
         std::printf("prefill attention %-8s chunk %lld at p0 %6lld, %d thread(s): %8.3f ms  %6.1f GFLOP/s\n",
-                    kind == 2 ? "bf16" : portable ? "portable" : "default", (long long)chunk, (long long)p0, threads, best * 1e3,
+                    kind == 3 ? "int8" : kind == 2 ? "bf16" : portable ? "portable" : "default", (long long)chunk, (long long)p0, threads, best * 1e3,
                     flops / best * 1e-9);
       }
     }

@@ -324,8 +324,8 @@ TEST(Cli, DecodeActivationsAreChosenAndRecorded) {
   expect_failure(run_cli(gen_args({"-p", "Once", "--prefill-act", "int4"})), "prefill-act");
 }
 
-// --prefill-attn: auto picks bf16 exactly where the build has the kernel; fp32 is always there;
-// bf16 where the build lacks it is a clear error, not a silent fallback.
+// --prefill-attn: auto picks bf16 exactly where the build has the kernels; fp32 is always there;
+// int8 or bf16 where the build lacks them is a clear error, not a silent fallback.
 TEST(Cli, PrefillAttentionIsChosenAndRecorded) {
   SKIP_IF_MISSING(stories_path());
   auto attn_of = [](const RunResult& r) { return parse_single_json(r)["timings"]["prefill_attn"].get<std::string>(); };
@@ -336,12 +336,14 @@ TEST(Cli, PrefillAttentionIsChosenAndRecorded) {
   r = run_cli(gen_args({"-p", "Once upon a time", "-n", "4", "--json", "--temp", "0", "--prefill-attn", "fp32"}));
   expect_success(r);
   EXPECT_EQ(attn_of(r), "fp32");
-  r = run_cli(gen_args({"-p", "Once upon a time", "-n", "4", "--json", "--temp", "0", "--prefill-attn", "bf16"}));
-  if (have) {
-    expect_success(r);
-    EXPECT_EQ(attn_of(r), "bf16");
-  } else {
-    expect_failure(r, "AVX-512 BF16");
+  for (const char* a : {"bf16", "int8"}) {
+    r = run_cli(gen_args({"-p", "Once upon a time", "-n", "4", "--json", "--temp", "0", "--prefill-attn", a}));
+    if (have) {
+      expect_success(r);
+      EXPECT_EQ(attn_of(r), a);
+    } else {
+      expect_failure(r, "AVX-512 BF16");
+    }
   }
   expect_failure(run_cli(gen_args({"-p", "Once", "--prefill-attn", "fp16"})), "prefill-attn");
 }

@@ -569,15 +569,15 @@ TEST(KvPolicy, ExportOfAPrefixIsThePrefixOfTheExport) {
 // where the prompt was split. The same when the prefix is taken over from another session, and
 // for a policy with a slow tier (its prefix K/V come back from there), whose decode then starts
 // with its pre-decoding pass. Policies without a complete 16-bit copy refuse to continue. With
-// fp32 and (where the build has it) bf16 prefill attention.
+// fp32 and (where the build has them) bf16 and int8 prefill attention.
 TEST(KvPolicy, ContinuedPrefillEqualsOnePrefill) {
   NEED_STORIES();
   const Fixture& fx = *stories();
   ThreadPool pool(2);
-  for (bool bf16 : {false, true}) {
-    if (bf16 && !fx.model->prefill_attn_bf16_supported()) continue;
-    fx.model->set_prefill_attn_bf16(bf16);
-    SCOPED_TRACE(bf16 ? "bf16 attention" : "fp32 attention");
+  for (Model::PrefillAttn attn : {Model::PrefillAttn::fp32, Model::PrefillAttn::bf16, Model::PrefillAttn::int8}) {
+    if (!fx.model->prefill_attn_supported(attn)) continue;
+    fx.model->set_prefill_attn(attn);
+    SCOPED_TRACE(std::string(Model::prefill_attn_name(attn)) + " attention");
     for (const KvConfig& kc : {policy("full"), policy("specache", 1, 16, 16)}) {
       Session one(*fx.model, make_kv_policy(kc, fx.model->kv_geometry(512)), pool);
       one.prefill(fx.prompt);
@@ -605,7 +605,7 @@ TEST(KvPolicy, ContinuedPrefillEqualsOnePrefill) {
       }
     }
   }
-  fx.model->set_prefill_attn_bf16(false);
+  fx.model->set_prefill_attn(Model::PrefillAttn::fp32);
   for (const char* name : {"kivi", "streaming"}) {
     Session s(*fx.model, make_kv_policy(policy(name), fx.model->kv_geometry(512)), pool);
     s.prefill({1, 2, 3});
@@ -623,10 +623,10 @@ TEST(KvPolicy, SmolLM2ContinuedPrefillEqualsOnePrefill) {
   SMOLLM2_WITH_BOOK(model, prompt, 3000, 600);
   ThreadPool pool(2);
   KvConfig kc;
-  for (bool bf16 : {false, true}) {
-    if (bf16 && !model->prefill_attn_bf16_supported()) continue;
-    model->set_prefill_attn_bf16(bf16);
-    SCOPED_TRACE(bf16 ? "bf16 attention" : "fp32 attention");
+  for (Model::PrefillAttn attn : {Model::PrefillAttn::fp32, Model::PrefillAttn::bf16, Model::PrefillAttn::int8}) {
+    if (!model->prefill_attn_supported(attn)) continue;
+    model->set_prefill_attn(attn);
+    SCOPED_TRACE(std::string(Model::prefill_attn_name(attn)) + " attention");
     Session one(*model, make_kv_policy(kc, model->kv_geometry(1024)), pool);
     one.prefill(prompt);
     Session two(*model, make_kv_policy(kc, model->kv_geometry(1024)), pool);

@@ -160,7 +160,7 @@ struct BenchReport {
   int hardware_threads = 0;
   std::string decode_act = "fp32";   // activations of the decode matmuls: fp32 or int8 (--act)
   std::string prefill_act = "fp32";  // of the prompt's matmuls (--prefill-act; Model::int8_prefill)
-  std::string prefill_attn = "fp32";  // the prompt's attention: fp32 or bf16 (--prefill-attn; Model::prefill_attn_bf16)
+  std::string prefill_attn = "fp32";  // the prompt's attention: fp32, bf16 or int8 (--prefill-attn; Model::prefill_attn)
   std::string measurement;  // one sentence on what the numbers are
   bool interleaved = false;  // BenchOptions::interleave
   std::vector<BandwidthResult> bandwidth;  // empty without --bandwidth

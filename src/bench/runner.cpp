@@ -140,7 +140,7 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
   report.hardware_threads = (int)std::thread::hardware_concurrency();
   report.decode_act = model.int8_decode() ? "int8" : "fp32";
   report.prefill_act = model.int8_prefill() ? "int8" : "fp32";
-  report.prefill_attn = model.prefill_attn_bf16() ? "bf16" : "fp32";
+  report.prefill_attn = Model::prefill_attn_name(model.prefill_attn());
   report.interleaved = opt.interleave;
   // With gen <= warmup nothing would be left: keep at least the last step.
   const int warmup = std::min(opt.warmup, opt.gen - 1);

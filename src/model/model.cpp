@@ -162,11 +162,13 @@ bool Model::int8_prefill() const {
   return all;
 }
 
-bool Model::prefill_attn_bf16_supported() const {
-  return attention_prefill_bf16_supported(AttnShape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim});
+const char* Model::prefill_attn_name(PrefillAttn a) {
+  return a == PrefillAttn::int8 ? "int8" : a == PrefillAttn::bf16 ? "bf16" : "fp32";
 }
 
-bool Model::prefill_attn_bf16() const { return prefill_attn_bf16_ && prefill_attn_bf16_supported(); }
+bool Model::prefill_attn_supported(PrefillAttn a) const {
+  return a == PrefillAttn::fp32 || attention_prefill_bf16_supported(AttnShape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim});
+}
 
 bool Model::int8_decode_supported() const {
   bool any = false;
@@ -273,16 +275,28 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   const int64_t half = cfg_.rope.n_rot / 2;
   embed(tokens, n, s.x.data());
   const bool i8 = int8_prefill();
-  const bool bf16 = prefill_attn_bf16();
+  const PrefillAttn attn = prefill_attn();
+  const bool bf16 = attn != PrefillAttn::fp32, i8_keys = attn == PrefillAttn::int8;
   const AttnShape shape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim};
   if (bf16) {
     s.k_bf16.resize((size_t)((pos0 + n) * dkv));
     s.v_bf16.resize((size_t)((pos0 + n + 1) / 2 * 2 * dkv));
   }
+  if (i8_keys) {
+    s.k_i8.resize((size_t)((pos0 + n) * dkv));
+    s.k_i8_scale.resize((size_t)((pos0 + n) * cfg_.n_head_kv));
+    s.k_i8_sum.resize(s.k_i8_scale.size());
+  }
+  const PrefillKeysI8 keys8{s.k_i8.data(), s.k_i8_scale.data(), s.k_i8_sum.data()};
+  // The K/V of positions [j0, j1) in the copies the bf16 / int8 kernels read.
+  auto convert = [&](int64_t j0, int64_t j1) {
+    kv_to_bf16(shape, s.k_layer.data(), s.v_layer.data(), j0, j1, s.k_bf16.data(), s.v_bf16.data());
+    if (i8_keys) keys_to_i8(shape, s.k_layer.data(), j0, j1, s.k_i8.data(), s.k_i8_scale.data(), s.k_i8_sum.data());
+  };
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
     if (pos0 > 0) kv.export_layer(il, pos0, s.k_layer.data(), s.v_layer.data());
-    if (bf16 && pos0 > 0) kv_to_bf16(shape, s.k_layer.data(), s.v_layer.data(), 0, pos0, s.k_bf16.data(), s.v_bf16.data());
+    if (bf16 && pos0 > 0) convert(0, pos0);
     float* kl = s.k_layer.data() + pos0 * dkv;  // the new tokens' K/V
     float* vl = s.v_layer.data() + pos0 * dkv;
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
@@ -294,8 +308,9 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
       qkv(L, hbuf.data(), nc, s.rope_cos.data() + c0 * half, s.rope_sin.data() + c0 * half, s.q.data(), kl + c0 * dkv,
           vl + c0 * dkv, pool, i8);
       if (bf16) {
-        kv_to_bf16(shape, s.k_layer.data(), s.v_layer.data(), pos0 + c0, pos0 + c0 + nc, s.k_bf16.data(), s.v_bf16.data());
-        attention_prefill_bf16(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), s.att.data(), pool);
+        convert(pos0 + c0, pos0 + c0 + nc);
+        attention_prefill_bf16(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), s.att.data(), pool,
+                               i8_keys ? &keys8 : nullptr);
       } else {
         attention_prefill(shape, s.q.data(), nc, pos0 + c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
       }
@@ -322,6 +337,9 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   std::vector<float>().swap(s.v_layer);
   std::vector<bf16_t>().swap(s.k_bf16);
   std::vector<bf16_t>().swap(s.v_bf16);
+  std::vector<int8_t>().swap(s.k_i8);
+  std::vector<float>().swap(s.k_i8_scale);
+  std::vector<int32_t>().swap(s.k_i8_sum);
   std::vector<float>().swap(s.rope_cos);
   std::vector<float>().swap(s.rope_sin);
 }

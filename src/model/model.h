@@ -45,7 +45,10 @@ struct LayerWeights {
 struct ForwardScratch {
   std::vector<float> x, h, q, k, v, att, ff_g, ff_u, logits_in;
   std::vector<float> k_layer, v_layer;  // prefill: one layer's K/V for the whole prompt
-  std::vector<bf16_t> k_bf16, v_bf16;   // prefill with bf16 attention: their bf16 copies (kv_to_bf16)
+  std::vector<bf16_t> k_bf16, v_bf16;   // prefill with bf16 / int8 attention: their bf16 copies (kv_to_bf16)
+  std::vector<int8_t> k_i8;             // with int8 scores: the keys' codes, scales, code sums (keys_to_i8)
+  std::vector<float> k_i8_scale;
+  std::vector<int32_t> k_i8_sum;
   std::vector<float> rope_cos, rope_sin;
 };
 
@@ -85,12 +88,15 @@ class Model {
   // (int8_prefill() says whether it does); otherwise prefill stays fp32.
   void set_int8_prefill(bool on) { int8_prefill_ = on; }
   bool int8_prefill() const;
-  // Prefill attention with bf16 dot products (attention_prefill_bf16: Q, K, V and the softmax
-  // weights rounded to bf16, sums in fp32) instead of fp32. Off by default; takes effect only
-  // where the build has the kernel (prefill_attn_bf16() says whether it does).
-  void set_prefill_attn_bf16(bool on) { prefill_attn_bf16_ = on; }
-  bool prefill_attn_bf16() const;
-  bool prefill_attn_bf16_supported() const;
+  // Precision of the prompt's attention (attention_prefill_bf16): bf16 dot products (Q, K, V and
+  // the softmax weights rounded to bf16, sums in fp32), or int8 scores (queries and keys as int8
+  // codes per vector, vpdpbusd) with bf16 values, instead of fp32. fp32 by default; a setting
+  // the build has no kernel for runs fp32 (prefill_attn() says what is in effect).
+  enum class PrefillAttn { fp32, bf16, int8 };
+  static const char* prefill_attn_name(PrefillAttn a);
+  void set_prefill_attn(PrefillAttn a) { prefill_attn_ = a; }
+  PrefillAttn prefill_attn() const { return prefill_attn_supported(prefill_attn_) ? prefill_attn_ : PrefillAttn::fp32; }
+  bool prefill_attn_supported(PrefillAttn a) const;
   // True when this build has SIMD int8 decode kernels for the model's decode matrices (any of
   // them quantized to a type has_int8_decode_kernel covers): where int8 decode pays off.
   bool int8_decode_supported() const;
@@ -136,7 +142,7 @@ class Model {
   std::vector<LayerWeights> layers_;
   bool int8_decode_ = false;
   bool int8_prefill_ = false;
-  bool prefill_attn_bf16_ = false;
+  PrefillAttn prefill_attn_ = PrefillAttn::fp32;
   std::vector<std::vector<uint8_t>> i8x8_;  // row-interleaved copies (set_int8_decode)
   std::vector<std::pair<WeightView*, const uint8_t*>> i8x8_views_;  // matrix -> its copy
 };

@@ -43,16 +43,27 @@ void attention_prefill_portable(const AttnShape& s, const float* q, int64_t n_ro
 // Prefill attention with bf16 dot products (AVX-512 BF16, vdpbf16ps): Q, K, V and the softmax
 // weights are rounded to bf16, products and sums stay fp32. About twice the multiply-adds per
 // instruction of the fp32 kernel, and half the bytes of K/V per pass. Available where
-// attention_prefill_bf16_supported (the build has AVX512_BF16, n_head / n_head_kv <= 48,
+// attention_prefill_bf16_supported (the build has AVX-512 BF16 and VNNI, n_head / n_head_kv <= 48,
 // head_dim % 8 == 0); attention_prefill_bf16 throws spc::Error elsewhere.
 // kb: [n_keys][n_head_kv][head_dim] bf16 (k's layout); vb: [ceil(n_keys / 2)][n_head_kv][head_dim][2]
 // bf16, positions paired (V[2p][e], V[2p + 1][e]). kv_to_bf16 writes both for positions [j0, j1)
 // of k/v ([n][n_head_kv][head_dim] fp32; for an odd j0 the pair's first half, position j0 - 1, is
 // rewritten from v too; the second half of an odd last pair is 0).
+// With k8, the scores come from int8 codes instead (vpdpbusd, twice the multiply-adds per
+// instruction again): each query vector and each key (per position and KV head) quantized
+// symmetrically to int8 over its head_dim values; the values stay bf16. keys_to_i8 writes the
+// keys' codes [n][n_head_kv][head_dim], scales and code sums [n][n_head_kv] for positions
+// [j0, j1) of k ([n][n_head_kv][head_dim] fp32).
+struct PrefillKeysI8 {
+  const int8_t* codes;
+  const float* scale;
+  const int32_t* sum;
+};
 bool attention_prefill_bf16_supported(const AttnShape& s);
 void kv_to_bf16(const AttnShape& s, const float* k, const float* v, int64_t j0, int64_t j1, bf16_t* kb, bf16_t* vb);
+void keys_to_i8(const AttnShape& s, const float* k, int64_t j0, int64_t j1, int8_t* codes, float* scale, int32_t* sum);
 void attention_prefill_bf16(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* kb,
-                            const bf16_t* vb, float* out, ThreadPool& pool);
+                            const bf16_t* vb, float* out, ThreadPool& pool, const PrefillKeysI8* k8 = nullptr);
 
 // Partial attention state over a subset of keys for one query vector: o is unnormalized.
 // Two partial states over disjoint key sets merge exactly (flash-decoding).

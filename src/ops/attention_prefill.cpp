@@ -35,7 +35,7 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #define SPC_PREFILL_BF16 1
 #endif
 
@@ -402,6 +402,7 @@ struct TileKernel {
 //   values  P^T pairs pt[j/2][48] x V broadcast as (V[j][c], V[j+1][c]): V paired by position
 // (kv_to_bf16 writes both). The softmax stays fp32; the probabilities are rounded to bf16 only
 // as the value weights (their sum l is taken before rounding).
+template <bool kI8>
 struct TileKernelBf16 {
   static constexpr int W = 16, KU = 8, kLanes = 48;
 
@@ -461,6 +462,44 @@ struct TileKernelBf16 {
     }
   }
 
+  // The same scores from int8 codes (vpdpbusd, 64 multiply-adds per instruction): q8[c/4][48]
+  // holds 4 query codes + 128 (u8) per lane, sq[48] their scales; k8 points at key 0 of the block
+  // (this KV head; ks bytes per key), ksc / ksum at its scale and code sum (kstep apart). The
+  // +128 comes off as 128 * ksum per key.
+  static void scores_i8(const uint32_t* q8, const float* sq, const int8_t* k8, const float* ksc, const int32_t* ksum,
+                        int64_t ks, int64_t kstep, int d, int nb, float* st) {
+    const int nq = d / 4;
+    for (int j = 0; j < nb; j += KU) {
+      __m512i a[KU][3];
+      for (int i = 0; i < KU; ++i) a[i][0] = a[i][1] = a[i][2] = _mm512_setzero_si512();
+      const int8_t* kp = k8 + j * ks;
+      const int nk = std::min(KU, nb - j);  // keys past nb read the next ones' codes (or padding): never stored
+      for (int p = 0; p < nq; ++p) {
+        const __m512i q0 = _mm512_load_si512(q8 + p * kLanes), q1 = _mm512_load_si512(q8 + p * kLanes + W),
+                      q2 = _mm512_load_si512(q8 + p * kLanes + 2 * W);
+        for (int i = 0; i < KU; ++i) {
+          int32_t kk;
+          std::memcpy(&kk, kp + (i < nk ? i : 0) * ks + 4 * p, 4);
+          const __m512i kc = _mm512_set1_epi32(kk);
+          a[i][0] = _mm512_dpbusd_epi32(a[i][0], q0, kc);
+          a[i][1] = _mm512_dpbusd_epi32(a[i][1], q1, kc);
+          a[i][2] = _mm512_dpbusd_epi32(a[i][2], q2, kc);
+        }
+      }
+      const __m512 s0 = _mm512_load_ps(sq), s1 = _mm512_load_ps(sq + W), s2 = _mm512_load_ps(sq + 2 * W);
+      for (int i = 0; i < KU; ++i) {  // a constant bound keeps the accumulators in registers
+        if (i >= nk) break;
+        const __m512i corr = _mm512_set1_epi32(128 * ksum[(j + i) * kstep]);
+        const __m512 kv = _mm512_set1_ps(ksc[(j + i) * kstep]);
+        float* sj = st + (j + i) * kLanes;
+        _mm512_store_ps(sj, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[i][0], corr)), _mm512_mul_ps(kv, s0)));
+        _mm512_store_ps(sj + W, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[i][1], corr)), _mm512_mul_ps(kv, s1)));
+        _mm512_store_ps(sj + 2 * W,
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[i][2], corr)), _mm512_mul_ps(kv, s2)));
+      }
+    }
+  }
+
   // ot[c][48] = ot * alpha + sum over key pairs jp < npairs of V pairs x P pairs; vb: pair 0 of
   // the block (this KV head) as 32-bit pairs, vs: pair stride in pairs.
   static void values(const uint32_t* pt, const uint32_t* vb, int64_t vs, int d, int npairs, const __m512 alpha[3],
@@ -486,7 +525,8 @@ struct TileKernelBf16 {
   }
 
   struct Tile {
-    uint32_t* qt;  // [d/2][48] bf16 pairs of the scaled queries
+    uint32_t* qt;  // [d/2][48] bf16 pairs of the scaled queries (kI8: [d/4][48] u8 codes + 128, 4 per lane)
+    float* sq;     // kI8: [48] the lanes' code scales
     float* ot;     // [d][48]
     __m512 m[3], l[3];
     __m512i lim[3];
@@ -495,10 +535,11 @@ struct TileKernelBf16 {
     int64_t n_keys, all_see;
   };
 
-  // Per-thread scratch in floats: per tile Q^T pairs (d/2 x 48) and O^T (d x 48); scores
-  // [kKeyBlock][48] fp32 and their bf16 pairs [kKeyBlock/2][48].
+  // Per-thread scratch in floats: per tile Q^T pairs (d/2 x 48), code scales (48) and O^T
+  // (d x 48); scores [kKeyBlock][48] fp32 and their bf16 pairs [kKeyBlock/2][48].
+  static size_t tile_floats(int d) { return (size_t)(d / 2 + 1 + d) * kLanes; }
   static size_t group_scratch_floats(int d) {
-    return ((size_t)(d / 2 + d) * kGroupTiles + kKeyBlock + kKeyBlock / 2) * kLanes;
+    return tile_floats(d) * kGroupTiles + (size_t)(kKeyBlock + kKeyBlock / 2) * kLanes;
   }
 
   static void init(Tile& t, const AttnShape& s, const float* q, int64_t p0, int hk) {
@@ -506,15 +547,46 @@ struct TileKernelBf16 {
     const int64_t q_stride = (int64_t)s.n_head * d;
     const float scale = 1.0f / std::sqrt((float)d);
     const int used = t.nr * g;
-    std::memset(t.qt, 0, sizeof(uint32_t) * (d / 2) * kLanes);
+    // The scaled queries transposed into ot ([d][48], unused lanes 0), then converted there from
+    // vector by vector; ot is cleared for the outputs after.
     std::memset(t.ot, 0, sizeof(float) * d * kLanes);
     for (int r = 0; r < t.nr; ++r) {
       const float* qr = q + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
       for (int hl = 0; hl < g; ++hl)
-        for (int p = 0; p < d / 2; ++p)
-          t.qt[p * kLanes + r * g + hl] = (uint32_t)fp32_to_bf16(qr[hl * d + 2 * p] * scale) |
-                                          (uint32_t)fp32_to_bf16(qr[hl * d + 2 * p + 1] * scale) << 16;
+        for (int c = 0; c < d; ++c) t.ot[c * kLanes + r * g + hl] = qr[hl * d + c] * scale;
     }
+    if constexpr (kI8) {
+      // Per lane: symmetric int8 codes over its head_dim values (scale amax / 127), stored + 128
+      // as u8, 4 channels per 32-bit lane.
+      for (int u = 0; u < 3; ++u) {
+        __m512 amax = _mm512_setzero_ps();
+        for (int c = 0; c < d; ++c) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_load_ps(t.ot + c * kLanes + W * u)));
+        const __mmask16 nz = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 inv = _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.0f), amax);
+        _mm512_store_ps(t.sq + W * u, _mm512_mul_ps(amax, _mm512_set1_ps(1.0f / 127.0f)));
+        for (int p = 0; p < d / 4; ++p) {
+          __m512i w = _mm512_setzero_si512();
+          for (int b = 0; b < 4; ++b) {
+            const __m512i code = _mm512_add_epi32(
+                _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(t.ot + (4 * p + b) * kLanes + W * u), inv)),
+                _mm512_set1_epi32(128));
+            w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(255)), 8 * b));
+          }
+          _mm512_store_si512(t.qt + p * kLanes + W * u, w);
+        }
+      }
+    } else {
+      const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      for (int p = 0; p < d / 2; ++p)
+        for (int u = 0; u < 3; ++u) {
+          const __m512 lo = _mm512_load_ps(t.ot + 2 * p * kLanes + W * u);
+          const __m512 hi = _mm512_load_ps(t.ot + (2 * p + 1) * kLanes + W * u);
+          _mm512_store_si512(t.qt + p * kLanes + W * u,
+                             _mm512_permutexvar_epi16(ilv, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
+        }
+    }
+    std::memset(t.ot, 0, sizeof(float) * d * kLanes);
     alignas(64) int32_t lim_a[kLanes];
     for (int i = 0; i < kLanes; ++i)
       lim_a[i] = i < used ? (int32_t)(p0 + t.r0 + i / g) : std::numeric_limits<int32_t>::max();
@@ -528,9 +600,15 @@ struct TileKernelBf16 {
   }
 
   // Keys [j0, j0 + nb), j0 even; kb: key j0 of this KV head, vb: pair j0/2 of this KV head.
-  static void block(Tile& t, int64_t j0, int nb, const bf16_t* kb, const uint32_t* vb, int64_t ks, int64_t vs, int d,
-                    float* st, uint32_t* pt) {
-    scores(t.qt, kb, ks, d, nb, st);
+  static void block(Tile& t, int64_t j0, int nb, const bf16_t* kb, const PrefillKeysI8* k8, int hk, int n_head_kv,
+                    const uint32_t* vb, int64_t ks, int64_t vs, int d, float* st, uint32_t* pt) {
+    if constexpr (kI8) {
+      const int64_t at = j0 * n_head_kv + hk;  // (key j0, head hk) in [n][n_head_kv]
+      scores_i8(t.qt, t.sq, k8->codes + at * d, k8->scale + at, k8->sum + at, ks, n_head_kv, d, nb, st);
+    } else {
+      (void)k8, (void)hk, (void)n_head_kv;
+      scores(t.qt, kb, ks, d, nb, st);
+    }
     if (j0 + nb > t.all_see)
       for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j)
         for (int u = 0; u < 3; ++u) {
@@ -572,19 +650,22 @@ struct TileKernelBf16 {
     store_rows(s, t.ot, inv, t.r0, t.nr, kLanes, out, hk);
   }
 
-  static void group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* k, const bf16_t* v,
-                    float* out, int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
+  static void group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* k,
+                    const PrefillKeysI8* k8, const bf16_t* v, float* out, int hk, int64_t tile0, int64_t tile1, int rows,
+                    float* scratch) {
     const int d = s.head_dim;
     const int64_t ks = (int64_t)s.n_head_kv * d;  // bf16 elements per key; also 32-bit pairs per key pair
     const int nt = (int)(tile1 - tile0);
     Tile tiles[kGroupTiles];
-    float* st = scratch + (size_t)(d / 2 + d) * kGroupTiles * kLanes;
+    float* st = scratch + tile_floats(d) * kGroupTiles;
     uint32_t* pt = reinterpret_cast<uint32_t*>(st + (size_t)kKeyBlock * kLanes);
     int64_t n_keys = 0;
     for (int i = 0; i < nt; ++i) {
       Tile& t = tiles[i];
-      t.qt = reinterpret_cast<uint32_t*>(scratch + (size_t)i * (d / 2 + d) * kLanes);
-      t.ot = scratch + (size_t)i * (d / 2 + d) * kLanes + (size_t)(d / 2) * kLanes;
+      float* ts = scratch + tile_floats(d) * i;
+      t.qt = reinterpret_cast<uint32_t*>(ts);
+      t.sq = ts + (size_t)(d / 2) * kLanes;
+      t.ot = t.sq + kLanes;
       t.r0 = (tile0 + i) * rows;
       t.nr = (int)std::min<int64_t>(rows, n_rows - t.r0);
       init(t, s, q, p0, hk);
@@ -597,7 +678,7 @@ struct TileKernelBf16 {
         Tile& t = tiles[i];
         if (j0 >= t.n_keys) continue;
         const int nb = (int)std::min<int64_t>(kKeyBlock, t.n_keys - j0);
-        block(t, j0, nb, kh + j0 * ks, vh + (j0 / 2) * ks, ks, ks, d, st, pt);
+        block(t, j0, nb, kh + j0 * ks, k8, hk, s.n_head_kv, vh + (j0 / 2) * ks, ks, ks, d, st, pt);
       }
     for (int i = 0; i < nt; ++i) finish(tiles[i], s, out, hk);
   }
@@ -646,7 +727,7 @@ void attention_prefill(const AttnShape& s, const float* q, int64_t n_rows, int64
 bool attention_prefill_bf16_supported(const AttnShape& s) {
 #if defined(SPC_PREFILL_BF16)
   const int g = s.n_head / s.n_head_kv;
-  return g <= TileKernelBf16::kLanes && s.head_dim % TileKernelBf16::KU == 0;
+  return g <= TileKernelBf16<false>::kLanes && s.head_dim % TileKernelBf16<false>::KU == 0;
 #else
   (void)s;
   return false;
@@ -668,17 +749,42 @@ void kv_to_bf16(const AttnShape& s, const float* k, const float* v, int64_t j0, 
   }
 }
 
+void keys_to_i8(const AttnShape& s, const float* k, int64_t j0, int64_t j1, int8_t* codes, float* scale,
+                int32_t* sum) {
+  const int d = s.head_dim;
+  for (int64_t r = j0 * s.n_head_kv; r < j1 * s.n_head_kv; ++r) {  // one (position, KV head) row
+    const float* x = k + r * d;
+    float amax = 0;
+    for (int c = 0; c < d; ++c) amax = std::max(amax, std::fabs(x[c]));
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    int32_t total = 0;
+    for (int c = 0; c < d; ++c) {
+      const int v = (int)std::nearbyint(x[c] * inv);  // round half to even, like vcvtps2dq
+      codes[r * d + c] = (int8_t)v;
+      total += v;
+    }
+    scale[r] = amax * (1.0f / 127.0f);
+    sum[r] = total;
+  }
+}
+
 void attention_prefill_bf16(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* kb,
-                            const bf16_t* vb, float* out, ThreadPool& pool) {
+                            const bf16_t* vb, float* out, ThreadPool& pool, const PrefillKeysI8* k8) {
   SPC_CHECK(attention_prefill_bf16_supported(s), "bf16 prefill attention is not available for this build or shape");
 #if defined(SPC_PREFILL_BF16)
-  using K = TileKernelBf16;
-  for_each_group(s, n_rows, K::kLanes, K::group_scratch_floats(s.head_dim), pool,
-                 [&](int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
-                   K::group(s, q, n_rows, p0, kb, vb, out, hk, tile0, tile1, rows, scratch);
-                 });
+  auto run = [&](auto kernel) {
+    using K = decltype(kernel);
+    for_each_group(s, n_rows, K::kLanes, K::group_scratch_floats(s.head_dim), pool,
+                   [&](int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
+                     K::group(s, q, n_rows, p0, kb, k8, vb, out, hk, tile0, tile1, rows, scratch);
+                   });
+  };
+  if (k8)
+    run(TileKernelBf16<true>{});
+  else
+    run(TileKernelBf16<false>{});
 #else
-  (void)q, (void)n_rows, (void)p0, (void)kb, (void)vb, (void)out, (void)pool;
+  (void)q, (void)n_rows, (void)p0, (void)kb, (void)vb, (void)out, (void)pool, (void)k8;
 #endif
 }
 

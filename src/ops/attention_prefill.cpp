@@ -408,7 +408,8 @@ struct TileKernelBf16 {
 
   // exp(x) for x <= 0 (scores minus their running max; -inf for masked ones, giving 0), to the
   // precision the weights keep: they are rounded to bf16 (relative 2^-9) right after, so a
-  // degree-4 polynomial (relative error < 3e-6 plus the single-step reduction's) does, instead of exp_approx16's degree 6.
+  // degree-4 polynomial (relative error < 3e-6 plus the single-step reduction's) does, instead
+  // of exp_approx16's degree 6.
   static __m512 exp_le0(__m512 x) {
     constexpr __mmask16 all = 0xFFFF;
     x = _mm512_maskz_max_ps(all, x, _mm512_set1_ps(-110.0f));
@@ -473,7 +474,7 @@ struct TileKernelBf16 {
       __m512i a[KU][3];
       for (int i = 0; i < KU; ++i) a[i][0] = a[i][1] = a[i][2] = _mm512_setzero_si512();
       const int8_t* kp = k8 + j * ks;
-      const int nk = std::min(KU, nb - j);  // keys past nb read the next ones' codes (or padding): never stored
+      const int nk = std::min(KU, nb - j);  // slots past nb re-read key 0's codes; never stored
       for (int p = 0; p < nq; ++p) {
         const __m512i q0 = _mm512_load_si512(q8 + p * kLanes), q1 = _mm512_load_si512(q8 + p * kLanes + W),
                       q2 = _mm512_load_si512(q8 + p * kLanes + 2 * W);

@@ -122,9 +122,6 @@ TEST(AttentionPrefill, PortablePathMatchesDoubleReference) {
 
 float round_bf16(float x) { return bf16_to_fp32(fp32_to_bf16(x)); }
 
-// The bf16 kernel against the double reference over bf16-rounded inputs (what the kernel
-// multiplies): only the rounding of the softmax weights and the fp32 sums remain, a few 1e-3 at
-// worst. Chunks after the first (p0 > 0) read bf16 K/V converted chunk by chunk, as the model does.
 // int8 codes of one vector (the kernel's per-lane / per-key quantization), dequantized.
 void dequant_i8(const float* x, int d, float* out) {
   float amax = 0;
@@ -133,6 +130,9 @@ void dequant_i8(const float* x, int d, float* out) {
   for (int c = 0; c < d; ++c) out[c] = (float)std::nearbyint(x[c] * inv) * sc;
 }
 
+// The bf16 kernel against the double reference over bf16-rounded inputs (what the kernel
+// multiplies): only the rounding of the softmax weights and the fp32 sums remain, a few 1e-3 at
+// worst. Chunks after the first (p0 > 0) read bf16 K/V converted chunk by chunk, as the model does.
 // int8: the scores from int8 codes of the queries and keys (keys_to_i8); the reference then
 // multiplies the dequantized codes.
 void check_bf16(const Case& cs, int threads, bool int8 = false) {
@@ -215,9 +215,9 @@ void check_bf16(const Case& cs, int threads, bool int8 = false) {
   EXPECT_LT(rms_exact, int8 ? 6e-2 : 3e-2) << what;
 }
 
-TEST(AttentionPrefill, Bf16MatchesRoundedReference) {
+TEST(AttentionPrefill, Bf16AndInt8ScoresMatchRoundedReference) {
   if (!attention_prefill_bf16_supported(AttnShape{9, 3, 64}))
-    GTEST_SKIP() << "this build has no bf16 prefill attention kernel (needs AVX-512 BF16)";
+    GTEST_SKIP() << "this build has no bf16 prefill attention kernel (needs AVX-512 BF16 and VNNI)";
   int n = 0;
   for (const Case& cs : kCases) {
     if (!attention_prefill_bf16_supported(AttnShape{cs.n_head, cs.n_head_kv, cs.head_dim})) continue;

@@ -177,12 +177,6 @@ constexpr int kKeyBlock = 64;  // keys per online-softmax block
 // K/V of a head (n_keys * head_dim * 8 bytes) is far larger than the caches.
 constexpr int kGroupTiles = 4;
 
-// Runs f(hk, tile0, tile1, rows, scratch) over the task grid of a chunk: tiles of `lanes` query
-// vectors (lanes / g rows each), up to kGroupTiles consecutive tiles per task and KV head, with
-// 64-byte aligned per-thread scratch of scratch_floats floats. The cost of a group grows with its
-// last row: the most expensive groups go out first (largest first with dynamic claiming balances
-// the causal triangle), and groups are aligned from the end of the chunk so the last, most
-// expensive ones are full.
 // out rows [r0, r0 + nr) of KV head hk's query heads from a tile's O^T [d][lanes] times inv[lane].
 void store_rows(const AttnShape& s, const float* ot, const float* inv, int64_t r0, int nr, int lanes, float* out,
                 int hk) {
@@ -197,6 +191,34 @@ void store_rows(const AttnShape& s, const float* ot, const float* inv, int64_t r
   }
 }
 
+// A tile's lane i is (row r0 + i / g, query head g * hk + i % g) of the chunk, g = n_head / n_head_kv.
+// qt [d][lanes] = those rows' query vectors times 1/sqrt(d), transposed; unused lanes 0.
+void load_rows(const AttnShape& s, const float* q, int64_t r0, int nr, int lanes, int hk, float* qt) {
+  const int d = s.head_dim, g = s.n_head / s.n_head_kv;
+  const int64_t q_stride = (int64_t)s.n_head * d;
+  const float scale = 1.0f / std::sqrt((float)d);
+  std::memset(qt, 0, sizeof(float) * d * lanes);
+  for (int r = 0; r < nr; ++r) {
+    const float* qr = q + (r0 + r) * q_stride + (int64_t)hk * g * d;  // the g heads of hk are contiguous
+    for (int hl = 0; hl < g; ++hl)
+      for (int c = 0; c < d; ++c) qt[c * lanes + r * g + hl] = qr[hl * d + c] * scale;
+  }
+}
+
+// lim[i]: the last key lane i sees (chunk rows start at position p0); unused lanes see
+// everything (their scores are 0 and their outputs are never stored).
+void lane_limits(const AttnShape& s, int64_t p0, int64_t r0, int nr, int lanes, int32_t* lim) {
+  const int g = s.n_head / s.n_head_kv;
+  for (int i = 0; i < lanes; ++i)
+    lim[i] = i < nr * g ? (int32_t)(p0 + r0 + i / g) : std::numeric_limits<int32_t>::max();
+}
+
+// Runs f(hk, tile0, tile1, rows, scratch) over the task grid of a chunk: tiles of `lanes` query
+// vectors (lanes / g rows each), up to kGroupTiles consecutive tiles per task and KV head, with
+// 64-byte aligned per-thread scratch of scratch_floats floats. The cost of a group grows with its
+// last row: the most expensive groups go out first (largest first with dynamic claiming balances
+// the causal triangle), and groups are aligned from the end of the chunk so the last, most
+// expensive ones are full.
 template <class F>
 void for_each_group(const AttnShape& s, int64_t n_rows, int lanes, size_t scratch_floats, ThreadPool& pool, F&& f) {
   const int rows = lanes / (s.n_head / s.n_head_kv);  // rows per tile: all g heads of a row share the tile
@@ -302,21 +324,10 @@ struct TileKernel {
   static size_t group_scratch_floats(int d) { return ((size_t)2 * d * kGroupTiles + kKeyBlock) * kLanes; }
 
   static void init(Tile& t, const AttnShape& s, const float* q, int64_t p0, int hk) {
-    const int d = s.head_dim, g = s.n_head / s.n_head_kv;
-    const int64_t q_stride = (int64_t)s.n_head * d;
-    const float scale = 1.0f / std::sqrt((float)d);
-    const int used = t.nr * g;
-    std::memset(t.qt, 0, sizeof(float) * d * kLanes);
-    std::memset(t.ot, 0, sizeof(float) * d * kLanes);
-    for (int r = 0; r < t.nr; ++r) {
-      const float* qr = q + (t.r0 + r) * q_stride + (int64_t)hk * g * d;  // the g heads of hk are contiguous
-      for (int hl = 0; hl < g; ++hl)
-        for (int c = 0; c < d; ++c) t.qt[c * kLanes + r * g + hl] = qr[hl * d + c] * scale;
-    }
-    // Unused lanes see everything (their scores are 0 and their outputs are never stored).
+    load_rows(s, q, t.r0, t.nr, kLanes, hk, t.qt);
+    std::memset(t.ot, 0, sizeof(float) * s.head_dim * kLanes);
     alignas(64) int32_t lim_a[kLanes];
-    for (int i = 0; i < kLanes; ++i)
-      lim_a[i] = i < used ? (int32_t)(p0 + t.r0 + i / g) : std::numeric_limits<int32_t>::max();
+    lane_limits(s, p0, t.r0, t.nr, kLanes, lim_a);
     for (int u = 0; u < 3; ++u) {
       t.lim[u] = V::load_i(lim_a + V::W * u);
       t.m[u] = V::set1(-std::numeric_limits<float>::infinity());
@@ -544,18 +555,10 @@ struct TileKernelBf16 {
   }
 
   static void init(Tile& t, const AttnShape& s, const float* q, int64_t p0, int hk) {
-    const int d = s.head_dim, g = s.n_head / s.n_head_kv;
-    const int64_t q_stride = (int64_t)s.n_head * d;
-    const float scale = 1.0f / std::sqrt((float)d);
-    const int used = t.nr * g;
-    // The scaled queries transposed into ot ([d][48], unused lanes 0), then converted there from
+    const int d = s.head_dim;
+    // The scaled queries transposed into ot ([d][48], unused lanes 0), then converted from there
     // vector by vector; ot is cleared for the outputs after.
-    std::memset(t.ot, 0, sizeof(float) * d * kLanes);
-    for (int r = 0; r < t.nr; ++r) {
-      const float* qr = q + (t.r0 + r) * q_stride + (int64_t)hk * g * d;
-      for (int hl = 0; hl < g; ++hl)
-        for (int c = 0; c < d; ++c) t.ot[c * kLanes + r * g + hl] = qr[hl * d + c] * scale;
-    }
+    load_rows(s, q, t.r0, t.nr, kLanes, hk, t.ot);
     if constexpr (kI8) {
       // Per lane: symmetric int8 codes over its head_dim values (scale amax / 127), stored + 128
       // as u8, 4 channels per 32-bit lane.
@@ -589,8 +592,7 @@ struct TileKernelBf16 {
     }
     std::memset(t.ot, 0, sizeof(float) * d * kLanes);
     alignas(64) int32_t lim_a[kLanes];
-    for (int i = 0; i < kLanes; ++i)
-      lim_a[i] = i < used ? (int32_t)(p0 + t.r0 + i / g) : std::numeric_limits<int32_t>::max();
+    lane_limits(s, p0, t.r0, t.nr, kLanes, lim_a);
     for (int u = 0; u < 3; ++u) {
       t.lim[u] = _mm512_load_si512(lim_a + W * u);
       t.m[u] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());

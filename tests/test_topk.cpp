@@ -34,26 +34,38 @@ TEST(Topk, MatchesReferenceOnRandomInputsWithTies) {
   }
 }
 
-// Long inputs with small k take the block-maxima path: attention-like (peaky), flat, ties and a
-// length that is not a multiple of the block.
+// Long inputs take the group-maxima path (k up to n/16): attention-like (peaky), flat, ties, a
+// length that is not a multiple of 16 (the tail is only filtered), -infinity (masked positions)
+// and every group but one empty of large values. The hint it leaves is never above the k-th
+// largest value, so the same vector passes its own hinted filter.
 TEST(Topk, MatchesReferenceOnLongInputs) {
   std::mt19937 rng(11);
   TopkScratch scratch;
   std::vector<int64_t> got, want;
   for (int64_t n : {(int64_t)2111, (int64_t)8192, (int64_t)40003}) {
     std::vector<float> v((size_t)n);
-    for (int mode = 0; mode < 4; ++mode) {
+    for (int mode = 0; mode < 6; ++mode) {
       for (auto& x : v) {
         if (mode == 0) x = std::exp(std::normal_distribution<float>(0, 3)(rng)) * 1e-4f;
         if (mode == 1) x = std::uniform_real_distribution<float>(0, 1)(rng);
         if (mode == 2) x = (float)(rng() % 3);
         if (mode == 3) x = 0.0f;
+        if (mode == 4) x = rng() % 4 ? -std::numeric_limits<float>::infinity() : std::normal_distribution<float>()(rng);
+        if (mode == 5) x = 1e-3f * std::uniform_real_distribution<float>(0, 1)(rng);
       }
       if (mode == 3) v[n - 1] = 1.0f;  // the only non-zero value sits in the tail
-      for (int64_t k : {(int64_t)1, (int64_t)7, (int64_t)64, (int64_t)65}) {
-        topk_indices(v.data(), n, k, got, scratch);
+      if (mode == 5)                  // the large values all in one strided group (stride 16*16)
+        for (int64_t i = 5; i < n; i += 256) v[(size_t)i] = 1.0f + (float)(i % 7);
+      for (int64_t k : {(int64_t)1, (int64_t)7, (int64_t)64, (int64_t)65, (int64_t)130, n / 16}) {
+        float hint = -std::numeric_limits<float>::infinity();
+        topk_indices(v.data(), n, k, got, scratch, &hint);
         topk_indices_ref(v.data(), n, k, want);
         ASSERT_EQ(got, want) << "n " << n << " mode " << mode << " k " << k;
+        float kth = std::numeric_limits<float>::infinity();
+        for (int64_t i : want) kth = std::min(kth, v[(size_t)i]);
+        EXPECT_LE(hint, kth) << "n " << n << " mode " << mode << " k " << k;
+        topk_indices(v.data(), n, k, got, scratch, &hint);
+        ASSERT_EQ(got, want) << "hinted: n " << n << " mode " << mode << " k " << k;
       }
     }
   }

@@ -64,6 +64,10 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
   opt.gen = a.gen;
   opt.warmup = a.warmup;
   opt.interleave = a.interleave;
+  if (a.bandwidth) {  // probed again right after each row (each depth when interleaved): its floor
+    opt.probe_bytes = (size_t)a.bandwidth_mib << 20;
+    opt.probe_passes = a.bandwidth_passes;
+  }
   SPC_CHECK(!(a.synthetic && !a.prompt_file.empty()), "give either --prompt-file or --synthetic, not both");
 
   std::string text_path = a.synthetic ? "" : a.prompt_file.empty() ? default_text_path() : a.prompt_file;
@@ -143,7 +147,9 @@ Runner add_bench(CLI::App& app) {
   sub->add_option("--csv", a->csv, "write the rows as CSV");
   sub->add_option("--json", a->json, "write the report as JSON");
   sub->add_option("--svg", a->svg, "write a plot of decode ms/token vs depth (one line per policy) as SVG");
-  sub->add_flag("--bandwidth", a->bandwidth, "probe memory read bandwidth and report each row's floor");
+  sub->add_flag("--bandwidth", a->bandwidth,
+                "probe memory read bandwidth at the start and again right after each row's decode steps (after "
+                "each depth's with --interleave), and report each row's floor against the probe right after it");
   sub->add_option("--bandwidth-mib", a->bandwidth_mib, "bandwidth probe buffer size in MiB")
       ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();

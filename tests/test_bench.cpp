@@ -257,6 +257,13 @@ TEST(BenchWriters, JsonParsesAndHasTheFields) {
   // floor = bytes / bandwidth (20 GB/s).
   EXPECT_NEAR(j["rows"][0]["floor_ms"].get<double>(), r.rows[0].bytes.total() / 20e6, 1e-9);
   EXPECT_FALSE(to_json(fake_report(false)).contains("bandwidth"));
+  // A row probed right after its own decode (BenchOptions::probe_bytes) keeps that figure.
+  BenchReport own = fake_report(true);
+  own.rows[1].bandwidth_gb_per_s = 40.0;
+  apply_bandwidth(own);
+  EXPECT_NEAR(own.rows[1].floor_ms, own.rows[1].bytes.total() / 40e6, 1e-9);
+  EXPECT_NEAR(own.rows[0].floor_ms, own.rows[0].bytes.total() / 20e6, 1e-9);
+  EXPECT_NE(to_table(own).find("probe"), std::string::npos);
 }
 
 TEST(BenchWriters, SvgHasOneLinePerPolicy) {
@@ -330,9 +337,15 @@ TEST(BenchRun, InterleavedRunsPairEveryStep) {
   BenchReport plain, inter;
   run_bench(*m, tok.get(), opt, text, "t.txt", plain);
   opt.interleave = true;
+  opt.probe_bytes = 4u << 20;  // one probe after each depth, shared by its rows
+  opt.probe_passes = 1;
   run_bench(*m, tok.get(), opt, text, "t.txt", inter);
   ASSERT_EQ(inter.rows.size(), 4u);
   EXPECT_TRUE(inter.interleaved);
+  EXPECT_GT(inter.rows[0].bandwidth_gb_per_s, 0.0);
+  EXPECT_EQ(inter.rows[0].bandwidth_gb_per_s, inter.rows[1].bandwidth_gb_per_s);
+  EXPECT_GT(inter.rows[2].bandwidth_gb_per_s, 0.0);
+  EXPECT_EQ(plain.rows[0].bandwidth_gb_per_s, 0.0);  // no probe asked for
   for (const BenchRow& row : inter.rows) {
     EXPECT_EQ(row.decode_samples, 2u * (6 - 2));
     if (row.policy == "full") EXPECT_EQ(row.paired_ratio, 1.0);
@@ -377,10 +390,13 @@ TEST(BenchRun, EndToEndOnStories260K) {
   opt.threads = {1, 2};
   opt.gen = 5;
   opt.reps = 2;
+  opt.probe_bytes = 4u << 20;  // probed again after each row
+  opt.probe_passes = 2;
   BenchReport r;
   r.bandwidth.push_back(probe_read_bandwidth(4u << 20, 1, 2));
   run_bench(*m, tok.get(), opt, "Lily went to the park. She saw a big dog.\n", "t.txt", r);
   ASSERT_EQ(r.rows.size(), 4u);
+  EXPECT_NE(r.measurement.find("probed right after"), std::string::npos);
   EXPECT_EQ(r.prompt_kind, "text");
   const ModelConfig& mc = m->config();
   for (const BenchRow& row : r.rows) {
@@ -395,6 +411,10 @@ TEST(BenchRun, EndToEndOnStories260K) {
     EXPECT_EQ(row.kv_fast_bytes, (uint64_t)(row.depth + 5) * mc.n_layer * mc.n_head_kv * mc.head_dim * 4);
     EXPECT_GT(row.peak_rss_bytes, 0u);
     EXPECT_GT(row.floor_ms, 0);
+    // The floor comes from the row's own probe (a positive, plausible figure).
+    EXPECT_GT(row.bandwidth_gb_per_s, 0.1);
+    EXPECT_LT(row.bandwidth_gb_per_s, 10000.0);
+    EXPECT_NEAR(row.floor_ms, row.bytes.total() / (row.bandwidth_gb_per_s * 1e6), 1e-9 * row.floor_ms);
   }
   const auto lines = lines_of(to_csv(r));
   EXPECT_EQ(lines.size(), 5u);

@@ -120,6 +120,13 @@ struct BenchOptions {
   // Per (depth, threads, repetition): one session of every policy, decoding a step of each in
   // turn, so that the machine's slow spells hit every policy alike (paired_ratio).
   bool interleave = false;
+  // Bandwidth probe after each row (--bandwidth): with probe_bytes > 0, the read bandwidth is
+  // probed again right after the row's decode steps (and after its peak RSS is read, so the
+  // probe's buffer never counts), with the row's thread count; the row's floor then uses that
+  // time-local figure instead of the one probed when the run started (a shared host's memory
+  // bandwidth drifts by 1.5x over minutes, and the floor would drift with it).
+  size_t probe_bytes = 0;
+  int probe_passes = 3;
   KvConfig kv;      // defaults for what the specs do not set
 };
 
@@ -144,7 +151,8 @@ struct BenchRow {
   uint64_t peak_rss_bytes = 0;
   bool peak_rss_reset = false;    // whether the peak was reset before this row (else process-wide)
   // Only with --bandwidth:
-  double bandwidth_gb_per_s = 0;  // probe with this row's thread count
+  double bandwidth_gb_per_s = 0;  // probe with this row's thread count: right after its decode
+                                  // (BenchOptions::probe_bytes), else the run's initial probe
   double floor_ms = 0;            // bytes.total() / bandwidth
   double floor_ratio = 0;         // decode median / floor
   // Only when interleaved: median over decode steps of this policy's step time over the first
@@ -171,7 +179,8 @@ using BenchLog = std::function<void(const std::string&)>;
 // Runs the whole grid: threads x policies x depths. `text`/`text_path`: the prompt text (may be empty).
 void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt, const std::string& text,
                const std::string& text_path, BenchReport& report, const BenchLog& log = {});
-// Fills floor_ms / floor_ratio / bandwidth_gb_per_s from report.bandwidth (closest thread count).
+// Fills floor_ms / floor_ratio from each row's bandwidth_gb_per_s; rows without their own probe
+// first take report.bandwidth's (closest thread count).
 void apply_bandwidth(BenchReport& report);
 
 // ---- writers --------------------------------------------------------------------------------

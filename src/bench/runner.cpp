@@ -95,6 +95,15 @@ void finished(const Session& s, int gen, Collected& c) {
   c.fetched += c.after.fetched_bytes_per_step;
 }
 
+// The time-local bandwidth probe (BenchOptions::probe_bytes) for the rows [first, end) of a
+// measurement that just finished; nothing without it.
+void probe_rows(const BenchOptions& opt, int nt, std::vector<BenchRow>& rows, size_t first, const BenchLog& log) {
+  if (opt.probe_bytes == 0) return;
+  const BandwidthResult b = probe_read_bandwidth(opt.probe_bytes, nt, opt.probe_passes);
+  for (size_t i = first; i < rows.size(); ++i) rows[i].bandwidth_gb_per_s = b.best_gb_per_s;
+  if (log) log(strfmt("memory read bandwidth right after, %d thread(s): best %.2f GB/s", nt, b.best_gb_per_s));
+}
+
 BenchRow make_row(const std::string& model_name, const PolicySpec& spec, const KvConfig& cfg, int64_t depth, int nt,
                   const BenchOptions& opt, uint64_t wbytes, Collected& c, bool rss_reset) {
   BenchRow row;
@@ -149,6 +158,9 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
       "tokens greedily; decode statistics over the per-token times of all sessions with the first %d step(s) of each "
       "excluded as warm-up; prefill figures are the median over sessions",
       opt.reps, opt.gen, warmup);
+  if (opt.probe_bytes > 0)
+    report.measurement +=
+        "; floor: bytes per token over the read bandwidth probed right after the row's decode steps";
   if (opt.interleave)
     report.measurement +=
         "; interleaved: per (depth, threads, repetition) one session of every policy, all prefilled, then each "
@@ -190,6 +202,7 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
             log(strfmt("interleaved depth %lld, %d thread(s), rep %d/%d: %zu sessions", (long long)depth, nt, rep + 1,
                        opt.reps, np));
         }
+        const size_t first_row = report.rows.size();
         for (size_t p = 0; p < np; ++p) {
           report.rows.push_back(make_row(model_name, opt.policies[p], cfgs[p], depth, nt, opt, wbytes, col[p], rss_reset));
           const BenchRow& row = report.rows.back();
@@ -198,6 +211,7 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
                        row.policy_spec.c_str(), (long long)depth, nt, row.decode_ms.median, row.decode_samples,
                        row.paired_ratio, opt.policies[0].text.c_str()));
         }
+        probe_rows(opt, nt, report.rows, first_row, log);
       }
       continue;
     }
@@ -217,6 +231,7 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
                        nt, rep + 1, opt.reps, c.prefill_ms.back()));
         }
         report.rows.push_back(make_row(model_name, spec, cfg, depth, nt, opt, wbytes, c, rss_reset));
+        probe_rows(opt, nt, report.rows, report.rows.size() - 1, log);
         const BenchRow& row = report.rows.back();
         if (log)
           log(strfmt("%s depth %lld, %d thread(s): prefill %.1f tok/s, decode %.3f ms/token (median of %zu)",
@@ -231,11 +246,13 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
 void apply_bandwidth(BenchReport& report) {
   if (report.bandwidth.empty()) return;
   for (BenchRow& row : report.rows) {
-    const BandwidthResult* best = nullptr;
-    for (const auto& b : report.bandwidth)
-      if (!best || std::abs(b.threads - row.threads) < std::abs(best->threads - row.threads)) best = &b;
-    row.bandwidth_gb_per_s = best->best_gb_per_s;
-    row.floor_ms = best->best_gb_per_s > 0 ? row.bytes.total() / (best->best_gb_per_s * 1e6) : 0;
+    if (row.bandwidth_gb_per_s <= 0) {  // no probe of its own
+      const BandwidthResult* best = nullptr;
+      for (const auto& b : report.bandwidth)
+        if (!best || std::abs(b.threads - row.threads) < std::abs(best->threads - row.threads)) best = &b;
+      row.bandwidth_gb_per_s = best->best_gb_per_s;
+    }
+    row.floor_ms = row.bandwidth_gb_per_s > 0 ? row.bytes.total() / (row.bandwidth_gb_per_s * 1e6) : 0;
     row.floor_ratio = row.floor_ms > 0 ? row.decode_ms.median / row.floor_ms : 0;
   }
 }

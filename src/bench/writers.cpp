@@ -154,7 +154,7 @@ std::string to_table(const BenchReport& r) {
                 "decode", "(p25 .. p75)", "weights", "KV fast", "KV slow", "GB/s");
   o << buf;
   if (bw) {
-    std::snprintf(buf, sizeof buf, " %8s %6s", "floor", "x");
+    std::snprintf(buf, sizeof buf, " %7s %8s %6s", "probe", "floor", "x");
     o << buf;
   }
   if (r.interleaved) {
@@ -167,7 +167,7 @@ std::string to_table(const BenchReport& r) {
                 "MB/tok", "MB/tok", "MB/tok", "");
   o << buf;
   if (bw) {
-    std::snprintf(buf, sizeof buf, " %8s %6s", "ms/tok", "floor");
+    std::snprintf(buf, sizeof buf, " %7s %8s %6s", "GB/s", "ms/tok", "floor");
     o << buf;
   }
   if (r.interleaved) {
@@ -183,7 +183,7 @@ std::string to_table(const BenchReport& r) {
                   row.bytes.weights / 1e6, row.bytes.kv_fast / 1e6, row.bytes.kv_slow / 1e6, row.achieved_gb_per_s);
     o << buf;
     if (bw) {
-      std::snprintf(buf, sizeof buf, " %8.3f %6.2f", row.floor_ms, row.floor_ratio);
+      std::snprintf(buf, sizeof buf, " %7.2f %8.3f %6.2f", row.bandwidth_gb_per_s, row.floor_ms, row.floor_ratio);
       o << buf;
     }
     if (r.interleaved) {

@@ -24,7 +24,7 @@ constexpr int kBucketBits = 12;
 constexpr int kShift = 32 - kBucketBits;
 
 // cand = indices i with v[i] >= thr, ascending. False (cand incomplete) as soon as more than cap
-// pass: a threshold that low would make the ranking cost more than the block-maximum path.
+// pass: a threshold that low would make the ranking cost more than the group-maximum path.
 bool filter_at_least(const float* v, int64_t n, float thr, std::vector<int64_t>& cand,
                      size_t cap = SIZE_MAX) {
   cand.clear();

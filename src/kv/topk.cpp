@@ -69,23 +69,25 @@ inline int64_t rank_index(uint64_t key) { return (int64_t)(uint32_t)~(uint32_t)k
 // selections at 8K context; 4k on a tenth).
 constexpr int64_t kHintRank = 4;
 
-// out = the k best of cand (at least k of them), by (value descending, index ascending), sorted
-// ascending. With hint: *hint becomes the value of rank min(kHintRank*k, |cand|) among the
-// candidates.
-void take_top(const float* v, int64_t k, std::vector<int64_t>& cand, std::vector<int64_t>& out, float* hint) {
-  static_assert(sizeof(int64_t) == sizeof(uint64_t));
-  uint64_t* keys = reinterpret_cast<uint64_t*>(cand.data());  // the same storage, rewritten as keys
+// out = the k best of cand (at least k of them, ascending), by (value descending, index
+// ascending), sorted ascending: the k-th best rank key is found on a copy, then one pass over
+// cand keeps the positions at or above it, already in order (no sort). With hint: *hint becomes
+// the value of rank min(kHintRank*k, |cand|) among the candidates.
+void take_top(const float* v, int64_t k, const std::vector<int64_t>& cand, std::vector<uint64_t>& keys,
+              std::vector<int64_t>& out, float* hint) {
   const int64_t nc = (int64_t)cand.size();
+  keys.resize((size_t)nc);
   for (int64_t j = 0; j < nc; ++j) keys[j] = rank_key(v, cand[j]);
-  std::nth_element(keys, keys + (k - 1), keys + nc, std::greater<uint64_t>());
+  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint64_t>());
+  const uint64_t kth = keys[k - 1];
   if (hint) {
     const int64_t r = std::min<int64_t>(kHintRank * k, nc) - 1;
-    if (r > k - 1) std::nth_element(keys + k, keys + r, keys + nc, std::greater<uint64_t>());
+    if (r > k - 1) std::nth_element(keys.begin() + k, keys.begin() + r, keys.end(), std::greater<uint64_t>());
     *hint = v[rank_index(keys[r])];
   }
-  out.resize((size_t)k);
-  for (int64_t j = 0; j < k; ++j) out[j] = rank_index(keys[j]);
-  std::sort(out.begin(), out.end());
+  out.clear();
+  for (int64_t c : cand)  // rank keys are distinct: exactly k pass
+    if (rank_key(v, c) >= kth) out.push_back(c);
 }
 
 // Candidates by group maxima: the k-th largest of the maxima of any k or more disjoint groups is
@@ -120,7 +122,7 @@ bool topk_by_group_max(const float* v, int64_t n, int64_t k, std::vector<int64_t
   }
   std::nth_element(gmax.begin(), gmax.begin() + (k - 1), gmax.end(), std::greater<float>());
   filter_at_least(v, n, gmax[k - 1], scratch.cand);
-  take_top(v, k, scratch.cand, out, hint);
+  take_top(v, k, scratch.cand, scratch.keys, out, hint);
   return true;
 }
 
@@ -145,7 +147,7 @@ void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& ou
     // (Many values tied at the hint, e.g. probabilities that underflowed to 0, would pass it.)
     const size_t cap = (size_t)std::max<int64_t>(16 * k, 256);
     if (filter_at_least(v, n, *hint, scratch.cand, cap) && (int64_t)scratch.cand.size() >= k) {
-      take_top(v, k, scratch.cand, out, hint);
+      take_top(v, k, scratch.cand, scratch.keys, out, hint);
       return;
     }
   }

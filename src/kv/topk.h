@@ -14,6 +14,7 @@ namespace spc {
 struct TopkScratch {
   std::vector<int64_t> cand;
   std::vector<float> fbuf;
+  std::vector<uint64_t> keys;
 };
 
 // Replaces out with the indices of the k largest values of v[0, n) — ordered by (value

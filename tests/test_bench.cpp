@@ -419,4 +419,20 @@ TEST(BenchRun, EndToEndOnStories260K) {
   const auto lines = lines_of(to_csv(r));
   EXPECT_EQ(lines.size(), 5u);
   EXPECT_EQ(count(to_svg(r), "<polyline"), 2u);  // full @1t, full @2t
+
+  // A probe after a row that cannot allocate its buffer costs the row its time-local floor, not
+  // the run: the row keeps the initial probe's.
+  opt.probe_bytes = (size_t)1 << 52;
+  opt.depths = {16};
+  opt.threads = {1};
+  BenchReport r2;
+  r2.bandwidth.push_back(BandwidthResult{1, 4u << 20, 2, 12.5, 12.0});
+  std::vector<std::string> logged;
+  run_bench(*m, tok.get(), opt, "Lily went to the park.\n", "t.txt", r2,
+            [&](const std::string& line) { logged.push_back(line); });
+  ASSERT_EQ(r2.rows.size(), 1u);
+  EXPECT_EQ(r2.rows[0].bandwidth_gb_per_s, 12.5);
+  EXPECT_NEAR(r2.rows[0].floor_ms, r2.rows[0].bytes.total() / 12.5e6, 1e-9);
+  EXPECT_TRUE(std::any_of(logged.begin(), logged.end(),
+                          [](const std::string& l) { return l.find("probe after the row failed") != std::string::npos; }));
 }

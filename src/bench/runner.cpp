@@ -97,9 +97,17 @@ void finished(const Session& s, int gen, Collected& c) {
 
 // The time-local bandwidth probe (BenchOptions::probe_bytes) for the rows [first, end) of a
 // measurement that just finished; nothing without it.
+// A probe that fails here (its buffer cannot be allocated beside the sessions just measured)
+// costs the rows their time-local floor, not the run: they keep the initial probe's.
 void probe_rows(const BenchOptions& opt, int nt, std::vector<BenchRow>& rows, size_t first, const BenchLog& log) {
   if (opt.probe_bytes == 0) return;
-  const BandwidthResult b = probe_read_bandwidth(opt.probe_bytes, nt, opt.probe_passes);
+  BandwidthResult b;
+  try {
+    b = probe_read_bandwidth(opt.probe_bytes, nt, opt.probe_passes);
+  } catch (const Error& e) {
+    if (log) log(strfmt("bandwidth probe after the row failed (%s): its floor uses the initial probe", e.what()));
+    return;
+  }
   for (size_t i = first; i < rows.size(); ++i) rows[i].bandwidth_gb_per_s = b.best_gb_per_s;
   if (log) log(strfmt("memory read bandwidth right after, %d thread(s): best %.2f GB/s", nt, b.best_gb_per_s));
 }

@@ -411,6 +411,14 @@ TEST(BenchRun, EndToEndOnStories260K) {
     EXPECT_EQ(row.kv_fast_bytes, (uint64_t)(row.depth + 5) * mc.n_layer * mc.n_head_kv * mc.head_dim * 4);
     EXPECT_GT(row.peak_rss_bytes, 0u);
     EXPECT_GT(row.floor_ms, 0);
+    // The model's phases over the measured steps: sub-intervals of each step, so their sum per
+    // step never exceeds the step's mean time (the session's bookkeeping lies outside them).
+    const DecodePhases& ph = row.phases_ms;
+    EXPECT_EQ(ph.steps, (int64_t)row.decode_samples);
+    for (double x : {ph.qkv_ms, ph.attend_ms, ph.wo_ms, ph.ffn_ms, ph.end_step_ms, ph.output_ms}) EXPECT_GE(x, 0.0);
+    EXPECT_GT(ph.attend_ms, 0.0);
+    EXPECT_GT(ph.total_ms(), 0.0);
+    EXPECT_LE(ph.total_ms(), row.decode_ms.mean * (1 + 1e-9));
     // The floor comes from the row's own probe (a positive, plausible figure).
     EXPECT_GT(row.bandwidth_gb_per_s, 0.1);
     EXPECT_LT(row.bandwidth_gb_per_s, 10000.0);
@@ -419,6 +427,15 @@ TEST(BenchRun, EndToEndOnStories260K) {
   const auto lines = lines_of(to_csv(r));
   EXPECT_EQ(lines.size(), 5u);
   EXPECT_EQ(count(to_svg(r), "<polyline"), 2u);  // full @1t, full @2t
+  const nlohmann::json j = to_json(r);
+  EXPECT_NEAR(j["rows"][0]["decode_phases_ms"]["attend"].get<double>(), r.rows[0].phases_ms.attend_ms, 1e-12);
+  EXPECT_NE(to_table(r).find("where a decode step goes"), std::string::npos);
+  {
+    const auto head = csv_split(lines[0]);
+    const size_t col = std::find(head.begin(), head.end(), "phase_attend_ms") - head.begin();
+    ASSERT_LT(col, head.size());
+    EXPECT_NEAR(std::stod(csv_split(lines[1])[col]), r.rows[0].phases_ms.attend_ms, 1e-6 * (1 + r.rows[0].phases_ms.attend_ms));
+  }
 
   // A probe after a row that cannot allocate its buffer costs the row its time-local floor, not
   // the run: the row keeps the initial probe's.

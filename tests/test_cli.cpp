@@ -266,6 +266,17 @@ TEST(Cli, GenerateJsonIsOneObjectWithTheDocumentedKeys) {
     EXPECT_TRUE(t[k].is_number()) << k;
     EXPECT_GE(t[k].get<double>(), 0.0) << k;
   }
+  // The decode phases: parts of each step, so their sum stays within the per-token time.
+  ASSERT_TRUE(t.contains("decode_phases_ms_per_token")) << t;
+  double phase_sum = 0;
+  for (const char* k : {"qkv", "attend", "wo", "ffn", "end_step", "output"}) {
+    const json& ph = t["decode_phases_ms_per_token"];
+    ASSERT_TRUE(ph.contains(k) && ph[k].is_number()) << k;
+    EXPECT_GE(ph[k].get<double>(), 0.0) << k;
+    phase_sum += ph[k].get<double>();
+  }
+  EXPECT_GT(phase_sum, 0.0);
+  EXPECT_LE(phase_sum, t["decode_ms_per_token"].get<double>() * (1 + 1e-9));
   const json& kv = j["kv"];
   EXPECT_EQ(kv["policy"], "full");
   ASSERT_TRUE(kv["fast_bytes"].is_number()) << kv;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kv/kv_policy.h"
+#include "model/model.h"
 
 namespace spc {
 
@@ -158,6 +159,10 @@ struct BenchRow {
   // Only when interleaved: median over decode steps of this policy's step time over the first
   // policy's at the same step (1 for the first policy); 0 otherwise.
   double paired_ratio = 0;
+  // Where a measured decode step's time went, mean ms per step (Session::decode_phases; steps =
+  // the measured steps). Their sum is a little below decode_ms' mean: the sampling between steps
+  // and the session's own bookkeeping are outside the model.
+  DecodePhases phases_ms;
 };
 
 struct BenchReport {

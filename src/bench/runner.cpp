@@ -68,6 +68,9 @@ struct Collected {
   std::vector<double> paired;  // interleaved: step time / the first policy's at the same step
   KvStats at_depth, after;
   double stall = 0, copy = 0, fetched = 0;
+  DecodePhases phase_mark;  // the session's phase sums when its first measured step began
+  DecodePhases phases;      // over the measured steps of all sessions
+  int64_t phase_steps = 0;
 };
 
 // Prefill of one session: its time, and the policy's statistics at depth.
@@ -80,16 +83,18 @@ void prefilled(Session& s, const std::vector<int32_t>& toks, Collected& c) {
 // One greedy decode step, timed; kept unless it is a warm-up step.
 double timed_step(Session& s, int n_vocab, int i, int warmup, Collected& c) {
   const int32_t t = argmax(s.logits().data(), n_vocab);
+  if (i == warmup) c.phase_mark = s.decode_phases();
   const double t0 = now_ms();
   s.decode(t);
   const double dt = now_ms() - t0;
-  if (i >= warmup) c.decode_ms.push_back(dt);
+  if (i >= warmup) c.decode_ms.push_back(dt), c.phase_steps += 1;
   return dt;
 }
 
 // The session's decode-side statistics, added after its last step.
 void finished(const Session& s, int gen, Collected& c) {
   c.after = s.kv().stats();
+  c.phases = c.phases + (s.decode_phases() - c.phase_mark);
   c.stall += c.after.stall_ms / gen;
   c.copy += c.after.copy_ms / gen;
   c.fetched += c.after.fetched_bytes_per_step;
@@ -137,6 +142,12 @@ BenchRow make_row(const std::string& model_name, const PolicySpec& spec, const K
   row.copy_ms_per_token = c.copy / opt.reps;
   row.peak_rss_bytes = peak_rss_bytes();
   if (!c.paired.empty()) row.paired_ratio = summarize(c.paired).median;
+  if (c.phase_steps > 0) {
+    const double n = (double)c.phase_steps;
+    const DecodePhases& p = c.phases;
+    row.phases_ms = DecodePhases{p.qkv_ms / n, p.attend_ms / n, p.wo_ms / n, p.ffn_ms / n, p.end_step_ms / n,
+                                 p.output_ms / n, c.phase_steps};
+  }
   return row;
 }
 

@@ -34,7 +34,8 @@ std::vector<std::string> csv_columns() {
           "decode_ms_max", "decode_tok_per_s", "weight_bytes_per_token", "kv_fast_bytes_per_token",
           "kv_slow_bytes_per_token", "total_bytes_per_token", "achieved_gb_per_s", "kv_fast_bytes", "kv_slow_bytes",
           "stall_ms_per_token", "copy_ms_per_token", "peak_rss_bytes", "bandwidth_gb_per_s", "floor_ms",
-          "floor_ratio", "paired_ratio", "prompt", "decode_act", "prefill_act", "prefill_attn", "git_commit", "build_type", "cxx_flags", "cpu"};
+          "floor_ratio", "paired_ratio", "phase_qkv_ms", "phase_attend_ms", "phase_wo_ms", "phase_ffn_ms",
+          "phase_end_step_ms", "phase_output_ms", "prompt", "decode_act", "prefill_act", "prefill_attn", "git_commit", "build_type", "cxx_flags", "cpu"};
 }
 
 std::string to_csv(const BenchReport& r) {
@@ -57,7 +58,9 @@ std::string to_csv(const BenchReport& r) {
         num(row.achieved_gb_per_s), std::to_string(row.kv_fast_bytes), std::to_string(row.kv_slow_bytes),
         num(row.stall_ms_per_token), num(row.copy_ms_per_token), std::to_string(row.peak_rss_bytes),
         bw ? num(row.bandwidth_gb_per_s) : "", bw ? num(row.floor_ms) : "", bw ? num(row.floor_ratio) : "",
-        r.interleaved ? num(row.paired_ratio) : "", r.prompt_kind + (r.prompt_path.empty() ? "" : ":" + r.prompt_path),
+        r.interleaved ? num(row.paired_ratio) : "", num(row.phases_ms.qkv_ms), num(row.phases_ms.attend_ms),
+        num(row.phases_ms.wo_ms), num(row.phases_ms.ffn_ms), num(row.phases_ms.end_step_ms),
+        num(row.phases_ms.output_ms), r.prompt_kind + (r.prompt_path.empty() ? "" : ":" + r.prompt_path),
         r.decode_act, r.prefill_act, r.prefill_attn, r.build.git_commit, r.build.build_type, r.build.cxx_flags, r.cpu};
     SPC_ASSERT(f.size() == cols.size());
     for (size_t i = 0; i < f.size(); ++i) {
@@ -127,6 +130,14 @@ nlohmann::json to_json(const BenchReport& r) {
               {"copy_ms_per_token", row.copy_ms_per_token},
               {"peak_rss_bytes", row.peak_rss_bytes},
               {"peak_rss_reset_before_row", row.peak_rss_reset},
+              {"decode_phases_ms",
+               {{"qkv", row.phases_ms.qkv_ms},
+                {"attend", row.phases_ms.attend_ms},
+                {"wo", row.phases_ms.wo_ms},
+                {"ffn", row.phases_ms.ffn_ms},
+                {"end_step", row.phases_ms.end_step_ms},
+                {"output", row.phases_ms.output_ms},
+                {"steps", row.phases_ms.steps}}},
               {"decode_act", r.decode_act},
               {"prefill_act", r.prefill_act},
               {"prefill_attn", r.prefill_attn},
@@ -191,6 +202,19 @@ std::string to_table(const BenchReport& r) {
       o << buf;
     }
     std::snprintf(buf, sizeof buf, " %8.3f %8.1f\n", row.stall_ms_per_token, row.peak_rss_bytes / 1048576.0);
+    o << buf;
+  }
+  // Where a decode step goes: the model's phases, mean ms per measured step.
+  o << "\nwhere a decode step goes (mean ms per measured step: q/k/v, the KV policy's attend, output\n"
+       "projection, FFN, the policy's end of step, logits; the table above gives medians):\n";
+  std::snprintf(buf, sizeof buf, "%-16s %6s %3s %8s %8s %8s %8s %8s %8s %8s\n", "policy", "depth", "thr", "qkv", "attend",
+                "wo", "ffn", "end", "output", "sum");
+  o << buf;
+  for (const BenchRow& row : r.rows) {
+    const DecodePhases& p = row.phases_ms;
+    std::snprintf(buf, sizeof buf, "%-16s %6lld %3d %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f\n", row.policy_spec.c_str(),
+                  (long long)row.depth, row.threads, p.qkv_ms, p.attend_ms, p.wo_ms, p.ffn_ms, p.end_step_ms,
+                  p.output_ms, p.total_ms());
     o << buf;
   }
   return o.str();

@@ -61,6 +61,8 @@ class Session {
   const KvPolicy& kv() const { return *kv_; }
   const Model& model() const { return model_; }
   const SessionTimings& timings() const { return timings_; }
+  // Where the decode steps' time went, summed over every step (pre-decoding included).
+  const DecodePhases& decode_phases() const { return scratch_.phases; }
   const GuessStats& guesses() const { return guesses_; }
 
  private:

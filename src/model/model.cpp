@@ -1,6 +1,7 @@
 #include "model/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -344,6 +345,12 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   std::vector<float>().swap(s.rope_sin);
 }
 
+namespace {
+double phase_clock_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
 void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
                    float* logits) const {
   SPC_CHECK(n_rows >= 1 && n_keep >= 0 && n_keep <= n_rows, "invalid decode step (%d rows, %d kept)", n_rows, n_keep);
@@ -361,19 +368,33 @@ void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, 
   embed(tokens, n_rows, s.x.data());
   rope_tables(cfg_.rope, pos, n_rows, s.rope_cos, s.rope_sin);  // once for all layers
   kv.begin_step(n_rows, n_keep);
+  DecodePhases& ph = s.phases;
+  double t = phase_clock_ms();
+  auto lap = [&t](double& acc) {
+    const double now = phase_clock_ms();
+    acc += now - t;
+    t = now;
+  };
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
     for (int r = 0; r < n_rows; ++r) rmsnorm(s.x.data() + r * e, L.attn_norm.data(), hbuf.data() + r * e, e, cfg_.rms_eps);
     qkv(L, hbuf.data(), n_rows, s.rope_cos.data(), s.rope_sin.data(), s.q.data(), s.k.data(), s.v.data(), pool,
         int8_decode_);
+    lap(ph.qkv_ms);
     DecodeRows rows{n_rows, n_keep, pos0, s.q.data(), s.k.data(), s.v.data()};
     kv.attend(il, rows, s.att.data(), pool);
+    lap(ph.attend_ms);
     matmul(L.wo, s.att.data(), n_rows, hbuf.data(), pool, int8_decode_);
     add_inplace(s.x.data(), hbuf.data(), n_rows * e);
+    lap(ph.wo_ms);
     ffn(L, s.x.data(), n_rows, s, pool, int8_decode_);
+    lap(ph.ffn_ms);
   }
   kv.end_step();
+  lap(ph.end_step_ms);
   output(s.x.data(), n_rows, s, logits, pool, int8_decode_);
+  lap(ph.output_ms);
+  ph.steps += 1;
 }
 
 }  // namespace spc

@@ -44,7 +44,7 @@ struct LayerWeights {
 // Wall time of Model::decode's phases, summed over its calls (ms): the attention norm, q/k/v
 // projections and RoPE; the KV policy's attend; the output projection and residual; the FFN (norm,
 // gate/up/down, residual); the policy's end_step (waiting for its last background work); the
-// final norm and logits. Six clock reads per layer: ~5 us per step of a 30-layer model.
+// final norm and logits. Four clock reads per layer: ~3 us per step of a 30-layer model.
 struct DecodePhases {
   double qkv_ms = 0, attend_ms = 0, wo_ms = 0, ffn_ms = 0, end_step_ms = 0, output_ms = 0;
   int64_t steps = 0;  // decode calls (a speculative step's two rows are one call)

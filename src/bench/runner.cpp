@@ -101,9 +101,9 @@ void finished(const Session& s, int gen, Collected& c) {
 }
 
 // The time-local bandwidth probe (BenchOptions::probe_bytes) for the rows [first, end) of a
-// measurement that just finished; nothing without it.
-// A probe that fails here (its buffer cannot be allocated beside the sessions just measured)
-// costs the rows their time-local floor, not the run: they keep the initial probe's.
+// measurement that just finished; nothing without it. A probe that fails here (its buffer cannot
+// be allocated beside the sessions just measured) costs the rows their time-local floor, not the
+// run: they keep the initial probe's.
 void probe_rows(const BenchOptions& opt, int nt, std::vector<BenchRow>& rows, size_t first, const BenchLog& log) {
   if (opt.probe_bytes == 0) return;
   BandwidthResult b;

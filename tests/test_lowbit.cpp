@@ -2,7 +2,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -13,6 +12,7 @@
 
 #include "kv/lowbit.h"
 #include "ops/vec_math.h"
+#include "util/clock.h"
 #include "util/error.h"
 #include "util/fp16.h"
 
@@ -855,10 +855,6 @@ inline float hsum(__m512 v) {
   return _mm512_cvtss_f32(v);
 }
 #endif
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 template <class F>
 double best_ns_per_token(int T, F&& f) {

@@ -1,6 +1,5 @@
 // Prompt construction and the measurement loop.
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <thread>
@@ -11,18 +10,11 @@
 #include "engine/tokenizer.h"
 #include "model/model.h"
 #include "tier/rss.h"
+#include "util/clock.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
 namespace spc::bench {
-
-namespace {
-
-double now_ms() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-}  // namespace
 
 PromptSource build_prompt_tokens(const Tokenizer* tok, int n_vocab, const std::string& text, const std::string& path,
                                  int64_t n_tokens) {

@@ -1,5 +1,4 @@
 // Machine and build description, peak-RSS reset, and the memory read-bandwidth probe.
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -10,6 +9,7 @@
 
 #include "bench/bench.h"
 #include "build_info.h"
+#include "util/clock.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -42,10 +42,6 @@ bool reset_peak_rss() {
 }
 
 namespace {
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 // Sum of [p, p+n) with independent accumulators so the loop is load-bound, not add-latency-bound
 // (the compiler vectorizes it at -O3).

@@ -1,19 +1,13 @@
 #include "engine/session.h"
 
-#include <chrono>
 #include <cstring>
 
 #include "engine/sampler.h"
+#include "util/clock.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
 namespace spc {
-
-namespace {
-double now_ms() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-}  // namespace
 
 int32_t lookup_guess(const std::vector<int32_t>& seq, int max_len) {
   const int64_t n = (int64_t)seq.size();

@@ -1,6 +1,5 @@
 // Metrics and the evaluation grid: prefill once per case with `full`, decode under every policy.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -10,6 +9,7 @@
 #include "engine/sampler.h"
 #include "eval/eval.h"
 #include "model/model.h"
+#include "util/clock.h"
 #include "util/error.h"
 
 namespace spc::eval {
@@ -83,10 +83,6 @@ std::vector<int32_t> greedy_tokens(Session& s, int n) {
 // ---- the grid --------------------------------------------------------------------------
 
 namespace {
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 bool has_task(const EvalOptions& o, const char* t) {
   return std::find(o.tasks.begin(), o.tasks.end(), t) != o.tasks.end();

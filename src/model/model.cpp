@@ -1,12 +1,12 @@
 #include "model/model.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 
 #include "ops/attention.h"
 #include "ops/quant.h"
+#include "util/clock.h"
 #include "util/error.h"
 #include "util/fp16.h"
 #include "util/threadpool.h"
@@ -345,12 +345,6 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   std::vector<float>().swap(s.rope_sin);
 }
 
-namespace {
-double phase_clock_ms() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-}  // namespace
-
 void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
                    float* logits) const {
   SPC_CHECK(n_rows >= 1 && n_keep >= 0 && n_keep <= n_rows, "invalid decode step (%d rows, %d kept)", n_rows, n_keep);
@@ -369,9 +363,9 @@ void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, 
   rope_tables(cfg_.rope, pos, n_rows, s.rope_cos, s.rope_sin);  // once for all layers
   kv.begin_step(n_rows, n_keep);
   DecodePhases& ph = s.phases;
-  double t = phase_clock_ms();
+  double t = now_ms();
   auto lap = [&t](double& acc) {
-    const double now = phase_clock_ms();
+    const double now = now_ms();
     acc += now - t;
     t = now;
   };

@@ -437,6 +437,14 @@ struct TileKernelBf16 {
 
   static __m512 dp(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
 
+  // Two vectors of 16 fp32 rounded to bf16 and interleaved into 16 pairs (lo[i], hi[i]): the
+  // operand layout of vdpbf16ps (Q^T channel pairs, softmax weights of key pairs).
+  static __m512i bf16_pairs(__m512 lo, __m512 hi) {
+    const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                         5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(ilv, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+
   // st[j][48] = Q.K for keys j < nb; kb: key 0 of the block (this KV head) in bf16, ks: key
   // stride in bf16 elements.
   static void scores(const uint32_t* qt, const bf16_t* kb, int64_t ks, int d, int nb, float* st) {
@@ -580,15 +588,10 @@ struct TileKernelBf16 {
         }
       }
     } else {
-      const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
       for (int p = 0; p < d / 2; ++p)
-        for (int u = 0; u < 3; ++u) {
-          const __m512 lo = _mm512_load_ps(t.ot + 2 * p * kLanes + W * u);
-          const __m512 hi = _mm512_load_ps(t.ot + (2 * p + 1) * kLanes + W * u);
-          _mm512_store_si512(t.qt + p * kLanes + W * u,
-                             _mm512_permutexvar_epi16(ilv, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
-        }
+        for (int u = 0; u < 3; ++u)
+          _mm512_store_si512(t.qt + p * kLanes + W * u, bf16_pairs(_mm512_load_ps(t.ot + 2 * p * kLanes + W * u),
+                                                                   _mm512_load_ps(t.ot + (2 * p + 1) * kLanes + W * u)));
     }
     std::memset(t.ot, 0, sizeof(float) * d * kLanes);
     alignas(64) int32_t lim_a[kLanes];
@@ -629,9 +632,6 @@ struct TileKernelBf16 {
       t.m[u] = bm[u];
       sum[u] = _mm512_setzero_ps();
     }
-    // Interleave two rows of 16 bf16 (row j in the low half, j + 1 in the high half) into pairs.
-    const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
-                                         5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const int npairs = (nb + 1) / 2;
     for (int jp = 0; jp < npairs; ++jp)
       for (int u = 0; u < 3; ++u) {
@@ -640,8 +640,7 @@ struct TileKernelBf16 {
                               ? exp_le0(_mm512_sub_ps(_mm512_load_ps(st + (2 * jp + 1) * kLanes + W * u), t.m[u]))
                               : _mm512_setzero_ps();
         sum[u] = _mm512_add_ps(sum[u], _mm512_add_ps(pa, pb));
-        const __m512i two = (__m512i)_mm512_cvtne2ps_pbh(pb, pa);
-        _mm512_store_si512(pt + jp * kLanes + W * u, _mm512_permutexvar_epi16(ilv, two));
+        _mm512_store_si512(pt + jp * kLanes + W * u, bf16_pairs(pa, pb));  // (key 2jp, key 2jp + 1) per lane
       }
     for (int u = 0; u < 3; ++u) t.l[u] = _mm512_fmadd_ps(t.l[u], alpha[u], sum[u]);
     values(pt, vb, vs, d, npairs, alpha, t.ot);

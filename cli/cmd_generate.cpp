@@ -3,6 +3,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "bench/bench.h"
 #include "common.h"
 #include "engine/chat.h"
 #include "engine/generate.h"
@@ -115,13 +116,8 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
                     {"decode_act", act.decode},
                     {"prefill_act", act.prefill},
                     {"prefill_attn", act.prefill_attn}};
-    if (t.decode_tokens > 0) {  // where the decode steps' time went, ms per real token
-      const DecodePhases& ph = session.decode_phases();
-      const double n = (double)t.decode_tokens;
-      j["timings"]["decode_phases_ms_per_token"] = {{"qkv", ph.qkv_ms / n},       {"attend", ph.attend_ms / n},
-                                                    {"wo", ph.wo_ms / n},         {"ffn", ph.ffn_ms / n},
-                                                    {"end_step", ph.end_step_ms / n}, {"output", ph.output_ms / n}};
-    }
+    if (t.decode_tokens > 0)  // where the decode steps' time went, ms per real token
+      j["timings"]["decode_phases_ms_per_token"] = bench::decode_phases_json(session.decode_phases(), (double)t.decode_tokens);
     nlohmann::json kv = {{"policy", ks.policy}, {"fast_bytes", ks.fast_bytes}, {"slow_bytes", ks.slow_bytes}};
     if (a.kv.policy != "full") {
       kv["fetched_bytes_per_step"] = ks.fetched_bytes_per_step;

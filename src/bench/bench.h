@@ -193,6 +193,10 @@ void apply_bandwidth(BenchReport& report);
 std::vector<std::string> csv_columns();
 std::string to_csv(const BenchReport& r);     // header + one line per row
 nlohmann::json to_json(const BenchReport& r);
+// The six phases' times divided by `per` (1 for means already; a token count for sums): the
+// object of bench rows (decode_phases_ms, plus its step count) and generate --json
+// (decode_phases_ms_per_token).
+nlohmann::json decode_phases_json(const DecodePhases& p, double per = 1.0);
 std::string to_table(const BenchReport& r);   // human-readable, fixed-width
 // Decode ms/token (median, with min-max whiskers) against depth, one polyline per series
 // (policy spec, plus "@Nt" when several thread counts were measured).

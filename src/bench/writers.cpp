@@ -130,14 +130,7 @@ nlohmann::json to_json(const BenchReport& r) {
               {"copy_ms_per_token", row.copy_ms_per_token},
               {"peak_rss_bytes", row.peak_rss_bytes},
               {"peak_rss_reset_before_row", row.peak_rss_reset},
-              {"decode_phases_ms",
-               {{"qkv", row.phases_ms.qkv_ms},
-                {"attend", row.phases_ms.attend_ms},
-                {"wo", row.phases_ms.wo_ms},
-                {"ffn", row.phases_ms.ffn_ms},
-                {"end_step", row.phases_ms.end_step_ms},
-                {"output", row.phases_ms.output_ms},
-                {"steps", row.phases_ms.steps}}},
+              {"decode_phases_ms", decode_phases_json(row.phases_ms)},
               {"decode_act", r.decode_act},
               {"prefill_act", r.prefill_act},
               {"prefill_attn", r.prefill_attn},
@@ -150,11 +143,17 @@ nlohmann::json to_json(const BenchReport& r) {
       o["floor_ms"] = row.floor_ms;
       o["floor_ratio"] = row.floor_ratio;
     }
+    o["decode_phases_ms"]["steps"] = row.phases_ms.steps;  // the measured steps the means are over
     if (r.interleaved) o["paired_ratio"] = row.paired_ratio;
     rows.push_back(std::move(o));
   }
   j["rows"] = rows;
   return j;
+}
+
+nlohmann::json decode_phases_json(const DecodePhases& p, double per) {
+  return {{"qkv", p.qkv_ms / per}, {"attend", p.attend_ms / per}, {"wo", p.wo_ms / per},
+          {"ffn", p.ffn_ms / per}, {"end_step", p.end_step_ms / per}, {"output", p.output_ms / per}};
 }
 
 std::string to_table(const BenchReport& r) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "util/error.h"
+#include "util/prefetch.h"
 #include "util/threadpool.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -138,6 +139,20 @@ void attn_merge(AttnPartial& dst, float* dst_o, const AttnPartial& src, const fl
 
 namespace {
 
+// The streaming decode kernels read each block's keys and values once, and a block's pages are
+// too few for the hardware prefetcher, which stops at every 4 KiB page, to run ahead: while
+// scoring key tile t of a block they request tile t of the next block (starting at position
+// nxt, nb_next > 0 positions) and the value rows of the same positions. On 2 cores of a Xeon
+// (AVX-512, 25-27 GB/s probed), `full`'s attention over all 30 layers of SmolLM2 took 18-25% less
+// time per decode step at 8K positions and 6-12% less at 32K (kernel benchmark
+// BM_PolicyStep/full, switched pairs), and `full` decoded 12-15% faster at 8K end to end.
+inline void prefetch_next_block(const fp16_t* kt, const fp16_t* v, int d, int64_t nxt, int t, int64_t nb_next) {
+  const int64_t p = (int64_t)t * kKeyTile;
+  if (p >= nb_next) return;
+  prefetch_bytes(kt + key_tile_offset(nxt + p, d), (size_t)kKeyTile * d * sizeof(fp16_t));
+  prefetch_bytes(v + (nxt + p) * d, (size_t)std::min<int64_t>(kKeyTile, nb_next - p) * d * sizeof(fp16_t));
+}
+
 #if defined(__AVX512F__)
 // Keys per block of the streaming decode kernel: scores of a block (NQ x kDecBlock floats) and
 // its values (kDecBlock x head_dim fp16) stay in L1 between the passes.
@@ -186,8 +201,10 @@ void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v,
     const int nb = (int)std::min<int64_t>(kDecBlock, k1 - b0);
     const int ntile = (nb + kKeyTile - 1) / kKeyTile;
     // Scores of the block: one 16-key tile at a time, d FMAs per query.
+    const int64_t nb_next = std::min<int64_t>(kDecBlock, k1 - (b0 + kDecBlock));
     for (int t = 0; t < ntile; ++t) {
       const fp16_t* tile = kt + key_tile_offset(b0 + t * kKeyTile, d);
+      prefetch_next_block(kt, v, d, b0 + kDecBlock, t, nb_next);
       __m512 acc[NQ];
       for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
       for (int c = 0; c < d; ++c) {
@@ -294,8 +311,10 @@ void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v,
   for (int64_t b0 = k0; b0 < k1; b0 += kDecBlock) {
     const int nb = (int)std::min<int64_t>(kDecBlock, k1 - b0);
     const int ntile = (nb + kKeyTile - 1) / kKeyTile;
+    const int64_t nb_next = std::min<int64_t>(kDecBlock, k1 - (b0 + kDecBlock));
     for (int t = 0; t < ntile; ++t) {
       const fp16_t* tile = kt + key_tile_offset(b0 + t * kKeyTile, d);
+      prefetch_next_block(kt, v, d, b0 + kDecBlock, t, nb_next);
       for (int h0 = 0; h0 < 2; h0 += H) {
         __m256 acc[NQ][H];
         for (int i = 0; i < NQ; ++i)

@@ -145,7 +145,7 @@ namespace {
 // nxt, nb_next > 0 positions) and the value rows of the same positions. On 2 cores of a Xeon
 // (AVX-512, 25-27 GB/s probed), `full`'s attention over all 30 layers of SmolLM2 took 18-25% less
 // time per decode step at 8K positions and 6-12% less at 32K (kernel benchmark
-// BM_PolicyStep/full, switched pairs), and `full` decoded 12-15% faster at 8K end to end.
+// BM_PolicyStep/full, switched pairs), and `full` decoded 11-18% faster at 8K end to end.
 inline void prefetch_next_block(const fp16_t* kt, const fp16_t* v, int d, int64_t nxt, int t, int64_t nb_next) {
   const int64_t p = (int64_t)t * kKeyTile;
   if (p >= nb_next) return;

@@ -4,7 +4,7 @@
 //
 // On x86 the request is an asm volatile prefetcht0, not __builtin_prefetch: GCC 12 treats the
 // builtin as free of side effects and, inside some loops (the request of a conditional range
-// per iteration, as in the streaming decode attention and the AVX2 low-bit kernels), deleted the
+// per iteration, as in the streaming decode attention, and in HostStore::read_rows), deleted the
 // whole prefetch loop at -O1 and above; the binary then had no prefetch instruction there.
 #pragma once
 #include <cstddef>

@@ -10,6 +10,18 @@ pip-installs llama-cpp-python, which compiles llama.cpp from source (several min
 
   python3 scripts/bench_llamacpp.py --depths 2048 --threads 2 --json /tmp/peer.json
 
+The build uses CMAKE_ARGS from the environment when set (default: -DGGML_NATIVE=ON ...). On a
+Xeon with AMX (session 19) llama-cpp-python 0.3.36's native build crashed on its first batch in
+ggml's AMX matmul (a general-protection fault at ldtilecfg); a build without AMX ran:
+
+  python3 -m venv /tmp/llamacpp-noamx
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
+    /tmp/llamacpp-noamx/bin/python -m pip install --no-cache-dir llama-cpp-python numpy
+  python3 scripts/bench_llamacpp.py --venv /tmp/llamacpp-noamx --depths 2048 --threads 2
+
+(--no-cache-dir: pip otherwise reuses the wheel it built with the earlier CMAKE_ARGS.)
+
 What is measured on the llama.cpp side (mirrors specache bench, see docs/BENCHMARKS.md):
   prefill: one llm.eval(prompt) of `depth` tokens on a fresh context (n_batch tokens per call into
            llama_decode), wall time by time.perf_counter;

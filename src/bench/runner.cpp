@@ -61,8 +61,7 @@ struct Collected {
   KvStats at_depth, after;
   double stall = 0, copy = 0, fetched = 0;
   DecodePhases phase_mark;  // the session's phase sums when its first measured step began
-  DecodePhases phases;      // over the measured steps of all sessions
-  int64_t phase_steps = 0;
+  DecodePhases phases;      // over the measured steps of all sessions (as many as decode_ms)
 };
 
 // Prefill of one session: its time, and the policy's statistics at depth.
@@ -79,7 +78,7 @@ double timed_step(Session& s, int n_vocab, int i, int warmup, Collected& c) {
   const double t0 = now_ms();
   s.decode(t);
   const double dt = now_ms() - t0;
-  if (i >= warmup) c.decode_ms.push_back(dt), c.phase_steps += 1;
+  if (i >= warmup) c.decode_ms.push_back(dt);
   return dt;
 }
 
@@ -134,11 +133,12 @@ BenchRow make_row(const std::string& model_name, const PolicySpec& spec, const K
   row.copy_ms_per_token = c.copy / opt.reps;
   row.peak_rss_bytes = peak_rss_bytes();
   if (!c.paired.empty()) row.paired_ratio = summarize(c.paired).median;
-  if (c.phase_steps > 0) {
-    const double n = (double)c.phase_steps;
+  if (!c.decode_ms.empty()) {
+    const int64_t steps = (int64_t)c.decode_ms.size();
+    const double n = (double)steps;
     const DecodePhases& p = c.phases;
     row.phases_ms = DecodePhases{p.qkv_ms / n, p.attend_ms / n, p.wo_ms / n, p.ffn_ms / n, p.end_step_ms / n,
-                                 p.output_ms / n, c.phase_steps};
+                                 p.output_ms / n, steps};
   }
   return row;
 }

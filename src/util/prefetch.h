@@ -19,22 +19,24 @@ inline void prefetch_line(const void* p) {
 #endif
 }
 
+// The same into the outer levels only (prefetcht2: on Intel the line stops in L2), for data
+// requested a whole block ahead of a kernel that keeps its current block in L1.
+inline void prefetch_line_l2(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht2 %0" ::"m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 1);
+#endif
+}
+
 inline void prefetch_bytes(const void* p, size_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (size_t off = 0; off < bytes; off += 64) prefetch_line(c + off);
 }
 
-// The same into the outer levels only (prefetcht2: on Intel the line stops in L2), for data
-// requested a whole block ahead of a kernel that keeps its current block in L1.
 inline void prefetch_bytes_l2(const void* p, size_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (size_t off = 0; off < bytes; off += 64) {
-#if defined(__x86_64__) || defined(__i386__)
-    asm volatile("prefetcht2 %0" ::"m"(*(c + off)));
-#else
-    __builtin_prefetch(c + off, 0, 1);
-#endif
-  }
+  for (size_t off = 0; off < bytes; off += 64) prefetch_line_l2(c + off);
 }
 
 }  // namespace spc

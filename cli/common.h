@@ -34,8 +34,9 @@ struct ActChoice {
 // Sets the model's activations from those flags. Decode, auto: int8 where the build has SIMD int8
 // kernels for the model's quantized matrices (Model::int8_decode_supported), else fp32. Prefill,
 // auto: int8 where Model::int8_prefill then holds (int8 decode over the interleaved copies).
-// Prefill attention, auto: bf16 where the build has the kernel (Model::prefill_attn_supported),
-// else fp32; int8 or bf16 where it lacks it is an spc::Error.
+// Prefill attention, auto: amx where the CPU has it, else bf16 where the build has the kernel
+// (Model::prefill_attn_supported), else fp32; amx, int8 or bf16 where it is lacking is an
+// spc::Error.
 ActChoice apply_act(const ActArgs& a, Model& m);
 int resolve_threads(int requested);
 

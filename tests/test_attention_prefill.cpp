@@ -135,7 +135,11 @@ void dequant_i8(const float* x, int d, float* out) {
 // worst. Chunks after the first (p0 > 0) read bf16 K/V converted chunk by chunk, as the model does.
 // int8: the scores from int8 codes of the queries and keys (keys_to_i8); the reference then
 // multiplies the dequantized codes.
-void check_bf16(const Case& cs, int threads, bool int8 = false) {
+// amx: the AMX kernel (attention_prefill_amx) on its own copies (kv_to_bf16_amx in the same
+// uneven pieces: K padded with NaN rows past the last key, which must be masked; V transposed),
+// against the same reference, and against the bf16 kernel's output (the same roundings; only the
+// order of the fp32 sums differs).
+void check_bf16(const Case& cs, int threads, bool int8 = false, bool amx = false) {
   const AttnShape s{cs.n_head, cs.n_head_kv, cs.head_dim};
   std::mt19937 rng((unsigned)(cs.n_head * 131 + cs.head_dim * 17 + cs.n_rows * 7 + cs.p0));
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -174,6 +178,34 @@ void check_bf16(const Case& cs, int threads, bool int8 = false) {
   std::vector<float> out(q.size(), -1.0f);
   ThreadPool pool(threads);
   attention_prefill_bf16(s, q.data(), cs.n_rows, cs.p0, kb.data(), vb.data(), out.data(), pool, int8 ? &keys : nullptr);
+  if (amx) {
+    const int64_t cap = prefill_amx_capacity(n_keys);
+    ASSERT_EQ(cap % 32, 0);
+    ASSERT_GE(cap, n_keys);
+    std::vector<bf16_t> ka((size_t)(cap * e), (bf16_t)0x7fc0), vt((size_t)(cap * e), (bf16_t)0);
+    for (int64_t j0 = 0; j0 < n_keys;) {
+      const int64_t j1 = std::min(n_keys, j0 + 1 + (j0 * 7 + 13) % 37);
+      kv_to_bf16_amx(s, k.data(), v.data(), j0, j1, ka.data(), vt.data(), cap);
+      j0 = j1;
+    }
+    for (int64_t j = 0; j < n_keys; ++j)
+      for (int hk = 0; hk < s.n_head_kv; ++hk)
+        for (int c = 0; c < s.head_dim; ++c) {
+          const int64_t i = j * e + hk * s.head_dim + c;
+          ASSERT_EQ(ka[i], kb[i]);
+          ASSERT_EQ(vt[((int64_t)hk * s.head_dim + c) * cap + j], fp32_to_bf16(v[i]));
+        }
+    std::vector<float> out_amx(q.size(), -1.0f);
+    attention_prefill_amx(s, q.data(), cs.n_rows, cs.p0, ka.data(), vt.data(), cap, out_amx.data(), pool);
+    double worst = 0;
+    for (size_t i = 0; i < out.size(); ++i)
+      worst = std::max(worst, std::abs((double)out_amx[i] - out[i]) / (1.0 + std::abs(out[i])));
+    // A score that differs in its last fp32 bits can move a weight across a bf16 rounding
+    // boundary (one step: 2^-8 relative), so the bound is a few such steps, not the sums' 1e-6.
+    EXPECT_LT(worst, 5e-3) << "AMX against the bf16 kernel, heads " << cs.n_head << "/" << cs.n_head_kv << " rows "
+                           << cs.n_rows << " p0 " << cs.p0;
+    out.swap(out_amx);
+  }
   const float scale = 1.0f / std::sqrt((float)s.head_dim);
   const int d = s.head_dim;
   std::vector<float> qr(q.size()), kr(k.size()), vr(v.size());
@@ -206,7 +238,8 @@ void check_bf16(const Case& cs, int threads, bool int8 = false) {
   const double rms = std::sqrt(sq / (double)out.size()), rms_exact = std::sqrt(sq_exact / (double)out.size());
   const std::string what = "heads " + std::to_string(cs.n_head) + "/" + std::to_string(cs.n_head_kv) + " head_dim " +
                            std::to_string(cs.head_dim) + " rows " + std::to_string(cs.n_rows) + " p0 " +
-                           std::to_string(cs.p0) + " threads " + std::to_string(threads) + (int8 ? " int8 scores" : "");
+                           std::to_string(cs.p0) + " threads " + std::to_string(threads) + (int8 ? " int8 scores" : "") +
+                           (amx ? " amx" : "");
   EXPECT_EQ(bad, 0u) << what << ": worst relative error " << worst;
   EXPECT_LT(rms, 1.5e-3) << what;
   // Against unrounded inputs the error is the rounding of q and k in the scores (bf16, or int8
@@ -228,6 +261,31 @@ TEST(AttentionPrefill, Bf16AndInt8ScoresMatchRoundedReference) {
     ++n;
   }
   EXPECT_GE(n, 10);
+}
+
+TEST(AttentionPrefill, AmxMatchesRoundedReference) {
+  if (!attention_prefill_amx_supported(AttnShape{9, 3, 64}))
+    GTEST_SKIP() << "no AMX prefill attention here (needs a CPU with AMX-BF16, Linux's permission for the tile "
+                    "state, and an AVX-512 BF16 build)";
+  int n = 0;
+  for (const Case& cs : kCases) {
+    if (!attention_prefill_amx_supported(AttnShape{cs.n_head, cs.n_head_kv, cs.head_dim})) continue;
+    for (int threads : {1, 2}) check_bf16(cs, threads, false, true);
+    ++n;
+  }
+  // Longer than one 128-key block, with a ragged last block and a chunk offset.
+  for (const Case& cs : {Case{9, 3, 64, 300, 0}, Case{9, 3, 64, 77, 333}, Case{4, 1, 128, 90, 170}, Case{6, 3, 96, 40, 20}})
+    for (int threads : {1, 2}) check_bf16(cs, threads, false, true);
+  EXPECT_GE(n, 4);
+}
+
+TEST(AttentionPrefill, AmxUnavailableIsAnError) {
+  const AttnShape odd{4, 4, 48};  // head_dim not a multiple of 32: never on AMX
+  ASSERT_FALSE(attention_prefill_amx_supported(odd));
+  std::vector<float> q(4 * 48), out(q.size());
+  std::vector<bf16_t> kb(32 * 4 * 48), vt(kb.size());
+  ThreadPool pool(1);
+  EXPECT_THROW(attention_prefill_amx(odd, q.data(), 1, 0, kb.data(), vt.data(), 32, out.data(), pool), spc::Error);
 }
 
 TEST(AttentionPrefill, Bf16UnavailableIsAnError) {
@@ -265,12 +323,18 @@ TEST(AttentionPrefill, Timing) {
       std::vector<int32_t> k8_sum(k8_scale.size());
       keys_to_i8(s, k.data(), 0, n_keys, k8.data(), k8_scale.data(), k8_sum.data());
       const PrefillKeysI8 keys{k8.data(), k8_scale.data(), k8_sum.data()};
-      for (int kind : {0, 1, 2, 3}) {  // default, portable, bf16, int8 scores
+      const int64_t cap = prefill_amx_capacity(n_keys);
+      std::vector<bf16_t> ka((size_t)cap * s.n_head_kv * s.head_dim), vt(ka.size());
+      kv_to_bf16_amx(s, k.data(), v.data(), 0, n_keys, ka.data(), vt.data(), cap);
+      for (int kind : {0, 1, 2, 3, 4}) {  // default, portable, bf16, int8 scores, amx
         const bool portable = kind == 1;
         if (portable && p0 > 1792) continue;  // slow
-        if (kind >= 2 && !attention_prefill_bf16_supported(s)) continue;
+        if ((kind == 2 || kind == 3) && !attention_prefill_bf16_supported(s)) continue;
+        if (kind == 4 && !attention_prefill_amx_supported(s)) continue;
         auto run = [&] {
-          if (kind >= 2)
+          if (kind == 4)
+            attention_prefill_amx(s, q.data(), chunk, p0, ka.data(), vt.data(), cap, out.data(), pool);
+          else if (kind >= 2)
             attention_prefill_bf16(s, q.data(), chunk, p0, kb.data(), vb.data(), out.data(), pool,
                                    kind == 3 ? &keys : nullptr);
           else if (portable)
@@ -289,7 +353,7 @@ TEST(AttentionPrefill, Timing) {
           el = std::chrono::duration<double>(c1 - t0).count();
         } while (el < 0.5);
         std::printf("prefill attention %-8s chunk %lld at p0 %6lld, %d thread(s): %8.3f ms  %6.1f GFLOP/s\n",
-                    kind == 3 ? "int8" : kind == 2 ? "bf16" : portable ? "portable" : "default", (long long)chunk, (long long)p0, threads, best * 1e3,
+                    kind == 4 ? "amx" : kind == 3 ? "int8" : kind == 2 ? "bf16" : portable ? "portable" : "default", (long long)chunk, (long long)p0, threads, best * 1e3,
                     flops / best * 1e-9);
       }
     }

@@ -164,11 +164,13 @@ bool Model::int8_prefill() const {
 }
 
 const char* Model::prefill_attn_name(PrefillAttn a) {
-  return a == PrefillAttn::int8 ? "int8" : a == PrefillAttn::bf16 ? "bf16" : "fp32";
+  return a == PrefillAttn::amx ? "amx" : a == PrefillAttn::int8 ? "int8" : a == PrefillAttn::bf16 ? "bf16" : "fp32";
 }
 
 bool Model::prefill_attn_supported(PrefillAttn a) const {
-  return a == PrefillAttn::fp32 || attention_prefill_bf16_supported(AttnShape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim});
+  const AttnShape shape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim};
+  if (a == PrefillAttn::amx) return attention_prefill_amx_supported(shape);
+  return a == PrefillAttn::fp32 || attention_prefill_bf16_supported(shape);
 }
 
 bool Model::int8_decode_supported() const {
@@ -277,9 +279,15 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   embed(tokens, n, s.x.data());
   const bool i8 = int8_prefill();
   const PrefillAttn attn = prefill_attn();
-  const bool bf16 = attn != PrefillAttn::fp32, i8_keys = attn == PrefillAttn::int8;
+  const bool bf16 = attn != PrefillAttn::fp32, i8_keys = attn == PrefillAttn::int8, amx = attn == PrefillAttn::amx;
   const AttnShape shape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim};
-  if (bf16) {
+  // AMX: K rows up to the padded capacity, V transposed ([n_head_kv][head_dim][cap]) with its
+  // padding columns 0 (attention_prefill_amx).
+  const int64_t amx_cap = amx ? prefill_amx_capacity(pos0 + n) : 0;
+  if (amx) {
+    s.k_bf16.assign((size_t)(amx_cap * dkv), (bf16_t)0);
+    s.v_bf16.assign((size_t)(amx_cap * dkv), (bf16_t)0);
+  } else if (bf16) {
     s.k_bf16.resize((size_t)((pos0 + n) * dkv));
     s.v_bf16.resize((size_t)((pos0 + n + 1) / 2 * 2 * dkv));
   }
@@ -291,6 +299,10 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   const PrefillKeysI8 keys8{s.k_i8.data(), s.k_i8_scale.data(), s.k_i8_sum.data()};
   // The K/V of positions [j0, j1) in the copies the bf16 / int8 kernels read.
   auto convert = [&](int64_t j0, int64_t j1) {
+    if (amx) {
+      kv_to_bf16_amx(shape, s.k_layer.data(), s.v_layer.data(), j0, j1, s.k_bf16.data(), s.v_bf16.data(), amx_cap);
+      return;
+    }
     kv_to_bf16(shape, s.k_layer.data(), s.v_layer.data(), j0, j1, s.k_bf16.data(), s.v_bf16.data());
     if (i8_keys) keys_to_i8(shape, s.k_layer.data(), j0, j1, s.k_i8.data(), s.k_i8_scale.data(), s.k_i8_sum.data());
   };
@@ -308,7 +320,11 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
       });
       qkv(L, hbuf.data(), nc, s.rope_cos.data() + c0 * half, s.rope_sin.data() + c0 * half, s.q.data(), kl + c0 * dkv,
           vl + c0 * dkv, pool, i8);
-      if (bf16) {
+      if (amx) {
+        convert(pos0 + c0, pos0 + c0 + nc);
+        attention_prefill_amx(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), amx_cap, s.att.data(),
+                              pool);
+      } else if (bf16) {
         convert(pos0 + c0, pos0 + c0 + nc);
         attention_prefill_bf16(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), s.att.data(), pool,
                                i8_keys ? &keys8 : nullptr);

@@ -64,7 +64,7 @@ struct ForwardScratch {
   DecodePhases phases;  // accumulated by Model::decode
   std::vector<float> x, h, q, k, v, att, ff_g, ff_u, logits_in;
   std::vector<float> k_layer, v_layer;  // prefill: one layer's K/V for the whole prompt
-  std::vector<bf16_t> k_bf16, v_bf16;   // prefill with bf16 / int8 attention: their bf16 copies (kv_to_bf16)
+  std::vector<bf16_t> k_bf16, v_bf16;   // prefill with bf16 / int8 / amx attention: their bf16 copies (kv_to_bf16, kv_to_bf16_amx)
   std::vector<int8_t> k_i8;             // with int8 scores: the keys' codes, scales, code sums (keys_to_i8)
   std::vector<float> k_i8_scale;
   std::vector<int32_t> k_i8_sum;
@@ -109,9 +109,10 @@ class Model {
   bool int8_prefill() const;
   // Precision of the prompt's attention (attention_prefill_bf16): bf16 dot products (Q, K, V and
   // the softmax weights rounded to bf16, sums in fp32), or int8 scores (queries and keys as int8
-  // codes per vector, vpdpbusd) with bf16 values, instead of fp32. fp32 by default; a setting
-  // the build has no kernel for runs fp32 (prefill_attn() says what is in effect).
-  enum class PrefillAttn { fp32, bf16, int8 };
+  // codes per vector, vpdpbusd) with bf16 values, instead of fp32; amx: the bf16 roundings on
+  // AMX tiles (attention_prefill_amx, CPUs with AMX-BF16). fp32 by default; a setting the build
+  // or CPU has no kernel for runs fp32 (prefill_attn() says what is in effect).
+  enum class PrefillAttn { fp32, bf16, int8, amx };
   static const char* prefill_attn_name(PrefillAttn a);
   void set_prefill_attn(PrefillAttn a) { prefill_attn_ = a; }
   PrefillAttn prefill_attn() const { return prefill_attn_supported(prefill_attn_) ? prefill_attn_ : PrefillAttn::fp32; }

@@ -65,6 +65,22 @@ void keys_to_i8(const AttnShape& s, const float* k, int64_t j0, int64_t j1, int8
 void attention_prefill_bf16(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* kb,
                             const bf16_t* vb, float* out, ThreadPool& pool, const PrefillKeysI8* k8 = nullptr);
 
+// The same attention on AMX-BF16 tiles (the same roundings as attention_prefill_bf16: Q, K, V and
+// the softmax weights in bf16, sums in fp32), for CPUs with AMX (checked at run time,
+// cpu_amx_bf16_usable), n_head / n_head_kv <= 48 and head_dim a multiple of 32 up to 128;
+// attention_prefill_amx throws spc::Error elsewhere. K as for the bf16 kernel ([n][n_head_kv]
+// [head_dim]) but with the rows of at least prefill_amx_capacity(p0 + n_rows) keys allocated
+// (those past p0 + n_rows are read and masked: any contents); V transposed, vt [n_head_kv]
+// [head_dim][cap] with cap >= prefill_amx_capacity(p0 + n_rows) and columns past p0 + n_rows
+// finite (zero): they are multiplied by weights 0. kv_to_bf16_amx writes positions [j0, j1) of
+// both.
+bool attention_prefill_amx_supported(const AttnShape& s);
+int64_t prefill_amx_capacity(int64_t n_keys);
+void kv_to_bf16_amx(const AttnShape& s, const float* k, const float* v, int64_t j0, int64_t j1, bf16_t* kb,
+                    bf16_t* vt, int64_t cap);
+void attention_prefill_amx(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* kb,
+                           const bf16_t* vt, int64_t cap, float* out, ThreadPool& pool);
+
 // Partial attention state over a subset of keys for one query vector: o is unnormalized.
 // Two partial states over disjoint key sets merge exactly (flash-decoding).
 struct AttnPartial {

@@ -29,6 +29,7 @@
 
 #include "ops/attention.h"
 #include "ops/vec_math.h"
+#include "util/cpu_features.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -605,6 +606,37 @@ struct TileKernelBf16 {
     t.all_see = p0 + t.r0 + 1;
   }
 
+  // The online softmax of keys [j0, j0 + nb) for the tile's lane vectors u in [u0, u1): the
+  // causal mask on the scores st [nb][48], the new running maxima, alpha[u] = exp(old - new max),
+  // the weights exp(st - max) as bf16 key pairs into pt [(nb + 1) / 2][48] (a missing second key
+  // of the last pair is 0), and l updated. Every lane is independent, so the vdpbf16ps path (all
+  // three vectors) and the AMX path (one vector at a time) compute the same numbers.
+  static void softmax(Tile& t, int64_t j0, int nb, float* st, uint32_t* pt, int u0, int u1, __m512* alpha) {
+    const int npairs = (nb + 1) / 2;
+    for (int u = u0; u < u1; ++u) {
+      if (j0 + nb > t.all_see)
+        for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j) {
+          float* sj = st + j * kLanes + W * u;
+          const __mmask16 hidden = _mm512_cmp_epi32_mask(t.lim[u], _mm512_set1_epi32((int32_t)(j0 + j)), _MM_CMPINT_LT);
+          _mm512_store_ps(sj, _mm512_mask_mov_ps(_mm512_load_ps(sj), hidden,
+                                                 _mm512_set1_ps(-std::numeric_limits<float>::infinity())));
+        }
+      __m512 bm = t.m[u];
+      for (int j = 0; j < nb; ++j) bm = _mm512_max_ps(bm, _mm512_load_ps(st + j * kLanes + W * u));
+      alpha[u] = exp_approx16(_mm512_sub_ps(t.m[u], bm));
+      t.m[u] = bm;
+      __m512 sum = _mm512_setzero_ps();
+      for (int jp = 0; jp < npairs; ++jp) {
+        const __m512 pa = exp_le0(_mm512_sub_ps(_mm512_load_ps(st + 2 * jp * kLanes + W * u), bm));
+        const __m512 pb = 2 * jp + 1 < nb ? exp_le0(_mm512_sub_ps(_mm512_load_ps(st + (2 * jp + 1) * kLanes + W * u), bm))
+                                          : _mm512_setzero_ps();
+        sum = _mm512_add_ps(sum, _mm512_add_ps(pa, pb));
+        _mm512_store_si512(pt + jp * kLanes + W * u, bf16_pairs(pa, pb));  // (key 2jp, key 2jp + 1) per lane
+      }
+      t.l[u] = _mm512_fmadd_ps(t.l[u], alpha[u], sum);
+    }
+  }
+
   // Keys [j0, j0 + nb), j0 even; kb: key j0 of this KV head, vb: pair j0/2 of this KV head.
   static void block(Tile& t, int64_t j0, int nb, const bf16_t* kb, const PrefillKeysI8* k8, int hk, int n_head_kv,
                     const uint32_t* vb, int64_t ks, int64_t vs, int d, float* st, uint32_t* pt) {
@@ -615,41 +647,35 @@ struct TileKernelBf16 {
       (void)k8, (void)hk, (void)n_head_kv;
       scores(t.qt, kb, ks, d, nb, st);
     }
-    if (j0 + nb > t.all_see)
-      for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j)
-        for (int u = 0; u < 3; ++u) {
-          float* sj = st + j * kLanes + W * u;
-          const __mmask16 hidden = _mm512_cmp_epi32_mask(t.lim[u], _mm512_set1_epi32((int32_t)(j0 + j)), _MM_CMPINT_LT);
-          _mm512_store_ps(sj, _mm512_mask_mov_ps(_mm512_load_ps(sj), hidden,
-                                                 _mm512_set1_ps(-std::numeric_limits<float>::infinity())));
-        }
-    __m512 bm[3] = {t.m[0], t.m[1], t.m[2]};
-    for (int j = 0; j < nb; ++j)
-      for (int u = 0; u < 3; ++u) bm[u] = _mm512_max_ps(bm[u], _mm512_load_ps(st + j * kLanes + W * u));
-    __m512 alpha[3], sum[3];
-    for (int u = 0; u < 3; ++u) {
-      alpha[u] = exp_approx16(_mm512_sub_ps(t.m[u], bm[u]));
-      t.m[u] = bm[u];
-      sum[u] = _mm512_setzero_ps();
-    }
-    const int npairs = (nb + 1) / 2;
-    for (int jp = 0; jp < npairs; ++jp)
-      for (int u = 0; u < 3; ++u) {
-        const __m512 pa = exp_le0(_mm512_sub_ps(_mm512_load_ps(st + 2 * jp * kLanes + W * u), t.m[u]));
-        const __m512 pb = 2 * jp + 1 < nb
-                              ? exp_le0(_mm512_sub_ps(_mm512_load_ps(st + (2 * jp + 1) * kLanes + W * u), t.m[u]))
-                              : _mm512_setzero_ps();
-        sum[u] = _mm512_add_ps(sum[u], _mm512_add_ps(pa, pb));
-        _mm512_store_si512(pt + jp * kLanes + W * u, bf16_pairs(pa, pb));  // (key 2jp, key 2jp + 1) per lane
-      }
-    for (int u = 0; u < 3; ++u) t.l[u] = _mm512_fmadd_ps(t.l[u], alpha[u], sum[u]);
-    values(pt, vb, vs, d, npairs, alpha, t.ot);
+    __m512 alpha[3];
+    softmax(t, j0, nb, st, pt, 0, 3, alpha);
+    values(pt, vb, vs, d, (nb + 1) / 2, alpha, t.ot);
   }
 
   static void finish(const Tile& t, const AttnShape& s, float* out, int hk) {
     alignas(64) float inv[kLanes];
     for (int u = 0; u < 3; ++u) _mm512_store_ps(inv + W * u, _mm512_div_ps(_mm512_set1_ps(1.0f), t.l[u]));
     store_rows(s, t.ot, inv, t.r0, t.nr, kLanes, out, hk);
+  }
+
+  // The tiles [tile0, tile1) of a group (their Q^T pairs and O^T in scratch, tile_floats(d) each),
+  // initialized; returns the keys the last of them sees.
+  static int64_t init_group(Tile* tiles, const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, int hk,
+                            int64_t tile0, int64_t tile1, int rows, float* scratch) {
+    const int d = s.head_dim;
+    int64_t n_keys = 0;
+    for (int i = 0; i < (int)(tile1 - tile0); ++i) {
+      Tile& t = tiles[i];
+      float* ts = scratch + tile_floats(d) * i;
+      t.qt = reinterpret_cast<uint32_t*>(ts);
+      t.sq = ts + (size_t)(d / 2) * kLanes;
+      t.ot = t.sq + kLanes;
+      t.r0 = (tile0 + i) * rows;
+      t.nr = (int)std::min<int64_t>(rows, n_rows - t.r0);
+      init(t, s, q, p0, hk);
+      n_keys = std::max(n_keys, t.n_keys);
+    }
+    return n_keys;
   }
 
   static void group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* k,
@@ -661,18 +687,7 @@ struct TileKernelBf16 {
     Tile tiles[kGroupTiles];
     float* st = scratch + tile_floats(d) * kGroupTiles;
     uint32_t* pt = reinterpret_cast<uint32_t*>(st + (size_t)kKeyBlock * kLanes);
-    int64_t n_keys = 0;
-    for (int i = 0; i < nt; ++i) {
-      Tile& t = tiles[i];
-      float* ts = scratch + tile_floats(d) * i;
-      t.qt = reinterpret_cast<uint32_t*>(ts);
-      t.sq = ts + (size_t)(d / 2) * kLanes;
-      t.ot = t.sq + kLanes;
-      t.r0 = (tile0 + i) * rows;
-      t.nr = (int)std::min<int64_t>(rows, n_rows - t.r0);
-      init(t, s, q, p0, hk);
-      n_keys = std::max(n_keys, t.n_keys);
-    }
+    const int64_t n_keys = init_group(tiles, s, q, n_rows, p0, hk, tile0, tile1, rows, scratch);
     const bf16_t* kh = k + (int64_t)hk * d;
     const uint32_t* vh = reinterpret_cast<const uint32_t*>(v) + (int64_t)hk * d;
     for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock)
@@ -683,6 +698,153 @@ struct TileKernelBf16 {
         block(t, j0, nb, kh + j0 * ks, k8, hk, s.n_head_kv, vh + (j0 / 2) * ks, ks, ks, d, st, pt);
       }
     for (int i = 0; i < nt; ++i) finish(tiles[i], s, out, hk);
+  }
+};
+
+// AMX-BF16 path (attention_prefill_amx; CPUs with AMX, checked at run time): the bf16 path's
+// tiles, online softmax and roundings, with both products on the tile unit (tdpbf16ps: a 16 x 16
+// fp32 block of 16 x 32 bf16 products per instruction, 16x vdpbf16ps' work). Per block of
+// kAmxKeyBlock keys and per 16-lane vector u of the tile (16 query vectors):
+//   scores  S^T (16 keys x 16 lanes) = K (16 keys x 32 channels, natural row layout, kb) x the
+//           Q^T pairs qt (16 channel pairs x 16 lanes), head_dim / 32 products, stored to st;
+//   softmax TileKernelBf16::softmax on those lanes (the same code);
+//   values  O^T (16 channels x 16 lanes) += V^T (16 channels x 32 keys, vt) x the weight pairs pt
+//           (16 key pairs x 16 lanes), accumulated in place in ot.
+// So st, pt, qt and ot keep the bf16 path's [row][48 lanes] layouts, K is read as it is, and V is
+// read transposed ([n_head_kv][head_dim][cap] bf16, kv_to_bf16_amx), padded to whole 32-key chunks.
+// Tiles: tmm0 the K or V^T operand, tmm1 the S^T or O^T accumulator, tmm4..7 the Q^T pairs
+// (head_dim / 32 <= 4) or the weight pairs (kAmxKeyBlock / 32 = 4 chunks).
+constexpr int kAmxKeyBlock = 128;
+
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Scoped tile configuration: 8 tiles of 16 rows x 64 bytes; released on destruction (tiles back
+// to their initial state, so the thread carries no tile data between tasks).
+class AmxTiles {
+ public:
+  AmxTiles() {
+    AmxConfig c;
+    for (int i = 0; i < 8; ++i) {
+      c.colsb[i] = 64;
+      c.rows[i] = 16;
+    }
+    asm volatile("ldtilecfg %0" ::"m"(c));
+  }
+  ~AmxTiles() { asm volatile("tilerelease" ::: "memory"); }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+};
+
+// Tile instructions as asm with memory clobbers (tile numbers are immediates): the compiler must
+// not move the kernel's vector stores to st / pt / ot across the tile loads that read them.
+template <int T>
+inline void tile_load(const void* p, int64_t stride) {
+  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(p), "r"(stride), "n"(T) : "memory");
+}
+template <int T>
+inline void tile_store(void* p, int64_t stride) {
+  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(p), "r"(stride), "n"(T) : "memory");
+}
+template <int T>
+inline void tile_zero() {
+  asm volatile("tilezero %%tmm%c0" ::"n"(T));
+}
+// tmm C += tmm A x tmm B (bf16 pairs, fp32 sums).
+template <int C, int A, int B>
+inline void tile_dp() {
+  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
+}
+// The B operand is tmm4 + i, i < 4.
+inline void tile_load_b(int i, const void* p, int64_t stride) {
+  switch (i) {
+    case 0: tile_load<4>(p, stride); break;
+    case 1: tile_load<5>(p, stride); break;
+    case 2: tile_load<6>(p, stride); break;
+    default: tile_load<7>(p, stride); break;
+  }
+}
+inline void tile_dp_b(int i) {
+  switch (i) {
+    case 0: tile_dp<1, 0, 4>(); break;
+    case 1: tile_dp<1, 0, 5>(); break;
+    case 2: tile_dp<1, 0, 6>(); break;
+    default: tile_dp<1, 0, 7>(); break;
+  }
+}
+
+struct TileKernelAmx {
+  using Bf = TileKernelBf16<false>;
+  using Tile = Bf::Tile;
+  static constexpr int W = Bf::W, kLanes = Bf::kLanes;
+  static constexpr int64_t kRow = kLanes * 4;  // bytes per row of qt, st, pt and ot
+
+  static size_t group_scratch_floats(int d) {
+    return Bf::tile_floats(d) * kGroupTiles + (size_t)(kAmxKeyBlock + kAmxKeyBlock / 2) * kLanes;
+  }
+
+  // Keys [j0, j0 + nb), j0 a multiple of kAmxKeyBlock; kb: key j0 of this KV head (ks bf16 per
+  // key); vt: V^T of this KV head at key j0 (cap bf16 per channel).
+  static void block(Tile& t, int64_t j0, int nb, const bf16_t* kb, int64_t ks, const bf16_t* vt, int64_t cap, int d,
+                    float* st, uint32_t* pt) {
+    const int nh = d / 32, ncb = d / 16, nsb = (nb + 15) / 16, nkc = (nb + 31) / 32, npairs = (nb + 1) / 2;
+    for (int u = 0; u < 3; ++u) {
+      for (int h = 0; h < nh; ++h) tile_load_b(h, t.qt + (size_t)h * 16 * kLanes + W * u, kRow);
+      for (int sb = 0; sb < nsb; ++sb) {
+        tile_zero<1>();
+        for (int h = 0; h < nh; ++h) {
+          tile_load<0>(kb + sb * 16 * ks + h * 32, ks * 2);
+          tile_dp_b(h);
+        }
+        tile_store<1>(st + (size_t)sb * 16 * kLanes + W * u, kRow);
+      }
+      __m512 alpha[3];
+      Bf::softmax(t, j0, nb, st, pt, u, u + 1, alpha);
+      for (int jp = npairs; jp < nkc * 16; ++jp) _mm512_store_si512(pt + jp * kLanes + W * u, _mm512_setzero_si512());
+      if (_mm512_cmp_ps_mask(alpha[u], _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
+        for (int c = 0; c < d; ++c) {
+          float* o = t.ot + c * kLanes + W * u;
+          _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), alpha[u]));
+        }
+      for (int kc = 0; kc < nkc; ++kc) tile_load_b(kc, pt + (size_t)kc * 16 * kLanes + W * u, kRow);
+      for (int cb = 0; cb < ncb; ++cb) {
+        float* oc = t.ot + (size_t)cb * 16 * kLanes + W * u;
+        tile_load<1>(oc, kRow);
+        for (int kc = 0; kc < nkc; ++kc) {
+          tile_load<0>(vt + (size_t)cb * 16 * cap + kc * 32, cap * 2);
+          tile_dp_b(kc);
+        }
+        tile_store<1>(oc, kRow);
+      }
+    }
+  }
+
+  static void group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* k, const bf16_t* vt,
+                    int64_t cap, float* out, int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
+    const int d = s.head_dim;
+    const int64_t ks = (int64_t)s.n_head_kv * d;
+    const int nt = (int)(tile1 - tile0);
+    Tile tiles[kGroupTiles];
+    float* st = scratch + Bf::tile_floats(d) * kGroupTiles;
+    uint32_t* pt = reinterpret_cast<uint32_t*>(st + (size_t)kAmxKeyBlock * kLanes);
+    const int64_t n_keys = Bf::init_group(tiles, s, q, n_rows, p0, hk, tile0, tile1, rows, scratch);
+    const bf16_t* kh = k + (int64_t)hk * d;
+    const bf16_t* vh = vt + (int64_t)hk * d * cap;
+    {
+      AmxTiles scope;
+      for (int64_t j0 = 0; j0 < n_keys; j0 += kAmxKeyBlock)
+        for (int i = 0; i < nt; ++i) {
+          Tile& t = tiles[i];
+          if (j0 >= t.n_keys) continue;
+          const int nb = (int)std::min<int64_t>(kAmxKeyBlock, t.n_keys - j0);
+          block(t, j0, nb, kh + j0 * ks, ks, vh + j0, cap, d, st, pt);
+        }
+    }
+    for (int i = 0; i < nt; ++i) Bf::finish(tiles[i], s, out, hk);
   }
 };
 #endif
@@ -733,6 +895,45 @@ bool attention_prefill_bf16_supported(const AttnShape& s) {
 #else
   (void)s;
   return false;
+#endif
+}
+
+int64_t prefill_amx_capacity(int64_t n_keys) { return (n_keys + 31) / 32 * 32; }
+
+bool attention_prefill_amx_supported(const AttnShape& s) {
+#if defined(SPC_PREFILL_BF16)
+  return attention_prefill_bf16_supported(s) && s.head_dim % 32 == 0 && s.head_dim <= 128 && cpu_amx_bf16_usable();
+#else
+  (void)s;
+  return false;
+#endif
+}
+
+void kv_to_bf16_amx(const AttnShape& s, const float* k, const float* v, int64_t j0, int64_t j1, bf16_t* kb,
+                    bf16_t* vt, int64_t cap) {
+  const int d = s.head_dim;
+  const int64_t e = (int64_t)s.n_head_kv * d;
+  for (int64_t i = j0 * e; i < j1 * e; ++i) kb[i] = fp32_to_bf16(k[i]);
+  for (int hk = 0; hk < s.n_head_kv; ++hk)
+    for (int c = 0; c < d; ++c) {
+      bf16_t* row = vt + ((int64_t)hk * d + c) * cap;
+      const float* src = v + (int64_t)hk * d + c;
+      for (int64_t j = j0; j < j1; ++j) row[j] = fp32_to_bf16(src[j * e]);
+    }
+}
+
+void attention_prefill_amx(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* kb,
+                           const bf16_t* vt, int64_t cap, float* out, ThreadPool& pool) {
+  SPC_CHECK(attention_prefill_amx_supported(s), "AMX prefill attention is not available on this CPU, build or shape");
+  SPC_CHECK(cap >= prefill_amx_capacity(p0 + n_rows), "AMX prefill attention: V^T capacity %lld below %lld keys",
+            (long long)cap, (long long)prefill_amx_capacity(p0 + n_rows));
+#if defined(SPC_PREFILL_BF16)
+  for_each_group(s, n_rows, TileKernelAmx::kLanes, TileKernelAmx::group_scratch_floats(s.head_dim), pool,
+                 [&](int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
+                   TileKernelAmx::group(s, q, n_rows, p0, kb, vt, cap, out, hk, tile0, tile1, rows, scratch);
+                 });
+#else
+  (void)q, (void)kb, (void)vt, (void)out, (void)pool;
 #endif
 }
 

@@ -193,7 +193,7 @@ void check_bf16(const Case& cs, int threads, bool int8 = false, bool amx = false
         for (int c = 0; c < s.head_dim; ++c) {
           const int64_t i = j * e + hk * s.head_dim + c;
           ASSERT_EQ(ka[i], kb[i]);
-          ASSERT_EQ(vt[((int64_t)hk * s.head_dim + c) * cap + j], fp32_to_bf16(v[i]));
+          ASSERT_EQ(vt[(((int64_t)hk * (cap / 32) + j / 32) * s.head_dim + c) * 32 + j % 32], fp32_to_bf16(v[i]));
         }
     std::vector<float> out_amx(q.size(), -1.0f);
     attention_prefill_amx(s, q.data(), cs.n_rows, cs.p0, ka.data(), vt.data(), cap, out_amx.data(), pool);
@@ -324,8 +324,11 @@ TEST(AttentionPrefill, Timing) {
       keys_to_i8(s, k.data(), 0, n_keys, k8.data(), k8_scale.data(), k8_sum.data());
       const PrefillKeysI8 keys{k8.data(), k8_scale.data(), k8_sum.data()};
       const int64_t cap = prefill_amx_capacity(n_keys);
-      std::vector<bf16_t> ka((size_t)cap * s.n_head_kv * s.head_dim), vt(ka.size());
-      kv_to_bf16_amx(s, k.data(), v.data(), 0, n_keys, ka.data(), vt.data(), cap);
+      std::vector<bf16_t> ka_buf((size_t)cap * s.n_head_kv * s.head_dim + 32), vt_buf(ka_buf.size());
+      bf16_t* ka = ka_buf.data() + (64 - reinterpret_cast<uintptr_t>(ka_buf.data()) % 64) % 64 / 2;
+      bf16_t* vt = vt_buf.data() + (64 - reinterpret_cast<uintptr_t>(vt_buf.data()) % 64) % 64 / 2;
+      if (std::getenv("MISALIGN")) ++ka, ++vt;
+      kv_to_bf16_amx(s, k.data(), v.data(), 0, n_keys, ka, vt, cap);
       for (int kind : {0, 1, 2, 3, 4}) {  // default, portable, bf16, int8 scores, amx
         const bool portable = kind == 1;
         if (portable && p0 > 1792) continue;  // slow
@@ -333,7 +336,7 @@ TEST(AttentionPrefill, Timing) {
         if (kind == 4 && !attention_prefill_amx_supported(s)) continue;
         auto run = [&] {
           if (kind == 4)
-            attention_prefill_amx(s, q.data(), chunk, p0, ka.data(), vt.data(), cap, out.data(), pool);
+            attention_prefill_amx(s, q.data(), chunk, p0, ka, vt, cap, out.data(), pool);
           else if (kind >= 2)
             attention_prefill_bf16(s, q.data(), chunk, p0, kb.data(), vb.data(), out.data(), pool,
                                    kind == 3 ? &keys : nullptr);

@@ -357,6 +357,8 @@ TEST(Cli, PrefillAttentionIsChosenAndRecorded) {
     }
   }
   expect_failure(run_cli(gen_args({"-p", "Once", "--prefill-attn", "fp16"})), "prefill-attn");
+  // stories260K's head_dim 8 is no AMX tile shape, whatever the CPU: a clear error.
+  expect_failure(run_cli(gen_args({"-p", "Once", "--prefill-attn", "amx"})), "AMX-BF16");
 }
 
 TEST(Cli, GreedyGenerationIsRepeatable) {

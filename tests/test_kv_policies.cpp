@@ -569,12 +569,13 @@ TEST(KvPolicy, ExportOfAPrefixIsThePrefixOfTheExport) {
 // where the prompt was split. The same when the prefix is taken over from another session, and
 // for a policy with a slow tier (its prefix K/V come back from there), whose decode then starts
 // with its pre-decoding pass. Policies without a complete 16-bit copy refuse to continue. With
-// fp32 and (where the build has them) bf16 and int8 prefill attention.
+// fp32 and (where the build and CPU have them) bf16, int8 and AMX prefill attention.
 TEST(KvPolicy, ContinuedPrefillEqualsOnePrefill) {
   NEED_STORIES();
   const Fixture& fx = *stories();
   ThreadPool pool(2);
-  for (Model::PrefillAttn attn : {Model::PrefillAttn::fp32, Model::PrefillAttn::bf16, Model::PrefillAttn::int8}) {
+  for (Model::PrefillAttn attn : {Model::PrefillAttn::fp32, Model::PrefillAttn::bf16, Model::PrefillAttn::int8,
+                                  Model::PrefillAttn::amx}) {
     if (!fx.model->prefill_attn_supported(attn)) continue;
     fx.model->set_prefill_attn(attn);
     SCOPED_TRACE(std::string(Model::prefill_attn_name(attn)) + " attention");
@@ -623,7 +624,8 @@ TEST(KvPolicy, SmolLM2ContinuedPrefillEqualsOnePrefill) {
   SMOLLM2_WITH_BOOK(model, prompt, 3000, 600);
   ThreadPool pool(2);
   KvConfig kc;
-  for (Model::PrefillAttn attn : {Model::PrefillAttn::fp32, Model::PrefillAttn::bf16, Model::PrefillAttn::int8}) {
+  for (Model::PrefillAttn attn : {Model::PrefillAttn::fp32, Model::PrefillAttn::bf16, Model::PrefillAttn::int8,
+                                  Model::PrefillAttn::amx}) {
     if (!model->prefill_attn_supported(attn)) continue;
     model->set_prefill_attn(attn);
     SCOPED_TRACE(std::string(Model::prefill_attn_name(attn)) + " attention");

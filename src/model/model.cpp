@@ -352,8 +352,8 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   std::vector<float>().swap(s.x);
   std::vector<float>().swap(s.k_layer);
   std::vector<float>().swap(s.v_layer);
-  std::vector<bf16_t>().swap(s.k_bf16);
-  std::vector<bf16_t>().swap(s.v_bf16);
+  decltype(s.k_bf16)().swap(s.k_bf16);
+  decltype(s.v_bf16)().swap(s.v_bf16);
   std::vector<int8_t>().swap(s.k_i8);
   std::vector<float>().swap(s.k_i8_scale);
   std::vector<int32_t>().swap(s.k_i8_sum);

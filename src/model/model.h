@@ -12,6 +12,7 @@
 #include "kv/kv_policy.h"
 #include "ops/matmul.h"
 #include "ops/ops.h"
+#include "util/aligned.h"
 #include "util/fp16.h"
 
 namespace spc {
@@ -64,7 +65,9 @@ struct ForwardScratch {
   DecodePhases phases;  // accumulated by Model::decode
   std::vector<float> x, h, q, k, v, att, ff_g, ff_u, logits_in;
   std::vector<float> k_layer, v_layer;  // prefill: one layer's K/V for the whole prompt
-  std::vector<bf16_t> k_bf16, v_bf16;   // prefill with bf16 / int8 / amx attention: their bf16 copies (kv_to_bf16, kv_to_bf16_amx)
+  // Prefill with bf16 / int8 / amx attention: their bf16 copies (kv_to_bf16, kv_to_bf16_amx), on
+  // cache lines: the AMX kernel loads 64-byte rows of them.
+  std::vector<bf16_t, AlignedAllocator<bf16_t>> k_bf16, v_bf16;
   std::vector<int8_t> k_i8;             // with int8 scores: the keys' codes, scales, code sums (keys_to_i8)
   std::vector<float> k_i8_scale;
   std::vector<int32_t> k_i8_sum;

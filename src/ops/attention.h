@@ -70,10 +70,11 @@ void attention_prefill_bf16(const AttnShape& s, const float* q, int64_t n_rows, 
 // cpu_amx_bf16_usable), n_head / n_head_kv <= 48 and head_dim a multiple of 32 up to 128;
 // attention_prefill_amx throws spc::Error elsewhere. K as for the bf16 kernel ([n][n_head_kv]
 // [head_dim]) but with the rows of at least prefill_amx_capacity(p0 + n_rows) keys allocated
-// (those past p0 + n_rows are read and masked: any contents); V transposed, vt [n_head_kv]
-// [head_dim][cap] with cap >= prefill_amx_capacity(p0 + n_rows) and columns past p0 + n_rows
-// finite (zero): they are multiplied by weights 0. kv_to_bf16_amx writes positions [j0, j1) of
-// both.
+// (those past p0 + n_rows are read and masked: any contents); V transposed in chunks of 32 keys,
+// vt [n_head_kv][cap / 32][head_dim][32] (V[j][hk][c] at ((hk * cap / 32 + j / 32) * head_dim + c)
+// * 32 + j % 32) with cap >= prefill_amx_capacity(p0 + n_rows) and the entries of positions past
+// p0 + n_rows finite (zero): they are multiplied by weights 0. kv_to_bf16_amx writes positions
+// [j0, j1) of both.
 bool attention_prefill_amx_supported(const AttnShape& s);
 int64_t prefill_amx_capacity(int64_t n_keys);
 void kv_to_bf16_amx(const AttnShape& s, const float* k, const float* v, int64_t j0, int64_t j1, bf16_t* kb,

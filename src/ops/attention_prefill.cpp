@@ -418,21 +418,21 @@ template <bool kI8>
 struct TileKernelBf16 {
   static constexpr int W = 16, KU = 8, kLanes = 48;
 
-  // exp(x) for x <= 0 (scores minus their running max; -inf for masked ones, giving 0), to the
-  // precision the weights keep: they are rounded to bf16 (relative 2^-9) right after, so a
-  // degree-4 polynomial (relative error < 3e-6 plus the single-step reduction's) does, instead
-  // of exp_approx16's degree 6.
+  // exp(x) for finite x <= 0 (scores minus their running max), to the precision the weights keep:
+  // they are rounded to bf16 (relative 2^-9) right after, so a degree-3 polynomial does (relative
+  // error < 8e-5, least squares in relative error on [-ln2/2, ln2/2]). n = round(x * log2 e) comes
+  // from the 1.5 * 2^23 shifter instead of vrndscaleps, and there is no clamp: below about -87 the
+  // result underflows to 0 in vscalefps, and masked positions never count (softmax zeroes their
+  // weights after, whatever their scores).
   static __m512 exp_le0(__m512 x) {
     constexpr __mmask16 all = 0xFFFF;
-    x = _mm512_maskz_max_ps(all, x, _mm512_set1_ps(-110.0f));
-    const __m512 n = _mm512_maskz_roundscale_ps(all, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 shifter = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
     const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
-    __m512 p = _mm512_set1_ps(4.141708e-2f);  // least squares in relative error on [-ln2/2, ln2/2]
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6790673e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.000485e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.9996364e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.9999917e-1f));
+    __m512 p = _mm512_set1_ps(0.16566773f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.50496262f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0001642f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.99992812f));
     return _mm512_maskz_scalef_ps(all, p, n);
   }
 
@@ -606,30 +606,32 @@ struct TileKernelBf16 {
     t.all_see = p0 + t.r0 + 1;
   }
 
-  // The online softmax of keys [j0, j0 + nb) for the tile's lane vectors u in [u0, u1): the
-  // causal mask on the scores st [nb][48], the new running maxima, alpha[u] = exp(old - new max),
-  // the weights exp(st - max) as bf16 key pairs into pt [(nb + 1) / 2][48] (a missing second key
-  // of the last pair is 0), and l updated. Every lane is independent, so the vdpbf16ps path (all
-  // three vectors) and the AMX path (one vector at a time) compute the same numbers.
-  static void softmax(Tile& t, int64_t j0, int nb, float* st, uint32_t* pt, int u0, int u1, __m512* alpha) {
+  // The online softmax of keys [j0, j0 + nb) for the tile's lane vectors u in [u0, u1): the new
+  // running maxima over the keys each lane sees (causal limit), alpha[u] = exp(old - new max), the
+  // weights exp(st - max) (0 for hidden keys, whatever st holds there) as bf16 key pairs into pt
+  // [(nb + 1) / 2][48] (a missing second key of the last pair is 0), and l updated. Every lane is
+  // independent, so the vdpbf16ps path (all three vectors) and the AMX path (one vector at a time)
+  // compute the same numbers.
+  static void softmax(Tile& t, int64_t j0, int nb, const float* st, uint32_t* pt, int u0, int u1, __m512* alpha) {
     const int npairs = (nb + 1) / 2;
+    // Keys from jd on are hidden from some lanes (the causal diagonal; nb when none is).
+    const int jd = j0 + nb > t.all_see ? (int)std::max<int64_t>(0, t.all_see - j0) : nb;
     for (int u = u0; u < u1; ++u) {
-      if (j0 + nb > t.all_see)
-        for (int j = (int)std::max<int64_t>(0, t.all_see - j0); j < nb; ++j) {
-          float* sj = st + j * kLanes + W * u;
-          const __mmask16 hidden = _mm512_cmp_epi32_mask(t.lim[u], _mm512_set1_epi32((int32_t)(j0 + j)), _MM_CMPINT_LT);
-          _mm512_store_ps(sj, _mm512_mask_mov_ps(_mm512_load_ps(sj), hidden,
-                                                 _mm512_set1_ps(-std::numeric_limits<float>::infinity())));
-        }
+      auto seen = [&](int j) { return _mm512_cmp_epi32_mask(t.lim[u], _mm512_set1_epi32((int32_t)(j0 + j)), _MM_CMPINT_GE); };
       __m512 bm = t.m[u];
-      for (int j = 0; j < nb; ++j) bm = _mm512_max_ps(bm, _mm512_load_ps(st + j * kLanes + W * u));
+      for (int j = 0; j < jd; ++j) bm = _mm512_max_ps(bm, _mm512_load_ps(st + j * kLanes + W * u));
+      for (int j = jd; j < nb; ++j) bm = _mm512_mask_max_ps(bm, seen(j), bm, _mm512_load_ps(st + j * kLanes + W * u));
       alpha[u] = exp_approx16(_mm512_sub_ps(t.m[u], bm));
       t.m[u] = bm;
       __m512 sum = _mm512_setzero_ps();
       for (int jp = 0; jp < npairs; ++jp) {
-        const __m512 pa = exp_le0(_mm512_sub_ps(_mm512_load_ps(st + 2 * jp * kLanes + W * u), bm));
-        const __m512 pb = 2 * jp + 1 < nb ? exp_le0(_mm512_sub_ps(_mm512_load_ps(st + (2 * jp + 1) * kLanes + W * u), bm))
-                                          : _mm512_setzero_ps();
+        const int ja = 2 * jp, jb = ja + 1;
+        __m512 pa = exp_le0(_mm512_sub_ps(_mm512_load_ps(st + ja * kLanes + W * u), bm));
+        __m512 pb = jb < nb ? exp_le0(_mm512_sub_ps(_mm512_load_ps(st + jb * kLanes + W * u), bm)) : _mm512_setzero_ps();
+        if (jb >= jd) {
+          if (ja >= jd) pa = _mm512_maskz_mov_ps(seen(ja), pa);
+          if (jb < nb) pb = _mm512_maskz_mov_ps(seen(jb), pb);
+        }
         sum = _mm512_add_ps(sum, _mm512_add_ps(pa, pb));
         _mm512_store_si512(pt + jp * kLanes + W * u, bf16_pairs(pa, pb));  // (key 2jp, key 2jp + 1) per lane
       }
@@ -711,9 +713,10 @@ struct TileKernelBf16 {
 //   values  O^T (16 channels x 16 lanes) += V^T (16 channels x 32 keys, vt) x the weight pairs pt
 //           (16 key pairs x 16 lanes), accumulated in place in ot.
 // So st, pt, qt and ot keep the bf16 path's [row][48 lanes] layouts, K is read as it is, and V is
-// read transposed ([n_head_kv][head_dim][cap] bf16, kv_to_bf16_amx), padded to whole 32-key chunks.
-// Tiles: tmm0 the K or V^T operand, tmm1 the S^T or O^T accumulator, tmm4..7 the Q^T pairs
-// (head_dim / 32 <= 4) or the weight pairs (kAmxKeyBlock / 32 = 4 chunks).
+// read transposed in chunks of 32 keys ([n_head_kv][cap / 32][head_dim][32] bf16, kv_to_bf16_amx):
+// a V^T operand is 1 KiB in one piece, not 16 rows cap * 2 bytes apart (one page each). K and V^T
+// should start on a cache line (the model's buffers do): rows that straddle two lines cost ~20%.
+// head_dim a multiple of 32, up to 128 (attention_prefill_amx_supported).
 constexpr int kAmxKeyBlock = 128;
 
 struct alignas(64) AmxConfig {
@@ -759,24 +762,6 @@ template <int C, int A, int B>
 inline void tile_dp() {
   asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
 }
-// The B operand is tmm4 + i, i < 4.
-inline void tile_load_b(int i, const void* p, int64_t stride) {
-  switch (i) {
-    case 0: tile_load<4>(p, stride); break;
-    case 1: tile_load<5>(p, stride); break;
-    case 2: tile_load<6>(p, stride); break;
-    default: tile_load<7>(p, stride); break;
-  }
-}
-inline void tile_dp_b(int i) {
-  switch (i) {
-    case 0: tile_dp<1, 0, 4>(); break;
-    case 1: tile_dp<1, 0, 5>(); break;
-    case 2: tile_dp<1, 0, 6>(); break;
-    default: tile_dp<1, 0, 7>(); break;
-  }
-}
-
 struct TileKernelAmx {
   using Bf = TileKernelBf16<false>;
   using Tile = Bf::Tile;
@@ -787,42 +772,79 @@ struct TileKernelAmx {
     return Bf::tile_floats(d) * kGroupTiles + (size_t)(kAmxKeyBlock + kAmxKeyBlock / 2) * kLanes;
   }
 
-  // Keys [j0, j0 + nb), j0 a multiple of kAmxKeyBlock; kb: key j0 of this KV head (ks bf16 per
-  // key); vt: V^T of this KV head at key j0 (cap bf16 per channel).
-  static void block(Tile& t, int64_t j0, int nb, const bf16_t* kb, int64_t ks, const bf16_t* vt, int64_t cap, int d,
-                    float* st, uint32_t* pt) {
-    const int nh = d / 32, ncb = d / 16, nsb = (nb + 15) / 16, nkc = (nb + 31) / 32, npairs = (nb + 1) / 2;
-    for (int u = 0; u < 3; ++u) {
-      for (int h = 0; h < nh; ++h) tile_load_b(h, t.qt + (size_t)h * 16 * kLanes + W * u, kRow);
-      for (int sb = 0; sb < nsb; ++sb) {
-        tile_zero<1>();
-        for (int h = 0; h < nh; ++h) {
-          tile_load<0>(kb + sb * 16 * ks + h * 32, ks * 2);
-          tile_dp_b(h);
+  // One step of a group: the 16 lanes u of tile t against keys [j0, j0 + nb) (one block, j0 a
+  // multiple of kAmxKeyBlock). kb: key j0 of this KV head (ks bf16 per key); vt: its V^T chunk
+  // ([d][32] bf16 per 32 keys).
+  struct Step {
+    Tile* t;
+    int64_t j0;
+    int nb, u;
+    const bf16_t* kb;
+    const bf16_t* vt;
+  };
+
+  // Scores of a step into st's lanes u. Tiles: tmm0 (K), tmm1 (S^T), tmm4/5 (Q^T pairs, head_dim
+  // <= 64; reloaded per product into tmm4 beyond).
+  static void scores(const Step& x, int64_t ks, int d, float* st) {
+    const int nh = d / 32, nsb = (x.nb + 15) / 16, u = x.u;
+    const uint32_t* qt = x.t->qt + W * u;
+    if (nh <= 2) {
+      tile_load<4>(qt, kRow);
+      if (nh == 2) tile_load<5>(qt + 16 * kLanes, kRow);
+    }
+    for (int sb = 0; sb < nsb; ++sb) {
+      tile_zero<1>();
+      for (int h = 0; h < nh; ++h) {
+        tile_load<0>(x.kb + sb * 16 * ks + h * 32, ks * 2);
+        if (nh > 2) {
+          tile_load<4>(qt + (size_t)h * 16 * kLanes, kRow);
+          tile_dp<1, 0, 4>();
+        } else if (h == 0) {
+          tile_dp<1, 0, 4>();
+        } else {
+          tile_dp<1, 0, 5>();
         }
-        tile_store<1>(st + (size_t)sb * 16 * kLanes + W * u, kRow);
       }
-      __m512 alpha[3];
-      Bf::softmax(t, j0, nb, st, pt, u, u + 1, alpha);
-      for (int jp = npairs; jp < nkc * 16; ++jp) _mm512_store_si512(pt + jp * kLanes + W * u, _mm512_setzero_si512());
-      if (_mm512_cmp_ps_mask(alpha[u], _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
-        for (int c = 0; c < d; ++c) {
-          float* o = t.ot + c * kLanes + W * u;
-          _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), alpha[u]));
-        }
-      for (int kc = 0; kc < nkc; ++kc) tile_load_b(kc, pt + (size_t)kc * 16 * kLanes + W * u, kRow);
-      for (int cb = 0; cb < ncb; ++cb) {
-        float* oc = t.ot + (size_t)cb * 16 * kLanes + W * u;
-        tile_load<1>(oc, kRow);
-        for (int kc = 0; kc < nkc; ++kc) {
-          tile_load<0>(vt + (size_t)cb * 16 * cap + kc * 32, cap * 2);
-          tile_dp_b(kc);
-        }
-        tile_store<1>(oc, kRow);
-      }
+      tile_store<1>(st + (size_t)sb * 16 * kLanes + W * u, kRow);
     }
   }
 
+  // Softmax of a step (st's lanes u -> pt's, padded with zero pairs to whole 32-key chunks), and
+  // its O^T lanes rescaled for the new maximum.
+  static void weights(const Step& x, int d, const float* st, uint32_t* pt) {
+    const int u = x.u, npairs = (x.nb + 1) / 2, nkc = (x.nb + 31) / 32;
+    __m512 alpha[3];
+    Bf::softmax(*x.t, x.j0, x.nb, st, pt, u, u + 1, alpha);
+    for (int jp = npairs; jp < nkc * 16; ++jp) _mm512_store_si512(pt + jp * kLanes + W * u, _mm512_setzero_si512());
+    if (_mm512_cmp_ps_mask(alpha[u], _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
+      for (int c = 0; c < d; ++c) {
+        float* o = x.t->ot + c * kLanes + W * u;
+        _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), alpha[u]));
+      }
+  }
+
+  // Values of a step: O^T lanes u += V^T x weight pairs. Tiles: tmm2 (V^T), tmm6 (weight pairs),
+  // tmm3 (O^T).
+  static void values(const Step& x, int d, const uint32_t* pt) {
+    const int nkc = (x.nb + 31) / 32;
+    for (int cb = 0; cb < d / 16; ++cb) {
+      float* oc = x.t->ot + (size_t)cb * 16 * kLanes + W * x.u;
+      tile_load<3>(oc, kRow);
+      for (int kc = 0; kc < nkc; ++kc) {
+        tile_load<2>(x.vt + ((size_t)kc * d + cb * 16) * 32, 64);
+        tile_load<6>(pt + (size_t)kc * 16 * kLanes + W * x.u, kRow);
+        tile_dp<3, 2, 6>();
+      }
+      tile_store<3>(oc, kRow);
+    }
+  }
+
+  // A group walks its keys block by block; per block, tile and lane vector: scores, softmax,
+  // values. Tried on a Xeon with AMX and no faster (SPECACHE_TIMING=1 AttentionPrefill.Timing):
+  // the three software-pipelined over consecutive steps, so none waits on the one before; each
+  // K / V^T operand loaded once for the three lane vectors; 64-key blocks; 8 tiles per group;
+  // the next block's K and V^T requested into L2 ahead. Issuing the tile work a product at a
+  // time between the softmax's key pairs was 2.7x slower.
   static void group(const AttnShape& s, const float* q, int64_t n_rows, int64_t p0, const bf16_t* k, const bf16_t* vt,
                     int64_t cap, float* out, int hk, int64_t tile0, int64_t tile1, int rows, float* scratch) {
     const int d = s.head_dim;
@@ -833,7 +855,7 @@ struct TileKernelAmx {
     uint32_t* pt = reinterpret_cast<uint32_t*>(st + (size_t)kAmxKeyBlock * kLanes);
     const int64_t n_keys = Bf::init_group(tiles, s, q, n_rows, p0, hk, tile0, tile1, rows, scratch);
     const bf16_t* kh = k + (int64_t)hk * d;
-    const bf16_t* vh = vt + (int64_t)hk * d * cap;
+    const bf16_t* vh = vt + (int64_t)hk * d * cap;  // this KV head's (cap / 32) chunks of [d][32]
     {
       AmxTiles scope;
       for (int64_t j0 = 0; j0 < n_keys; j0 += kAmxKeyBlock)
@@ -841,7 +863,12 @@ struct TileKernelAmx {
           Tile& t = tiles[i];
           if (j0 >= t.n_keys) continue;
           const int nb = (int)std::min<int64_t>(kAmxKeyBlock, t.n_keys - j0);
-          block(t, j0, nb, kh + j0 * ks, ks, vh + j0, cap, d, st, pt);
+          for (int u = 0; u < 3; ++u) {
+            const Step x{&t, j0, nb, u, kh + j0 * ks, vh + j0 * d};
+            scores(x, ks, d, st);
+            weights(x, d, st, pt);
+            values(x, d, pt);
+          }
         }
     }
     for (int i = 0; i < nt; ++i) Bf::finish(tiles[i], s, out, hk);
@@ -914,11 +941,11 @@ void kv_to_bf16_amx(const AttnShape& s, const float* k, const float* v, int64_t 
   const int d = s.head_dim;
   const int64_t e = (int64_t)s.n_head_kv * d;
   for (int64_t i = j0 * e; i < j1 * e; ++i) kb[i] = fp32_to_bf16(k[i]);
-  for (int hk = 0; hk < s.n_head_kv; ++hk)
-    for (int c = 0; c < d; ++c) {
-      bf16_t* row = vt + ((int64_t)hk * d + c) * cap;
-      const float* src = v + (int64_t)hk * d + c;
-      for (int64_t j = j0; j < j1; ++j) row[j] = fp32_to_bf16(src[j * e]);
+  for (int64_t j = j0; j < j1; ++j)
+    for (int hk = 0; hk < s.n_head_kv; ++hk) {
+      bf16_t* col = vt + (((int64_t)hk * (cap / 32) + j / 32) * d) * 32 + j % 32;
+      const float* src = v + j * e + (int64_t)hk * d;
+      for (int c = 0; c < d; ++c) col[c * 32] = fp32_to_bf16(src[c]);
     }
 }
 

@@ -281,8 +281,8 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   const PrefillAttn attn = prefill_attn();
   const bool bf16 = attn != PrefillAttn::fp32, i8_keys = attn == PrefillAttn::int8, amx = attn == PrefillAttn::amx;
   const AttnShape shape{cfg_.n_head, cfg_.n_head_kv, cfg_.head_dim};
-  // AMX: K rows up to the padded capacity, V transposed ([n_head_kv][head_dim][cap]) with its
-  // padding columns 0 (attention_prefill_amx).
+  // AMX: K rows up to the padded capacity, V transposed per 32-key chunk, the padding 0
+  // (attention_prefill_amx, kv_to_bf16_amx).
   const int64_t amx_cap = amx ? prefill_amx_capacity(pos0 + n) : 0;
   if (amx) {
     s.k_bf16.assign((size_t)(amx_cap * dkv), (bf16_t)0);

@@ -103,6 +103,46 @@ TEST(MatmulI8x8, MatchesRowMajorInt8AndReference) {
 
 // matmul_many over interleaved copies is one dispatch over all matrices' 8-row groups; it must
 // give exactly what separate calls give (the same kernel on the same groups).
+// Prefill sizes on AMX-INT8 tiles (pairs of 8-row groups, 16-token tiles) give the vpdpbusd
+// kernels' results bit for bit: ragged token tiles, an odd group left over in a thread's range,
+// both thread counts, and through matmul_many.
+TEST(MatmulI8x8, AmxPairsEqualVnniBitForBit) {
+  if (!have_kernel() || !matmul_amx_active())
+    GTEST_SKIP() << "no AMX int8 matmul here (needs a CPU with AMX-INT8, Linux's permission for its tile state and "
+                    "an AVX-512 VNNI build)";
+  std::mt19937 rng(14);
+  ThreadPool pool1(1), pool2(2);
+  for (GgmlType t : kTypes)
+    for (auto [n_in, n_out] : std::vector<std::pair<int64_t, int64_t>>{{576, 192}, {1536, 40}, {32, 8}, {64, 24}}) {
+      const Mat m = make(t, n_in, n_out, rng, true);
+      for (int64_t n_tok : {5, 16, 17, 45, 256}) {
+        const std::vector<float> x = random_x(n_tok, n_in, rng);
+        for (ThreadPool* pool : {&pool1, &pool2}) {
+          std::vector<float> ya(n_tok * n_out, NAN), yv(n_tok * n_out, NAN);
+          matmul(m.inter(), x.data(), n_tok, ya.data(), *pool, true);
+          set_matmul_amx(false);
+          matmul(m.inter(), x.data(), n_tok, yv.data(), *pool, true);
+          set_matmul_amx(true);
+          for (size_t i = 0; i < ya.size(); ++i)
+            ASSERT_EQ(ya[i], yv[i]) << type_name(t) << " " << n_out << "x" << n_in << " n_tok=" << n_tok << " threads "
+                                    << pool->size() << " output " << i;
+        }
+      }
+    }
+  const Mat a = make(GgmlType::Q4_1, 576, 576, rng, true), b = make(GgmlType::Q4_1, 576, 192, rng, true);
+  const WeightView ws[2] = {a.inter(), b.inter()};
+  const std::vector<float> x = random_x(33, 576, rng);
+  std::vector<float> ja(33 * 576), jb(33 * 192), sa(ja.size()), sb(jb.size());
+  float* ys[2] = {ja.data(), jb.data()};
+  matmul_many(ws, ys, 2, x.data(), 33, pool2, true);
+  set_matmul_amx(false);
+  matmul(ws[0], x.data(), 33, sa.data(), pool2, true);
+  matmul(ws[1], x.data(), 33, sb.data(), pool2, true);
+  set_matmul_amx(true);
+  for (size_t i = 0; i < ja.size(); ++i) ASSERT_EQ(ja[i], sa[i]) << i;
+  for (size_t i = 0; i < jb.size(); ++i) ASSERT_EQ(jb[i], sb[i]) << i;
+}
+
 TEST(MatmulI8x8, ManyEqualsSeparateCalls) {
   if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI)";
   std::mt19937 rng(12);

@@ -29,6 +29,7 @@
 
 #include "ops/attention.h"
 #include "ops/vec_math.h"
+#include "util/amx_tiles.h"
 #include "util/cpu_features.h"
 #include "util/error.h"
 #include "util/threadpool.h"
@@ -719,49 +720,6 @@ struct TileKernelBf16 {
 // head_dim a multiple of 32, up to 128 (attention_prefill_amx_supported).
 constexpr int kAmxKeyBlock = 128;
 
-struct alignas(64) AmxConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Scoped tile configuration: 8 tiles of 16 rows x 64 bytes; released on destruction (tiles back
-// to their initial state, so the thread carries no tile data between tasks).
-class AmxTiles {
- public:
-  AmxTiles() {
-    AmxConfig c;
-    for (int i = 0; i < 8; ++i) {
-      c.colsb[i] = 64;
-      c.rows[i] = 16;
-    }
-    asm volatile("ldtilecfg %0" ::"m"(c));
-  }
-  ~AmxTiles() { asm volatile("tilerelease" ::: "memory"); }
-  AmxTiles(const AmxTiles&) = delete;
-  AmxTiles& operator=(const AmxTiles&) = delete;
-};
-
-// Tile instructions as asm with memory clobbers (tile numbers are immediates): the compiler must
-// not move the kernel's vector stores to st / pt / ot across the tile loads that read them.
-template <int T>
-inline void tile_load(const void* p, int64_t stride) {
-  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(p), "r"(stride), "n"(T) : "memory");
-}
-template <int T>
-inline void tile_store(void* p, int64_t stride) {
-  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(p), "r"(stride), "n"(T) : "memory");
-}
-template <int T>
-inline void tile_zero() {
-  asm volatile("tilezero %%tmm%c0" ::"n"(T));
-}
-// tmm C += tmm A x tmm B (bf16 pairs, fp32 sums).
-template <int C, int A, int B>
-inline void tile_dp() {
-  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
-}
 struct TileKernelAmx {
   using Bf = TileKernelBf16<false>;
   using Tile = Bf::Tile;
@@ -789,23 +747,23 @@ struct TileKernelAmx {
     const int nh = d / 32, nsb = (x.nb + 15) / 16, u = x.u;
     const uint32_t* qt = x.t->qt + W * u;
     if (nh <= 2) {
-      tile_load<4>(qt, kRow);
-      if (nh == 2) tile_load<5>(qt + 16 * kLanes, kRow);
+      amx::load<4>(qt, kRow);
+      if (nh == 2) amx::load<5>(qt + 16 * kLanes, kRow);
     }
     for (int sb = 0; sb < nsb; ++sb) {
-      tile_zero<1>();
+      amx::zero<1>();
       for (int h = 0; h < nh; ++h) {
-        tile_load<0>(x.kb + sb * 16 * ks + h * 32, ks * 2);
+        amx::load<0>(x.kb + sb * 16 * ks + h * 32, ks * 2);
         if (nh > 2) {
-          tile_load<4>(qt + (size_t)h * 16 * kLanes, kRow);
-          tile_dp<1, 0, 4>();
+          amx::load<4>(qt + (size_t)h * 16 * kLanes, kRow);
+          amx::dp_bf16<1, 0, 4>();
         } else if (h == 0) {
-          tile_dp<1, 0, 4>();
+          amx::dp_bf16<1, 0, 4>();
         } else {
-          tile_dp<1, 0, 5>();
+          amx::dp_bf16<1, 0, 5>();
         }
       }
-      tile_store<1>(st + (size_t)sb * 16 * kLanes + W * u, kRow);
+      amx::store<1>(st + (size_t)sb * 16 * kLanes + W * u, kRow);
     }
   }
 
@@ -829,13 +787,13 @@ struct TileKernelAmx {
     const int nkc = (x.nb + 31) / 32;
     for (int cb = 0; cb < d / 16; ++cb) {
       float* oc = x.t->ot + (size_t)cb * 16 * kLanes + W * x.u;
-      tile_load<3>(oc, kRow);
+      amx::load<3>(oc, kRow);
       for (int kc = 0; kc < nkc; ++kc) {
-        tile_load<2>(x.vt + ((size_t)kc * d + cb * 16) * 32, 64);
-        tile_load<6>(pt + (size_t)kc * 16 * kLanes + W * x.u, kRow);
-        tile_dp<3, 2, 6>();
+        amx::load<2>(x.vt + ((size_t)kc * d + cb * 16) * 32, 64);
+        amx::load<6>(pt + (size_t)kc * 16 * kLanes + W * x.u, kRow);
+        amx::dp_bf16<3, 2, 6>();
       }
-      tile_store<3>(oc, kRow);
+      amx::store<3>(oc, kRow);
     }
   }
 
@@ -857,7 +815,9 @@ struct TileKernelAmx {
     const bf16_t* kh = k + (int64_t)hk * d;
     const bf16_t* vh = vt + (int64_t)hk * d * cap;  // this KV head's (cap / 32) chunks of [d][32]
     {
-      AmxTiles scope;
+      amx::Config cfg;
+      for (int i = 0; i < 8; ++i) cfg.tile(i, 16, 64);
+      amx::Scope scope(cfg);
       for (int64_t j0 = 0; j0 < n_keys; j0 += kAmxKeyBlock)
         for (int i = 0; i < nt; ++i) {
           Tile& t = tiles[i];

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -599,6 +600,8 @@ void quant_tiles(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
   });
 }
 
+std::atomic<bool> g_matmul_amx{true};
+
 // Bytes of interleaved records in one block of 8-row groups of a many-token (prefill) int8
 // matmul: every token tile passes over the block while it stays in L1 (the activations stay in
 // L2). On SmolLM2's shapes at 256 tokens blocks of 16 KB and none measured the same (~450
@@ -612,6 +615,16 @@ constexpr size_t kI8x8BlockBytes = 16384;
 void i8x8_groups(const WeightView& w, const QAct& a, int64_t n_tok, float* y, int64_t gb, int64_t ge) {
   const int64_t n = w.n_in, nvb = n / 32;
   const size_t rec = mmk::i8x8_record_bytes(w.type);
+  // Prefill on a CPU with AMX-INT8: pairs of groups on tiles (bit for bit the same sums); an
+  // odd last group of the range goes the vpdpbusd way below.
+  if (const mmk::I8x8PairFn pair = n_tok > kTileT && g_matmul_amx.load(std::memory_order_relaxed)
+                                       ? mmk::i8x8_pair_amx_for(w.type)
+                                       : nullptr) {
+    for (; gb + 1 < ge; gb += 2)
+      pair(w.i8x8 + (size_t)gb * nvb * rec, w.i8x8 + (size_t)(gb + 1) * nvb * rec, nvb, a.xq, a.xd, a.xs32, n, n_tok,
+           y + 8 * gb, w.n_out);
+    if (gb == ge) return;
+  }
   const int64_t per_block =
       n_tok <= kTileT ? ge - gb : std::max<int64_t>(1, (int64_t)(kI8x8BlockBytes / ((size_t)nvb * rec)));
   for (int64_t g0 = gb; g0 < ge; g0 += per_block) {
@@ -744,6 +757,12 @@ void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x
     const F32qAct a = f32q_prepare(ws[0].type, x, n_tok, ws[0].n_in);
     run([&](int i, int64_t b, int64_t e) { f32q_tiles(ws[i], a, n_tok, ys[i], b, e); });
   }
+}
+
+void set_matmul_amx(bool on) { g_matmul_amx.store(on, std::memory_order_relaxed); }
+
+bool matmul_amx_active() {
+  return g_matmul_amx.load(std::memory_order_relaxed) && mmk::i8x8_pair_amx_for(GgmlType::Q4_1) != nullptr;
 }
 
 bool has_int8_decode_kernel(GgmlType t) {

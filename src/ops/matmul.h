@@ -43,6 +43,13 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, Thread
 void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x, int64_t n_tok, ThreadPool& pool,
                  bool int8_activations = false);
 
+// Many-token (prefill) int8 matmuls over the interleaved copies run on AMX-INT8 tiles where the
+// CPU has them (cpu_amx_int8_usable; SPECACHE_NO_AMX=1 turns AMX off for the process), with the
+// same sums bit for bit as the vpdpbusd kernels. On by default; set_matmul_amx(false) keeps the
+// vpdpbusd kernels (tests, comparisons). matmul_amx_active: on and available.
+void set_matmul_amx(bool on);
+bool matmul_amx_active();
+
 // True when this build has a SIMD int8-activation decode kernel for weights of type t (AVX-512
 // VNNI, or AVX2): what int8_activations = true runs at decode sizes; false for F32/F16/BF16.
 bool has_int8_decode_kernel(GgmlType t);

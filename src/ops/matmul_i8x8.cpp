@@ -18,10 +18,17 @@
 // Result, as the row-major int8 kernels: y = sum_b d_b xd_b P_b + coef * sum_b c_b xs32_b, with
 // P_b the integer dot product of the block's codes and int8 activations, c_b = m_b (Q4_1) or d_b,
 // coef = 1 (Q4_1), -8 (Q4_0), -128 (Q8_0). Only the order of the float sums differs.
+#include <algorithm>
 #include <cstring>
+#include <utility>
+
+#include <vector>
 
 #include "ops/matmul.h"
 #include "ops/matmul_kernels.h"
+#include "util/aligned.h"
+#include "util/amx_tiles.h"
+#include "util/cpu_features.h"
 #include "util/error.h"
 
 namespace spc {
@@ -173,6 +180,102 @@ void group_kernel(const uint8_t* rec, int64_t nb, const int8_t* xq, const float*
     _mm256_storeu_ps(y + t * y_stride, _mm256_fmadd_ps(accm[t], _mm256_set1_ps(kCoef), acc[t]));
 }
 
+// AMX form (prefill): per pair of groups, every block's codes are first laid out as a tdpbsud B
+// operand (8 rows of 64 bytes: row k holds elements 4k..4k+3 of the 16 rows, as u8) with the
+// block's 16 scales d and constant terms c in fp32; then per 16-token tile, block by block, one
+// product of the tokens' int8 activations (A: 16 x 32 bytes) with it gives the 16 x 16 integer
+// block products, which the same fp32 epilogue as group_kernel accumulates (acc in registers).
+// A last partial token tile reads its activations from a zero-padded copy.
+template <int N, class F, int... I>
+inline void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+inline void unroll(F&& f) {
+  unroll_impl<N>(f, std::make_integer_sequence<int, N>{});
+}
+
+template <GgmlType TY>
+void pair_amx(const uint8_t* rec0, const uint8_t* rec1, int64_t nb, const int8_t* xq, const float* xd,
+              const float* xs32, int64_t n_in, int64_t n_tok, float* y, int64_t y_stride) {
+  constexpr bool kQ8 = TY == GgmlType::Q8_0, kMin = TY == GgmlType::Q4_1;
+  constexpr size_t kRec = TY == GgmlType::Q4_0 ? 144 : TY == GgmlType::Q4_1 ? 160 : 272;
+  constexpr size_t kCodes = kMin ? 32 : 16;
+  constexpr float kCoef = TY == GgmlType::Q4_1 ? 1.f : TY == GgmlType::Q4_0 ? -8.f : -128.f;
+  thread_local std::vector<uint8_t, AlignedAllocator<uint8_t>> bop;  // [nb][8][64] B operands
+  thread_local std::vector<float, AlignedAllocator<float>> dc;       // [nb][2][16] d, c
+  thread_local std::vector<int8_t, AlignedAllocator<int8_t>> tail;   // [16][n_in]
+  alignas(64) int32_t cbuf[2][16 * 16];
+  bop.resize((size_t)nb * 512);
+  dc.resize((size_t)nb * 32);
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* r0 = rec0 + (size_t)b * kRec;
+    const uint8_t* r1 = rec1 + (size_t)b * kRec;
+    float* dcb = dc.data() + b * 32;
+    _mm256_store_ps(dcb, ld_h8(r0));
+    _mm256_store_ps(dcb + 8, ld_h8(r1));
+    _mm256_store_ps(dcb + 16, kMin ? ld_h8(r0 + 16) : ld_h8(r0));
+    _mm256_store_ps(dcb + 24, kMin ? ld_h8(r1 + 16) : ld_h8(r1));
+    uint8_t* out = bop.data() + (size_t)b * 512;
+    for (int k = 0; k < (kQ8 ? 8 : 4); ++k) {
+      const __m512i v = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(r0 + kCodes + 32 * k))),
+          _mm256_loadu_si256((const __m256i*)(r1 + kCodes + 32 * k)), 1);
+      if constexpr (kQ8) {
+        _mm512_store_si512(out + 64 * k, v);
+      } else {
+        _mm512_store_si512(out + 64 * k, _mm512_and_si512(v, m4));
+        _mm512_store_si512(out + 64 * (4 + k), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+      }
+    }
+  }
+  amx::Config cfg;
+  cfg.tile(0, 16, 32).tile(1, 8, 64).tile(2, 16, 64).tile(3, 16, 64);
+  amx::Scope scope(cfg);
+  for (int64_t t0 = 0; t0 < n_tok; t0 += 16) {
+    const int nt = (int)std::min<int64_t>(16, n_tok - t0);
+    const int8_t* a = xq + t0 * n_in;
+    if (nt < 16) {
+      tail.assign((size_t)16 * n_in, 0);
+      std::memcpy(tail.data(), a, (size_t)nt * n_in);
+      a = tail.data();
+    }
+    __m512 acc[16];
+    unroll<16>([&](auto t) { acc[t] = _mm512_setzero_ps(); });
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t* cb = cbuf[b & 1];
+      amx::load<0>(a + b * 32, n_in);
+      amx::load<1>(bop.data() + (size_t)b * 512, 64);
+      if (b & 1) {
+        amx::zero<3>();
+        amx::dp_su8<3, 0, 1>();
+        amx::store<3>(cb, 64);
+      } else {
+        amx::zero<2>();
+        amx::dp_su8<2, 0, 1>();
+        amx::store<2>(cb, 64);
+      }
+      const __m512 d16 = _mm512_load_ps(dc.data() + b * 32);
+      const float* xdb = xd + t0 * nb + b;
+      unroll<16>([&](auto t) {
+        if (t < nt) {
+          const __m512 s = _mm512_mul_ps(d16, _mm512_set1_ps(xdb[t * nb]));
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cb + 16 * t)), s, acc[t]);
+        }
+      });
+    }
+    unroll<16>([&](auto t) {
+      if (t >= nt) return;
+      __m512 accm = _mm512_setzero_ps();
+      const float* xsb = xs32 + (t0 + t) * nb;
+      for (int64_t b = 0; b < nb; ++b)
+        accm = _mm512_fmadd_ps(_mm512_load_ps(dc.data() + b * 32 + 16), _mm512_set1_ps(xsb[b]), accm);
+      _mm512_storeu_ps(y + (t0 + t) * y_stride, _mm512_fmadd_ps(accm, _mm512_set1_ps(kCoef), acc[t]));
+    });
+  }
+}
+
 template <GgmlType TY>
 I8x8Fn for_t(int t) {
   switch (t) {
@@ -193,8 +296,18 @@ I8x8Fn i8x8_for(GgmlType type, int t) {
     default: return nullptr;
   }
 }
+I8x8PairFn i8x8_pair_amx_for(GgmlType type) {
+  if (!cpu_amx_int8_usable()) return nullptr;
+  switch (type) {
+    case GgmlType::Q4_0: return pair_amx<GgmlType::Q4_0>;
+    case GgmlType::Q4_1: return pair_amx<GgmlType::Q4_1>;
+    case GgmlType::Q8_0: return pair_amx<GgmlType::Q8_0>;
+    default: return nullptr;
+  }
+}
 #else
 I8x8Fn i8x8_for(GgmlType, int) { return nullptr; }
+I8x8PairFn i8x8_pair_amx_for(GgmlType) { return nullptr; }
 #endif
 
 size_t i8x8_record_bytes(GgmlType type) {

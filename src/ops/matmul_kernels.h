@@ -63,4 +63,13 @@ I8x8Fn i8x8_for(GgmlType type, int t);
 // Bytes of one interleaved record (8 rows, one 32-element block); 0 for other types.
 size_t i8x8_record_bytes(GgmlType type);
 
+// The same products for many tokens on AMX-INT8 tiles (tdpbsud): two consecutive groups
+// (rec0, rec1: 16 rows) times n_tok tokens, y[t * y_stride + r] for r < 16, equal bit for bit to
+// two I8x8Fn passes (the same integer block products, the same fp32 operations in the same
+// order). nullptr when the type has no interleaved layout, the build lacks AVX-512 VNNI, or the
+// CPU lacks AMX-INT8 (cpu_amx_int8_usable).
+using I8x8PairFn = void (*)(const uint8_t* rec0, const uint8_t* rec1, int64_t nb, const int8_t* xq, const float* xd,
+                            const float* xs32, int64_t n_in, int64_t n_tok, float* y, int64_t y_stride);
+I8x8PairFn i8x8_pair_amx_for(GgmlType type);
+
 }  // namespace spc::mmk

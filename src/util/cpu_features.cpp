@@ -13,19 +13,20 @@ namespace spc {
 
 namespace {
 
-bool probe_amx_bf16() {
+// CPUID.(7,0).EDX bit 22 AMX-BF16, 24 AMX-TILE, 25 AMX-INT8.
+bool probe_amx(unsigned feature_bit) {
 #if defined(__x86_64__) && defined(__linux__)
   const char* off = std::getenv("SPECACHE_NO_AMX");
   if (off && *off && std::strcmp(off, "0") != 0) return false;
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool amx_bf16 = (d >> 22) & 1u, amx_tile = (d >> 24) & 1u;
-  if (!amx_bf16 || !amx_tile) return false;
+  if (!((d >> feature_bit) & 1u) || !((d >> 24) & 1u)) return false;
   // Linux >= 5.16: the tile data state (XFEATURE 18) is off until the process asks for it; an
   // older kernel (or one without AMX support) refuses, and the instructions would fault.
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 #else
+  (void)feature_bit;
   return false;
 #endif
 }
@@ -33,7 +34,12 @@ bool probe_amx_bf16() {
 }  // namespace
 
 bool cpu_amx_bf16_usable() {
-  static const bool usable = probe_amx_bf16();
+  static const bool usable = probe_amx(22);
+  return usable;
+}
+
+bool cpu_amx_int8_usable() {
+  static const bool usable = probe_amx(25);
   return usable;
 }
 

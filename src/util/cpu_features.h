@@ -9,5 +9,7 @@ namespace spc {
 // ARCH_REQ_XCOMP_PERM, asked once per process; the permission covers every thread). The
 // environment variable SPECACHE_NO_AMX=1 turns it off (for comparisons).
 bool cpu_amx_bf16_usable();
+// The same for AMX-INT8 (tdpbsud and relatives).
+bool cpu_amx_int8_usable();
 
 }  // namespace spc

@@ -639,6 +639,12 @@ void i8x8_groups(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
   }
 }
 
+// Groups per unit of work of an int8 matmul over the interleaved copy: pairs where i8x8_groups
+// runs them on AMX tiles (so no thread's share leaves an odd group to the vpdpbusd kernel).
+int64_t i8x8_unit_groups(const WeightView& w, int64_t n_tok) {
+  return n_tok > kTileT && g_matmul_amx.load(std::memory_order_relaxed) && mmk::i8x8_pair_amx_for(w.type) ? 2 : 1;
+}
+
 // w.i8x8 is only ever set from i8x8_repack, which requires the kernel. Any token count: the
 // interleaved kernels are also the fastest int8 prefill path (8 rows per vpdpbusd).
 bool use_i8x8(const WeightView& w) { return w.i8x8 != nullptr; }
@@ -654,7 +660,10 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
 
   if (use_i8x8(w)) {
     // Decode over the row-interleaved copy: 8 rows per dot product.
-    pool.parallel_for(w.n_out / 8, [&](int64_t gb, int64_t ge, int) { i8x8_groups(w, a, n_tok, y, gb, ge); });
+    const int64_t ng = w.n_out / 8, per = i8x8_unit_groups(w, n_tok);
+    pool.parallel_for((ng + per - 1) / per, [&](int64_t ub, int64_t ue, int) {
+      i8x8_groups(w, a, n_tok, y, ub * per, std::min(ng, ue * per));
+    });
     return;
   }
   if (n_tok <= kFusedMaxTokens && fused_for(w.type, 1, 1) != nullptr) {
@@ -738,7 +747,11 @@ void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x
   // One dispatch over the output units of all matrices (fewer pool hand-offs per token): 8-row
   // groups of the interleaved copies, else 4-row tiles.
   std::vector<int64_t> first(n_w + 1, 0);  // first unit of each matrix in the joint range
-  for (int i = 0; i < n_w; ++i) first[i + 1] = first[i] + (i8x8 ? ws[i].n_out / 8 : (ws[i].n_out + kTileR - 1) / kTileR);
+  std::vector<int64_t> per(n_w, 1);         // 8-row groups per unit (i8x8_unit_groups)
+  for (int i = 0; i < n_w; ++i) {
+    if (i8x8) per[i] = i8x8_unit_groups(ws[i], n_tok);
+    first[i + 1] = first[i] + (i8x8 ? (ws[i].n_out / 8 + per[i] - 1) / per[i] : (ws[i].n_out + kTileR - 1) / kTileR);
+  }
   auto run = [&](auto&& units) {
     pool.parallel_for(first[n_w], [&](int64_t ub, int64_t ue, int) {
       for (int i = 0; i < n_w; ++i) {
@@ -749,7 +762,9 @@ void matmul_many(const WeightView* ws, float* const* ys, int n_w, const float* x
   };
   if (i8x8) {
     const QAct a = quant_prepare(x, n_tok, ws[0].n_in, pool);
-    run([&](int i, int64_t b, int64_t e) { i8x8_groups(ws[i], a, n_tok, ys[i], b, e); });
+    run([&](int i, int64_t b, int64_t e) {
+      i8x8_groups(ws[i], a, n_tok, ys[i], b * per[i], std::min(ws[i].n_out / 8, e * per[i]));
+    });
   } else if (int8_activations) {
     const QAct a = quant_prepare(x, n_tok, ws[0].n_in, pool);
     run([&](int i, int64_t b, int64_t e) { quant_tiles(ws[i], a, n_tok, ys[i], b, e); });

@@ -7,8 +7,8 @@
 #include "ops/matmul.h"
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -600,7 +600,7 @@ void quant_tiles(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
   });
 }
 
-std::atomic<bool> g_matmul_amx{true};
+std::atomic<bool> g_matmul_amx{true};  // set_matmul_amx
 
 // Bytes of interleaved records in one block of 8-row groups of a many-token (prefill) int8
 // matmul: every token tile passes over the block while it stays in L1 (the activations stay in
@@ -659,7 +659,7 @@ void matmul_quant(const WeightView& w, const float* x, int64_t n_tok, float* y, 
   const float* xs = a.xs16;
 
   if (use_i8x8(w)) {
-    // Decode over the row-interleaved copy: 8 rows per dot product.
+    // Over the row-interleaved copy: 8 rows per dot product (prefill sizes on AMX: pairs of groups).
     const int64_t ng = w.n_out / 8, per = i8x8_unit_groups(w, n_tok);
     pool.parallel_for((ng + per - 1) / per, [&](int64_t ub, int64_t ue, int) {
       i8x8_groups(w, a, n_tok, y, ub * per, std::min(ng, ue * per));

@@ -18,10 +18,12 @@
 // Result, as the row-major int8 kernels: y = sum_b d_b xd_b P_b + coef * sum_b c_b xs32_b, with
 // P_b the integer dot product of the block's codes and int8 activations, c_b = m_b (Q4_1) or d_b,
 // coef = 1 (Q4_1), -8 (Q4_0), -128 (Q8_0). Only the order of the float sums differs.
+//
+// On CPUs with AMX-INT8, many tokens (prefill) go through pair_amx instead: the same integer
+// block products from tdpbsud tiles, 16 rows x 16 tokens at a time, and the same epilogue.
 #include <algorithm>
 #include <cstring>
 #include <utility>
-
 #include <vector>
 
 #include "ops/matmul.h"

@@ -34,6 +34,7 @@
 #include "util/error.h"
 #include "util/fp16.h"
 #include "util/prefetch.h"
+#include "util/unroll.h"
 
 namespace spc::lowbit_detail {
 
@@ -46,16 +47,7 @@ constexpr int kMaxGroups = 8;  // ceil(256 / 32)
 constexpr int kWRow = 256;     // bytes per row of the value weight buffer (>= ngroups * g)
 
 #define SPC_AI __attribute__((always_inline))
-
-template <int N, class F, int... I>
-SPC_AI inline void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-// f(std::integral_constant<int, i>) for i = 0 .. N-1 (fully unrolled; f should be SPC_AI).
-template <int N, class F>
-SPC_AI inline void unroll(F&& f) {
-  unroll_impl<N>(f, std::make_integer_sequence<int, N>{});
-}
+// unroll<N>(f): util/unroll.h.
 
 inline uint32_t load_u32(const uint8_t* p) {
   uint32_t w;

@@ -30,6 +30,7 @@
 #include "util/error.h"
 #include "util/fp16.h"
 #include "util/prefetch.h"
+#include "util/unroll.h"
 
 namespace spc::lowbit_detail {
 
@@ -44,16 +45,7 @@ constexpr int kWRow = 256;     // bytes per row of the value weight buffer (>= n
 // Forced inlining: GCC keeps an accumulator array in registers only when every access has a
 // constant index after inlining; an outlined lambda gets the array through memory.
 #define SPC_AI __attribute__((always_inline))
-
-template <int N, class F, int... I>
-SPC_AI inline void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-// f(std::integral_constant<int, i>) for i = 0 .. N-1 (fully unrolled; f should be SPC_AI).
-template <int N, class F>
-SPC_AI inline void unroll(F&& f) {
-  unroll_impl<N>(f, std::make_integer_sequence<int, N>{});
-}
+// unroll<N>(f): util/unroll.h.
 
 // GCC 12 emits a false -Wmaybe-uninitialized (from _mm512_undefined_*) inside _mm512_cvtph_ps and
 // the reductions; these full-mask forms compile to the same instructions.

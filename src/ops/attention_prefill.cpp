@@ -885,6 +885,13 @@ bool attention_prefill_bf16_supported(const AttnShape& s) {
 #endif
 }
 
+namespace {
+// Elements [i0, i1) of the keys in bf16, in their row layout (both bf16 kernels read them so).
+void keys_to_bf16(const float* k, int64_t i0, int64_t i1, bf16_t* kb) {
+  for (int64_t i = i0; i < i1; ++i) kb[i] = fp32_to_bf16(k[i]);
+}
+}  // namespace
+
 int64_t prefill_amx_capacity(int64_t n_keys) { return (n_keys + 31) / 32 * 32; }
 
 bool attention_prefill_amx_supported(const AttnShape& s) {
@@ -900,7 +907,7 @@ void kv_to_bf16_amx(const AttnShape& s, const float* k, const float* v, int64_t 
                     bf16_t* vt, int64_t cap) {
   const int d = s.head_dim;
   const int64_t e = (int64_t)s.n_head_kv * d;
-  for (int64_t i = j0 * e; i < j1 * e; ++i) kb[i] = fp32_to_bf16(k[i]);
+  keys_to_bf16(k, j0 * e, j1 * e, kb);
   for (int64_t j = j0; j < j1; ++j)
     for (int hk = 0; hk < s.n_head_kv; ++hk) {
       bf16_t* col = vt + (((int64_t)hk * (cap / 32) + j / 32) * d) * 32 + j % 32;
@@ -926,8 +933,7 @@ void attention_prefill_amx(const AttnShape& s, const float* q, int64_t n_rows, i
 
 void kv_to_bf16(const AttnShape& s, const float* k, const float* v, int64_t j0, int64_t j1, bf16_t* kb, bf16_t* vb) {
   const int64_t e = (int64_t)s.n_head_kv * s.head_dim;
-  for (int64_t j = j0; j < j1; ++j)
-    for (int64_t i = 0; i < e; ++i) kb[j * e + i] = fp32_to_bf16(k[j * e + i]);
+  keys_to_bf16(k, j0 * e, j1 * e, kb);
   // V pairs (position 2p, 2p + 1) per element; a missing second position of the last pair is 0.
   for (int64_t p = j0 / 2; p < (j1 + 1) / 2; ++p) {
     const float* v0 = v + 2 * p * e;

@@ -602,6 +602,12 @@ void quant_tiles(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
 
 std::atomic<bool> g_matmul_amx{true};  // set_matmul_amx
 
+// The AMX kernel for pairs of 8-row groups of an int8 matmul over the interleaved copy, where it
+// runs: prefill sizes, switched on, and a CPU with AMX-INT8; else nullptr.
+mmk::I8x8PairFn i8x8_pair_amx(const WeightView& w, int64_t n_tok) {
+  return n_tok > kTileT && g_matmul_amx.load(std::memory_order_relaxed) ? mmk::i8x8_pair_amx_for(w.type) : nullptr;
+}
+
 // Bytes of interleaved records in one block of 8-row groups of a many-token (prefill) int8
 // matmul: every token tile passes over the block while it stays in L1 (the activations stay in
 // L2). On SmolLM2's shapes at 256 tokens blocks of 16 KB and none measured the same (~450
@@ -617,9 +623,7 @@ void i8x8_groups(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
   const size_t rec = mmk::i8x8_record_bytes(w.type);
   // Prefill on a CPU with AMX-INT8: pairs of groups on tiles (bit for bit the same sums); an
   // odd last group of the range goes the vpdpbusd way below.
-  if (const mmk::I8x8PairFn pair = n_tok > kTileT && g_matmul_amx.load(std::memory_order_relaxed)
-                                       ? mmk::i8x8_pair_amx_for(w.type)
-                                       : nullptr) {
+  if (const mmk::I8x8PairFn pair = i8x8_pair_amx(w, n_tok)) {
     for (; gb + 1 < ge; gb += 2)
       pair(w.i8x8 + (size_t)gb * nvb * rec, w.i8x8 + (size_t)(gb + 1) * nvb * rec, nvb, a.xq, a.xd, a.xs32, n, n_tok,
            y + 8 * gb, w.n_out);
@@ -641,9 +645,7 @@ void i8x8_groups(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
 
 // Groups per unit of work of an int8 matmul over the interleaved copy: pairs where i8x8_groups
 // runs them on AMX tiles (so no thread's share leaves an odd group to the vpdpbusd kernel).
-int64_t i8x8_unit_groups(const WeightView& w, int64_t n_tok) {
-  return n_tok > kTileT && g_matmul_amx.load(std::memory_order_relaxed) && mmk::i8x8_pair_amx_for(w.type) ? 2 : 1;
-}
+int64_t i8x8_unit_groups(const WeightView& w, int64_t n_tok) { return i8x8_pair_amx(w, n_tok) ? 2 : 1; }
 
 // w.i8x8 is only ever set from i8x8_repack, which requires the kernel. Any token count: the
 // interleaved kernels are also the fastest int8 prefill path (8 rows per vpdpbusd).

@@ -23,7 +23,6 @@
 // block products from tdpbsud tiles, 16 rows x 16 tokens at a time, and the same epilogue.
 #include <algorithm>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 #include "ops/matmul.h"
@@ -32,6 +31,7 @@
 #include "util/amx_tiles.h"
 #include "util/cpu_features.h"
 #include "util/error.h"
+#include "util/unroll.h"
 
 namespace spc {
 
@@ -131,14 +131,23 @@ inline __m256i dp_bcast(__m256i acc, __m256i u8, const int8_t* x) {
 
 constexpr size_t kPrefetchRecords = 32;
 
+// A record of type TY (the layout above): codes Q8_0 (else 4-bit), a min per row (Q4_1), record
+// bytes, the codes' offset, and the coefficient of the constant term.
+template <GgmlType TY>
+struct Rec {
+  static constexpr bool kQ8 = TY == GgmlType::Q8_0, kMin = TY == GgmlType::Q4_1;
+  static constexpr size_t kBytes = TY == GgmlType::Q4_0 ? 144 : TY == GgmlType::Q4_1 ? 160 : 272;
+  static constexpr size_t kCodes = kMin ? 32 : 16;
+  static constexpr float kCoef = TY == GgmlType::Q4_1 ? 1.f : TY == GgmlType::Q4_0 ? -8.f : -128.f;
+};
+
 // One group of 8 rows, T tokens: y[t * y_stride + r] for r < 8.
 template <GgmlType TY, int T>
 void group_kernel(const uint8_t* rec, int64_t nb, const int8_t* xq, const float* xd, const float* xs32, int64_t n_in,
                   float* y, int64_t y_stride) {
-  constexpr bool kQ8 = TY == GgmlType::Q8_0, kMin = TY == GgmlType::Q4_1;
-  constexpr size_t kRec = TY == GgmlType::Q4_0 ? 144 : TY == GgmlType::Q4_1 ? 160 : 272;
-  constexpr size_t kCodes = kMin ? 32 : 16;
-  constexpr float kCoef = TY == GgmlType::Q4_1 ? 1.f : TY == GgmlType::Q4_0 ? -8.f : -128.f;
+  constexpr bool kQ8 = Rec<TY>::kQ8, kMin = Rec<TY>::kMin;
+  constexpr size_t kRec = Rec<TY>::kBytes, kCodes = Rec<TY>::kCodes;
+  constexpr float kCoef = Rec<TY>::kCoef;
   __m256 acc[T], accm[T];
   for (int t = 0; t < T; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
   const __m256i m4 = _mm256_set1_epi8(0x0f);
@@ -188,22 +197,12 @@ void group_kernel(const uint8_t* rec, int64_t nb, const int8_t* xq, const float*
 // product of the tokens' int8 activations (A: 16 x 32 bytes) with it gives the 16 x 16 integer
 // block products, which the same fp32 epilogue as group_kernel accumulates (acc in registers).
 // A last partial token tile reads its activations from a zero-padded copy.
-template <int N, class F, int... I>
-inline void unroll_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-template <int N, class F>
-inline void unroll(F&& f) {
-  unroll_impl<N>(f, std::make_integer_sequence<int, N>{});
-}
-
 template <GgmlType TY>
 void pair_amx(const uint8_t* rec0, const uint8_t* rec1, int64_t nb, const int8_t* xq, const float* xd,
               const float* xs32, int64_t n_in, int64_t n_tok, float* y, int64_t y_stride) {
-  constexpr bool kQ8 = TY == GgmlType::Q8_0, kMin = TY == GgmlType::Q4_1;
-  constexpr size_t kRec = TY == GgmlType::Q4_0 ? 144 : TY == GgmlType::Q4_1 ? 160 : 272;
-  constexpr size_t kCodes = kMin ? 32 : 16;
-  constexpr float kCoef = TY == GgmlType::Q4_1 ? 1.f : TY == GgmlType::Q4_0 ? -8.f : -128.f;
+  constexpr bool kQ8 = Rec<TY>::kQ8, kMin = Rec<TY>::kMin;
+  constexpr size_t kRec = Rec<TY>::kBytes, kCodes = Rec<TY>::kCodes;
+  constexpr float kCoef = Rec<TY>::kCoef;
   thread_local std::vector<uint8_t, AlignedAllocator<uint8_t>> bop;  // [nb][8][64] B operands
   thread_local std::vector<float, AlignedAllocator<float>> dc;       // [nb][2][16] d, c
   thread_local std::vector<int8_t, AlignedAllocator<int8_t>> tail;   // [16][n_in]

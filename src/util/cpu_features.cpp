@@ -22,9 +22,11 @@ bool probe_amx(unsigned feature_bit) {
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   if (!((d >> feature_bit) & 1u) || !((d >> 24) & 1u)) return false;
   // Linux >= 5.16: the tile data state (XFEATURE 18) is off until the process asks for it; an
-  // older kernel (or one without AMX support) refuses, and the instructions would fault.
+  // older kernel (or one without AMX support) refuses, and the instructions would fault. Asked
+  // once for both kinds.
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  static const bool granted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
 #else
   (void)feature_bit;
   return false;

@@ -320,14 +320,14 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
       });
       qkv(L, hbuf.data(), nc, s.rope_cos.data() + c0 * half, s.rope_sin.data() + c0 * half, s.q.data(), kl + c0 * dkv,
           vl + c0 * dkv, pool, i8);
-      if (amx) {
+      if (bf16) {
         convert(pos0 + c0, pos0 + c0 + nc);
-        attention_prefill_amx(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), amx_cap, s.att.data(),
-                              pool);
-      } else if (bf16) {
-        convert(pos0 + c0, pos0 + c0 + nc);
-        attention_prefill_bf16(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), s.att.data(), pool,
-                               i8_keys ? &keys8 : nullptr);
+        if (amx)
+          attention_prefill_amx(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), amx_cap,
+                                s.att.data(), pool);
+        else
+          attention_prefill_bf16(shape, s.q.data(), nc, pos0 + c0, s.k_bf16.data(), s.v_bf16.data(), s.att.data(), pool,
+                                 i8_keys ? &keys8 : nullptr);
       } else {
         attention_prefill(shape, s.q.data(), nc, pos0 + c0, s.k_layer.data(), s.v_layer.data(), s.att.data(), pool);
       }

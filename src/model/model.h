@@ -14,6 +14,7 @@
 #include "ops/ops.h"
 #include "util/aligned.h"
 #include "util/fp16.h"
+#include "util/lazy_buffer.h"
 
 namespace spc {
 
@@ -166,7 +167,8 @@ class Model {
   bool int8_decode_ = false;
   bool int8_prefill_ = false;
   PrefillAttn prefill_attn_ = PrefillAttn::fp32;
-  std::vector<std::vector<uint8_t>> i8x8_;  // row-interleaved copies (set_int8_decode)
+  LazyBuffer i8x8_arena_;                           // holds every row-interleaved copy (set_int8_decode)
+  std::vector<std::pair<uint8_t*, size_t>> i8x8_;  // the copies: start and size in the arena
   std::vector<std::pair<WeightView*, const uint8_t*>> i8x8_views_;  // matrix -> its copy
 };
 

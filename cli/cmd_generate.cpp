@@ -124,6 +124,7 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
       kv["prefetch_reuse_rate"] = ks.prefetch_reuse_rate;
       kv["spec_recall"] = ks.spec_recall;
       kv["spec_recall_per_layer"] = ks.spec_recall_per_layer;
+      kv["selection_read_share"] = ks.selection_read_share;
       if (session.guesses().checked) kv["guess_hit_rate"] = session.guesses().hit_rate();
       if (a.kv.policy == "specache-refetch") kv["refetch_steps"] = ks.refetch_steps;
       if (ks.exact_mass_served >= 0) kv["exact_mass_served"] = ks.exact_mass_served;

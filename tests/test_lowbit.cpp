@@ -702,7 +702,8 @@ TEST(LowBit, ScoreKeysExDebiasAndRowMax) {
 
 // lowbit_softmax_values equals vec_exp_fast_shift_sum per row followed by lowbit_accumulate_values:
 // the same numerators written over the scores (-inf gives 0), the same value sums, the row sums
-// to float rounding. Includes several value groups per token (d = 128, g = 32).
+// to float rounding. Includes several value groups per token (d = 128, g = 32). The optional
+// block maxima are the largest written numerator of each row and block, exactly.
 TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
   for (const Cfg& cfg : all_cfgs({48, 64, 128})) {
     const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
@@ -723,8 +724,22 @@ TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
       std::vector<float> p_ref = sc, p_got = sc, o_ref = init, o_got = init, l_ref(nq), l_got(nq);
       for (int iq = 0; iq < nq; ++iq) l_ref[iq] = vec_exp_fast_shift_sum(p_ref.data() + iq * ss, n_tok, m[iq]);
       lowbit_accumulate_values(sp, vals.data(), nb, p_ref.data(), nq, ss, o_ref.data(), os);
-      lowbit_softmax_values(sp, vals.data(), nb, p_got.data(), nq, ss, m.data(), l_got.data(), o_got.data(), os);
+      const size_t bs = nb + 1;
+      std::vector<float> bmax((size_t)nq * bs, -1.0f);
+      lowbit_softmax_values(sp, vals.data(), nb, p_got.data(), nq, ss, m.data(), l_got.data(), o_got.data(), os,
+                            bmax.data(), bs);
+      std::vector<float> p2 = sc, o2 = init, l2(nq);  // without block maxima: the same results
+      lowbit_softmax_values(sp, vals.data(), nb, p2.data(), nq, ss, m.data(), l2.data(), o2.data(), os);
+      EXPECT_EQ(p2, p_got);
+      EXPECT_EQ(o2, o_got);
       for (int iq = 0; iq < nq; ++iq) {
+        for (int b = 0; b < nb; ++b) {
+          float mx = 0.0f;
+          for (int t = b * cfg.g; t < (b + 1) * cfg.g; ++t) mx = std::max(mx, p_got[iq * ss + t]);
+          EXPECT_EQ(bmax[iq * bs + b], mx) << "row " << iq << " block " << b;
+          EXPECT_GT(mx, 0.0f);
+        }
+        EXPECT_EQ(bmax[iq * bs + nb], -1.0f);  // nothing past the blocks
         EXPECT_EQ(p_got[iq * ss + (7 * iq) % n_tok], 0.0f);
         for (size_t t = 0; t < ss; ++t) ASSERT_EQ(p_got[iq * ss + t], p_ref[iq * ss + t]) << "t=" << t;
         EXPECT_NEAR(l_got[iq], l_ref[iq], 1e-5 * l_ref[iq]);

@@ -55,6 +55,9 @@ struct KvConfig {
   std::string copy = "auto";
   std::string dir;              // directory for the file store
   bool diagnostics = false;     // compute expensive diagnostics (exact attention mass served)
+  // Test hook: false makes the low-bit policies' selection pass read every position, not only the
+  // blocks whose bound reaches the previous selection's threshold (same result either way).
+  bool selection_bounds = true;
   uint32_t inject_delay_us = 0; // test hook: random copy delays up to this many microseconds
   uint64_t inject_seed = 1;
 };
@@ -74,6 +77,10 @@ struct KvStats {
   double copy_ms = 0;                  // time spent copying
   uint64_t decode_steps = 0;
   uint64_t refetch_steps = 0;          // specache-refetch: steps that fetched row 0's own top-k after a miss
+  double selection_read_share = 0;     // low-bit policies: quantized blocks the top-k selections
+                                       // read over those they covered (the rest bounded below their
+                                       // threshold; a bounded pass that falls short, reading again,
+                                       // counts twice)
 };
 
 // The rows of one decode step: n_rows consecutive positions [pos0, pos0 + n_rows), causal among

@@ -506,7 +506,8 @@ void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_b
 }
 
 void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
-                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride) {
+                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
+                           size_t bm_stride) {
   if (n_q <= 0) return;
   if (n_blocks <= 0) {
     std::fill(l, l + n_q, 0.0f);
@@ -515,12 +516,17 @@ void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_
 #if defined(SPC_LOWBIT_AVX512)
   // Fused where a token's values form one group (the kernel's fast weight preparation).
   if (lowbit_detail::accumulate_values_simd(spec) && spec.value_ngroups() == 1) {
-    lowbit_detail::softmax_values_avx512(spec, values, n_blocks, s, n_q, s_stride, m, l, out, out_stride);
+    lowbit_detail::softmax_values_avx512(spec, values, n_blocks, s, n_q, s_stride, m, l, out, out_stride, block_max,
+                                         bm_stride);
     return;
   }
 #endif
-  for (int iq = 0; iq < n_q; ++iq)
-    l[iq] = vec_exp_fast_shift_sum(s + (size_t)iq * s_stride, (int64_t)n_blocks * spec.group, m[iq]);
+  for (int iq = 0; iq < n_q; ++iq) {
+    float* sr = s + (size_t)iq * s_stride;
+    l[iq] = vec_exp_fast_shift_sum(sr, (int64_t)n_blocks * spec.group, m[iq]);
+    if (block_max)
+      for (int b = 0; b < n_blocks; ++b) block_max[(size_t)iq * bm_stride + b] = vec_max(sr + (size_t)b * spec.group, spec.group);
+  }
   lowbit_accumulate_values(spec, values, n_blocks, s, n_q, s_stride, out, out_stride);
 }
 

@@ -154,8 +154,11 @@ void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_b
 // next), l[iq] = sum_t p_t, and out[iq*out_stride + c] += sum_t p_t * V_hat_t[c], as
 // vec_exp_fast_shift_sum followed by lowbit_accumulate_values (AVX-512 computes the exponentials
 // inside the value kernel's per-block weight preparation where a token's values form one group).
+// block_max (optional): block_max[iq*bm_stride + b] = the largest p_t of row iq in block b (of
+// the values as written to s), for bounds on the blocks' attention (the selection's pruning).
 void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
-                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride);
+                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride,
+                           float* block_max = nullptr, size_t bm_stride = 0);
 
 // ---- References (dequantize, then double accumulation) ----
 void lowbit_score_keys_ref(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
@@ -189,7 +192,8 @@ void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int
                               size_t p_stride, float* out, size_t out_stride);
 // lowbit_softmax_values' AVX-512 form; one value group per token (spec.value_ngroups() == 1).
 void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
-                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride);
+                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
+                           size_t bm_stride);
 #endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define SPC_LOWBIT_AVX2 1

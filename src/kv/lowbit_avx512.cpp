@@ -315,6 +315,7 @@ inline __m512i value_code_bytes(uint64_t w0, uint64_t w1) {
 struct ValPrep {
   alignas(64) uint8_t w[kMaxNq * kWRow];  // u8 weights [row][group*g + t]
   float half_b[kMaxNq];                   // b/2 per row
+  float pmax[kMaxNq];                     // the block's largest softmax numerator per row (EXP only)
 };
 
 // NCH (1 or 2) chunks of 16 channels, inside one value group, of the nb prepared blocks prep[]
@@ -673,17 +674,20 @@ void prep_value_fast_t(const ValCtx& c, const uint8_t* block, float* p, size_t p
     zc[j] = _mm512_fmadd_ps(s[j], hv, cvtph(zp + 32 * j));
   });
   __m512 mx[NQ];
+  __m512 bm[NQ];  // EXP: lane-wise maxima of the numerators
   __m512 pm = pmin;
   unroll<NQ>([&](auto iq) SPC_AI {
     float* pr = p + iq * p_stride;
     float* za = zacc + iq * kMaxGroups * 16;
     __m512 um = _mm512_setzero_ps(), z = _mm512_load_ps(za);
+    bm[iq] = _mm512_setzero_ps();
     unroll<J>([&](auto j) SPC_AI {
       __m512 pv = _mm512_loadu_ps(pr + 16 * j);
       if constexpr (EXP) {
         pv = exp_fast16(_mm512_sub_ps(pv, _mm512_set1_ps(m[iq])));
         _mm512_storeu_ps(pr + 16 * j, pv);
         lsum[iq] = _mm512_add_ps(lsum[iq], pv);
+        bm[iq] = vmax(bm[iq], pv);
       } else {
         pm = _mm512_maskz_min_ps(kAll16, pm, pv);
       }
@@ -694,6 +698,18 @@ void prep_value_fast_t(const ValCtx& c, const uint8_t* block, float* p, size_t p
     mx[iq] = um;
   });
   pmin = pm;
+  if constexpr (EXP) {  // the rows' block maxima, reduced four rows at a time
+    constexpr int NG = (NQ + 3) / 4;
+    unroll<NG>([&](auto g4) SPC_AI {
+      __m512 x[4];
+      unroll<4>([&](auto i) SPC_AI { x[i] = 4 * g4 + i < NQ ? bm[(4 * g4 + i) % NQ] : _mm512_setzero_ps(); });
+      alignas(64) float red[16];
+      _mm512_store_ps(red, reduce4(x, vmax));
+      unroll<4>([&](auto i) SPC_AI {
+        if constexpr (4 * g4 + i < NQ) vp.pmax[4 * g4 + i] = red[4 * i];
+      });
+    });
+  }
   constexpr int NG = (NQ + 3) / 4;
   __m512 inv[NG], step[NG];
   row_scales_v<NQ>(mx, 255.0f, inv, step);
@@ -788,7 +804,7 @@ namespace {
 
 // accumulate_values_avx512 (m == nullptr) and softmax_values_avx512 (p holds scores; m, l).
 void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* p, int n_q, size_t p_stride,
-                 float* out, size_t out_stride, const float* m, float* l) {
+                 float* out, size_t out_stride, const float* m, float* l, float* block_max, size_t bm_stride) {
   spec.validate();
   ValCtx c;
   c.d = spec.head_dim;
@@ -826,6 +842,9 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
         if (fast) fast(c, block, pb0, p_stride, prep[i], zacc, pmin, m ? m + q0 : nullptr, lsum);
         else prep_value_generic(c, block, pb0, p_stride, nq, prep[i], zacc, pmin);
       }
+      if (block_max)
+        for (int iq = 0; iq < nq; ++iq)
+          for (int i = 0; i < nb; ++i) block_max[(size_t)(q0 + iq) * bm_stride + b0 + i] = prep[i].pmax[iq];
       // Tiles of 32 channels (32-aligned): always inside one value group (gv is 32, 64 or d < g).
       for (int ch0 = 0; ch0 < nchunks; ch0 += 2) {
         const int nch = std::min(2, nchunks - ch0);
@@ -857,13 +876,15 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
 void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride) {
   // (p is only read when m is null.)
-  values_impl(spec, values, n_blocks, const_cast<float*>(p), n_q, p_stride, out, out_stride, nullptr, nullptr);
+  values_impl(spec, values, n_blocks, const_cast<float*>(p), n_q, p_stride, out, out_stride, nullptr, nullptr, nullptr,
+              0);
 }
 
 void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
-                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride) {
+                           size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
+                           size_t bm_stride) {
   SPC_ASSERT(spec.value_ngroups() == 1);  // the exponentials live in the fast weight preparation
-  values_impl(spec, values, n_blocks, s, n_q, s_stride, out, out_stride, m, l);
+  values_impl(spec, values, n_blocks, s, n_q, s_stride, out, out_stride, m, l, block_max, bm_stride);
 }
 
 }  // namespace spc::lowbit_detail

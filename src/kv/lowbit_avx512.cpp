@@ -832,6 +832,7 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
     for (int iq = 0; iq < nq; ++iq) lsum[iq] = _mm512_setzero_ps();
     const bool fused = m != nullptr;
     const ValPrepFn fast = pick_value_prep(ng, g, nq, fused);
+    SPC_ASSERT(!block_max || (fused && fast));  // the block maxima come from the fused preparation
     if (q0 == 0) prefetch_blocks(values, vb, 0, std::min(kBatch, n_blocks));
     for (int b0 = 0; b0 < n_blocks; b0 += kBatch) {
       const int nb = std::min(kBatch, n_blocks - b0);

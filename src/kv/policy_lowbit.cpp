@@ -95,7 +95,7 @@ struct LayerState {
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
   std::vector<float> sc, pr, own, exact, rows;  // exact: the chunk's top-k scores, then weights
-  std::vector<float> ub;                        // selection: bounds per block
+  std::vector<float> ub, cw;                    // selection: bounds per block, chunk weights
   std::vector<std::pair<int64_t, int64_t>> spans;  // selection: the position ranges it reads
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
@@ -810,14 +810,22 @@ void LowBitPolicy::select_from_rows(const SelJob& j, int h, const SelTerm* terms
   const int64_t nqt = lay.nqt, n_chunks = lay.n_chunks, chunk_tok = lay.chunk_tok;
   auto S = [&](int iq) { return scores_.data() + lay.score(h, iq); };
   auto W = [&](int iq) { return win_s_.data() + lay.win(h, iq); };
-  // The weight of chunk ch's numerators of row iq (ch == n_chunks: the window) in the average.
-  auto chunk_weight = [&](int iq, int64_t ch, float w) {
-    const AttnPartial glob = glob_[(size_t)h * lay.n_q + iq];
-    return w * std::exp(parts_[lay.part(h, ch, iq)].m - glob.m) / glob.l;
-  };
-  // dst[t - pa] (+)= w * (row r's probability of position t - off), for t in [pa, pb): per chunk
-  // one pass over the row's query heads (accumulate false: the first term writes, no memset).
-  auto add_term = [&](const SelTerm& tm, int64_t pa, int64_t pb, float* dst, bool accumulate) {
+  // The weight of chunk ch's numerators of term i's query head gi (ch == n_chunks: the window) in
+  // the average, once per selection: ts.cw[(i * group + gi) * (n_chunks + 1) + ch].
+  ts.cw.resize((size_t)n_terms * group_ * (n_chunks + 1));
+  for (int i = 0; i < n_terms; ++i)
+    for (int gi = 0; gi < group_; ++gi) {
+      const int iq = terms[i].r * group_ + gi;
+      const AttnPartial glob = glob_[(size_t)h * lay.n_q + iq];
+      for (int64_t ch = 0; ch <= n_chunks; ++ch)
+        ts.cw[((size_t)i * group_ + gi) * (n_chunks + 1) + ch] =
+            terms[i].w * std::exp(parts_[lay.part(h, ch, iq)].m - glob.m) / glob.l;
+    }
+  auto chunk_weight = [&](int i, int gi, int64_t ch) { return ts.cw[((size_t)i * group_ + gi) * (n_chunks + 1) + ch]; };
+  // dst[t - pa] (+)= w * (row r's probability of position t - off), for t in [pa, pb), term i: per
+  // chunk one pass over the row's query heads (accumulate false: the first term writes, no memset).
+  auto add_term = [&](int ti, int64_t pa, int64_t pb, float* dst, bool accumulate) {
+    const SelTerm& tm = terms[ti];
     const int64_t sa = std::max<int64_t>(0, pa - tm.off), sb = pb - tm.off;  // source positions
     auto pass = [&](int64_t ch, int64_t t0, int64_t t1) {
       const float* xs[kMaxGroup];
@@ -825,7 +833,7 @@ void LowBitPolicy::select_from_rows(const SelJob& j, int h, const SelTerm* terms
       for (int i = 0; i < group_; ++i) {
         const int iq = tm.r * group_ + i;
         xs[i] = ch == n_chunks ? W(iq) - nqt + t0 : S(iq) + t0;
-        as[i] = chunk_weight(iq, ch, tm.w);
+        as[i] = chunk_weight(ti, i, ch);
       }
       vec_wsum(xs, as, group_, dst + (t0 + tm.off - pa), t1 - t0, accumulate);
     };
@@ -841,7 +849,7 @@ void LowBitPolicy::select_from_rows(const SelJob& j, int h, const SelTerm* terms
     ts.pr.resize((size_t)m);
     float* dst = ts.pr.data();
     for (const auto& [a, b] : ts.spans) {
-      for (int i = 0; i < n_terms; ++i) add_term(terms[i], a, b, dst, /*accumulate=*/i > 0);
+      for (int i = 0; i < n_terms; ++i) add_term(i, a, b, dst, /*accumulate=*/i > 0);
       dst += b - a;
     }
     return m;
@@ -861,7 +869,7 @@ void LowBitPolicy::select_from_rows(const SelJob& j, int h, const SelTerm* terms
         const float* bm = bmax_.data() + lay.block_max(h, iq, g);
         float prev = 0.0f;  // the previous block's term (off = 1)
         for (int64_t ch = 0; ch < n_chunks; ++ch) {
-          const float a = chunk_weight(iq, ch, terms[i].w);
+          const float a = chunk_weight(i, gi, ch);
           for (int64_t b = ch * bpc; b < std::min(nb, (ch + 1) * bpc); ++b) {
             const float v = a * bm[b];
             ts.ub[b] += terms[i].off == 0 ? v : std::max(v, prev);

@@ -9,6 +9,7 @@
 #include <sstream>
 #include <string>
 
+#include "util/env.h"
 #include "util/lazy_buffer.h"
 
 using namespace spc;
@@ -70,8 +71,7 @@ TEST(LazyBuffer, HugePagesStartOnATwoMiBBoundary) {
   LazyBuffer b(n, LazyBuffer::huge);
   ASSERT_NE(b.data(), nullptr);
   EXPECT_EQ(b.size(), n);
-  const char* off = std::getenv("SPECACHE_NO_HUGEPAGES");
-  if (off && *off && std::strcmp(off, "0") != 0) {
+  if (env_flag("SPECACHE_NO_HUGEPAGES")) {
     EXPECT_FALSE(b.huge_pages_requested());
     GTEST_SKIP() << "SPECACHE_NO_HUGEPAGES is set: no huge-page request";
   }

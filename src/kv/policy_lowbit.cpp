@@ -94,7 +94,7 @@ struct LayerState {
 
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
-  std::vector<float> sc, pr, own, exact, rows;  // exact: the chunk's top-k scores, then weights
+  std::vector<float> sc, pr, exact, rows;  // exact: the chunk's top-k scores, then weights
   std::vector<float> ub, cw;                    // selection: bounds per block, chunk weights
   std::vector<std::pair<int64_t, int64_t>> spans;  // selection: the position ranges it reads
   std::vector<int64_t> top;
@@ -653,9 +653,9 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       // packed value sum in one pass.
       // (The blocks' largest numerators go to bmax_: bounds for the selection pass, which then
       // reads only the blocks that can hold a top-k position.)
-      float* bm = bmax_.data() + lay.block_max(h, 0, g);
+      auto BM = [&](int iq) { return bmax_.data() + lay.block_max(h, iq, g); };
       lowbit_softmax_values(spec_, H.vals.data() + t0 / g * spec_.value_block_bytes(), (int)((t1 - t0) / g),
-                            S(h, 0) + t0, n_q, nqt, rm, l, O(h, ch, 0), d, bm + t0 / g, (size_t)n_blocks);
+                            S(h, 0) + t0, n_q, nqt, rm, l, O(h, ch, 0), d, BM(0) + t0 / g, (size_t)n_blocks);
       // The top-k terms, summed in double (they can carry most of the mass, and a float sum in
       // position order lost enough precision at -O0 to break
       // KvPolicy.SpecacheWithTopkCoveringEverythingEqualsFull); their weights restored in S.
@@ -671,7 +671,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
           for (int iq = 0; iq < n_q; ++iq) {
             const float e = ex[(size_t)iq * n_res + (it - lo)];
             S(h, iq)[it->first] = e;
-            float& b = bm[(size_t)iq * n_blocks + it->first / g];
+            float& b = BM(iq)[it->first / g];
             b = std::max(b, e);
           }
         }
@@ -878,15 +878,13 @@ void LowBitPolicy::select_from_rows(const SelJob& j, int h, const SelTerm* terms
         }
       }
     ts.spans.clear();
-    for (int64_t b = 0; b < nb; ++b) {
-      if (ts.ub[b] * 1.0001f < tau) continue;  // (the margin covers the sums' rounding)
-      if (!ts.spans.empty() && ts.spans.back().second == b * g) ts.spans.back().second += g;
-      else ts.spans.emplace_back(b * g, (b + 1) * g);
-    }
-    if (n > nqt) {  // the window positions: always read
-      if (!ts.spans.empty() && ts.spans.back().second == nqt) ts.spans.back().second = n;
-      else ts.spans.emplace_back(nqt, n);
-    }
+    auto add_span = [&](int64_t a, int64_t b) {  // [a, b), joined to the previous span where they meet
+      if (!ts.spans.empty() && ts.spans.back().second == a) ts.spans.back().second = b;
+      else ts.spans.emplace_back(a, b);
+    };
+    for (int64_t b = 0; b < nb; ++b)
+      if (!(ts.ub[b] * 1.0001f < tau)) add_span(b * g, (b + 1) * g);  // (the margin covers the sums' rounding)
+    if (n > nqt) add_span(nqt, n);  // the window positions: always read
     const int64_t m = read_spans();
     sel_blocks_read_.fetch_add((uint64_t)std::min(m / g, nb), std::memory_order_relaxed);
     int64_t reach = 0;

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "util/env.h"
 #include "util/error.h"
 #include "util/prefetch.h"
 
@@ -199,8 +200,7 @@ class FileStore final : public StoreBase {
       throw Error(strfmt("slow tier (file): cannot create a file in '%s': %s", dir.c_str(), errstr(errno).c_str()));
     }
 
-    const char* env = std::getenv("SPECACHE_NO_URING");
-    const bool want_uring = opt.use_io_uring && !(env && *env && std::strcmp(env, "0") != 0);
+    const bool want_uring = opt.use_io_uring && !env_flag("SPECACHE_NO_URING");
     if (want_uring) {
       const int r = io_uring_queue_init(kRingDepth, &ring_, 0);
       if (r == 0) {

@@ -1,13 +1,12 @@
 #include "util/cpu_features.h"
 
-#include <cstdlib>
-#include <cstring>
-
 #if defined(__x86_64__) && defined(__linux__)
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+
+#include "util/env.h"
 
 namespace spc {
 
@@ -16,8 +15,7 @@ namespace {
 // CPUID.(7,0).EDX bit 22 AMX-BF16, 24 AMX-TILE, 25 AMX-INT8.
 bool probe_amx(unsigned feature_bit) {
 #if defined(__x86_64__) && defined(__linux__)
-  const char* off = std::getenv("SPECACHE_NO_AMX");
-  if (off && *off && std::strcmp(off, "0") != 0) return false;
+  if (env_flag("SPECACHE_NO_AMX")) return false;
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   if (!((d >> feature_bit) & 1u) || !((d >> 24) & 1u)) return false;

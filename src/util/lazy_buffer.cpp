@@ -3,10 +3,10 @@
 #include <sys/mman.h>
 
 #include <cerrno>
-#include <cstdlib>
 #include <cstring>
 #include <utility>
 
+#include "util/env.h"
 #include "util/error.h"
 
 namespace spc {
@@ -15,10 +15,7 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 
 bool huge_pages_allowed() {
-  static const bool allowed = [] {
-    const char* off = std::getenv("SPECACHE_NO_HUGEPAGES");
-    return !(off && *off && std::strcmp(off, "0") != 0);
-  }();
+  static const bool allowed = !env_flag("SPECACHE_NO_HUGEPAGES");
   return allowed;
 }
 }  // namespace

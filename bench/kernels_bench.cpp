@@ -7,6 +7,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -214,6 +215,54 @@ void BM_LowBitAccumulate(benchmark::State& st) {
   st.SetItemsProcessed((int64_t)st.iterations() * b.n_pos);
 }
 
+// The fused softmax and value sum that the decode attention runs (lowbit_softmax_values): the
+// rows' scores become exp(s - m) in place, so every iteration after the first starts from
+// numerators in (0, 1] with m = 1, the same work (the kernel has no data-dependent branches).
+void BM_LowBitSoftmaxValues(benchmark::State& st) {
+  auto b = make_lowbit_data((int)st.range(0), (int)st.range(1), 8192);
+  const int n_blocks = b.n_pos / b.spec.group;
+  b.scores = b.p;
+  std::vector<float> m((size_t)b.n_q, 1.0f), l((size_t)b.n_q);
+  for (auto _ : st) {
+    lowbit_softmax_values(b.spec, b.values.data(), n_blocks, b.scores.data(), b.n_q, b.n_pos, m.data(), l.data(),
+                          b.out.data(), b.spec.head_dim);
+    benchmark::DoNotOptimize(b.out.data());
+    benchmark::ClobberMemory();
+  }
+  st.SetItemsProcessed((int64_t)st.iterations() * b.n_pos);
+}
+
+// Both passes of the decode attention (scores with the debias term and row maxima, then the fused
+// softmax and value sum) for 6 rows, 1 thread, over packed blocks as large as SmolLM2's whole
+// low-bit cache at 32K positions (30 layers x 3 KV heads, 72 MiB at 1 bit), walked in chunks of
+// 384 blocks as the engine's chunk tasks at 32K: the blocks come from DRAM, as in decode, not from
+// L2 as in the benchmarks above. 64 distinct blocks are repeated (the kernels' work does not depend
+// on the codes). items_per_second counts blocks (64 positions each).
+void BM_LowBitAttendStream(benchmark::State& st) {
+  const int bits = (int)st.range(0), n_q = 6, chunk = 384;
+  auto b = make_lowbit_data(bits, n_q, 64 * 64);
+  const LowBitSpec& sp = b.spec;
+  const size_t kb = sp.key_block_bytes(), vb = sp.value_block_bytes();
+  const int64_t n_blocks = (int64_t)30 * 3 * 32768 / sp.group / chunk * chunk;
+  std::vector<uint8_t> keys((size_t)n_blocks * kb), values((size_t)n_blocks * vb);
+  for (int64_t i = 0; i < n_blocks; ++i) {
+    std::memcpy(keys.data() + i * kb, b.keys.data() + (i % 64) * kb, kb);
+    std::memcpy(values.data() + i * vb, b.values.data() + (i % 64) * vb, vb);
+  }
+  const int64_t T = (int64_t)chunk * sp.group;
+  std::vector<float> s((size_t)n_q * T), rm((size_t)n_q), l((size_t)n_q);
+  for (auto _ : st) {
+    for (int64_t c = 0; c < n_blocks; c += chunk) {
+      lowbit_score_keys_ex(sp, keys.data() + c * kb, chunk, b.q.data(), n_q, sp.head_dim, s.data(), T, 0.5f, rm.data());
+      lowbit_softmax_values(sp, values.data() + c * vb, chunk, s.data(), n_q, T, rm.data(), l.data(), b.out.data(),
+                            sp.head_dim);
+    }
+    benchmark::DoNotOptimize(b.out.data());
+    benchmark::ClobberMemory();
+  }
+  st.SetItemsProcessed((int64_t)st.iterations() * n_blocks);
+}
+
 // One whole decode step of a KV policy's attention (every layer of SmolLM2-135M's geometry: 30
 // layers, 9 query / 3 KV heads, head_dim 64) after a synthetic prefill of n_pos positions, 2
 // threads, as the engine calls it: begin_step, attend per layer, end_step (the cache grows by one
@@ -294,5 +343,7 @@ BENCHMARK_CAPTURE(BM_PolicyStep, refetch1_every_step_misses, "specache-refetch",
 
 BENCHMARK(BM_LowBitScore)->ArgsProduct({{1, 2}, {3, 6}})->ArgNames({"bits", "nq"})->MinTime(0.2);
 BENCHMARK(BM_LowBitAccumulate)->ArgsProduct({{1, 2}, {3, 6}})->ArgNames({"bits", "nq"})->MinTime(0.2);
+BENCHMARK(BM_LowBitSoftmaxValues)->ArgsProduct({{1, 2}, {3, 6}})->ArgNames({"bits", "nq"})->MinTime(0.2);
+BENCHMARK(BM_LowBitAttendStream)->Arg(1)->Arg(2)->ArgName("bits")->Iterations(8)->UseRealTime();
 
 BENCHMARK_MAIN();

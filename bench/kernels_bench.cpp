@@ -234,9 +234,9 @@ void BM_LowBitSoftmaxValues(benchmark::State& st) {
 
 // Both passes of the decode attention (scores with the debias term and row maxima, then the fused
 // softmax and value sum) for 6 rows, 1 thread, over packed blocks as large as SmolLM2's whole
-// low-bit cache at 32K positions (30 layers x 3 KV heads, 72 MiB at 1 bit), walked in chunks of
-// 384 blocks as the engine's chunk tasks at 32K: the blocks come from DRAM, as in decode, not from
-// L2 as in the benchmarks above. 64 distinct blocks are repeated (the kernels' work does not depend
+// low-bit cache at 32K positions (30 layers x 3 KV heads: 71 MB of key and value blocks at 1 bit),
+// walked in chunks of 384 blocks as the engine's chunk tasks at 32K: the blocks come from DRAM, as
+// in decode, not from L2 as in the benchmarks above. 64 distinct blocks are repeated (the kernels' work does not depend
 // on the codes). items_per_second counts blocks (64 positions each).
 void BM_LowBitAttendStream(benchmark::State& st) {
   const int bits = (int)st.range(0), n_q = 6, chunk = 384;

@@ -671,6 +671,16 @@ TEST(LowBit, ScoreKeysExDebiasAndRowMax) {
       lowbit_score_keys_ex(sp, blocks.data(), nb, q.data(), nq, qs, ex0.data(), ss, 0.0f, mx0.data());
       const float debias = 0.75f;
       lowbit_score_keys_ex(sp, blocks.data(), nb, q.data(), nq, qs, ex.data(), ss, debias, mx.data());
+      // Extra lines to request (a hint: more lines than blocks, and fewer) change nothing.
+      for (size_t n_extra : {(size_t)3, (size_t)(4 * nb + 1)}) {
+        std::vector<const void*> lines;
+        for (size_t i = 0; i < n_extra; ++i) lines.push_back(k.data() + 16 * i);
+        std::vector<float> hinted((size_t)nq * ss, 7.0f), mh(nq);
+        lowbit_score_keys_ex(sp, blocks.data(), nb, q.data(), nq, qs, hinted.data(), ss, debias, mh.data(),
+                             lines.data(), lines.size());
+        ASSERT_EQ(hinted, ex);
+        ASSERT_EQ(mh, mx);
+      }
       for (int iq = 0; iq < nq; ++iq) {
         float m0 = -INFINITY, m = -INFINITY;
         for (int t = 0; t < n_tok; ++t) {

@@ -11,6 +11,7 @@
 #include "ops/vec_math.h"
 #include "util/error.h"
 #include "util/fp16.h"
+#include "util/prefetch.h"
 
 namespace spc {
 
@@ -488,19 +489,25 @@ void debias_and_max(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks,
 }  // namespace
 
 void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
-                          size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max) {
+                          size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max,
+                          const void* const* extra, size_t n_extra) {
   SPC_CHECK(debias >= 0.0f, "low-bit scores: debias must be >= 0, got %g", (double)debias);
-  if (n_q <= 0) return;
-  if (n_blocks <= 0) {
-    if (row_max) std::fill(row_max, row_max + n_q, -std::numeric_limits<float>::infinity());
+  if (n_q <= 0 || n_blocks <= 0) {
+    for (size_t i = 0; i < n_extra; ++i) prefetch_line(extra[i]);
+    if (row_max && n_q > 0) std::fill(row_max, row_max + n_q, -std::numeric_limits<float>::infinity());
     return;
   }
 #if defined(SPC_LOWBIT_AVX512)
   if (lowbit_detail::score_keys_simd(spec)) {
-    lowbit_detail::score_keys_avx512(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride, debias, row_max);
+    lowbit_detail::score_keys_avx512(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride, debias, row_max,
+                                     extra, n_extra);
     return;
   }
 #endif
+  // The extra lines, and the first blocks (the AVX-512 kernel requests its first batch itself;
+  // the AVX2 one requests blocks a few ahead of the one it scores, from its first on).
+  for (size_t i = 0; i < n_extra; ++i) prefetch_line(extra[i]);
+  prefetch_bytes(blocks, (size_t)std::min(n_blocks, 8) * spec.key_block_bytes());
   lowbit_score_keys(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride);
   debias_and_max(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride, debias, row_max);
 }

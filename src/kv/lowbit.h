@@ -145,8 +145,13 @@ void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int
 // by the score error, docs/ARCHITECTURE.md; debias >= 0, 0 = off); when row_max is not null,
 // row_max[iq] = the largest score written to row iq. AVX-512 folds both into the kernel (the
 // debias term into the per-block constant qz); the other paths run a pass over the scores.
+// extra (optional): n_extra addresses of cache lines the caller reads right after this call
+// (the decode attention: the chunk's top-k rows, just written by another core). The AVX-512
+// kernel requests them spread over its blocks' dot products, where they arrive without holding
+// anything up; the other paths request them on entry.
 void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
-                          size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max);
+                          size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max,
+                          const void* const* extra = nullptr, size_t n_extra = 0);
 // Softmax numerators and their value sum at once: for each row iq, s[iq*s_stride + t] (a score,
 // or -inf for a position to leave out) becomes p_t = exp_fast(s_t - m[iq]) (m[iq] >= every
 // finite s_t of the row; exp_fast, ops/vec_math.h: relative error < 4e-6, about half of
@@ -187,7 +192,7 @@ int value_code(const LowBitSpec& spec, const uint8_t* block, int t, int c);
 // debias, row_max: as lowbit_score_keys_ex (0 / null: plain scores).
 void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride, float debias = 0.0f,
-                       float* row_max = nullptr);
+                       float* row_max = nullptr, const void* const* extra = nullptr, size_t n_extra = 0);
 void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
 // lowbit_softmax_values' AVX-512 form; one value group per token (spec.value_ngroups() == 1).

@@ -206,12 +206,18 @@ inline uint64_t spread_nibbles(uint64_t w, int r) {
 // Requested while the batch was being prepared instead, the next batch's lines went out in one
 // burst that the core's fill buffers could not take, and the preparation waited on its own
 // prefetch instructions (perf put ~6% of a 32K decode step there).
+// The same loop can also carry a caller's lines (lowbit_score_keys_ex's extra): lines
+// [x_lo[i], x_lo[i + 1]) of x while it works on block i.
 struct BlockPrefetch {
   const uint8_t* base = nullptr;
   size_t stride = 0, off = 0, bytes = 0;
   int n = 0;
+  const void* const* x = nullptr;
+  const size_t* x_lo = nullptr;
   void operator()(int i) const {
     if (i < n) prefetch_bytes(base + (size_t)i * stride + off, bytes);
+    if (x)
+      for (size_t k = x_lo[i]; k < x_lo[i + 1]; ++k) prefetch_line(x[k]);
   }
 };
 
@@ -776,7 +782,8 @@ ValPrepFn pick_value_prep(int ng, int g, int nq, bool exp) {
 }  // namespace
 
 void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
-                       size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max) {
+                       size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max,
+                       const void* const* extra, size_t n_extra) {
   spec.validate();
   KeyCtx k;
   k.d = spec.head_dim;
@@ -812,6 +819,13 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
       BlockPrefetch pf;  // (nothing past the last block, nor for a second tile of rows)
       if (q0 == 0 && b0 + kBatch < n_blocks)
         pf = {blocks + (size_t)(b0 + kBatch) * k.bb, k.bb, 0, k.bb, std::min(nb, n_blocks - (b0 + kBatch))};
+      // The caller's extra lines, spread evenly over the blocks of the first tile of rows.
+      size_t x_lo[kBatch + 1];
+      if (q0 == 0 && n_extra > 0) {
+        for (int i = 0; i <= nb; ++i) x_lo[i] = n_extra * (size_t)(b0 + i) / (size_t)n_blocks;
+        pf.x = extra;
+        pf.x_lo = x_lo;
+      }
       fn(prep, nb, k.J, k.nquads, k.g, rows.qq, st + (size_t)b0 * k.g, score_stride, rmax, pf);
     }
     if (row_max)

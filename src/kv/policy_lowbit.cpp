@@ -99,6 +99,7 @@ struct ThreadScratch {
   std::vector<std::pair<int64_t, int64_t>> spans;  // selection: the position ranges it reads
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
+  std::vector<const void*> lines;  // the fused pass: the chunk's top-k rows, line by line
   TopkScratch tk;
 };
 
@@ -520,10 +521,13 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   // (measured: debiasing them as well raises perplexity; docs/RESULTS.md). The oracle's choice
   // does not see the errors.
   // row_max[iq]: the largest score of row iq in the chunk.
-  auto score_chunk = [&](int h, int64_t ch, bool apply_debias, float* row_max) {
+  // extra: cache lines for the kernel to request while it works (lowbit_score_keys_ex).
+  auto score_chunk = [&](int h, int64_t ch, bool apply_debias, float* row_max,
+                         const std::vector<const void*>* extra = nullptr) {
     const int64_t b0 = ch * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
     lowbit_score_keys_ex(spec_, L.heads[h].kblocks.data() + b0 * spec_.key_block_bytes(), (int)(b1 - b0), Q(h, 0),
-                         n_q, d, S(h, 0) + b0 * g, nqt, apply_debias ? debias : 0.0f, row_max);
+                         n_q, d, S(h, 0) + b0 * g, nqt, apply_debias ? debias : 0.0f, row_max,
+                         extra ? extra->data() : nullptr, extra ? extra->size() : 0);
   };
 
   // Non-speculative selection: the real token picks its own top-k before attending. SpeCache's
@@ -624,27 +628,33 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       const auto hi = std::lower_bound(lo, H.resident.end(), std::make_pair(t1, INT32_MIN));
       // The chunk's top-k rows were just written by the copy engine's thread (another core's
       // cache, or memory): their loads are scattered misses the hardware prefetcher does not
-      // predict. Requested here, they arrive while the chunk is scored.
-      for (auto it = lo; it != hi; ++it) prefetch_bytes(slot_row(L, h, it->second), row_elems_ * sizeof(fp16_t));
-      // So are the first key blocks (the score kernel requests the rest a batch ahead itself):
-      // requested here, they arrive while the top-k rows' exact scores are computed.
-      if (!scored)
-        prefetch_bytes(H.kblocks.data() + (t0 / g) * spec_.key_block_bytes(),
-                       (size_t)std::min<int64_t>(8, (t1 - t0) / g) * spec_.key_block_bytes());
+      // predict. The score kernel requests them while it works (a few lines per key block: all
+      // at once, they outran the core's fill buffers and held up the kernel's start), and their
+      // exact scores are computed after it; where the scores already exist, they are requested
+      // here.
+      const size_t row_bytes = row_elems_ * sizeof(fp16_t);
+      std::vector<const void*>& lines = thr_[t].lines;
+      lines.clear();
+      for (auto it = lo; it != hi; ++it) {
+        const char* r = reinterpret_cast<const char*>(slot_row(L, h, it->second));
+        if (scored) prefetch_bytes(r, row_bytes);
+        else
+          for (size_t off = 0; off < row_bytes; off += 64) lines.push_back(r + off);
+      }
       // Top-k positions attend in 16-bit: their exact scores go to ex ([row][position]), and their
       // low-bit scores become -inf, so the packed value sum (whose u8 weight quantization is
       // approximate, lowbit.h) gives them weight 0. The chunk's maximum m may stay above every
       // score left (a top-k position's low-bit score): any m >= the scores is a valid softmax shift.
+      if (!scored) {
+        score_chunk(h, ch, /*apply_debias=*/!own_buffer_, rm, &lines);
+      } else {
+        for (int iq = 0; iq < n_q; ++iq) rm[iq] = vec_max(S(h, iq) + t0, t1 - t0);
+      }
       const int64_t n_res = hi - lo;
       std::vector<float>& ex = thr_[t].exact;
       ex.resize((size_t)n_res * n_q);
       for (auto it = lo; it != hi; ++it)
         dot_f32_f16_rows(Q(h, 0), n_q, d, slot_row(L, h, it->second), d, ex.data() + (it - lo), n_res);
-      if (!scored) {
-        score_chunk(h, ch, /*apply_debias=*/!own_buffer_, rm);
-      } else {
-        for (int iq = 0; iq < n_q; ++iq) rm[iq] = vec_max(S(h, iq) + t0, t1 - t0);
-      }
       for (auto it = lo; it != hi; ++it)
         for (int iq = 0; iq < n_q; ++iq) S(h, iq)[it->first] = -std::numeric_limits<float>::infinity();
       if (n_res > 0)

@@ -193,6 +193,50 @@ TEST(AttentionDecode, F16CacheMatchesReference) {
   }
 }
 
+// vec_argmax against the scan it replaces (first index whose value beats every earlier one):
+// ties (first one wins), NaNs anywhere (ignored; at index 0 the scan never moves), +-0, +-inf,
+// every length around the vector widths and a vocabulary-sized vector.
+TEST(VecMath, ArgmaxEqualsTheFirstBestScan) {
+  auto scan = [](const float* x, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; ++i)
+      if (x[i] > x[best]) best = i;
+    return best;
+  };
+  std::mt19937 rng(7);
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const float specials[] = {nan, inf, -inf, 0.0f, -0.0f, 3.0f, -3.0f};
+  std::vector<float> x;
+  int checked = 0;
+  for (int64_t n : {0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 130, 1000, 49152}) {
+    for (int trial = 0; trial < 40; ++trial) {
+      x.resize((size_t)std::max<int64_t>(n, 1));
+      // Few distinct values so ties are common; some trials sprinkle specials.
+      std::uniform_int_distribution<int> v(-4, 4), pick(0, 6), where(0, (int)std::max<int64_t>(n - 1, 0));
+      for (auto& e : x) e = (float)v(rng);
+      if (trial % 3 == 1)
+        for (int s = 0; s < 3; ++s) x[(size_t)where(rng)] = specials[pick(rng)];
+      if (trial % 5 == 2 && n > 0) x[0] = nan;
+      if (trial % 7 == 3)
+        for (auto& e : x) e = trial % 2 ? -0.0f : 0.0f;
+      if (trial % 7 == 4) {
+        for (auto& e : x) e = -inf;
+        if (n > 3) x[(size_t)n / 2] = 0.0f;
+      }
+      ASSERT_EQ(vec_argmax(x.data(), n), scan(x.data(), n)) << "n " << n << " trial " << trial;
+      ++checked;
+    }
+  }
+  // All NaN but one, the answer deep inside and at the very end.
+  x.assign(49152, nan);
+  x[0] = -1.0f;
+  x[40000] = 2.0f;
+  EXPECT_EQ(vec_argmax(x.data(), 49152), 40000);
+  x[49151] = 5.0f;
+  EXPECT_EQ(vec_argmax(x.data(), 49152), 49151);
+  EXPECT_GT(checked, 600);
+}
+
 // exp_approx: close to exp over the softmax range, exactly 0 below -87 and for -inf (a
 // left-out position), like the 8- and 16-lane forms (vec_exp_shift_sum's tails use it).
 TEST(VecMath, ExpApproxIsCloseAndZeroBelowTheRange) {

@@ -3,16 +3,12 @@
 #include <algorithm>
 #include <cmath>
 
+#include "ops/vec_math.h"
 #include "util/error.h"
 
 namespace spc {
 
-int32_t argmax(const float* logits, int n) {
-  int32_t best = 0;
-  for (int i = 1; i < n; ++i)
-    if (logits[i] > logits[best]) best = i;
-  return best;
-}
+int32_t argmax(const float* logits, int n) { return (int32_t)vec_argmax(logits, n); }
 
 Sampler::Sampler(const SamplerConfig& cfg) : cfg_(cfg), rng_(cfg.seed) {
   SPC_CHECK(std::isfinite(cfg.temp), "temperature must be finite");

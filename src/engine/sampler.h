@@ -16,6 +16,7 @@ struct SamplerConfig {
   uint64_t seed = 0;
 };
 
+// The index of the first largest logit (vec_argmax: NaNs ignored, ties to the lowest index).
 int32_t argmax(const float* logits, int n);
 
 class Sampler {

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -187,6 +188,50 @@ TEST(AttentionDecode, F16CacheMatchesReference) {
                 worst = std::max(worst, std::fabs(out[(r * g.n_head + hq) * d + c] - o[c] / l));
             }
           EXPECT_LE(worst, 2e-5) << "d=" << d << " n_pos=" << n_pos << " rows=" << n_rows << " threads=" << pool->size();
+        }
+      }
+    }
+  }
+}
+
+// dot_f32_f16_many: every (row, key) product bit for bit dot_f32_f16_rows' (the window's and the
+// gathered top-k rows' exact scores went through that one key at a time), for key counts around
+// the 16-key tiles, strided and gathered keys, d = 64 (the tiled path) and other widths
+// (fallback), and close to a double-precision dot product.
+TEST(AttentionDecode, ManyKeyDotsEqualOneKeyAtATime) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.0f, 1.5f);
+  for (int d : {64, 32, 48, 128}) {
+    for (int n_q : {1, 3, 6, 8}) {
+      for (int64_t n_k : {0, 1, 5, 15, 16, 17, 31, 32, 64, 127}) {
+        const int64_t k_stride = 2 * d + 8;  // K|V rows with padding, as the window stores them
+        std::vector<fp16_t> kv((size_t)std::max<int64_t>(n_k, 1) * k_stride);
+        for (auto& e : kv) e = fp32_to_fp16(nd(rng));
+        std::vector<float> q((size_t)n_q * (d + 3));
+        for (auto& e : q) e = nd(rng);
+        const int64_t out_stride = n_k + 2;
+        // Gathered: the rows in a shuffled order.
+        std::vector<const fp16_t*> rows((size_t)n_k);
+        std::vector<int64_t> perm((size_t)n_k);
+        for (int64_t j = 0; j < n_k; ++j) perm[(size_t)j] = j;
+        std::shuffle(perm.begin(), perm.end(), rng);
+        for (int64_t j = 0; j < n_k; ++j) rows[(size_t)j] = kv.data() + perm[(size_t)j] * k_stride;
+        for (bool gathered : {false, true}) {
+          std::vector<float> got((size_t)n_q * out_stride, -7.0f), want = got;
+          dot_f32_f16_many(q.data(), n_q, d + 3, gathered ? rows.data() : nullptr, kv.data(), k_stride, n_k, d,
+                           got.data(), out_stride);
+          for (int64_t j = 0; j < n_k; ++j) {
+            const fp16_t* kj = gathered ? rows[(size_t)j] : kv.data() + j * k_stride;
+            dot_f32_f16_rows(q.data(), n_q, d + 3, kj, d, want.data() + j, out_stride);
+            for (int i = 0; i < n_q; ++i) {
+              double ref = 0;
+              for (int c = 0; c < d; ++c) ref += (double)q[(size_t)i * (d + 3) + c] * fp16_to_fp32(kj[c]);
+              ASSERT_NEAR(got[(size_t)(i * out_stride + j)], ref, 1e-4 * (1 + std::fabs(ref)));
+            }
+          }
+          for (size_t e = 0; e < got.size(); ++e)  // bit for bit, and nothing written past n_k
+            ASSERT_EQ(std::bit_cast<uint32_t>(got[e]), std::bit_cast<uint32_t>(want[e]))
+                << "d " << d << " n_q " << n_q << " n_k " << n_k << " gathered " << gathered << " at " << e;
         }
       }
     }

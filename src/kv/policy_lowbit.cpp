@@ -100,6 +100,7 @@ struct ThreadScratch {
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
   std::vector<const void*> lines;  // the fused pass: the chunk's top-k rows, line by line
+  std::vector<const fp16_t*> keys;  // the fused pass: the chunk's top-k rows
   TopkScratch tk;
 };
 
@@ -653,8 +654,10 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       const int64_t n_res = hi - lo;
       std::vector<float>& ex = thr_[t].exact;
       ex.resize((size_t)n_res * n_q);
-      for (auto it = lo; it != hi; ++it)
-        dot_f32_f16_rows(Q(h, 0), n_q, d, slot_row(L, h, it->second), d, ex.data() + (it - lo), n_res);
+      std::vector<const fp16_t*>& keys = thr_[t].keys;
+      keys.clear();
+      for (auto it = lo; it != hi; ++it) keys.push_back(slot_row(L, h, it->second));
+      dot_f32_f16_many(Q(h, 0), n_q, d, keys.data(), nullptr, 0, n_res, d, ex.data(), n_res);
       for (auto it = lo; it != hi; ++it)
         for (int iq = 0; iq < n_q; ++iq) S(h, iq)[it->first] = -std::numeric_limits<float>::infinity();
       if (n_res > 0)
@@ -694,8 +697,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
     std::vector<float>& sc = thr_[t].sc;
     // Window scores of every query row at once (each window key converted once) into W, then
     // per row: the step's own rows, softmax (W then holds the window's weights), values.
-    for (int64_t j = 0; j < n_win; ++j)
-      dot_f32_f16_rows(Q(h, 0), n_q, d, H.win.data() + j * row_elems_, d, W(h, 0) + j, n_win);
+    dot_f32_f16_many(Q(h, 0), n_q, d, nullptr, H.win.data(), row_elems_, n_win, d, W(h, 0), n_win);
     for (int iq = 0; iq < n_q; ++iq) {
       const int r = iq / group_;
       const float* q = Q(h, iq);

@@ -105,6 +105,76 @@ void dot_f32_f16_rows(const float* q, int n_q, int64_t q_stride, const fp16_t* k
   for (int i = 0; i < n_q; ++i) out[i * out_stride] = dot_f32_f16(q + i * q_stride, k, d);
 }
 
+#if defined(__AVX512F__)
+namespace {
+// The 16-lane sum of v[j] in lane j of the result, for 16 vectors: the additions of
+// _mm512_reduce_add_ps (GCC: upper 256 + lower 256 bits, then 128-bit halves, then elements
+// (0 + 2, 1 + 3), then those two), level by level across all 16, so each lane is bit for bit
+// that reduction of its vector. v: pairs (v[2p], v[2p+1]) already through level 1 (x[p], below).
+inline __m512 reduce16_from_pairs(const __m512* x) {
+  constexpr __mmask16 all = 0xFFFF;
+  __m512 y[4];
+  for (int p = 0; p < 4; ++p) {  // level 2: 128-bit halves -> [v0 | v1 | v2 | v3], 4 lanes each
+    const __m512 a = x[2 * p], b = x[2 * p + 1];
+    y[p] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_maskz_shuffle_f32x4(all, a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  __m512 z[2];
+  for (int p = 0; p < 2; ++p) {  // level 3: elements 0 + 2 and 1 + 3 of each 128-bit lane
+    const __m512d a = _mm512_castps_pd(y[2 * p]), b = _mm512_castps_pd(y[2 * p + 1]);
+    z[p] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // Level 4: lane 4k + m holds vector k + 4m; one permutation restores the order.
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+// Level 1 for two vectors: [a lanes i + (i+8), i < 8 | b likewise].
+inline __m512 reduce_pair(__m512 a, __m512 b) {
+  constexpr __mmask16 all = 0xFFFF;
+  return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm512_maskz_shuffle_f32x4(all, a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+}  // namespace
+#endif
+
+void dot_f32_f16_many(const float* q, int n_q, int64_t q_stride, const fp16_t* const* rows, const fp16_t* k,
+                      int64_t k_stride, int64_t n_k, int d, float* out, int64_t out_stride) {
+  auto key = [&](int64_t j) { return rows ? rows[j] : k + j * k_stride; };
+#if defined(__AVX512F__)
+  if (d == 64) {
+    alignas(64) float kf[16][64];
+    for (int64_t j0 = 0; j0 < n_k; j0 += 16) {
+      const int nt = (int)std::min<int64_t>(16, n_k - j0);
+      for (int j = 0; j < nt; ++j) {
+        const fp16_t* kj = key(j0 + j);
+        for (int c = 0; c < 4; ++c)
+          _mm512_store_ps(kf[j] + 16 * c, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(kj + 16 * c))));
+      }
+      for (int j = nt; j < 16; ++j) std::memset(kf[j], 0, sizeof(kf[j]));
+      for (int i = 0; i < n_q; ++i) {
+        const float* qi = q + i * q_stride;
+        const __m512 q0 = _mm512_loadu_ps(qi), q1 = _mm512_loadu_ps(qi + 16), q2 = _mm512_loadu_ps(qi + 32),
+                     q3 = _mm512_loadu_ps(qi + 48);
+        // The products of dot_f32_f16_rows, same order: (q0 k0 + q2 k2) + (q1 k1 + q3 k3).
+        auto prod = [&](int j) {
+          const __m512 a = _mm512_fmadd_ps(q2, _mm512_load_ps(kf[j] + 32), _mm512_mul_ps(q0, _mm512_load_ps(kf[j])));
+          const __m512 b =
+              _mm512_fmadd_ps(q3, _mm512_load_ps(kf[j] + 48), _mm512_mul_ps(q1, _mm512_load_ps(kf[j] + 16)));
+          return _mm512_add_ps(a, b);
+        };
+        __m512 x[8];
+        for (int p = 0; p < 8; ++p) x[p] = reduce_pair(prod(2 * p), prod(2 * p + 1));
+        _mm512_mask_storeu_ps(out + i * out_stride + j0, (__mmask16)((1u << nt) - 1u), reduce16_from_pairs(x));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n_k; ++j) dot_f32_f16_rows(q, n_q, q_stride, key(j), d, out + j, out_stride);
+}
+
 void axpy_f16(float p, const fp16_t* v, float* o, int d) {
 #if defined(__AVX512F__)
   if (d % 16 == 0) {

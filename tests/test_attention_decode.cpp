@@ -394,12 +394,21 @@ TEST(VecMath, RowAxpysEqualSuccessiveAxpysAndDoubleSums) {
       for (int64_t j = 0; j < n; ++j) vec_axpy(w[j], x.data() + j * d, want.data(), d);
       vec_axpy_rows(w.data(), x.data(), n, d, got.data());
       EXPECT_EQ(got, want) << "d " << d << " n " << n;
-      std::vector<float> got64 = y0;
-      vec_axpy_rows_f64(w.data(), x.data(), n, d, got64.data());
-      for (int c = 0; c < d; ++c) {
-        double a = 0;
-        for (int64_t j = 0; j < n; ++j) a = std::fma((double)w[j], (double)x[j * d + c], a);
-        ASSERT_EQ(got64[c], y0[c] + (float)a) << "d " << d << " n " << n << " c " << c;
+      // vec_axpy_rows_f64 over n_y output rows (weights: row i scaled by i + 1), groups of 6 and not.
+      for (int n_y : {1, 3, 6, 8}) {
+        const int64_t ws = n + 1, ys = d + 5;
+        std::vector<float> w2((size_t)(n_y * ws)), y2((size_t)(n_y * ys));
+        for (int i = 0; i < n_y; ++i) {
+          for (int64_t j = 0; j < n; ++j) w2[(size_t)(i * ws + j)] = w[j] * (float)(i + 1);
+          for (int c = 0; c < d; ++c) y2[(size_t)(i * ys + c)] = y0[c];
+        }
+        vec_axpy_rows_f64(w2.data(), ws, n_y, x.data(), n, d, y2.data(), ys);
+        for (int i = 0; i < n_y; ++i)
+          for (int c = 0; c < d; ++c) {
+            double a = 0;
+            for (int64_t j = 0; j < n; ++j) a = std::fma((double)w2[(size_t)(i * ws + j)], (double)x[j * d + c], a);
+            ASSERT_EQ(y2[(size_t)(i * ys + c)], y0[c] + (float)a) << "d " << d << " n " << n << " n_y " << n_y;
+          }
       }
     }
 }

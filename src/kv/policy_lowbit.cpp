@@ -688,7 +688,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
             b = std::max(b, e);
           }
         }
-        for (int iq = 0; iq < n_q; ++iq) vec_axpy_rows_f64(ex.data() + iq * n_res, vres.data(), n_res, d, O(h, ch, iq));
+        vec_axpy_rows_f64(ex.data(), n_res, n_q, vres.data(), n_res, d, O(h, ch, 0), d);
       }
       return;
     }

@@ -401,32 +401,64 @@ inline void vec_axpy_rows(const float* w, const float* x, int64_t n, int d, floa
     for (int64_t j = 0; j < n; ++j) vec_axpy(w[j], x + j * d + c0, y + c0, d - c0);
 }
 
-// y[c] += (float)(sum_j (double)w[j] * x[j][c]) for c < d (rows x[j] at x + j*d): each sum in
-// double, in row order, from 0 (AVX-512: 32 channels at a time in registers).
-inline void vec_axpy_rows_f64(const float* w, const float* x, int64_t n, int d, float* y) {
+// For n_y output rows i: y[i*y_stride + c] += (float)(sum_j (double)w[i*w_stride + j] * x[j][c])
+// for c < d (rows x[j] at x + j*d): each sum in double, in row order, from 0. AVX-512: 32 channels
+// of up to 6 output rows at a time in registers, each row of x converted to double once for all
+// of them (the conversion, 2 uops per 8 values, cost twice the products when it was repeated per
+// output row).
+namespace vec_detail {
+#if defined(__AVX512F__)
+template <int NY>
+inline void axpy_rows_f64_tile(const float* w, int64_t w_stride, const float* x, int64_t n, int d, int c0, float* y,
+                               int64_t y_stride) {
+  __m512d a[NY][4];
+  for (int i = 0; i < NY; ++i)
+    for (int u = 0; u < 4; ++u) a[i][u] = _mm512_setzero_pd();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* xr = x + j * d + c0;
+    const __m512d x0 = _mm512_cvtps_pd(_mm256_loadu_ps(xr)), x1 = _mm512_cvtps_pd(_mm256_loadu_ps(xr + 8)),
+                  x2 = _mm512_cvtps_pd(_mm256_loadu_ps(xr + 16)), x3 = _mm512_cvtps_pd(_mm256_loadu_ps(xr + 24));
+    for (int i = 0; i < NY; ++i) {
+      const __m512d wv = _mm512_set1_pd((double)w[i * w_stride + j]);
+      a[i][0] = _mm512_fmadd_pd(wv, x0, a[i][0]);
+      a[i][1] = _mm512_fmadd_pd(wv, x1, a[i][1]);
+      a[i][2] = _mm512_fmadd_pd(wv, x2, a[i][2]);
+      a[i][3] = _mm512_fmadd_pd(wv, x3, a[i][3]);
+    }
+  }
+  for (int i = 0; i < NY; ++i)
+    for (int u = 0; u < 4; ++u) {
+      float* yc = y + i * y_stride + c0 + 8 * u;
+      _mm256_storeu_ps(yc, _mm256_add_ps(_mm256_loadu_ps(yc), _mm512_cvtpd_ps(a[i][u])));
+    }
+}
+#endif
+}  // namespace vec_detail
+
+inline void vec_axpy_rows_f64(const float* w, int64_t w_stride, int n_y, const float* x, int64_t n, int d, float* y,
+                              int64_t y_stride) {
   int c0 = 0;
 #if defined(__AVX512F__)
-  for (; c0 + 32 <= d; c0 += 32) {
-    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd(), a2 = _mm512_setzero_pd(), a3 = _mm512_setzero_pd();
-    for (int64_t j = 0; j < n; ++j) {
-      const __m512d wv = _mm512_set1_pd((double)w[j]);
-      const float* xr = x + j * d + c0;
-      a0 = _mm512_fmadd_pd(wv, _mm512_cvtps_pd(_mm256_loadu_ps(xr)), a0);
-      a1 = _mm512_fmadd_pd(wv, _mm512_cvtps_pd(_mm256_loadu_ps(xr + 8)), a1);
-      a2 = _mm512_fmadd_pd(wv, _mm512_cvtps_pd(_mm256_loadu_ps(xr + 16)), a2);
-      a3 = _mm512_fmadd_pd(wv, _mm512_cvtps_pd(_mm256_loadu_ps(xr + 24)), a3);
+  for (; c0 + 32 <= d; c0 += 32)
+    for (int i0 = 0; i0 < n_y; i0 += 6) {
+      const float* wi = w + i0 * w_stride;
+      float* yi = y + i0 * y_stride;
+      switch (std::min(6, n_y - i0)) {
+        case 1: vec_detail::axpy_rows_f64_tile<1>(wi, w_stride, x, n, d, c0, yi, y_stride); break;
+        case 2: vec_detail::axpy_rows_f64_tile<2>(wi, w_stride, x, n, d, c0, yi, y_stride); break;
+        case 3: vec_detail::axpy_rows_f64_tile<3>(wi, w_stride, x, n, d, c0, yi, y_stride); break;
+        case 4: vec_detail::axpy_rows_f64_tile<4>(wi, w_stride, x, n, d, c0, yi, y_stride); break;
+        case 5: vec_detail::axpy_rows_f64_tile<5>(wi, w_stride, x, n, d, c0, yi, y_stride); break;
+        default: vec_detail::axpy_rows_f64_tile<6>(wi, w_stride, x, n, d, c0, yi, y_stride); break;
+      }
     }
-    _mm256_storeu_ps(y + c0, _mm256_add_ps(_mm256_loadu_ps(y + c0), _mm512_cvtpd_ps(a0)));
-    _mm256_storeu_ps(y + c0 + 8, _mm256_add_ps(_mm256_loadu_ps(y + c0 + 8), _mm512_cvtpd_ps(a1)));
-    _mm256_storeu_ps(y + c0 + 16, _mm256_add_ps(_mm256_loadu_ps(y + c0 + 16), _mm512_cvtpd_ps(a2)));
-    _mm256_storeu_ps(y + c0 + 24, _mm256_add_ps(_mm256_loadu_ps(y + c0 + 24), _mm512_cvtpd_ps(a3)));
-  }
 #endif
-  for (; c0 < d; ++c0) {
-    double a = 0;
-    for (int64_t j = 0; j < n; ++j) a = std::fma((double)w[j], (double)x[j * d + c0], a);
-    y[c0] += (float)a;
-  }
+  for (int i = 0; i < n_y; ++i)
+    for (int c = c0; c < d; ++c) {
+      double a = 0;
+      for (int64_t j = 0; j < n; ++j) a = std::fma((double)w[i * w_stride + j], (double)x[j * d + c], a);
+      y[i * y_stride + c] += (float)a;
+    }
 }
 
 // y[i] = (accumulate ? y[i] : 0) + a[0] * x[0][i] + a[1] * x[1][i] + ... for i < n: one pass over y

@@ -14,6 +14,7 @@
 
 #include "kv/f16_cache.h"
 #include "ops/attention.h"
+#include "ops/ops.h"
 #include "ops/vec_math.h"
 #include "util/fp16.h"
 #include "util/threadpool.h"
@@ -350,6 +351,27 @@ TEST(VecMath, ExpFastIsCloseZeroBelowTheRangeAndOneValueOnEveryPath) {
 
 // The FFN gate: silu(g) * u against a double reference, over vector bodies and tails, including
 // gates far in both saturated ranges (silu -> g for large g, -> 0 for very negative g).
+// vec_sumsq_f64 (rmsnorm's sum of squares) against a long-double sum, lengths around the
+// vector widths; rmsnorm itself against a double reference.
+TEST(VecMath, SumOfSquaresInDoubleAndRmsnorm) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0.f, 3.f);
+  for (int64_t n : {0, 1, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 100, 576, 1536, 2049}) {
+    std::vector<float> x((size_t)std::max<int64_t>(n, 1)), w(x.size()), out(x.size());
+    for (auto& e : x) e = nd(rng) * (float)std::exp(nd(rng) / 3);
+    for (auto& e : w) e = 1.0f + nd(rng) / 10;
+    long double ref = 0;
+    for (int64_t i = 0; i < n; ++i) ref += (long double)x[i] * x[i];
+    const double got = vec_sumsq_f64(x.data(), n);
+    ASSERT_NEAR(got, (double)ref, 1e-14 * (double)ref) << "n " << n;
+    if (n == 0) continue;
+    rmsnorm(x.data(), w.data(), out.data(), n, 1e-5f);
+    const double scale = 1.0 / std::sqrt((double)ref / n + 1e-5);
+    for (int64_t i = 0; i < n; ++i)
+      ASSERT_NEAR(out[i], x[i] * scale * w[i], 2e-6 * std::fabs(x[i] * scale * w[i]) + 1e-30) << "n " << n << " i " << i;
+  }
+}
+
 TEST(VecMath, SiluMulMatchesDoubleReference) {
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> gate(-12.0f, 12.0f), up(-3.0f, 3.0f);

@@ -8,8 +8,7 @@
 namespace spc {
 
 void rmsnorm(const float* x, const float* w, float* out, int64_t n, float eps) {
-  double ss = 0;
-  for (int64_t i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+  const double ss = vec_sumsq_f64(x, n);
   const float scale = (float)(1.0 / std::sqrt(ss / (double)n + (double)eps));
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
 }

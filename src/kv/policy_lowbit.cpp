@@ -633,11 +633,14 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       // at once, they outran the core's fill buffers and held up the kernel's start), and their
       // exact scores are computed after it; where the scores already exist, they are requested
       // here.
+      std::vector<const fp16_t*>& keys = thr_[t].keys;  // the rows, in position order
+      keys.clear();
+      for (auto it = lo; it != hi; ++it) keys.push_back(slot_row(L, h, it->second));
       const size_t row_bytes = row_elems_ * sizeof(fp16_t);
       std::vector<const void*>& lines = thr_[t].lines;
       lines.clear();
-      for (auto it = lo; it != hi; ++it) {
-        const char* r = reinterpret_cast<const char*>(slot_row(L, h, it->second));
+      for (const fp16_t* row : keys) {
+        const char* r = reinterpret_cast<const char*>(row);
         if (scored) prefetch_bytes(r, row_bytes);
         else
           for (size_t off = 0; off < row_bytes; off += 64) lines.push_back(r + off);
@@ -654,9 +657,6 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       const int64_t n_res = hi - lo;
       std::vector<float>& ex = thr_[t].exact;
       ex.resize((size_t)n_res * n_q);
-      std::vector<const fp16_t*>& keys = thr_[t].keys;
-      keys.clear();
-      for (auto it = lo; it != hi; ++it) keys.push_back(slot_row(L, h, it->second));
       dot_f32_f16_many(Q(h, 0), n_q, d, keys.data(), nullptr, 0, n_res, d, ex.data(), n_res);
       for (auto it = lo; it != hi; ++it)
         for (int iq = 0; iq < n_q; ++iq) S(h, iq)[it->first] = -std::numeric_limits<float>::infinity();
@@ -680,7 +680,7 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
         std::vector<float>& vres = thr_[t].rows;  // the top-k rows' values, [n_res][d]
         vres.resize((size_t)n_res * d);
         for (auto it = lo; it != hi; ++it) {
-          vec_from_f16(slot_row(L, h, it->second) + d, vres.data() + (it - lo) * d, d);
+          vec_from_f16(keys[(size_t)(it - lo)] + d, vres.data() + (it - lo) * d, d);
           for (int iq = 0; iq < n_q; ++iq) {
             const float e = ex[(size_t)iq * n_res + (it - lo)];
             S(h, iq)[it->first] = e;

@@ -57,6 +57,7 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
   } else {
     for (int64_t t : bench::parse_int_list(a.threads, "-t/--threads")) {
       SPC_CHECK(t <= 1024, "-t/--threads: %lld threads is too many", (long long)t);
+      warn_oversubscribed((int)t);
       opt.threads.push_back((int)t);
     }
   }

@@ -39,6 +39,8 @@ struct ActChoice {
 // spc::Error.
 ActChoice apply_act(const ActArgs& a, Model& m);
 int resolve_threads(int requested);
+// A warning on stderr when `threads` exceeds the hardware threads (resolve_threads calls it).
+void warn_oversubscribed(int threads);
 
 // --kv* flags.
 void add_kv_flags(CLI::App& app, KvConfig& kv);

@@ -409,6 +409,23 @@ TEST(Cli, ContextBeyondTrainingWarnsAndStillWorks) {
   EXPECT_FALSE(json_tokens(r).empty());
 }
 
+TEST(Cli, MoreThreadsThanTheMachineHasWarnsAndStillWorks) {
+  SKIP_IF_MISSING(stories_path());
+  const unsigned hc = std::thread::hardware_concurrency();
+  if (hc == 0) GTEST_SKIP() << "hardware_concurrency() unknown here";
+  auto args = [&](unsigned t) {
+    return std::vector<std::string>{"generate", "-m", stories_path(), "-t", std::to_string(t),
+                                    "-p", "Once", "-n", "4", "--temp", "0", "--json"};
+  };
+  const RunResult over = run_cli(args(hc + 1));
+  expect_success(over);
+  EXPECT_NE(over.err.find("hardware threads"), std::string::npos) << over.describe();
+  EXPECT_FALSE(json_tokens(over).empty());
+  const RunResult fit = run_cli(args(hc));
+  expect_success(fit);
+  EXPECT_EQ(fit.err.find("hardware threads"), std::string::npos) << fit.describe();
+}
+
 // ---- bad input ----------------------------------------------------------------------------------------
 
 TEST(Cli, MissingOrUnusableModelFiles) {

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -652,10 +653,16 @@ TEST(LowBit, PackedValuesExactWhenWeightsAreRepresentable) {
 #if defined(SPC_LOWBIT_AVX2)
 // The AVX2 kernels (the dispatch target without AVX-512; built on AVX-512 machines too) agree with
 // the scalar ones to fp32 rounding, for every shape and row count (row tiles, tails, quad groups).
-// lowbit_score_keys_ex: the debias term (debias/24 * sum_c q_c^2 s_c^2 per block and row,
-// computed here in double from the stored scales) below the plain scores, the row maxima equal
-// to the largest written score, and debias 0 bitwise equal to the plain kernel.
-TEST(LowBit, ScoreKeysExDebiasAndRowMax) {
+// Scores with the debias term and row maxima (ex: lowbit_score_keys_ex's signature without the
+// extra lines) against the plain scores of the same kernel: the debias term (debias/24 * sum_c
+// q_c^2 s_c^2 per block and row, computed here in double from the stored scales) below the plain
+// scores, the row maxima equal to the largest written score, and debias 0 bitwise equal to the
+// plain kernel. hinted (optional): the same with extra lines to request, which change nothing.
+using ScoreExFn = std::function<void(const LowBitSpec&, const uint8_t*, int, const float*, int, size_t, float*,
+                                     size_t, float, float*)>;
+using ScorePlainFn =
+    std::function<void(const LowBitSpec&, const uint8_t*, int, const float*, int, size_t, float*, size_t)>;
+void check_debias_and_row_max(const ScorePlainFn& plain_fn, const ScoreExFn& ex_fn, bool hinted_too) {
   for (const Cfg& cfg : all_cfgs({50, 64, 128})) {
     const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
     const int nb = 5, n_tok = nb * cfg.g;
@@ -667,12 +674,13 @@ TEST(LowBit, ScoreKeysExDebiasAndRowMax) {
       const auto q = gaussian((size_t)nq * qs, 17 + nq, 0.4f);
       std::vector<float> plain((size_t)nq * ss, 7.0f), ex0 = plain, ex = plain;
       std::vector<float> mx0(nq), mx(nq);
-      lowbit_score_keys(sp, blocks.data(), nb, q.data(), nq, qs, plain.data(), ss);
-      lowbit_score_keys_ex(sp, blocks.data(), nb, q.data(), nq, qs, ex0.data(), ss, 0.0f, mx0.data());
+      plain_fn(sp, blocks.data(), nb, q.data(), nq, qs, plain.data(), ss);
+      ex_fn(sp, blocks.data(), nb, q.data(), nq, qs, ex0.data(), ss, 0.0f, mx0.data());
       const float debias = 0.75f;
-      lowbit_score_keys_ex(sp, blocks.data(), nb, q.data(), nq, qs, ex.data(), ss, debias, mx.data());
+      ex_fn(sp, blocks.data(), nb, q.data(), nq, qs, ex.data(), ss, debias, mx.data());
       // Extra lines to request (a hint: more lines than blocks, and fewer) change nothing.
       for (size_t n_extra : {(size_t)3, (size_t)(4 * nb + 1)}) {
+        if (!hinted_too) break;
         std::vector<const void*> lines;
         for (size_t i = 0; i < n_extra; ++i) lines.push_back(k.data() + 16 * i);
         std::vector<float> hinted((size_t)nq * ss, 7.0f), mh(nq);
@@ -704,17 +712,43 @@ TEST(LowBit, ScoreKeysExDebiasAndRowMax) {
       }
     }
   }
+}
+
+TEST(LowBit, ScoreKeysExDebiasAndRowMax) {
+  check_debias_and_row_max(
+      [](const LowBitSpec& sp, const uint8_t* b, int nb, const float* q, int nq, size_t qs, float* s, size_t ss) {
+        lowbit_score_keys(sp, b, nb, q, nq, qs, s, ss);
+      },
+      [](const LowBitSpec& sp, const uint8_t* b, int nb, const float* q, int nq, size_t qs, float* s, size_t ss,
+         float debias, float* mx) { lowbit_score_keys_ex(sp, b, nb, q, nq, qs, s, ss, debias, mx); },
+      /*hinted_too=*/true);
   const LowBitSpec sp{1, 64, 64};
   std::vector<uint8_t> blocks(sp.key_block_bytes());
   std::vector<float> q(64, 1.0f), s(64);
   EXPECT_THROW(lowbit_score_keys_ex(sp, blocks.data(), 1, q.data(), 1, 64, s.data(), 64, -1.0f, nullptr), Error);
 }
 
+// The AVX2 kernel's own debias term (folded into each block's constant) and row maxima, also on
+// AVX-512 machines, where the dispatch above runs the AVX-512 kernel.
+TEST(LowBit, Avx2ScoreKeysFoldDebiasAndRowMax) {
+  check_debias_and_row_max(
+      [](const LowBitSpec& sp, const uint8_t* b, int nb, const float* q, int nq, size_t qs, float* s, size_t ss) {
+        lowbit_detail::score_keys_avx2(sp, b, nb, q, nq, qs, s, ss);
+      },
+      [](const LowBitSpec& sp, const uint8_t* b, int nb, const float* q, int nq, size_t qs, float* s, size_t ss,
+         float debias, float* mx) { lowbit_detail::score_keys_avx2(sp, b, nb, q, nq, qs, s, ss, debias, mx); },
+      /*hinted_too=*/false);
+}
+
 // lowbit_softmax_values equals vec_exp_fast_shift_sum per row followed by lowbit_accumulate_values:
 // the same numerators written over the scores (-inf gives 0), the same value sums, the row sums
 // to float rounding. Includes several value groups per token (d = 128, g = 32). The optional
 // block maxima are the largest written numerator of each row and block, exactly.
-TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
+using SoftmaxFn = std::function<void(const LowBitSpec&, const uint8_t*, int, float*, int, size_t, const float*, float*,
+                                     float*, size_t, float*, size_t)>;
+using AccumulateFn =
+    std::function<void(const LowBitSpec&, const uint8_t*, int, const float*, int, size_t, float*, size_t)>;
+void check_softmax_values(const SoftmaxFn& softmax, const AccumulateFn& accumulate) {
   for (const Cfg& cfg : all_cfgs({48, 64, 128})) {
     const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
     const int nb = 4, n_tok = nb * cfg.g;
@@ -733,13 +767,12 @@ TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
       const auto init = gaussian((size_t)nq * os, 6, 0.1f);
       std::vector<float> p_ref = sc, p_got = sc, o_ref = init, o_got = init, l_ref(nq), l_got(nq);
       for (int iq = 0; iq < nq; ++iq) l_ref[iq] = vec_exp_fast_shift_sum(p_ref.data() + iq * ss, n_tok, m[iq]);
-      lowbit_accumulate_values(sp, vals.data(), nb, p_ref.data(), nq, ss, o_ref.data(), os);
+      accumulate(sp, vals.data(), nb, p_ref.data(), nq, ss, o_ref.data(), os);
       const size_t bs = nb + 1;
       std::vector<float> bmax((size_t)nq * bs, -1.0f);
-      lowbit_softmax_values(sp, vals.data(), nb, p_got.data(), nq, ss, m.data(), l_got.data(), o_got.data(), os,
-                            bmax.data(), bs);
+      softmax(sp, vals.data(), nb, p_got.data(), nq, ss, m.data(), l_got.data(), o_got.data(), os, bmax.data(), bs);
       std::vector<float> p2 = sc, o2 = init, l2(nq);  // without block maxima: the same results
-      lowbit_softmax_values(sp, vals.data(), nb, p2.data(), nq, ss, m.data(), l2.data(), o2.data(), os);
+      softmax(sp, vals.data(), nb, p2.data(), nq, ss, m.data(), l2.data(), o2.data(), os, nullptr, 0);
       EXPECT_EQ(p2, p_got);
       EXPECT_EQ(o2, o_got);
       for (int iq = 0; iq < nq; ++iq) {
@@ -757,6 +790,28 @@ TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
       }
     }
   }
+}
+
+TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
+  check_softmax_values(
+      [](const LowBitSpec& sp, const uint8_t* v, int nb, float* s, int nq, size_t ss, const float* m, float* l, float* o,
+         size_t os, float* bm, size_t bs) { lowbit_softmax_values(sp, v, nb, s, nq, ss, m, l, o, os, bm, bs); },
+      [](const LowBitSpec& sp, const uint8_t* v, int nb, const float* p, int nq, size_t ps, float* o, size_t os) {
+        lowbit_accumulate_values(sp, v, nb, p, nq, ps, o, os);
+      });
+}
+
+// The AVX2 kernel's fused exponentials (the dispatch above runs the AVX-512 kernel on AVX-512
+// machines), against its own plain value sums.
+TEST(LowBit, Avx2SoftmaxValuesEqualExpThenAccumulate) {
+  check_softmax_values(
+      [](const LowBitSpec& sp, const uint8_t* v, int nb, float* s, int nq, size_t ss, const float* m, float* l, float* o,
+         size_t os, float* bm, size_t bs) {
+        lowbit_detail::softmax_values_avx2(sp, v, nb, s, nq, ss, m, l, o, os, bm, bs);
+      },
+      [](const LowBitSpec& sp, const uint8_t* v, int nb, const float* p, int nq, size_t ps, float* o, size_t os) {
+        lowbit_detail::accumulate_values_avx2(sp, v, nb, p, nq, ps, o, os);
+      });
 }
 
 TEST(LowBit, Avx2KernelsMatchScalar) {

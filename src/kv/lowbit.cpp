@@ -508,6 +508,13 @@ void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_b
   // the AVX2 one requests blocks a few ahead of the one it scores, from its first on).
   for (size_t i = 0; i < n_extra; ++i) prefetch_line(extra[i]);
   prefetch_bytes(blocks, (size_t)std::min(n_blocks, 8) * spec.key_block_bytes());
+#if defined(SPC_LOWBIT_AVX2)
+  // The AVX2 kernel folds the debias term into each block's constant and keeps the row maxima.
+  if (lowbit_detail::score_keys_simd(spec)) {
+    lowbit_detail::score_keys_avx2(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride, debias, row_max);
+    return;
+  }
+#endif
   lowbit_score_keys(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride);
   debias_and_max(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride, debias, row_max);
 }
@@ -525,6 +532,12 @@ void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_
   if (lowbit_detail::accumulate_values_simd(spec) && spec.value_ngroups() == 1) {
     lowbit_detail::softmax_values_avx512(spec, values, n_blocks, s, n_q, s_stride, m, l, out, out_stride, block_max,
                                          bm_stride);
+    return;
+  }
+#elif defined(SPC_LOWBIT_AVX2)
+  if (lowbit_detail::accumulate_values_simd(spec)) {
+    lowbit_detail::softmax_values_avx2(spec, values, n_blocks, s, n_q, s_stride, m, l, out, out_stride, block_max,
+                                       bm_stride);
     return;
   }
 #endif

@@ -143,8 +143,8 @@ void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int
 // lowbit_score_keys, and: every score of block b and row iq is lowered by
 // debias * sum_c q_c^2 * s_c^2 / 24 (s_c: block b's key scales; the expected inflation of exp()
 // by the score error, docs/ARCHITECTURE.md; debias >= 0, 0 = off); when row_max is not null,
-// row_max[iq] = the largest score written to row iq. AVX-512 folds both into the kernel (the
-// debias term into the per-block constant qz); the other paths run a pass over the scores.
+// row_max[iq] = the largest score written to row iq. The AVX-512 and AVX2 kernels fold both in
+// (the debias term into the per-block constant qz); the scalar path runs a pass over the scores.
 // extra (optional): n_extra addresses of cache lines the caller reads right after this call
 // (the decode attention: the chunk's top-k rows, just written by another core). The AVX-512
 // kernel requests them spread over its blocks' dot products, where they arrive without holding
@@ -157,8 +157,9 @@ void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_b
 // finite s_t of the row; exp_fast, ops/vec_math.h: relative error < 4e-6, about half of
 // exp_approx's work, bit for bit the same on every SIMD level: the weights are quantized to 8 bits
 // next), l[iq] = sum_t p_t, and out[iq*out_stride + c] += sum_t p_t * V_hat_t[c], as
-// vec_exp_fast_shift_sum followed by lowbit_accumulate_values (AVX-512 computes the exponentials
-// inside the value kernel's per-block weight preparation where a token's values form one group).
+// vec_exp_fast_shift_sum followed by lowbit_accumulate_values (AVX2 computes the exponentials
+// inside the value kernel's per-block weight preparation, AVX-512 too where a token's values form
+// one group).
 // block_max (optional): block_max[iq*bm_stride + b] = the largest p_t of row iq in block b (of
 // the values as written to s), for bounds on the blocks' attention (the selection's pruning).
 void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
@@ -204,10 +205,16 @@ void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_
 #define SPC_LOWBIT_AVX2 1
 // AVX2 kernels (lowbit_avx2.cpp), any spec: what the dispatch uses without AVX-512; also built on
 // AVX-512 machines so the tests cover them there.
+// debias, row_max: as lowbit_score_keys_ex (0 / null: plain scores).
 void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
-                     size_t q_stride, float* scores, size_t score_stride);
+                     size_t q_stride, float* scores, size_t score_stride, float debias = 0.0f,
+                     float* row_max = nullptr);
 void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
                             size_t p_stride, float* out, size_t out_stride);
+// lowbit_softmax_values' AVX2 form (any spec): the exponentials inside the weight preparation.
+void softmax_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+                         size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
+                         size_t bm_stride);
 #endif
 }  // namespace lowbit_detail
 

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -174,6 +175,7 @@ struct KeyCtx {
   int d, g, bits, J, nq4, r, nquads, d16;  // d16: d rounded up to 16
   size_t bb, pb;
   float h, lim;
+  float dcoef;  // debias/24: the debias term dcoef * sum_c q_c^2 s_c^2 comes off qz (0: none)
 };
 
 // The rows' int16 queries (once per call and row tile).
@@ -213,7 +215,8 @@ void prep_key_rows(const KeyCtx& k, const float* q, size_t q_stride, int nq, Key
 }
 
 // One key block: u8 scales sq_c = rne(s_c * lim/smax), as = smax/lim; per row the split products
-// lo/hi of w_c = qq_c*sq_c, A = aq*as and qz = sum_c q_c*(z_c + h*s_c) - h*A*sum_c w_c.
+// lo/hi of w_c = qq_c*sq_c, A = aq*as and qz = sum_c q_c*(z_c + h*s_c) - h*A*sum_c w_c, less the
+// debias term dcoef * sum_c q_c^2 s_c^2 where k.dcoef > 0.
 // padded: room for bits*nquads*J words, used when d % 4 != 0.
 void prep_key_block(const KeyCtx& k, const uint8_t* block, const KeyRows& kr, int nq, KeyPrep& kp,
                     uint8_t* padded) {
@@ -263,6 +266,16 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const KeyRows& kr, in
       tz1 = _mm256_fmadd_ps(_mm256_load_ps(kr.q[iq] + c + 8), _mm256_load_ps(zc + c + 8), tz1);
     }
     tz = _mm256_add_ps(tz, tz1);
+    if (k.dcoef > 0.0f) {  // (lanes beyond d: q = s = 0)
+      __m256 tb = _mm256_setzero_ps(), tb1 = _mm256_setzero_ps();
+      for (int c = 0; c < d16; c += 16) {
+        const __m256 q0 = _mm256_load_ps(kr.q[iq] + c), q1 = _mm256_load_ps(kr.q[iq] + c + 8);
+        const __m256 s0 = _mm256_load_ps(s + c), s1 = _mm256_load_ps(s + c + 8);
+        tb = _mm256_fmadd_ps(_mm256_mul_ps(q0, q0), _mm256_mul_ps(s0, s0), tb);
+        tb1 = _mm256_fmadd_ps(_mm256_mul_ps(q1, q1), _mm256_mul_ps(s1, s1), tb1);
+      }
+      tz = _mm256_fnmadd_ps(_mm256_add_ps(tb, tb1), _mm256_set1_ps(k.dcoef), tz);
+    }
     __m256i wsum = _mm256_setzero_si256();
     uint32_t* lo = kp.lo[iq];
     uint32_t* hi = kp.hi[iq];
@@ -364,8 +377,13 @@ struct ValPrep {
 
 // Weights of rows p[0..nq) (p_stride apart, at the block's first token) for one value block; adds
 // the zero terms p*(z + h*s) to zacc ([row][kMaxGroups] x 8 lanes) and folds p into pmin.
-void prep_value_block(const ValCtx& c, const uint8_t* block, const float* p, size_t p_stride, int nq, ValPrep& vp,
-                      __m256* zacc, __m256& pmin) {
+// EXP: p holds the rows' scores; the weights are the softmax numerators exp_fast(p - m[iq]),
+// written back over the scores (the values vec_exp_fast_shift_sum writes) and added lane-wise to
+// lsum[iq]; bmax[iq] = the block's largest numerator of row iq (pmin is not needed: exp >= 0).
+template <bool EXP>
+void prep_value_block(const ValCtx& c, const uint8_t* block, float* p, size_t p_stride, int nq, ValPrep& vp,
+                      __m256* zacc, __m256& pmin, const float* m = nullptr, __m256* lsum = nullptr,
+                      float* bmax = nullptr) {
   const int g = c.g, ng = c.ng, n8 = g / 8, maxc = (1 << c.bits) - 1;
   const uint8_t* sp = block + (size_t)c.bits * c.pb;
   const uint8_t* zp = sp + 2 * (size_t)ng * g;
@@ -378,16 +396,29 @@ void prep_value_block(const ValCtx& c, const uint8_t* block, const float* p, siz
   }
   __m256 pm = pmin;
   for (int iq = 0; iq < nq; ++iq) {
-    const float* pr = p + (size_t)iq * p_stride;
+    float* pr = p + (size_t)iq * p_stride;
     __m256* za = zacc + iq * kMaxGroups;
     // Two partial sums per group and two maxima (even / odd j; n8 = g/8 is even): a single
     // chain per row was latency-bound (n8 dependent FMAs per row and block).
     __m256 m0 = _mm256_setzero_ps(), m1 = m0;
+    __m256 bm = _mm256_setzero_ps();  // EXP: the block's numerators' maximum, lane-wise
     for (int gi = 0; gi < ng; ++gi) {
       __m256 z0 = _mm256_setzero_ps(), z1 = z0;
       for (int j = 0; j < n8; j += 2) {
-        const __m256 p0 = _mm256_loadu_ps(pr + 8 * j), p1 = _mm256_loadu_ps(pr + 8 * j + 8);
-        if (gi == 0) pm = _mm256_min_ps(p1, _mm256_min_ps(p0, pm));  // a NaN in p keeps pm
+        __m256 p0 = _mm256_loadu_ps(pr + 8 * j), p1 = _mm256_loadu_ps(pr + 8 * j + 8);
+        if constexpr (EXP) {
+          if (gi == 0) {  // (later groups read the numerators stored here)
+            const __m256 mv = _mm256_set1_ps(m[iq]);
+            p0 = exp_fast8(_mm256_sub_ps(p0, mv));
+            p1 = exp_fast8(_mm256_sub_ps(p1, mv));
+            _mm256_storeu_ps(pr + 8 * j, p0);
+            _mm256_storeu_ps(pr + 8 * j + 8, p1);
+            lsum[iq] = _mm256_add_ps(lsum[iq], _mm256_add_ps(p0, p1));
+            bm = _mm256_max_ps(bm, _mm256_max_ps(p0, p1));
+          }
+        } else if (gi == 0) {
+          pm = _mm256_min_ps(p1, _mm256_min_ps(p0, pm));  // a NaN in p keeps pm
+        }
         m0 = _mm256_max_ps(m0, _mm256_mul_ps(p0, _mm256_load_ps(s + gi * g + 8 * j)));
         m1 = _mm256_max_ps(m1, _mm256_mul_ps(p1, _mm256_load_ps(s + gi * g + 8 * j + 8)));
         z0 = _mm256_fmadd_ps(p0, _mm256_load_ps(zc + gi * g + 8 * j), z0);
@@ -395,6 +426,7 @@ void prep_value_block(const ValCtx& c, const uint8_t* block, const float* p, siz
       }
       za[gi] = _mm256_add_ps(za[gi], _mm256_add_ps(z0, z1));
     }
+    if constexpr (EXP) bmax[iq] = hmax8(bm);
     const float mx = hmax8(_mm256_max_ps(m0, m1));
     const float inv = mx > 0.0f ? 255.0f / mx : 0.0f;
     vp.half_b[iq] = 0.5f * (mx / 255.0f);
@@ -491,7 +523,7 @@ ValueFn pick_value_fn(int bits, int tr, bool mask, int nq) {
 }  // namespace
 
 void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
-                     size_t q_stride, float* scores, size_t score_stride) {
+                     size_t q_stride, float* scores, size_t score_stride, float debias, float* row_max) {
   spec.validate();
   KeyCtx k;
   k.d = spec.head_dim;
@@ -506,6 +538,7 @@ void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks
   k.pb = spec.key_plane_bytes();
   k.h = 0.5f * (float)((1 << k.bits) - 1);
   k.lim = key_scale_levels(k.bits);
+  k.dcoef = debias / 24.0f;
   KeyRows rows;
   KeyPrep prep;
   alignas(32) uint8_t padded[2 * kMaxQuads * 4 * 8];  // d % 4 != 0
@@ -516,6 +549,8 @@ void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks
     const int tr = key_halves_per_tile(k.bits, nq);
     const KeyTileFn fn = pick_key_tile(k.bits, nq);
     const int qg = k.bits == 1 ? kKeyQuadGroup<1> : kKeyQuadGroup<2>;
+    __m256 rmax[kMaxNq];  // the rows' running maxima of the written scores, lane-wise
+    for (int iq = 0; iq < nq; ++iq) rmax[iq] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     for (int blk = 0; blk < n_blocks; ++blk) {
       if (blk + kPrefetchBlocks < n_blocks) prefetch_bytes(blocks + (size_t)(blk + kPrefetchBlocks) * k.bb, k.bb);
       prep_key_block(k, blocks + (size_t)blk * k.bb, rows, nq, prep, padded);
@@ -528,18 +563,25 @@ void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks
           for (int iq = 0; iq < nq; ++iq) {
             const __m256 av = _mm256_set1_ps(prep.A[iq]), zv = _mm256_set1_ps(prep.qz[iq]);
             float* out = scores + (size_t)(q0 + iq) * score_stride + t0;
-            for (int r = 0; r < tr; ++r)
-              _mm256_storeu_ps(out + 8 * r, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_load_si256(
-                                                                (const __m256i*)(isum + (iq * tr + r) * 8))),
-                                                            av, zv));
+            for (int r = 0; r < tr; ++r) {
+              const __m256 sc = _mm256_fmadd_ps(
+                  _mm256_cvtepi32_ps(_mm256_load_si256((const __m256i*)(isum + (iq * tr + r) * 8))), av, zv);
+              _mm256_storeu_ps(out + 8 * r, sc);
+              rmax[iq] = _mm256_max_ps(rmax[iq], sc);
+            }
           }
         }
     }
+    if (row_max)
+      for (int iq = 0; iq < nq; ++iq) row_max[q0 + iq] = hmax8(rmax[iq]);
   }
 }
 
-void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
-                            size_t p_stride, float* out, size_t out_stride) {
+namespace {
+
+// accumulate_values_avx2 (m == nullptr) and softmax_values_avx2 (p holds scores; m, l, block_max).
+void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* p, int n_q, size_t p_stride,
+                 float* out, size_t out_stride, const float* m, float* l, float* block_max, size_t bm_stride) {
   spec.validate();
   ValCtx c;
   c.d = spec.head_dim;
@@ -563,16 +605,25 @@ void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n
 
   for (int q0 = 0; q0 < n_q; q0 += kMaxNq) {
     const int nq = std::min(kMaxNq, n_q - q0);
-    const float* pt = p + (size_t)q0 * p_stride;
+    float* pt = p + (size_t)q0 * p_stride;
     std::fill(facc, facc + nq * kMaxDim, 0.0f);
     for (int i = 0; i < nq * kMaxGroups; ++i) zacc[i] = _mm256_setzero_ps();
     __m256 pmin = _mm256_setzero_ps();
+    __m256 lsum[kMaxNq];
+    for (int iq = 0; iq < nq; ++iq) lsum[iq] = _mm256_setzero_ps();
+    float bmax[kMaxNq];
     const int tr = nq <= 3 ? 2 : 1;
     const ValueFn full = pick_value_fn(c.bits, tr, false, nq);
     for (int blk = 0; blk < n_blocks; ++blk) {
       const uint8_t* block = values + (size_t)blk * vb;
       if (blk + kPrefetchBlocks < n_blocks) prefetch_bytes(block + kPrefetchBlocks * vb, vb);
-      prep_value_block(c, block, pt + (size_t)blk * g, p_stride, nq, prep, zacc, pmin);
+      if (m) {
+        prep_value_block<true>(c, block, pt + (size_t)blk * g, p_stride, nq, prep, zacc, pmin, m + q0, lsum, bmax);
+        if (block_max)
+          for (int iq = 0; iq < nq; ++iq) block_max[(size_t)(q0 + iq) * bm_stride + blk] = bmax[iq];
+      } else {
+        prep_value_block<false>(c, block, pt + (size_t)blk * g, p_stride, nq, prep, zacc, pmin);
+      }
       for (int m = 0; m < nchunks; ++m) {
         const bool tail = r > 0 && m == nchunks - 1;
         const int halves = tail ? tail_halves : 2;
@@ -586,6 +637,8 @@ void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n
       }
     }
     SPC_CHECK(!(hmin8(pmin) < 0.0f), "low-bit values: weights must be >= 0, got %g", (double)hmin8(pmin));
+    if (m)
+      for (int iq = 0; iq < nq; ++iq) l[q0 + iq] = hsum8(lsum[iq]);
     for (int iq = 0; iq < nq; ++iq) {
       float zs[kMaxGroups];
       for (int gi = 0; gi < ng; ++gi) zs[gi] = hsum8(zacc[iq * kMaxGroups + gi]);
@@ -594,6 +647,21 @@ void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n
       for (int ch = 0; ch < d; ++ch) o[ch] += f[ch] + zs[ch / gv];
     }
   }
+}
+
+}  // namespace
+
+void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+                            size_t p_stride, float* out, size_t out_stride) {
+  // (p is only read when m is null.)
+  values_impl(spec, values, n_blocks, const_cast<float*>(p), n_q, p_stride, out, out_stride, nullptr, nullptr, nullptr,
+              0);
+}
+
+void softmax_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+                         size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
+                         size_t bm_stride) {
+  values_impl(spec, values, n_blocks, s, n_q, s_stride, out, out_stride, m, l, block_max, bm_stride);
 }
 
 }  // namespace spc::lowbit_detail

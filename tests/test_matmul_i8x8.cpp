@@ -59,7 +59,7 @@ std::vector<float> random_x(int64_t n_tok, int64_t n_in, std::mt19937& rng) {
 }  // namespace
 
 TEST(MatmulI8x8, MatchesRowMajorInt8AndReference) {
-  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI)";
+  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI, or AVX-VNNI)";
   std::mt19937 rng(11);
   ThreadPool pool1(1), pool2(2);
   for (GgmlType t : kTypes) {
@@ -144,7 +144,7 @@ TEST(MatmulI8x8, AmxPairsEqualVnniBitForBit) {
 }
 
 TEST(MatmulI8x8, ManyEqualsSeparateCalls) {
-  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI)";
+  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI, or AVX-VNNI)";
   std::mt19937 rng(12);
   ThreadPool pool(2);
   const Mat a = make(GgmlType::Q4_1, 576, 576, rng, true), b = make(GgmlType::Q4_1, 576, 192, rng, true),
@@ -198,7 +198,7 @@ TEST(MatmulI8x8, UnsupportedShapesAndTypes) {
 // bit-identical results with the row-major data replaced by garbage (the decode sizes: the test
 // above).
 TEST(MatmulI8x8, CopyServesPrefillAndRowLookups) {
-  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI)";
+  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI, or AVX-VNNI)";
   std::mt19937 rng(14);
   ThreadPool pool(2);
   for (GgmlType t : kTypes) {

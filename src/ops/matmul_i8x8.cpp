@@ -118,15 +118,20 @@ void i8x8_unpack_row(const WeightView& w, int64_t row, uint8_t* dst) {
 
 namespace mmk {
 
-#if defined(SPC_MM_VNNI)
+#if defined(SPC_MM_I8X8)
 namespace {
 
 inline __m256 ld_h8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-// vpdpbusd with the 4 int8 activations at x broadcast to every lane (an embedded {1to8} operand).
+// vpdpbusd with the 4 int8 activations at x broadcast to every lane (AVX-512: an embedded {1to8}
+// operand; AVX-VNNI: its VEX form, the same integer products).
 inline __m256i dp_bcast(__m256i acc, __m256i u8, const int8_t* x) {
   int32_t v;
   std::memcpy(&v, x, 4);
+#if defined(SPC_MM_VNNI)
   return _mm256_dpbusd_epi32(acc, u8, _mm256_set1_epi32(v));
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u8, _mm256_set1_epi32(v));
+#endif
 }
 
 constexpr size_t kPrefetchRecords = 32;
@@ -191,6 +196,7 @@ void group_kernel(const uint8_t* rec, int64_t nb, const int8_t* xq, const float*
     _mm256_storeu_ps(y + t * y_stride, _mm256_fmadd_ps(accm[t], _mm256_set1_ps(kCoef), acc[t]));
 }
 
+#if defined(SPC_MM_VNNI)
 // AMX form (prefill): per pair of groups, every block's codes are first laid out as a tdpbsud B
 // operand (8 rows of 64 bytes: row k holds elements 4k..4k+3 of the 16 rows, as u8) with the
 // block's 16 scales d and constant terms c in fp32; then per 16-token tile, block by block, one
@@ -277,6 +283,8 @@ void pair_amx(const uint8_t* rec0, const uint8_t* rec1, int64_t nb, const int8_t
   }
 }
 
+#endif  // SPC_MM_VNNI
+
 template <GgmlType TY>
 I8x8Fn for_t(int t) {
   switch (t) {
@@ -297,6 +305,7 @@ I8x8Fn i8x8_for(GgmlType type, int t) {
     default: return nullptr;
   }
 }
+#if defined(SPC_MM_VNNI)
 I8x8PairFn i8x8_pair_amx_for(GgmlType type) {
   if (!cpu_amx_int8_usable()) return nullptr;
   switch (type) {
@@ -306,6 +315,9 @@ I8x8PairFn i8x8_pair_amx_for(GgmlType type) {
     default: return nullptr;
   }
 }
+#else
+I8x8PairFn i8x8_pair_amx_for(GgmlType) { return nullptr; }
+#endif
 #else
 I8x8Fn i8x8_for(GgmlType, int) { return nullptr; }
 I8x8PairFn i8x8_pair_amx_for(GgmlType) { return nullptr; }

@@ -22,6 +22,9 @@
 // exp through exp_approx, same values to ~1e-7): 59/64 on AVX-512, 58/64 on AVX2, 41/41 on both.
 // Session 15 (the low-bit value weights' exponentials through exp_fast, relative error < 4e-6):
 // 58/64 on both builds (AVX-512 was 59 before it, AVX2 58), 41/41 on both.
+// Session 24 (the AVX2 kernels' debias term folded into the score kernel, their exponentials into
+// the value preparation; AVX-VNNI builds): 57/64 on the AVX2 and AVX2 + AVX-VNNI builds (58 before),
+// 58/64 on AVX-512, 41/41 on all.
 // The test reports agreement by margin and guards both the overall count and the confident positions against regressions.
 #include <gtest/gtest.h>
 

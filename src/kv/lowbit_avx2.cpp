@@ -233,8 +233,9 @@ void prep_key_rows(const KeyCtx& k, const float* q, size_t q_stride, int nq, Key
 }
 
 // One key block: u8 scales sq_c = rne(s_c * lim/smax), as = smax/lim; per row the split products
-// lo/hi of w_c = qq_c*sq_c, A = aq*as and qz = sum_c q_c*(z_c + h*s_c) - h*A*sum_c w_c, less the
-// debias term dcoef * sum_c q_c^2 s_c^2 where k.dcoef > 0.
+// lo/hi of w_c = qq_c*sq_c (with AVX-VNNI: the scales as bytes instead, shared by the rows),
+// A = aq*as and qz = sum_c q_c*(z_c + h*s_c) - h*A*sum_c w_c, less the debias term
+// dcoef * sum_c q_c^2 s_c^2 where k.dcoef > 0.
 // padded: room for bits*nquads*J words, used when d % 4 != 0.
 void prep_key_block(const KeyCtx& k, const uint8_t* block, const KeyRows& kr, int nq, KeyPrep& kp,
                     uint8_t* padded) {
@@ -422,7 +423,8 @@ void key_tile(const uint8_t* words, int u0, int u1, size_t quad_stride, size_t p
 using KeyTileFn = void (*)(const uint8_t*, int, int, size_t, size_t, const KeyPrep&, const KeyRows&, int32_t*, bool);
 
 // Halves per tile: both halves of a chunk for up to 3 rows (1 bit) or 2 rows (2 bits: the second
-// plane's expansion needs a register more), else one: <= 12 int16 accumulators, no spills.
+// plane's expansion needs a register more), else one: <= 12 accumulators (int16, or int32 with
+// AVX-VNNI), no spills.
 inline int key_halves_per_tile(int bits, int nq) { return nq <= (bits == 1 ? 3 : 2) ? 2 : 1; }
 
 template <int BITS>

@@ -275,18 +275,15 @@ void prep_key_block(const KeyCtx& k, const uint8_t* block, const KeyRows& kr, in
   for (int c = 0; c < d16; c += 16) {
     const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(s + c), invs));
     const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(s + c + 8), invs));
-    _mm256_store_si256((__m256i*)(sq + c), pack_i16(a, b));
-  }
+    const __m256i v = pack_i16(a, b);
+    _mm256_store_si256((__m256i*)(sq + c), v);
 #if defined(__AVXVNNI__)
-  {  // the u8 scales as bytes, 4 per quad (<= 255; 2 bits: <= 85, doubled <= 170)
-    uint8_t* b1 = (uint8_t*)kp.sq;
-    uint8_t* b2 = (uint8_t*)kp.sq2;
-    for (int c = 0; c < 4 * k.nquads; ++c) {
-      b1[c] = (uint8_t)sq[c];
-      if (k.bits == 2) b2[c] = (uint8_t)(2 * sq[c]);
-    }
-  }
+    // The same scales as bytes, 4 per quad (<= 255; 2 bits: <= 85, doubled <= 170; 0 beyond d).
+    const __m128i u8 = _mm_packus_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_store_si128((__m128i*)((uint8_t*)kp.sq + c), u8);
+    if (k.bits == 2) _mm_store_si128((__m128i*)((uint8_t*)kp.sq2 + c), _mm_add_epi8(u8, u8));
 #endif
+  }
   const __m256i ones16 = _mm256_set1_epi16(1), r128 = _mm256_set1_epi16(128);
   for (int iq = 0; iq < nq; ++iq) {
     __m256 tz = _mm256_setzero_ps(), tz1 = _mm256_setzero_ps();  // two chains (d16 % 16 == 0)

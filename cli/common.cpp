@@ -27,7 +27,7 @@ void add_act_flags(CLI::App& app, ActArgs& a) {
   app.add_flag("--int8-act", a.int8_flag, "the same as --act int8")->excludes(act);
   app.add_option("--prefill-act", a.prefill,
                  "activations of the prompt's matmuls: auto (int8 wherever decode runs int8 through the interleaved "
-                 "int8 kernels, i.e. builds with AVX-512 VNNI or AVX-VNNI: prefill 1.6-3.2x faster on SmolLM2, and with int8 decode a mean KL "
+                 "int8 kernels, i.e. builds with AVX2 or AVX-512: prefill 1.4-3.2x faster on SmolLM2, and with int8 decode a mean KL "
                  "~2e-3 from fp32 throughout against ~1.6e-3 for int8 decode alone; else fp32) or fp32")
       ->check(CLI::IsMember({"auto", "fp32"}))
       ->capture_default_str();

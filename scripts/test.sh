@@ -3,8 +3,8 @@
 # builds, and runs the whole GoogleTest suite through ctest. Tests that need ../shared skip
 # with a message when it is absent. On an AVX-512 machine the suite runs a second time on a
 # build for AVX2 (x86-64-v3), so both SIMD levels of the kernels are tested wherever CI runs,
-# and a third time with AVX-VNNI added where the CPU has it (the interleaved int8 matmuls of
-# AVX2 CPUs since Alder Lake).
+# and a third time with AVX-VNNI added where the CPU has it (the vpdpbusd forms of the int8
+# matmuls and packed low-bit kernels on AVX2 CPUs since Alder Lake).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh" >/dev/null

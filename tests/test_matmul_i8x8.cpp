@@ -13,6 +13,7 @@
 #include "core/dtype.h"
 #include "matmul_test_util.h"
 #include "ops/matmul.h"
+#include "ops/quant.h"
 #include "util/error.h"
 #include "util/threadpool.h"
 
@@ -59,7 +60,7 @@ std::vector<float> random_x(int64_t n_tok, int64_t n_in, std::mt19937& rng) {
 }  // namespace
 
 TEST(MatmulI8x8, MatchesRowMajorInt8AndReference) {
-  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI, or AVX-VNNI)";
+  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX2)";
   std::mt19937 rng(11);
   ThreadPool pool1(1), pool2(2);
   for (GgmlType t : kTypes) {
@@ -97,6 +98,50 @@ TEST(MatmulI8x8, MatchesRowMajorInt8AndReference) {
           }
         }
       }
+    }
+  }
+}
+
+// The largest products the kernels can meet: codes at the top of their range (Q4: 15; Q8_0: 127,
+// stored as u8 255) against activations at +-127, the int8 extreme, on every element but one per
+// block. Plain AVX2 sums these through vpmaddubsw in int16 (Q8_0 by nibbles), where a saturating
+// or wrapping sum would be off by thousands; the inputs are exact in every format (d = 1, x = +-1
+// quantizes to +-127 with scale 1/127), so the result must equal the double product to float
+// rounding. Decode (1-2 tokens) and prefill sizes.
+TEST(MatmulI8x8, ExtremeCodesAndActivationsAreExact) {
+  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX2)";
+  ThreadPool pool(2);
+  const int64_t n_in = 256, n_out = 16;
+  for (GgmlType t : kTypes) {
+    // Row values: hi everywhere, lo at one element per block (which sets the block's range).
+    const float hi = t == GgmlType::Q4_1 ? 15.f : t == GgmlType::Q4_0 ? 7.f : 127.f;
+    const float lo = t == GgmlType::Q4_1 ? 0.f : t == GgmlType::Q4_0 ? -8.f : -127.f;
+    const size_t rs = row_size(t, n_in);
+    std::vector<uint8_t> w(rs * n_out);
+    std::vector<float> row(n_in), wd(n_in * n_out);
+    for (int64_t o = 0; o < n_out; ++o) {
+      for (int64_t i = 0; i < n_in; ++i) row[i] = i % 32 == o % 32 ? lo : hi;
+      quantize_row(t, row.data(), w.data() + o * rs, n_in);
+      dequantize_row(t, w.data() + o * rs, wd.data() + o * n_in, n_in);
+      for (int64_t i = 0; i < n_in; ++i) ASSERT_EQ(wd[o * n_in + i], row[i]) << type_name(t) << ": inexact weights";
+    }
+    std::vector<uint8_t> il(i8x8_bytes(WeightView{t, n_in, n_out, w.data()}));
+    i8x8_repack(WeightView{t, n_in, n_out, w.data()}, il.data());
+    WeightView v{t, n_in, n_out, w.data()};
+    v.i8x8 = il.data();
+    for (int64_t n_tok : {1, 2, 37}) {
+      std::vector<float> x(n_tok * n_in);
+      for (int64_t tt = 0; tt < n_tok; ++tt)
+        for (int64_t i = 0; i < n_in; ++i) x[tt * n_in + i] = (tt % 2 == 0) == (i % 64 < 48) ? 1.f : -1.f;
+      std::vector<float> y(n_tok * n_out, NAN);
+      matmul(v, x.data(), n_tok, y.data(), pool, /*int8_activations=*/true);
+      for (int64_t tt = 0; tt < n_tok; ++tt)
+        for (int64_t o = 0; o < n_out; ++o) {
+          double want = 0;
+          for (int64_t i = 0; i < n_in; ++i) want += (double)wd[o * n_in + i] * x[tt * n_in + i];
+          ASSERT_NEAR(y[tt * n_out + o], want, 1e-5 * n_in * hi)
+              << type_name(t) << " n_tok=" << n_tok << " token " << tt << " row " << o;
+        }
     }
   }
 }
@@ -144,7 +189,7 @@ TEST(MatmulI8x8, AmxPairsEqualVnniBitForBit) {
 }
 
 TEST(MatmulI8x8, ManyEqualsSeparateCalls) {
-  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI, or AVX-VNNI)";
+  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX2)";
   std::mt19937 rng(12);
   ThreadPool pool(2);
   const Mat a = make(GgmlType::Q4_1, 576, 576, rng, true), b = make(GgmlType::Q4_1, 576, 192, rng, true),
@@ -198,7 +243,7 @@ TEST(MatmulI8x8, UnsupportedShapesAndTypes) {
 // bit-identical results with the row-major data replaced by garbage (the decode sizes: the test
 // above).
 TEST(MatmulI8x8, CopyServesPrefillAndRowLookups) {
-  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX-512 VL + VNNI, or AVX-VNNI)";
+  if (!have_kernel()) GTEST_SKIP() << "this build has no interleaved int8 kernel (needs AVX2)";
   std::mt19937 rng(14);
   ThreadPool pool(2);
   for (GgmlType t : kTypes) {
@@ -242,7 +287,7 @@ TEST(MatmulI8x8, CopyServesPrefillAndRowLookups) {
 }
 
 // What --act auto asks: SIMD int8 decode kernels exist for the block types on every SIMD level
-// (interleaved with VNNI, row-major on AVX2) and never for float weights.
+// (the interleaved ones for these three) and never for float weights.
 TEST(MatmulI8x8, Int8KernelAvailability) {
   for (GgmlType t : {GgmlType::F32, GgmlType::F16, GgmlType::BF16}) EXPECT_FALSE(has_int8_decode_kernel(t)) << type_name(t);
   if (have_kernel()) {

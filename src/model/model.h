@@ -93,7 +93,7 @@ class Model {
   // tests/test_int8_decode.cpp). Prefill stays fp32 unless set_int8_prefill.
   // Off by default. Set before decoding; applies to every session of this model.
   // Turning it on the first time also builds the row-interleaved copies of the decode matrices
-  // that the int8 kernels read where the build has them (AVX-512 VNNI; Q4_0, Q4_1, Q8_0:
+  // that the int8 kernels read where the build has them (AVX2 or AVX-512; Q4_0, Q4_1, Q8_0:
   // i8x8_repack, 8 rows per dot product; ~96 MB for SmolLM2-135M Q4_1). While it is on, prefill
   // and the embedding lookup read the copies as well (identical values), and each source
   // matrix's pages of the mapped GGUF are released as soon as it is copied, so the resident

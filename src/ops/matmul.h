@@ -55,7 +55,7 @@ bool matmul_amx_active();
 bool has_int8_decode_kernel(GgmlType t);
 
 // Bytes of the row-interleaved copy of w for the int8 decode kernels (Q4_0, Q4_1, Q8_0 with
-// n_out a multiple of 8, on builds with AVX-512 VL + VNNI or AVX-VNNI); 0 where there is none.
+// n_out a multiple of 8, on builds with AVX2 + FMA + F16C or AVX-512); 0 where there is none.
 size_t i8x8_bytes(const WeightView& w);
 // Writes that copy (i8x8_bytes(w) bytes) to dst. Throws spc::Error where i8x8_bytes(w) is 0.
 void i8x8_repack(const WeightView& w, uint8_t* dst);

@@ -4,7 +4,9 @@
 // the activations' dword as an embedded broadcast. The row-major kernels (matmul_vnni.cpp) do
 // the same multiply-adds one row at a time and pay a conversion, a scale multiply and an FMA per
 // block, row and token; here those are shared by 8 rows, so a second token (SpeCache's
-// speculative row) costs ~12 operations per block and 8 rows instead of ~32.
+// speculative row) costs ~12 operations per block and 8 rows instead of ~32. On plain AVX2 (no
+// VNNI) each vpdpbusd becomes a vpmaddubsw whose int16 pair sums add up exactly over the block
+// (block_products), the same integers for about twice the operations.
 //
 // Record of one group and block (R = 8 rows):
 //   Q4_0: d[8] fp16 | codes 128 B                (144 B)
@@ -122,15 +124,87 @@ namespace mmk {
 namespace {
 
 inline __m256 ld_h8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-// vpdpbusd with the 4 int8 activations at x broadcast to every lane (AVX-512: an embedded {1to8}
-// operand; AVX-VNNI: its VEX form, the same integer products).
-inline __m256i dp_bcast(__m256i acc, __m256i u8, const int8_t* x) {
+// The 4 int8 activations at x in every dword lane.
+inline __m256i bcast4(const int8_t* x) {
   int32_t v;
   std::memcpy(&v, x, 4);
-#if defined(SPC_MM_VNNI)
-  return _mm256_dpbusd_epi32(acc, u8, _mm256_set1_epi32(v));
+  return _mm256_set1_epi32(v);
+}
+
+// Codes vectors per block: 8 chunks (the layout above); on plain AVX2 the Q8_0 codes are split
+// into low and high nibbles, 16 vectors.
+#if defined(SPC_MM_I8X8_VNNI)
+constexpr int kCodeVecs8 = 8;
 #else
-  return _mm256_dpbusd_avx_epi32(acc, u8, _mm256_set1_epi32(v));
+constexpr int kCodeVecs8 = 16;
+#endif
+
+// The block's codes as cv[] for block_products: chunk k, dword r = 4 elements of row r (k < 4:
+// elements 4k.., k >= 4: elements 16+4(k-4)..), as u8. Plain AVX2, Q8_0: cv[k] the low nibbles
+// of chunk k's u8 codes, cv[8 + k] the high ones.
+template <bool kQ8>
+inline void load_codes(const uint8_t* codes, __m256i* cv) {
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  if constexpr (kQ8) {
+    for (int k = 0; k < 8; ++k) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
+#if defined(SPC_MM_I8X8_VNNI)
+      cv[k] = v;
+#else
+      cv[k] = _mm256_and_si256(v, m4);
+      cv[8 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+#endif
+    }
+  } else {
+    for (int k = 0; k < 4; ++k) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
+      cv[k] = _mm256_and_si256(v, m4);
+      cv[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+  }
+}
+
+// The 8 rows' integer products P (lane r) of one block's codes cv (load_codes) with one token's
+// 32 int8 activations xb: chunk k pairs with activations 4k..4k+3.
+template <bool kQ8>
+inline __m256i block_products(const __m256i* cv, const int8_t* xb) {
+#if defined(SPC_MM_I8X8_VNNI)
+  // vpdpbusd with the activations' dword broadcast (AVX-512: its EVEX form, else AVX-VNNI's VEX
+  // form; the same integer products). Two independent chains (elements 0..15 and 16..31)
+  // shorten the dependency on vpdpbusd.
+  __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+  for (int k = 0; k < 4; ++k) {
+#if defined(SPC_MM_VNNI)
+    p0 = _mm256_dpbusd_epi32(p0, cv[k], bcast4(xb + 4 * k));
+    p1 = _mm256_dpbusd_epi32(p1, cv[4 + k], bcast4(xb + 16 + 4 * k));
+#else
+    p0 = _mm256_dpbusd_avx_epi32(p0, cv[k], bcast4(xb + 4 * k));
+    p1 = _mm256_dpbusd_avx_epi32(p1, cv[4 + k], bcast4(xb + 16 + 4 * k));
+#endif
+  }
+  return _mm256_add_epi32(p0, p1);
+#else
+  // vpmaddubsw: each int16 lane the sum of 2 products of a code (0..15) and an activation
+  // (|x| <= 128, quantize_act_row gives <= 127): at most 3840 in magnitude, so the 8 chunks' pair
+  // sums of a block (<= 30720) add up in int16 without saturating; one vpmaddwd then sums each
+  // row's two pairs. Q8_0's u8 codes (up to 255) would saturate vpmaddubsw: their low and high
+  // nibbles go through it separately, P = P_low + 16 P_high. Two chains of 4 chunks each.
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto nibble_sums = [&](const __m256i* c) {
+    __m256i s0 = _mm256_maddubs_epi16(c[0], bcast4(xb));
+    __m256i s1 = _mm256_maddubs_epi16(c[1], bcast4(xb + 4));
+    for (int k = 2; k < 8; k += 2) {
+      s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(c[k], bcast4(xb + 4 * k)));
+      s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(c[k + 1], bcast4(xb + 4 * k + 4)));
+    }
+    return _mm256_add_epi16(s0, s1);
+  };
+  if constexpr (kQ8) {
+    return _mm256_add_epi32(_mm256_madd_epi16(nibble_sums(cv), ones),
+                            _mm256_madd_epi16(nibble_sums(cv + 8), _mm256_set1_epi16(16)));
+  } else {
+    return _mm256_madd_epi16(nibble_sums(cv), ones);
+  }
 #endif
 }
 
@@ -155,7 +229,6 @@ void group_kernel(const uint8_t* rec, int64_t nb, const int8_t* xq, const float*
   constexpr float kCoef = Rec<TY>::kCoef;
   __m256 acc[T], accm[T];
   for (int t = 0; t < T; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
-  const __m256i m4 = _mm256_set1_epi8(0x0f);
   // Every line of this sequential stream (the groups of a thread's contiguous share follow one
   // another) requested kPrefetchRecords records ahead, one request per 64 bytes of record (some
   // lines twice). The earlier one or two requests per record, 8 records ahead, left the rest to
@@ -168,27 +241,12 @@ void group_kernel(const uint8_t* rec, int64_t nb, const int8_t* xq, const float*
     for (size_t o = 0; o < kRec; o += 64) _mm_prefetch((const char*)(rec + kAhead + o), _MM_HINT_T0);
     const __m256 d8 = ld_h8(rec);
     const __m256 c8 = kMin ? ld_h8(rec + 16) : d8;
-    const uint8_t* codes = rec + kCodes;
-    __m256i cv[8];  // elements 4k..4k+3 (k < 4) and 16+4(k-4).. (k >= 4) of the 8 rows
-    if constexpr (kQ8) {
-      for (int k = 0; k < 8; ++k) cv[k] = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
-    } else {
-      for (int k = 0; k < 4; ++k) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + 32 * k));
-        cv[k] = _mm256_and_si256(v, m4);
-        cv[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      }
-    }
+    __m256i cv[kQ8 ? kCodeVecs8 : 8];
+    load_codes<kQ8>(rec + kCodes, cv);
     for (int t = 0; t < T; ++t) {
-      const int8_t* xb = xq + t * n_in + b * 32;
-      // Two independent chains (elements 0..15 and 16..31) shorten the dependency on vpdpbusd.
-      __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
-      for (int k = 0; k < 4; ++k) {
-        p0 = dp_bcast(p0, cv[k], xb + 4 * k);
-        p1 = dp_bcast(p1, cv[4 + k], xb + 16 + 4 * k);
-      }
+      const __m256i P = block_products<kQ8>(cv, xq + t * n_in + b * 32);
       const __m256 s = _mm256_mul_ps(d8, _mm256_set1_ps(xd[t * nb + b]));
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), s, acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(P), s, acc[t]);
       accm[t] = _mm256_fmadd_ps(c8, _mm256_set1_ps(xs32[t * nb + b]), accm[t]);
     }
   }

@@ -15,9 +15,14 @@
 #define SPC_MM_VNNI 1
 #endif
 
-// The interleaved int8 decode kernels (matmul_i8x8.cpp) need only 256-bit vpdpbusd: AVX-512 VL +
-// VNNI, or the VEX-encoded AVX-VNNI of CPUs without AVX-512 (Intel cores since Alder Lake).
+// The interleaved int8 decode kernels (matmul_i8x8.cpp) take their integer products from 256-bit
+// vpdpbusd where the CPU has it (AVX-512 VL + VNNI, or the VEX-encoded AVX-VNNI of CPUs without
+// AVX-512: Intel cores since Alder Lake), and on plain AVX2 (AMD Zen 1-3, Intel cores before Ice
+// Lake) from vpmaddubsw pairs summed exactly in int16 (the same integers).
 #if defined(SPC_MM_VNNI) || (defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#define SPC_MM_I8X8_VNNI 1
+#endif
+#if defined(SPC_MM_I8X8_VNNI) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #define SPC_MM_I8X8 1
 #endif
 
@@ -64,7 +69,7 @@ void f32q_permute_x(const float* x, int64_t n, float* xp);
 // xd, xs32: stride nb). Writes y[t * y_stride + r], r < 8.
 using I8x8Fn = void (*)(const uint8_t* rec, int64_t nb, const int8_t* xq, const float* xd, const float* xs32,
                         int64_t n_in, float* y, int64_t y_stride);
-// nullptr when the type has no interleaved layout or the build lacks AVX-512 VL + VNNI and AVX-VNNI.
+// nullptr when the type has no interleaved layout or the build lacks AVX2 (with FMA and F16C).
 I8x8Fn i8x8_for(GgmlType type, int t);
 // Bytes of one interleaved record (8 rows, one 32-element block); 0 for other types.
 size_t i8x8_record_bytes(GgmlType type);

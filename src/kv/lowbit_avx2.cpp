@@ -420,9 +420,16 @@ void key_tile(const uint8_t* words, int u0, int u1, size_t quad_stride, size_t p
 using KeyTileFn = void (*)(const uint8_t*, int, int, size_t, size_t, const KeyPrep&, const KeyRows&, int32_t*, bool);
 
 // Halves per tile: both halves of a chunk for up to 3 rows (1 bit) or 2 rows (2 bits: the second
-// plane's expansion needs a register more), else one: <= 12 accumulators (int16, or int32 with
-// AVX-VNNI), no spills.
+// plane's expansion needs a register more), else one: <= 12 int16 accumulators (two per row and
+// half), no spills. AVX-VNNI needs one int32 accumulator per row and half: both halves for up to
+// 6 rows at 1 bit and 3 at 2 bits. A row's sums then run as two independent vpdpbusd chains
+// instead of one 16-quad chain whose latency bounded the tile: BM_LowBitScore 1 bit 6 rows
+// 38.3-40.5 -> 34.9-35.2 us, 2 bits 3 rows 33.6-46.9 -> 27.4-27.8 us (2 bits 6 rows: no gain).
+#if defined(__AVXVNNI__)
+inline int key_halves_per_tile(int bits, int nq) { return nq <= (bits == 1 ? 6 : 3) ? 2 : 1; }
+#else
 inline int key_halves_per_tile(int bits, int nq) { return nq <= (bits == 1 ? 3 : 2) ? 2 : 1; }
+#endif
 
 template <int BITS>
 KeyTileFn key_tile_b(int nq) {
@@ -439,7 +446,14 @@ KeyTileFn key_tile_b(int nq) {
   switch (nq) {
     case 1: return key_tile<BITS, 1, 2>;
     case 2: return key_tile<BITS, 2, 2>;
+#if defined(__AVXVNNI__)
+    case 3: return key_tile<BITS, 3, 2>;
+    case 4: return key_tile<BITS, 4, 2>;
+    case 5: return key_tile<BITS, 5, 2>;
+    default: return key_tile<BITS, 6, 2>;
+#else
     default: return key_tile<BITS, 3, 2>;
+#endif
   }
 }
 

@@ -473,11 +473,36 @@ struct ValPrep {
   float half_b[kMaxNq];                   // b/2 per row
 };
 
+// Lane i of the result: the maximum of v[i]'s 8 lanes (i < n <= 8; the other lanes repeat
+// v[0]'s). Exact (max neither rounds nor depends on the order), and one short tree for all rows
+// instead of a horizontal reduction per row.
+inline __m256 rows_max8(const __m256* v, int n) {
+  const auto at = [&](int i) { return v[i < n ? i : 0]; };
+  auto pair = [](__m256 a, __m256 b) { return _mm256_max_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b)); };
+  auto quad = [&](int i) {  // lanes per 128-bit half: rows i..i+3
+    const __m256 x = pair(at(i), at(i + 1)), y = pair(at(i + 2), at(i + 3));
+    return _mm256_max_ps(_mm256_shuffle_ps(x, y, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
+  };
+  const __m256 lo = quad(0), hi = n > 4 ? quad(4) : lo;
+  return _mm256_max_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+// The same for int32 sums (exact in any order).
+inline __m256i rows_sum8(const __m256i* v, int n) {
+  const __m256i z = _mm256_setzero_si256();
+  const auto at = [&](int i) { return i < n ? v[i] : z; };
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(at(0), at(1)), _mm256_hadd_epi32(at(2), at(3)));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(at(4), at(5)), _mm256_hadd_epi32(at(6), at(7)));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
 // Weights of rows p[0..nq) (p_stride apart, at the block's first token) for one value block; adds
 // the zero terms p*(z + h*s) to zacc ([row][kMaxGroups] x 8 lanes) and folds p into pmin.
 // EXP: p holds the rows' scores; the weights are the softmax numerators exp_fast(p - m[iq]),
 // written back over the scores (the values vec_exp_fast_shift_sum writes) and added lane-wise to
 // lsum[iq]; bmax[iq] = the block's largest numerator of row iq (pmin is not needed: exp >= 0).
+// The per-row maxima, scales and code sums are reduced for all rows at once (rows_max8,
+// rows_sum8): one horizontal reduction and scalar division per row and block left the core
+// waiting on their latency.
 template <bool EXP>
 void prep_value_block(const ValCtx& c, const uint8_t* block, float* p, size_t p_stride, int nq, ValPrep& vp,
                       __m256* zacc, __m256& pmin, const float* m = nullptr, __m256* lsum = nullptr,
@@ -493,6 +518,7 @@ void prep_value_block(const ValCtx& c, const uint8_t* block, float* p, size_t p_
     _mm256_store_ps(zc + 8 * i, _mm256_fmadd_ps(sv, hv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zp + 16 * i)))));
   }
   __m256 pm = pmin;
+  __m256 mxv[kMaxNq], bmv[kMaxNq];  // per row, lane-wise: max of p*s; EXP: max of the numerators
   for (int iq = 0; iq < nq; ++iq) {
     float* pr = p + (size_t)iq * p_stride;
     __m256* za = zacc + iq * kMaxGroups;
@@ -524,27 +550,49 @@ void prep_value_block(const ValCtx& c, const uint8_t* block, float* p, size_t p_
       }
       za[gi] = _mm256_add_ps(za[gi], _mm256_add_ps(z0, z1));
     }
-    if constexpr (EXP) bmax[iq] = hmax8(bm);
-    const float mx = hmax8(_mm256_max_ps(m0, m1));
-    const float inv = mx > 0.0f ? 255.0f / mx : 0.0f;
-    vp.half_b[iq] = 0.5f * (mx / 255.0f);
-    const __m256 iv = _mm256_set1_ps(inv);
+    mxv[iq] = _mm256_max_ps(m0, m1);
+    bmv[iq] = bm;
+  }
+  pmin = pm;
+  // Lane iq: row iq's largest p*s, its inverse step 255/mx (0 where mx is not positive) and b/2.
+  alignas(32) float inv[8], half_b[8];
+  {
+    const __m256 mx = rows_max8(mxv, nq);
+    const __m256 k255 = _mm256_set1_ps(255.0f);
+    const __m256 pos = _mm256_cmp_ps(mx, _mm256_setzero_ps(), _CMP_GT_OQ);
+    _mm256_store_ps(inv, _mm256_and_ps(pos, _mm256_div_ps(k255, mx)));
+    _mm256_store_ps(half_b, _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_div_ps(mx, k255)));
+    if constexpr (EXP) {
+      alignas(32) float bx[8];
+      _mm256_store_ps(bx, rows_max8(bmv, nq));
+      for (int iq = 0; iq < nq; ++iq) bmax[iq] = bx[iq];
+    }
+  }
+  __m256i usum[kMaxGroups][kMaxNq];
+  for (int iq = 0; iq < nq; ++iq) {
+    const float* pr = p + (size_t)iq * p_stride;
+    vp.half_b[iq] = half_b[iq];
+    const __m256 iv = _mm256_set1_ps(inv[iq]);
     for (int gi = 0; gi < ng; ++gi) {
-      __m256i usum = _mm256_setzero_si256();
+      __m256i us = _mm256_setzero_si256();
       for (int j0 = 0; j0 < n8; j0 += 4) {
         __m256i ui[4];
         for (int i = 0; i < 4; ++i) {
           const int j = j0 + i;
           const __m256 u = _mm256_mul_ps(_mm256_loadu_ps(pr + 8 * j), _mm256_load_ps(s + gi * g + 8 * j));
           ui[i] = _mm256_cvtps_epi32(_mm256_mul_ps(u, iv));
-          usum = _mm256_add_epi32(usum, ui[i]);
+          us = _mm256_add_epi32(us, ui[i]);
         }
         _mm256_store_si256((__m256i*)(vp.w[iq] + gi * g + 8 * j0), pack_u8(ui[0], ui[1], ui[2], ui[3]));
       }
-      vp.mU[iq][gi] = maxc * hsum_epi32(usum);
+      usum[gi][iq] = us;
     }
   }
-  pmin = pm;
+  for (int gi = 0; gi < ng; ++gi) {
+    alignas(32) int32_t u[8];
+    _mm256_store_si256((__m256i*)u, rows_sum8(usum[gi], nq));
+    for (int iq = 0; iq < nq; ++iq) vp.mU[iq][gi] = maxc * u[iq];
+  }
 }
 
 // TR halves (8 channels each) of one 16-channel chunk, inside one value group, of one block for

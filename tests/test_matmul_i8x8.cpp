@@ -38,12 +38,17 @@ struct Mat : MatmulCase {
   }
 };
 
-Mat make(GgmlType t, int64_t n_in, int64_t n_out, std::mt19937& rng, bool from_quantizer) {
-  Mat m;
-  static_cast<MatmulCase&>(m) = make_matmul_weights(t, n_in, n_out, rng, from_quantizer);
+// m.w holds the n_out rows of type t: sets the shape and builds the interleaved copy.
+void attach_copy(Mat& m, GgmlType t, int64_t n_in, int64_t n_out) {
   m.type = t, m.n_in = n_in, m.n_out = n_out;
   m.il.resize(i8x8_bytes(m.plain()));
   i8x8_repack(m.plain(), m.il.data());
+}
+
+Mat make(GgmlType t, int64_t n_in, int64_t n_out, std::mt19937& rng, bool from_quantizer) {
+  Mat m;
+  static_cast<MatmulCase&>(m) = make_matmul_weights(t, n_in, n_out, rng, from_quantizer);
+  attach_copy(m, t, n_in, n_out);
   return m;
 }
 
@@ -117,24 +122,22 @@ TEST(MatmulI8x8, ExtremeCodesAndActivationsAreExact) {
     const float hi = t == GgmlType::Q4_1 ? 15.f : t == GgmlType::Q4_0 ? 7.f : 127.f;
     const float lo = t == GgmlType::Q4_1 ? 0.f : t == GgmlType::Q4_0 ? -8.f : -127.f;
     const size_t rs = row_size(t, n_in);
-    std::vector<uint8_t> w(rs * n_out);
+    Mat m;
+    m.w.resize(rs * n_out);
     std::vector<float> row(n_in), wd(n_in * n_out);
     for (int64_t o = 0; o < n_out; ++o) {
       for (int64_t i = 0; i < n_in; ++i) row[i] = i % 32 == o % 32 ? lo : hi;
-      quantize_row(t, row.data(), w.data() + o * rs, n_in);
-      dequantize_row(t, w.data() + o * rs, wd.data() + o * n_in, n_in);
+      quantize_row(t, row.data(), m.w.data() + o * rs, n_in);
+      dequantize_row(t, m.w.data() + o * rs, wd.data() + o * n_in, n_in);
       for (int64_t i = 0; i < n_in; ++i) ASSERT_EQ(wd[o * n_in + i], row[i]) << type_name(t) << ": inexact weights";
     }
-    std::vector<uint8_t> il(i8x8_bytes(WeightView{t, n_in, n_out, w.data()}));
-    i8x8_repack(WeightView{t, n_in, n_out, w.data()}, il.data());
-    WeightView v{t, n_in, n_out, w.data()};
-    v.i8x8 = il.data();
+    attach_copy(m, t, n_in, n_out);
     for (int64_t n_tok : {1, 2, 37}) {
       std::vector<float> x(n_tok * n_in);
       for (int64_t tt = 0; tt < n_tok; ++tt)
         for (int64_t i = 0; i < n_in; ++i) x[tt * n_in + i] = (tt % 2 == 0) == (i % 64 < 48) ? 1.f : -1.f;
       std::vector<float> y(n_tok * n_out, NAN);
-      matmul(v, x.data(), n_tok, y.data(), pool, /*int8_activations=*/true);
+      matmul(m.inter(), x.data(), n_tok, y.data(), pool, /*int8_activations=*/true);
       for (int64_t tt = 0; tt < n_tok; ++tt)
         for (int64_t o = 0; o < n_out; ++o) {
           double want = 0;

@@ -473,9 +473,9 @@ struct ValPrep {
   float half_b[kMaxNq];                   // b/2 per row
 };
 
-// Lane i of the result: the maximum of v[i]'s 8 lanes (i < n <= 8; the other lanes repeat
-// v[0]'s). Exact (max neither rounds nor depends on the order), and one short tree for all rows
-// instead of a horizontal reduction per row.
+// Lane i of the result: the maximum of v[i]'s 8 lanes, for i < n <= 8 (the other lanes hold
+// maxima of rows below n, to be ignored). Exact (max neither rounds nor depends on the order),
+// and one short tree for all rows instead of a horizontal reduction per row.
 inline __m256 rows_max8(const __m256* v, int n) {
   const auto at = [&](int i) { return v[i < n ? i : 0]; };
   auto pair = [](__m256 a, __m256 b) { return _mm256_max_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b)); };

@@ -1,5 +1,6 @@
 #include "engine/session.h"
 
+#include <array>
 #include <cstring>
 
 #include "engine/sampler.h"
@@ -62,37 +63,92 @@ void Session::prefill_from(const Session& other, int64_t n_prefix) {
 }
 
 void Session::decode(int32_t token) {
-  const int n_vocab = model_.config().n_vocab;
+  Session* self = this;
+  decode_together(&self, &token, 1, scratch_, step_logits_);
+}
+
+void Session::decode_together(Session* const* ss, const int32_t* tokens, int n, ForwardScratch& scratch,
+                              std::vector<float>& step_logits) {
+  SPC_CHECK(n >= 1, "decode step without sessions");
+  const Model& model = ss[0]->model_;
+  ThreadPool& pool = ss[0]->pool_;
+  for (int i = 0; i < n; ++i) {
+    SPC_CHECK(&ss[i]->model_ == &model && &ss[i]->pool_ == &pool,
+              "batched decode: session %d has another model or thread pool than session 0", i);
+    for (int j = 0; j < i; ++j) SPC_CHECK(ss[j] != ss[i], "batched decode: session %d appears twice", i);
+  }
+  const size_t n_vocab = (size_t)model.config().n_vocab;
   const double t0 = now_ms();
-  seq_.push_back(token);
-  if (!kv_->wants_speculative_row()) {
-    model_.decode(&token, 1, 1, *kv_, pool_, scratch_, logits_.data());
-  } else {
-    if (spec_next_ < 0) {
-      // Pre-decoding: one row that selects its own top-k from the low-bit copy layer by layer
-      // (n_keep = 0 tells the policy), keeps no K/V, and its logits give the first guess.
-      step_logits_.resize((size_t)n_vocab);
-      model_.decode(&token, 1, 0, *kv_, pool_, scratch_, step_logits_.data());
-      spec_next_ = argmax(step_logits_.data(), n_vocab);
+  std::vector<DecodeSeq> seqs;
+  seqs.reserve((size_t)n);
+  for (int i = 0; i < n; ++i) ss[i]->seq_.push_back(tokens[i]);
+
+  // Pre-decoding (speculative policies, first step after a prefill): one row that selects its own
+  // top-k from the low-bit copy layer by layer (n_keep = 0 tells the policy), keeps no K/V, and
+  // whose logits give the first guess.
+  std::vector<int> pre;
+  for (int i = 0; i < n; ++i)
+    if (ss[i]->kv_->wants_speculative_row() && ss[i]->spec_next_ < 0) {
+      pre.push_back(i);
+      seqs.push_back(DecodeSeq{&tokens[i], 1, 0, ss[i]->kv_.get()});
     }
-    if (spec_prev_ >= 0) guesses_.checked += 1, guesses_.hits += token == spec_prev_;
-    if (spec_prev_ >= 0 && token != spec_prev_) kv_->note_guess_miss();
-    if (kv_->guess_by_lookup()) {
+  if (!pre.empty()) {
+    step_logits.resize(seqs.size() * n_vocab);
+    model.decode_batch(seqs.data(), (int)seqs.size(), pool, scratch, step_logits.data());
+    for (size_t p = 0; p < pre.size(); ++p)
+      ss[pre[p]]->spec_next_ = argmax(step_logits.data() + p * n_vocab, (int)n_vocab);
+  }
+
+  // The step itself: [real] rows, or [real, guess] for speculative policies.
+  std::vector<std::array<int32_t, 2>> rows((size_t)n);
+  seqs.clear();
+  for (int i = 0; i < n; ++i) {
+    Session& s = *ss[i];
+    const int32_t token = tokens[i];
+    if (!s.kv_->wants_speculative_row()) {
+      rows[(size_t)i] = {token, -1};
+      seqs.push_back(DecodeSeq{rows[(size_t)i].data(), 1, 1, s.kv_.get()});
+      continue;
+    }
+    if (s.spec_prev_ >= 0) s.guesses_.checked += 1, s.guesses_.hits += token == s.spec_prev_;
+    if (s.spec_prev_ >= 0 && token != s.spec_prev_) s.kv_->note_guess_miss();
+    if (s.kv_->guess_by_lookup()) {
       // A miss: row 1 ran on the wrong token, so the guess it made for the position after this
       // token was conditioned on it; the sequence itself gives a better one where it repeats.
-      if (spec_prev_ >= 0 && token != spec_prev_)
-        if (const int32_t g = lookup_guess(seq_); g >= 0) spec_next_ = g;
+      if (s.spec_prev_ >= 0 && token != s.spec_prev_)
+        if (const int32_t g = lookup_guess(s.seq_); g >= 0) s.spec_next_ = g;
     }
-    const int32_t rows[2] = {token, spec_next_};
-    const int n_rows = kv_->n_cached() + 2 <= kv_->geometry().n_ctx + 1 ? 2 : 1;
-    step_logits_.resize((size_t)n_rows * n_vocab);
-    model_.decode(rows, n_rows, 1, *kv_, pool_, scratch_, step_logits_.data());
-    std::memcpy(logits_.data(), step_logits_.data(), sizeof(float) * n_vocab);
-    spec_prev_ = n_rows == 2 ? spec_next_ : -1;
-    spec_next_ = n_rows == 2 ? argmax(step_logits_.data() + n_vocab, n_vocab) : argmax(logits_.data(), n_vocab);
+    rows[(size_t)i] = {token, s.spec_next_};
+    const int n_rows = s.kv_->n_cached() + 2 <= s.kv_->geometry().n_ctx + 1 ? 2 : 1;
+    seqs.push_back(DecodeSeq{rows[(size_t)i].data(), n_rows, 1, s.kv_.get()});
   }
-  timings_.decode_ms += now_ms() - t0;
-  timings_.decode_tokens += 1;
+  size_t total_rows = 0;
+  for (const DecodeSeq& q : seqs) total_rows += (size_t)q.n_rows;
+  step_logits.resize(total_rows * n_vocab);
+  model.decode_batch(seqs.data(), n, pool, scratch, step_logits.data());
+
+  const double dt = now_ms() - t0;
+  size_t row = 0;
+  for (int i = 0; i < n; ++i) {
+    Session& s = *ss[i];
+    const int n_rows = seqs[(size_t)i].n_rows;
+    const float* l0 = step_logits.data() + row * n_vocab;
+    std::memcpy(s.logits_.data(), l0, sizeof(float) * n_vocab);
+    if (s.kv_->wants_speculative_row()) {
+      s.spec_prev_ = n_rows == 2 ? s.spec_next_ : -1;
+      s.spec_next_ = n_rows == 2 ? argmax(l0 + n_vocab, (int)n_vocab) : argmax(l0, (int)n_vocab);
+    }
+    row += (size_t)n_rows;
+    s.timings_.decode_ms += dt;
+    s.timings_.decode_tokens += 1;
+  }
+}
+
+void SessionBatch::decode(const std::vector<Session*>& sessions, const std::vector<int32_t>& tokens) {
+  SPC_CHECK(sessions.size() == tokens.size(), "batched decode: %zu sessions but %zu tokens", sessions.size(),
+            tokens.size());
+  for (size_t i = 0; i < sessions.size(); ++i) SPC_CHECK(sessions[i] != nullptr, "batched decode: session %zu is null", i);
+  Session::decode_together(sessions.data(), tokens.data(), (int)sessions.size(), scratch_, step_logits_);
 }
 
 }  // namespace spc

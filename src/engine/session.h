@@ -66,6 +66,12 @@ class Session {
   const GuessStats& guesses() const { return guesses_; }
 
  private:
+  friend class SessionBatch;
+  // One decode step of n sessions (one model, one pool) fed tokens[i] each: their pending
+  // pre-decoding passes as one batched step, then their [real, guess] or [real] rows as another.
+  static void decode_together(Session* const* sessions, const int32_t* tokens, int n, ForwardScratch& scratch,
+                              std::vector<float>& step_logits);
+
   const Model& model_;
   std::unique_ptr<KvPolicy> kv_;
   ThreadPool& pool_;
@@ -77,6 +83,24 @@ class Session {
   std::vector<int32_t> seq_;       // the prompt and every real token decoded since (lookup_guess)
   SessionTimings timings_;
   GuessStats guesses_;
+};
+
+// Batched decode: several sessions of one model (each with its own policy, prompt and position)
+// advance together, one step per call, so every weight matrix is read once per step for all of
+// them. Each session gets the logits, cache and speculative bookkeeping that Session::decode
+// would give it alone (every op but attention works row by row; tests/test_batch_decode.cpp), and
+// its decode timings count the whole batched step. The sessions stay owned by the caller.
+class SessionBatch {
+ public:
+  // Feeds tokens[i] to sessions[i]. Throws spc::Error when the sizes differ, a session appears
+  // twice, or the sessions do not share one model and thread pool.
+  void decode(const std::vector<Session*>& sessions, const std::vector<int32_t>& tokens);
+  // Where the batched steps' time went (Model::decode_batch's phases), summed over the calls.
+  const DecodePhases& phases() const { return scratch_.phases; }
+
+ private:
+  ForwardScratch scratch_;
+  std::vector<float> step_logits_;
 };
 
 }  // namespace spc

@@ -371,21 +371,42 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
 
 void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
                    float* logits) const {
-  SPC_CHECK(n_rows >= 1 && n_keep >= 0 && n_keep <= n_rows, "invalid decode step (%d rows, %d kept)", n_rows, n_keep);
+  const DecodeSeq seq{tokens, n_rows, n_keep, &kv};
+  decode_batch(&seq, 1, pool, s, logits);
+}
+
+void Model::decode_batch(const DecodeSeq* seqs, int n_seqs, ThreadPool& pool, ForwardScratch& s, float* logits) const {
+  SPC_CHECK(n_seqs >= 1, "decode step without sequences");
   const int64_t e = cfg_.n_embd, dq = (int64_t)cfg_.n_head * cfg_.head_dim, dkv = (int64_t)cfg_.n_head_kv * cfg_.head_dim;
-  const int64_t pos0 = kv.n_cached();
+  // The sequences' rows stacked in order: sequence i's rows start at row first[i].
+  std::vector<int64_t> first((size_t)n_seqs + 1, 0);
+  for (int i = 0; i < n_seqs; ++i) {
+    const DecodeSeq& q = seqs[i];
+    SPC_CHECK(q.kv != nullptr && q.tokens != nullptr, "decode step: sequence %d has no tokens or KV policy", i);
+    SPC_CHECK(q.n_rows >= 1 && q.n_keep >= 0 && q.n_keep <= q.n_rows, "invalid decode step (%d rows, %d kept)",
+              q.n_rows, q.n_keep);
+    for (int j = 0; j < i; ++j)
+      SPC_CHECK(seqs[j].kv != q.kv, "decode step: sequences %d and %d share one KV policy", j, i);
+    first[(size_t)i + 1] = first[(size_t)i] + q.n_rows;
+  }
+  const int64_t n_rows = first[(size_t)n_seqs];
   s.x.resize((size_t)(n_rows * e));
   s.q.resize((size_t)(n_rows * dq));
   s.k.resize((size_t)(n_rows * dkv));
   s.v.resize((size_t)(n_rows * dkv));
   s.att.resize((size_t)(n_rows * dq));
-  std::vector<float> hbuf((size_t)(n_rows * e));
-  int64_t pos[16];
-  SPC_ASSERT(n_rows <= 16);
-  for (int r = 0; r < n_rows; ++r) pos[r] = pos0 + r;
-  embed(tokens, n_rows, s.x.data());
-  rope_tables(cfg_.rope, pos, n_rows, s.rope_cos, s.rope_sin);  // once for all layers
-  kv.begin_step(n_rows, n_keep);
+  std::vector<float> hbuf((size_t)(n_rows * e));  // ffn() uses s.h for itself
+  std::vector<int32_t> tokens((size_t)n_rows);
+  std::vector<int64_t> pos((size_t)n_rows);
+  for (int i = 0; i < n_seqs; ++i)
+    for (int r = 0; r < seqs[i].n_rows; ++r) {
+      tokens[(size_t)(first[(size_t)i] + r)] = seqs[i].tokens[r];
+      pos[(size_t)(first[(size_t)i] + r)] = seqs[i].kv->n_cached() + r;
+    }
+  float* h = hbuf.data();
+  embed(tokens.data(), n_rows, s.x.data());
+  rope_tables(cfg_.rope, pos.data(), n_rows, s.rope_cos, s.rope_sin);  // once for all layers
+  for (int i = 0; i < n_seqs; ++i) seqs[i].kv->begin_step(seqs[i].n_rows, seqs[i].n_keep);
   DecodePhases& ph = s.phases;
   double t = now_ms();
   auto lap = [&t](double& acc) {
@@ -393,22 +414,28 @@ void Model::decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, 
     acc += now - t;
     t = now;
   };
+  // Every op but attention works row by row, so the sequences share each weight read; each
+  // sequence's policy attends over its own rows.
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
-    for (int r = 0; r < n_rows; ++r) rmsnorm(s.x.data() + r * e, L.attn_norm.data(), hbuf.data() + r * e, e, cfg_.rms_eps);
-    qkv(L, hbuf.data(), n_rows, s.rope_cos.data(), s.rope_sin.data(), s.q.data(), s.k.data(), s.v.data(), pool,
-        int8_decode_);
+    for (int64_t r = 0; r < n_rows; ++r) rmsnorm(s.x.data() + r * e, L.attn_norm.data(), h + r * e, e, cfg_.rms_eps);
+    qkv(L, h, n_rows, s.rope_cos.data(), s.rope_sin.data(), s.q.data(), s.k.data(), s.v.data(), pool, int8_decode_);
     lap(ph.qkv_ms);
-    DecodeRows rows{n_rows, n_keep, pos0, s.q.data(), s.k.data(), s.v.data()};
-    kv.attend(il, rows, s.att.data(), pool);
+    for (int i = 0; i < n_seqs; ++i) {
+      const DecodeSeq& q = seqs[i];
+      const int64_t r0 = first[(size_t)i];
+      const DecodeRows rows{q.n_rows, q.n_keep, pos[(size_t)r0], s.q.data() + r0 * dq, s.k.data() + r0 * dkv,
+                            s.v.data() + r0 * dkv};
+      q.kv->attend(il, rows, s.att.data() + r0 * dq, pool);
+    }
     lap(ph.attend_ms);
-    matmul(L.wo, s.att.data(), n_rows, hbuf.data(), pool, int8_decode_);
-    add_inplace(s.x.data(), hbuf.data(), n_rows * e);
+    matmul(L.wo, s.att.data(), n_rows, h, pool, int8_decode_);
+    add_inplace(s.x.data(), h, n_rows * e);
     lap(ph.wo_ms);
     ffn(L, s.x.data(), n_rows, s, pool, int8_decode_);
     lap(ph.ffn_ms);
   }
-  kv.end_step();
+  for (int i = 0; i < n_seqs; ++i) seqs[i].kv->end_step();
   lap(ph.end_step_ms);
   output(s.x.data(), n_rows, s, logits, pool, int8_decode_);
   lap(ph.output_ms);

@@ -75,6 +75,14 @@ struct ForwardScratch {
   std::vector<float> rope_cos, rope_sin;
 };
 
+// One sequence's part of a batched decode step (Model::decode_batch).
+struct DecodeSeq {
+  const int32_t* tokens = nullptr;  // [n_rows]
+  int n_rows = 1;
+  int n_keep = 1;
+  KvPolicy* kv = nullptr;
+};
+
 class Model {
  public:
   // Loads a GGUF file. Throws spc::Error for unsupported architectures, missing tensors, bad shapes.
@@ -141,6 +149,13 @@ class Model {
   // first n_keep rows are kept. logits: [n_rows][n_vocab].
   void decode(const int32_t* tokens, int n_rows, int n_keep, KvPolicy& kv, ThreadPool& pool, ForwardScratch& s,
               float* logits) const;
+  // One decode step of several sequences at once (batched decode): sequence i's n_rows tokens at
+  // positions [kv->n_cached(), ...) of its own policy, K/V of its first n_keep rows kept. Rows are
+  // stacked in sequence order, so the weights are read once for all of them; every op except
+  // attention works row by row, and each policy attends over its own rows. logits: [total rows][n_vocab].
+  // Each sequence gets the results decode() gives it alone (tests/test_batch_decode.cpp).
+  // Distinct sequences must have distinct policies.
+  void decode_batch(const DecodeSeq* seqs, int n_seqs, ThreadPool& pool, ForwardScratch& s, float* logits) const;
 
  private:
   Model() = default;

@@ -21,6 +21,7 @@ struct BenchArgs {
   std::string policies = "full";
   std::string depths = "512,2048,8192";
   std::string threads;
+  std::string batch = "1";
   int reps = 1;
   int gen = 16;
   int warmup = 2;
@@ -61,6 +62,13 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
       opt.threads.push_back((int)t);
     }
   }
+  opt.batches.clear();
+  for (int64_t b : bench::parse_int_list(a.batch, "--batch")) {
+    SPC_CHECK(b <= 256, "--batch: %lld sequences is too many (at most 256)", (long long)b);
+    opt.batches.push_back((int)b);
+  }
+  SPC_CHECK(!(a.interleave && (opt.batches.size() > 1 || opt.batches[0] != 1)),
+            "--interleave measures one sequence per policy; it does not take --batch");
   opt.reps = a.reps;
   opt.gen = a.gen;
   opt.warmup = a.warmup;
@@ -131,6 +139,11 @@ Runner add_bench(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--depths", a->depths, "comma-separated prompt lengths in tokens")->capture_default_str();
   sub->add_option("-t,--threads", a->threads, "comma-separated thread counts (default: all hardware threads)");
+  sub->add_option("--batch", a->batch,
+                  "comma-separated batch sizes: B sequences of each policy (each with its own KV cache of the same "
+                  "prompt) decoded together, one row per size; rows with B > 1 give ms per step and tok/s of the "
+                  "whole batch")
+      ->capture_default_str();
   sub->add_option("--reps", a->reps, "fresh sessions (prefill + decode) per configuration")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();

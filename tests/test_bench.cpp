@@ -453,3 +453,63 @@ TEST(BenchRun, EndToEndOnStories260K) {
   EXPECT_TRUE(std::any_of(logged.begin(), logged.end(),
                           [](const std::string& l) { return l.find("probe after the row failed") != std::string::npos; }));
 }
+
+// --batch: B sessions per row decode together. The weights are counted once per step and every
+// sequence's KV B times; a batch-1 row is the unbatched measurement; rows keep the given order;
+// policies without a 16-bit copy to hand on (kivi, streaming) are batched too.
+TEST(BenchRun, BatchedRowsCountTheWeightsOnceAndEveryCache) {
+  SKIP_IF_MISSING(stories_path());
+  auto m = Model::load(stories_path());
+  auto tok = Tokenizer::from_gguf(m->gguf());
+  const ModelConfig& mc = m->config();
+  BenchOptions opt;
+  opt.model_path = stories_path();
+  opt.policies = {parse_policy_spec("full"), parse_policy_spec("specache:1"), parse_policy_spec("kivi:2")};
+  opt.kv.group = 32;
+  opt.kv.topk = 8;
+  opt.kv.window = 8;
+  opt.depths = {64};
+  opt.threads = {2};
+  opt.batches = {3, 1};
+  opt.gen = 6;
+  BenchReport r;
+  run_bench(*m, tok.get(), opt, "Lily went to the park. She saw a big dog.\n", "t.txt", r);
+  ASSERT_EQ(r.rows.size(), 6u);
+  EXPECT_NE(r.measurement.find("batch B > 1"), std::string::npos);
+  for (size_t p = 0; p < 3; ++p) {
+    const BenchRow& b3 = r.rows[2 * p];
+    const BenchRow& b1 = r.rows[2 * p + 1];
+    SCOPED_TRACE(b3.policy_spec);
+    EXPECT_EQ(b3.batch, 3);
+    EXPECT_EQ(b1.batch, 1);
+    EXPECT_EQ(b3.policy_spec, b1.policy_spec);
+    EXPECT_EQ(b3.decode_samples, 6u - 2);
+    EXPECT_EQ(b3.bytes.weights, m->weight_bytes_per_token());  // once per step, not per sequence
+    EXPECT_EQ(b3.bytes.kv_fast, 3 * b1.bytes.kv_fast);
+    EXPECT_EQ(b3.kv_fast_bytes, 3 * b1.kv_fast_bytes);
+    EXPECT_EQ(b3.kv_slow_bytes, 3 * b1.kv_slow_bytes);
+    EXPECT_NEAR(b3.batch_tok_per_s, 3000.0 / b3.decode_ms.median, 1e-9 * b3.batch_tok_per_s);
+    EXPECT_NEAR(b1.batch_tok_per_s, 1000.0 / b1.decode_ms.median, 1e-9 * b1.batch_tok_per_s);
+    EXPECT_EQ(b3.phases_ms.steps, (int64_t)b3.decode_samples);
+    EXPECT_GT(b3.phases_ms.attend_ms, 0.0);
+  }
+  EXPECT_EQ(r.rows[0].bytes.kv_fast, 3ull * 64 * mc.n_layer * mc.n_head_kv * mc.head_dim * 4);
+  const auto lines = lines_of(to_csv(r));
+  const auto head = csv_split(lines[0]);
+  const size_t col = std::find(head.begin(), head.end(), "batch") - head.begin();
+  ASSERT_LT(col, head.size());
+  EXPECT_EQ(csv_split(lines[1])[col], "3");
+  EXPECT_EQ(csv_split(lines[2])[col], "1");
+  const nlohmann::json j = to_json(r);
+  EXPECT_EQ(j["rows"][0]["batch"].get<int>(), 3);
+  EXPECT_GT(j["rows"][0]["batch_tok_per_s"].get<double>(), 0.0);
+  EXPECT_NE(to_table(r).find("full x3"), std::string::npos);
+  EXPECT_EQ(count(to_svg(r), "<polyline"), 6u);  // one series per policy and batch size
+
+  opt.interleave = true;  // one sequence per policy by design
+  BenchReport bad;
+  EXPECT_THROW(run_bench(*m, tok.get(), opt, "x\n", "t.txt", bad), Error);
+  opt.interleave = false;
+  opt.batches = {0};
+  EXPECT_THROW(run_bench(*m, tok.get(), opt, "x\n", "t.txt", bad), Error);
+}

@@ -486,6 +486,16 @@ TEST(Cli, BadFlagsFailWithAMessage) {
   expect_failure(run_cli(gen_args({"--kv-shift", "0", "--kv", "kivi", "-p", "hi"})), "--kv-shift");
   expect_failure(run_cli(gen_args({"--kv-debias", "0.5", "--kv", "full", "-p", "hi"})), "--kv-debias");
   expect_failure(run_cli(gen_args({"--kv-debias", "-1", "--kv", "specache", "-p", "hi"})), "kv-debias");
+  const std::vector<std::string> bench = {"bench", "-m", stories_path(), "--depths", "16", "--gen", "3"};
+  auto bench_args = [&](std::vector<std::string> extra) {
+    std::vector<std::string> a = bench;
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  };
+  expect_failure(run_cli(bench_args({"--batch", "0"})), "--batch");
+  expect_failure(run_cli(bench_args({"--batch", "2,x"})), "--batch");
+  expect_failure(run_cli(bench_args({"--batch", "1000"})), "--batch");
+  expect_failure(run_cli(bench_args({"--batch", "2", "--interleave"})), "--interleave");
 }
 
 TEST(Cli, BadPromptsFailWithAMessage) {

@@ -121,6 +121,10 @@ struct BenchOptions {
   // Per (depth, threads, repetition): one session of every policy, decoding a step of each in
   // turn, so that the machine's slow spells hit every policy alike (paired_ratio).
   bool interleave = false;
+  // Batched decode (--batch): per (policy, depth, threads), one row per batch size B: B sequences
+  // of the policy decode together (SessionBatch), each with its own cache of the same prompt (the
+  // first is prefilled, the others take its K/V over). Not with interleave.
+  std::vector<int> batches{1};
   // Bandwidth probe after each row (--bandwidth): with probe_bytes > 0, the read bandwidth is
   // probed again right after the row's decode steps (and after its peak RSS is read, so the
   // probe's buffer never counts), with the row's thread count; the row's floor then uses that
@@ -137,6 +141,11 @@ struct BenchRow {
   int bits = 0;  // the low-bit copy's bits; 0 for policies without one (full, streaming)
   int64_t depth = 0;
   int threads = 0;
+  // Sequences decoded together (BenchOptions::batches). With batch B > 1 a row's "per token"
+  // figures are per decode step, which gives each of the B sequences one token: decode_ms is the
+  // step time, the bytes count the weights once and every sequence's KV, the KV sizes, stall and
+  // copy times are summed over the sequences, and batch_tok_per_s = B / step time.
+  int batch = 1;
   int reps = 0;
   int gen = 0;
   size_t decode_samples = 0;
@@ -145,6 +154,7 @@ struct BenchRow {
   Spread decode_ms;               // per-token decode times, warm-up steps excluded, pooled over reps
   TokenBytes bytes;
   double achieved_gb_per_s = 0;   // bytes.total() / median decode time
+  double batch_tok_per_s = 0;     // tokens per second over the whole batch: batch * 1000 / median decode time
   uint64_t kv_fast_bytes = 0;     // fast-tier KV at the end of decoding (peak)
   uint64_t kv_slow_bytes = 0;
   double stall_ms_per_token = 0;

@@ -108,9 +108,73 @@ void probe_rows(const BenchOptions& opt, int nt, std::vector<BenchRow>& rows, si
   if (log) log(strfmt("memory read bandwidth right after, %d thread(s): best %.2f GB/s", nt, b.best_gb_per_s));
 }
 
+// The KV statistics of a batch's sessions added up: sizes, bytes fetched per step and times (each
+// step gives every session one token, so per-step sums are what the step moved and waited for).
+KvStats sum_stats(const std::vector<KvStats>& v) {
+  KvStats t = v.front();
+  for (size_t i = 1; i < v.size(); ++i) {
+    t.fast_bytes += v[i].fast_bytes;
+    t.slow_bytes += v[i].slow_bytes;
+    t.fetched_bytes_per_step += v[i].fetched_bytes_per_step;
+    t.stall_ms += v[i].stall_ms;
+    t.copy_ms += v[i].copy_ms;
+  }
+  return t;
+}
+
+// One repetition of a batched row: `batch` sessions of cfg holding the same prompt (the first
+// prefilled, timed; the others take its K/V over, or a full session's where the policy keeps no
+// 16-bit copy to hand on), then gen greedy steps of all of them together, each step timed.
+void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int32_t>& toks, int batch, int gen,
+                 int warmup, ThreadPool& pool, Collected& c) {
+  const int n_vocab = model.config().n_vocab;
+  const KvGeometry geom = model.kv_geometry((int64_t)toks.size() + gen + 2);
+  std::vector<std::unique_ptr<Session>> ss;
+  std::vector<Session*> ptrs;
+  for (int b = 0; b < batch; ++b) {
+    ss.push_back(std::make_unique<Session>(model, make_kv_policy(cfg, geom), pool));
+    ptrs.push_back(ss.back().get());
+  }
+  std::unique_ptr<Session> source;
+  if (cfg.policy == "kivi" || cfg.policy == "streaming") {
+    KvConfig full = cfg;
+    full.policy = "full";
+    source = std::make_unique<Session>(model, make_kv_policy(full, geom), pool);
+    source->prefill(toks);
+    c.prefill_ms.push_back(source->timings().prefill_ms);
+  } else {
+    ss[0]->prefill(toks);
+    c.prefill_ms.push_back(ss[0]->timings().prefill_ms);
+  }
+  for (int b = 0; b < batch; ++b)
+    if (source || b > 0) ss[(size_t)b]->prefill_from(source ? *source : *ss[0]);
+  source.reset();
+  std::vector<KvStats> st;
+  for (const auto& s : ss) st.push_back(s->kv().stats());
+  c.at_depth = sum_stats(st);
+  SessionBatch sb;
+  std::vector<int32_t> next((size_t)batch);
+  for (int i = 0; i < gen; ++i) {
+    for (int b = 0; b < batch; ++b) next[(size_t)b] = argmax(ss[(size_t)b]->logits().data(), n_vocab);
+    if (i == warmup) c.phase_mark = sb.phases();
+    const double t0 = now_ms();
+    sb.decode(ptrs, next);
+    const double dt = now_ms() - t0;
+    if (i >= warmup) c.decode_ms.push_back(dt);
+  }
+  st.clear();
+  for (const auto& s : ss) st.push_back(s->kv().stats());
+  c.after = sum_stats(st);
+  c.phases = c.phases + (sb.phases() - c.phase_mark);
+  c.stall += c.after.stall_ms / gen;
+  c.copy += c.after.copy_ms / gen;
+  c.fetched += c.after.fetched_bytes_per_step;
+}
+
 BenchRow make_row(const std::string& model_name, const PolicySpec& spec, const KvConfig& cfg, int64_t depth, int nt,
-                  const BenchOptions& opt, uint64_t wbytes, Collected& c, bool rss_reset) {
+                  const BenchOptions& opt, uint64_t wbytes, Collected& c, bool rss_reset, int batch = 1) {
   BenchRow row;
+  row.batch = batch;
   row.model = model_name;
   row.policy_spec = spec.text;
   row.policy = cfg.policy;
@@ -127,6 +191,7 @@ BenchRow make_row(const std::string& model_name, const PolicySpec& spec, const K
   row.decode_samples = c.decode_ms.size();
   row.bytes = token_bytes(wbytes, c.at_depth, c.after);
   row.achieved_gb_per_s = row.decode_ms.median > 0 ? row.bytes.total() / (row.decode_ms.median * 1e6) : 0;
+  row.batch_tok_per_s = row.decode_ms.median > 0 ? batch * 1000.0 / row.decode_ms.median : 0;
   row.kv_fast_bytes = c.after.fast_bytes;
   row.kv_slow_bytes = c.after.slow_bytes;
   row.stall_ms_per_token = c.stall / opt.reps;
@@ -149,6 +214,10 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
                const std::string& text_path, BenchReport& report, const BenchLog& log) {
   SPC_CHECK(!opt.policies.empty() && !opt.depths.empty() && !opt.threads.empty(), "bench: empty policy/depth/thread list");
   SPC_CHECK(opt.reps >= 1 && opt.gen >= 1 && opt.warmup >= 0, "bench: reps and gen must be >= 1");
+  SPC_CHECK(!opt.batches.empty(), "bench: empty batch list");
+  for (int b : opt.batches) SPC_CHECK(b >= 1 && b <= 256, "bench: batch size %d is not within 1..256", b);
+  SPC_CHECK(!(opt.interleave && (opt.batches.size() > 1 || opt.batches[0] != 1)),
+            "bench: --interleave measures one sequence per policy; it does not take --batch");
   const ModelConfig& mc = model.config();
   const int64_t max_depth = *std::max_element(opt.depths.begin(), opt.depths.end());
   const PromptSource prompt = build_prompt_tokens(tok, mc.n_vocab, text, text_path, max_depth);
@@ -172,6 +241,10 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
   if (opt.probe_bytes > 0)
     report.measurement +=
         "; floor: bytes per token over the read bandwidth probed right after the row's decode steps";
+  if (opt.batches.size() > 1 || opt.batches[0] != 1)
+    report.measurement +=
+        "; batch B > 1: B sessions of the policy hold the same prompt (the first prefilled and timed, the others "
+        "take its K/V over) and decode together, one token each per step; the decode times are per step";
   if (opt.interleave)
     report.measurement +=
         "; interleaved: per (depth, threads, repetition) one session of every policy, all prefilled, then each "
@@ -229,25 +302,36 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
     for (const PolicySpec& spec : opt.policies) {
       const KvConfig cfg = apply_policy_spec(opt.kv, spec);
       for (int64_t depth : opt.depths) {
-        const bool rss_reset = reset_peak_rss();
         const std::vector<int32_t> toks(prompt.tokens.begin(), prompt.tokens.begin() + depth);
-        Collected c;
-        for (int rep = 0; rep < opt.reps; ++rep) {
-          auto s = session_for(cfg, depth, pool);
-          prefilled(*s, toks, c);
-          for (int i = 0; i < opt.gen; ++i) timed_step(*s, mc.n_vocab, i, warmup, c);
-          finished(*s, opt.gen, c);
-          if (log)
-            log(strfmt("%s depth %lld, %d thread(s), rep %d/%d: prefill %.0f ms", spec.text.c_str(), (long long)depth,
-                       nt, rep + 1, opt.reps, c.prefill_ms.back()));
+        for (int batch : opt.batches) {
+          const bool rss_reset = reset_peak_rss();
+          Collected c;
+          for (int rep = 0; rep < opt.reps; ++rep) {
+            if (batch > 1) {
+              batched_rep(model, cfg, toks, batch, opt.gen, warmup, pool, c);
+            } else {
+              auto s = session_for(cfg, depth, pool);
+              prefilled(*s, toks, c);
+              for (int i = 0; i < opt.gen; ++i) timed_step(*s, mc.n_vocab, i, warmup, c);
+              finished(*s, opt.gen, c);
+            }
+            if (log)
+              log(strfmt("%s depth %lld, %d thread(s)%s, rep %d/%d: prefill %.0f ms", spec.text.c_str(),
+                         (long long)depth, nt, batch > 1 ? strfmt(", batch %d", batch).c_str() : "", rep + 1,
+                         opt.reps, c.prefill_ms.back()));
+          }
+          report.rows.push_back(make_row(model_name, spec, cfg, depth, nt, opt, wbytes, c, rss_reset, batch));
+          probe_rows(opt, nt, report.rows, report.rows.size() - 1, log);
+          const BenchRow& row = report.rows.back();
+          if (log && batch > 1)
+            log(strfmt("%s depth %lld, %d thread(s), batch %d: decode %.3f ms/step (median of %zu), %.1f tok/s in all",
+                       spec.text.c_str(), (long long)depth, nt, batch, row.decode_ms.median, row.decode_samples,
+                       row.batch_tok_per_s));
+          else if (log)
+            log(strfmt("%s depth %lld, %d thread(s): prefill %.1f tok/s, decode %.3f ms/token (median of %zu)",
+                       spec.text.c_str(), (long long)depth, nt, row.prefill_tok_per_s, row.decode_ms.median,
+                       row.decode_samples));
         }
-        report.rows.push_back(make_row(model_name, spec, cfg, depth, nt, opt, wbytes, c, rss_reset));
-        probe_rows(opt, nt, report.rows, report.rows.size() - 1, log);
-        const BenchRow& row = report.rows.back();
-        if (log)
-          log(strfmt("%s depth %lld, %d thread(s): prefill %.1f tok/s, decode %.3f ms/token (median of %zu)",
-                     spec.text.c_str(), (long long)depth, nt, row.prefill_tok_per_s, row.decode_ms.median,
-                     row.decode_samples));
       }
     }
   }

@@ -22,16 +22,30 @@ bool several_thread_counts(const BenchReport& r) {
   return t.size() > 1;
 }
 
-std::string series_name(const BenchRow& row, bool with_threads) {
-  return with_threads ? strfmt("%s @%dt", row.policy_spec.c_str(), row.threads) : row.policy_spec;
+bool batched(const BenchReport& r) {
+  for (const auto& row : r.rows)
+    if (row.batch != 1) return true;
+  return false;
+}
+
+std::string series_name(const BenchRow& row, bool with_threads, bool with_batch) {
+  std::string s = row.policy_spec;
+  if (with_threads) s += strfmt(" @%dt", row.threads);
+  if (with_batch) s += strfmt(" x%d", row.batch);
+  return s;
+}
+
+// The row's policy column in the text table: the spec, with " xB" for batched rows.
+std::string row_label(const BenchRow& row) {
+  return row.batch == 1 ? row.policy_spec : strfmt("%s x%d", row.policy_spec.c_str(), row.batch);
 }
 
 }  // namespace
 
 std::vector<std::string> csv_columns() {
-  return {"model", "policy_spec", "policy", "bits", "depth", "threads", "reps", "gen", "decode_samples",
+  return {"model", "policy_spec", "policy", "bits", "depth", "threads", "batch", "reps", "gen", "decode_samples",
           "prefill_ms", "prefill_tok_per_s", "decode_ms_median", "decode_ms_p25", "decode_ms_p75", "decode_ms_min",
-          "decode_ms_max", "decode_tok_per_s", "weight_bytes_per_token", "kv_fast_bytes_per_token",
+          "decode_ms_max", "decode_tok_per_s", "batch_tok_per_s", "weight_bytes_per_token", "kv_fast_bytes_per_token",
           "kv_slow_bytes_per_token", "total_bytes_per_token", "achieved_gb_per_s", "kv_fast_bytes", "kv_slow_bytes",
           "stall_ms_per_token", "copy_ms_per_token", "peak_rss_bytes", "bandwidth_gb_per_s", "floor_ms",
           "floor_ratio", "paired_ratio", "phase_qkv_ms", "phase_attend_ms", "phase_wo_ms", "phase_ffn_ms",
@@ -50,10 +64,11 @@ std::string to_csv(const BenchReport& r) {
   for (const BenchRow& row : r.rows) {
     const std::vector<std::string> f = {
         row.model, row.policy_spec, row.policy, std::to_string(row.bits), std::to_string(row.depth),
-        std::to_string(row.threads), std::to_string(row.reps), std::to_string(row.gen),
+        std::to_string(row.threads), std::to_string(row.batch), std::to_string(row.reps), std::to_string(row.gen),
         std::to_string(row.decode_samples), num(row.prefill_ms), num(row.prefill_tok_per_s), num(row.decode_ms.median),
         num(row.decode_ms.p25), num(row.decode_ms.p75), num(row.decode_ms.min), num(row.decode_ms.max),
-        num(row.decode_ms.median > 0 ? 1000.0 / row.decode_ms.median : 0), std::to_string(row.bytes.weights),
+        num(row.decode_ms.median > 0 ? 1000.0 / row.decode_ms.median : 0), num(row.batch_tok_per_s),
+        std::to_string(row.bytes.weights),
         std::to_string(row.bytes.kv_fast), num(row.bytes.kv_slow, 10), num(row.bytes.total(), 12),
         num(row.achieved_gb_per_s), std::to_string(row.kv_fast_bytes), std::to_string(row.kv_slow_bytes),
         num(row.stall_ms_per_token), num(row.copy_ms_per_token), std::to_string(row.peak_rss_bytes),
@@ -105,6 +120,7 @@ nlohmann::json to_json(const BenchReport& r) {
               {"bits", row.bits},
               {"depth", row.depth},
               {"threads", row.threads},
+              {"batch", row.batch},
               {"reps", row.reps},
               {"gen", row.gen},
               {"prefill_ms", row.prefill_ms},
@@ -118,6 +134,7 @@ nlohmann::json to_json(const BenchReport& r) {
                 {"mean", row.decode_ms.mean},
                 {"samples", row.decode_samples}}},
               {"decode_tok_per_s", row.decode_ms.median > 0 ? 1000.0 / row.decode_ms.median : 0.0},
+              {"batch_tok_per_s", row.batch_tok_per_s},
               {"bytes_per_token",
                {{"weights", row.bytes.weights},
                 {"kv_fast", row.bytes.kv_fast},
@@ -171,6 +188,11 @@ std::string to_table(const BenchReport& r) {
     std::snprintf(buf, sizeof buf, " %7s", "paired");
     o << buf;
   }
+  const bool with_batch = batched(r);
+  if (with_batch) {
+    std::snprintf(buf, sizeof buf, " %8s", "batch");
+    o << buf;
+  }
   std::snprintf(buf, sizeof buf, " %8s %8s\n", "stall", "RSS");
   o << buf;
   std::snprintf(buf, sizeof buf, "%-16s %6s %3s %9s %9s %17s %8s %8s %8s %7s", "", "", "", "tok/s", "ms/tok", "ms",
@@ -184,11 +206,15 @@ std::string to_table(const BenchReport& r) {
     std::snprintf(buf, sizeof buf, " %7s", "x first");
     o << buf;
   }
+  if (with_batch) {
+    std::snprintf(buf, sizeof buf, " %8s", "tok/s");
+    o << buf;
+  }
   std::snprintf(buf, sizeof buf, " %8s %8s\n", "ms/tok", "MiB");
   o << buf;
   for (const BenchRow& row : r.rows) {
     const std::string spread = strfmt("%.3f .. %.3f", row.decode_ms.p25, row.decode_ms.p75);
-    std::snprintf(buf, sizeof buf, "%-16s %6lld %3d %9.1f %9.3f %17s %8.2f %8.2f %8.2f %7.2f", row.policy_spec.c_str(),
+    std::snprintf(buf, sizeof buf, "%-16s %6lld %3d %9.1f %9.3f %17s %8.2f %8.2f %8.2f %7.2f", row_label(row).c_str(),
                   (long long)row.depth, row.threads, row.prefill_tok_per_s, row.decode_ms.median, spread.c_str(),
                   row.bytes.weights / 1e6, row.bytes.kv_fast / 1e6, row.bytes.kv_slow / 1e6, row.achieved_gb_per_s);
     o << buf;
@@ -200,9 +226,16 @@ std::string to_table(const BenchReport& r) {
       std::snprintf(buf, sizeof buf, " %7.3f", row.paired_ratio);
       o << buf;
     }
+    if (with_batch) {
+      std::snprintf(buf, sizeof buf, " %8.1f", row.batch_tok_per_s);
+      o << buf;
+    }
     std::snprintf(buf, sizeof buf, " %8.3f %8.1f\n", row.stall_ms_per_token, row.peak_rss_bytes / 1048576.0);
     o << buf;
   }
+  if (with_batch)
+    o << "rows \"POLICY xB\": B sequences decoded together; their decode, MB, stall and floor figures are per step\n"
+         "(one token of each sequence), and batch tok/s counts the tokens of all B\n";
   // Where a decode step goes: the model's phases, mean ms per measured step.
   o << "\nwhere a decode step goes (mean ms per measured step: q/k/v, the KV policy's attend, output\n"
        "projection, FFN, the policy's end of step, logits; the table above gives medians):\n";
@@ -211,7 +244,7 @@ std::string to_table(const BenchReport& r) {
   o << buf;
   for (const BenchRow& row : r.rows) {
     const DecodePhases& p = row.phases_ms;
-    std::snprintf(buf, sizeof buf, "%-16s %6lld %3d %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f\n", row.policy_spec.c_str(),
+    std::snprintf(buf, sizeof buf, "%-16s %6lld %3d %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f\n", row_label(row).c_str(),
                   (long long)row.depth, row.threads, p.qkv_ms, p.attend_ms, p.wo_ms, p.ffn_ms, p.end_step_ms,
                   p.output_ms, p.total_ms());
     o << buf;
@@ -222,13 +255,13 @@ std::string to_table(const BenchReport& r) {
 std::string to_svg(const BenchReport& r) {
   const double W = 760, H = 460, ml = 72, mr = 190, mt = 48, mb = 64;
   const double pw = W - ml - mr, ph = H - mt - mb;
-  const bool with_threads = several_thread_counts(r);
+  const bool with_threads = several_thread_counts(r), with_batch = batched(r);
 
   // Series in first-seen order; points sorted by depth.
   std::vector<std::string> order;
   std::map<std::string, std::vector<const BenchRow*>> series;
   for (const BenchRow& row : r.rows) {
-    const std::string k = series_name(row, with_threads);
+    const std::string k = series_name(row, with_threads, with_batch);
     if (!series.count(k)) order.push_back(k);
     series[k].push_back(&row);
   }

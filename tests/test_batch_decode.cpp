@@ -130,24 +130,32 @@ TEST(BatchDecode, SmolLM2MixedPoliciesMatchDecodingAlone) {
   std::filesystem::remove_all(dir);
 }
 
-// stories260K (float weights): with several rows the fp32 matmuls take their row-block path,
-// whose sums run in another order than the single-row kernels', so the logits agree to rounding.
+// stories260K (float weights, fp32 activations): above 8 rows (kFusedMaxTokens; 10 here) the fp32
+// matmuls take their row-block path instead of the few-row kernels, which promises no bit-for-bit
+// equality (it gave it here when written), so the logits must agree to rounding and the tokens exactly.
 TEST(BatchDecode, Stories260KCloseToDecodingAlone) {
   const std::string path = shared_path("models/stories260K/stories260K.gguf");
   SKIP_IF_MISSING(path);
   auto model = Model::load(path);
   ThreadPool pool(2);
   const int gen = 20;
-  const std::vector<KvConfig> cfgs = {config("full", 0), config("specache", 1), config("streaming", 0)};
-  const std::vector<std::vector<int32_t>> prompts = {{1, 400, 22, 78, 300, 9, 17},
-                                                     {1, 36, 91, 120, 5, 71, 200, 44, 3, 8, 66, 201, 30},
-                                                     {1, 250, 4, 12}};
+  const std::vector<KvConfig> cfgs = {config("full", 0),           config("specache", 1),        config("streaming", 0),
+                                      config("specache", 2),       config("kivi", 1),            config("specache-exact", 1),
+                                      config("specache-refetch", 1)};
+  std::vector<std::vector<int32_t>> prompts;
+  for (size_t i = 0; i < cfgs.size(); ++i) {
+    std::vector<int32_t> p = {1};
+    for (size_t j = 0; j < 5 + 7 * i; ++j) p.push_back((int32_t)(2 + (37 * j + 101 * i) % 500));
+    prompts.push_back(p);
+  }
   const auto [alone, together] = alone_and_together(*model, cfgs, prompts, gen, pool);
+  double worst = 0;
   for (size_t i = 0; i < cfgs.size(); ++i) {
     SCOPED_TRACE("session " + std::to_string(i) + " (" + cfgs[i].policy + ")");
     EXPECT_EQ(alone[i].tokens, together[i].tokens);
-    for (int t = 0; t < gen; ++t) ASSERT_LT(max_abs_diff(alone[i].logits[t], together[i].logits[t]), 1e-4);
+    for (int t = 0; t < gen; ++t) worst = std::max(worst, max_abs_diff(alone[i].logits[t], together[i].logits[t]));
   }
+  EXPECT_LT(worst, 1e-4);
 }
 
 TEST(BatchDecode, RejectsInconsistentBatches) {

@@ -1,5 +1,7 @@
 #include "engine/generate.h"
 
+#include "util/error.h"
+
 namespace spc {
 
 std::string Utf8Stream::push(const std::string& bytes) {
@@ -24,35 +26,89 @@ std::string Utf8Stream::flush() {
   return out;
 }
 
+namespace {
+
+// One sequence's generation between decode steps: sample, stop or hand back the token to feed.
+class Generation {
+ public:
+  Generation(Session& s, const Tokenizer& tok, const GenerateOptions& opt, SamplerConfig sc,
+             const std::function<void(const std::string&)>& on_text)
+      : s_(s), tok_(tok), opt_(opt), sampler_(sc), on_text_(on_text) {}
+
+  // The token to decode next, or -1 when the sequence is done.
+  int32_t next() {
+    if (done_) return -1;
+    const int32_t t = sampler_.sample(s_.logits().data(), (int)s_.logits().size());
+    if (!opt_.ignore_eos && tok_.is_end_of_generation(t)) return finish(&res_.stopped_at_eos);
+    res_.tokens.push_back(t);
+    emit(stream_.push(tok_.token_to_piece(t)));
+    if (opt_.n_predict >= 0 && (int64_t)res_.tokens.size() >= opt_.n_predict) return finish(nullptr);
+    if (s_.n_past() >= s_.kv().geometry().n_ctx) return finish(&res_.stopped_at_context);
+    return t;
+  }
+  bool done() const { return done_; }
+  GenerateResult take() {
+    if (!done_) finish(nullptr);
+    return std::move(res_);
+  }
+
+ private:
+  int32_t finish(bool* flag) {
+    if (flag) *flag = true;
+    emit(stream_.flush());
+    done_ = true;
+    return -1;
+  }
+  void emit(const std::string& s) {
+    res_.text += s;
+    if (on_text_ && !s.empty()) on_text_(s);
+  }
+
+  Session& s_;
+  const Tokenizer& tok_;
+  const GenerateOptions& opt_;
+  Sampler sampler_;
+  const std::function<void(const std::string&)>& on_text_;
+  Utf8Stream stream_;
+  GenerateResult res_;
+  bool done_ = false;
+};
+
+}  // namespace
+
 GenerateResult generate(Session& session, const Tokenizer& tok, const GenerateOptions& opt,
                         const std::function<void(const std::string&)>& on_text) {
-  GenerateResult res;
-  Sampler sampler(opt.sampler);
-  Utf8Stream stream;
-  const int n_vocab = (int)session.logits().size();
-  const int64_t n_ctx = session.kv().geometry().n_ctx;
-  auto emit = [&](const std::string& s) {
-    res.text += s;
-    if (on_text && !s.empty()) on_text(s);
-  };
-  for (int i = 0; opt.n_predict < 0 || i < opt.n_predict; ++i) {
-    const int32_t t = sampler.sample(session.logits().data(), n_vocab);
-    if (!opt.ignore_eos && tok.is_end_of_generation(t)) {
-      res.stopped_at_eos = true;
-      break;
-    }
-    res.tokens.push_back(t);
-    emit(stream.push(tok.token_to_piece(t)));
-    const bool last = opt.n_predict >= 0 && i + 1 == opt.n_predict;
-    if (last) break;
-    if (session.n_past() >= n_ctx) {
-      res.stopped_at_context = true;
-      break;
-    }
-    session.decode(t);
+  Generation g(session, tok, opt, opt.sampler, on_text);
+  if (opt.n_predict != 0)
+    for (int32_t t = g.next(); t >= 0; t = g.next()) session.decode(t);
+  return g.take();
+}
+
+std::vector<GenerateResult> generate_batch(const std::vector<Session*>& sessions, const Tokenizer& tok,
+                                           const GenerateOptions& opt) {
+  const std::function<void(const std::string&)> none;
+  std::vector<Generation> gens;
+  gens.reserve(sessions.size());
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    SPC_CHECK(sessions[i] != nullptr, "generate_batch: session %zu is null", i);
+    SamplerConfig sc = opt.sampler;
+    sc.seed += i;
+    gens.emplace_back(*sessions[i], tok, opt, sc, none);
   }
-  emit(stream.flush());
-  return res;
+  SessionBatch batch;
+  std::vector<Session*> step;
+  std::vector<int32_t> toks;
+  while (opt.n_predict != 0) {
+    step.clear();
+    toks.clear();
+    for (size_t i = 0; i < gens.size(); ++i)
+      if (const int32_t t = gens[i].next(); t >= 0) step.push_back(sessions[i]), toks.push_back(t);
+    if (step.empty()) break;
+    batch.decode(step, toks);
+  }
+  std::vector<GenerateResult> out;
+  for (Generation& g : gens) out.push_back(g.take());
+  return out;
 }
 
 }  // namespace spc

@@ -41,4 +41,12 @@ class Utf8Stream {
 GenerateResult generate(Session& session, const Tokenizer& tok, const GenerateOptions& opt,
                         const std::function<void(const std::string&)>& on_text = {});
 
+// Batched generation: every session (each prefilled with its own prompt) generates as generate()
+// would, and their decode steps run together through one SessionBatch, so the sequences share
+// each weight read. Session i samples with seed opt.sampler.seed + i; a session that stops (EOS,
+// n_predict, end of its context) leaves the batch. Greedy results equal generate()'s on each
+// session alone. results[i] belongs to sessions[i].
+std::vector<GenerateResult> generate_batch(const std::vector<Session*>& sessions, const Tokenizer& tok,
+                                           const GenerateOptions& opt);
+
 }  // namespace spc

@@ -171,6 +171,18 @@ TEST(BatchDecode, RejectsInconsistentBatches) {
   EXPECT_THROW(batch.decode({a.get(), a.get()}, {3, 3}), Error);
   EXPECT_THROW(batch.decode({a.get(), c.get()}, {3, 3}), Error);
   EXPECT_THROW(batch.decode({}, {}), Error);
+  // A session at the end of its context: refused before any session's state changes.
+  auto full_ctx = std::make_unique<Session>(*model, make_kv_policy(config("specache", 1), model->kv_geometry(3)), pool);
+  full_ctx->prefill({1, 9, 10});
+  try {
+    batch.decode({a.get(), full_ctx.get()}, {3, 3});
+    ADD_FAILURE() << "a full context was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("context full"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("session 1"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(full_ctx->sequence().size(), 3u);
+  EXPECT_EQ(a->sequence().size(), 3u);
   EXPECT_EQ(a->n_past(), 3);  // nothing was decoded by the rejected calls
   batch.decode({a.get(), b.get()}, {3, 4});
   EXPECT_EQ(a->n_past(), 4);

@@ -76,6 +76,10 @@ void Session::decode_together(Session* const* ss, const int32_t* tokens, int n, 
     SPC_CHECK(&ss[i]->model_ == &model && &ss[i]->pool_ == &pool,
               "batched decode: session %d has another model or thread pool than session 0", i);
     for (int j = 0; j < i; ++j) SPC_CHECK(ss[j] != ss[i], "batched decode: session %d appears twice", i);
+    const KvPolicy& kv = *ss[i]->kv_;
+    SPC_CHECK(kv.n_cached() < kv.geometry().n_ctx, "context full: %lld positions cached, context size %lld%s",
+              (long long)kv.n_cached(), (long long)kv.geometry().n_ctx,
+              n > 1 ? strfmt(" (session %d of the batch)", i).c_str() : "");
   }
   const size_t n_vocab = (size_t)model.config().n_vocab;
   const double t0 = now_ms();

@@ -387,6 +387,10 @@ void Model::decode_batch(const DecodeSeq* seqs, int n_seqs, ThreadPool& pool, Fo
               q.n_rows, q.n_keep);
     for (int j = 0; j < i; ++j)
       SPC_CHECK(seqs[j].kv != q.kv, "decode step: sequences %d and %d share one KV policy", j, i);
+    // Checked here, before any policy begins the step, so that a full sequence leaves the others untouched.
+    SPC_CHECK(q.kv->n_cached() + q.n_keep <= q.kv->geometry().n_ctx,
+              "context full: %lld positions cached, context size %lld%s", (long long)q.kv->n_cached(),
+              (long long)q.kv->geometry().n_ctx, n_seqs > 1 ? strfmt(" (sequence %d of the batch)", i).c_str() : "");
     first[(size_t)i + 1] = first[(size_t)i] + q.n_rows;
   }
   const int64_t n_rows = first[(size_t)n_seqs];

@@ -82,15 +82,17 @@ int run_generate_batch(const GenerateArgs& a, const Model& model, const Tokenize
   ThreadPool pool(resolve_threads(a.m.threads));
   std::vector<std::unique_ptr<Session>> sessions;
   std::vector<Session*> ptrs;
-  double prefill_ms = 0;
-  int64_t prefill_tokens = 0;
+  int64_t prompt_tokens = 0;
   for (const auto& p : prompts) {
     sessions.push_back(std::make_unique<Session>(model, make_kv_policy(a.kv, model.kv_geometry(n_ctx)), pool));
     ptrs.push_back(sessions.back().get());
-    sessions.back()->prefill(p);
-    prefill_ms += sessions.back()->timings().prefill_ms;
-    prefill_tokens += (int64_t)p.size();
+    prompt_tokens += (int64_t)p.size();
   }
+  // Prompts that begin alike (questions about one document) prefill the shared part once.
+  const double tp = now_ms();
+  const int64_t shared = prefill_sharing_prefixes(ptrs, prompts);
+  const double prefill_ms = now_ms() - tp;
+  const int64_t prefill_tokens = prompt_tokens - shared;
   const double t0 = now_ms();
   const std::vector<GenerateResult> res = generate_batch(ptrs, tok, go);
   const double decode_ms = now_ms() - t0;
@@ -121,6 +123,8 @@ int run_generate_batch(const GenerateArgs& a, const Model& model, const Tokenize
     j["batch"] = sessions.size();
     j["results"] = results;
     j["timings"] = {{"prefill_ms", prefill_ms},
+                    {"prefill_tokens", prefill_tokens},
+                    {"prefill_shared_tokens", shared},
                     {"prefill_tok_per_s", prefill_tps},
                     {"decode_ms", decode_ms},
                     {"decode_tokens", decoded},
@@ -140,10 +144,11 @@ int run_generate_batch(const GenerateArgs& a, const Model& model, const Tokenize
   }
   std::fflush(stdout);
   std::fprintf(stderr,
-               "\nspecache: %zu sequences decoded together; prompts %lld tokens in all, prefill %.1f ms (%.1f tok/s); "
+               "\nspecache: %zu sequences decoded together; prompts %lld tokens in all (%lld taken over from an earlier "
+               "prompt's shared beginning), prefill %.1f ms (%.1f tok/s); "
                "%lld tokens decoded in %.1f ms (%.1f tok/s over the batch); KV %s: fast %.2f MiB, slow %.2f MiB in all; "
                "peak RSS %.1f MiB\n",
-               sessions.size(), (long long)prefill_tokens, prefill_ms, prefill_tps, (long long)decoded, decode_ms,
+               sessions.size(), (long long)prompt_tokens, (long long)shared, prefill_ms, prefill_tps, (long long)decoded, decode_ms,
                tok_per_s, a.kv.policy.c_str(), fast / 1048576.0, slow / 1048576.0, peak_rss_bytes() / 1048576.0);
   return 0;
 }

@@ -436,6 +436,45 @@ TEST(Cli, SeveralPromptsGenerateTogetherAsTheyWouldAlone) {
   EXPECT_NE(txt.err.find("2 sequences decoded together"), std::string::npos) << txt.err;
 }
 
+// Prompts that begin alike (questions about one text) prefill the shared beginning once and take
+// it over in the others; the generations are those of separate runs.
+TEST(Cli, PromptsSharingABeginningPrefillItOnce) {
+  SKIP_IF_MISSING(stories_path());
+  std::string doc;
+  for (int i = 0; i < 12; ++i) doc += "Lily went to the park with her dog. They played with a red ball. ";
+  const std::vector<std::string> texts = {doc + "Then Lily", doc + "The dog was", doc + "Then Lily"};
+  for (const char* kv : {"full", "specache", "kivi"}) {
+    SCOPED_TRACE(kv);
+    std::vector<std::string> args = {"-n", "12", "--json", "--temp", "0", "--kv", kv};
+    if (std::string(kv) != "full") args.insert(args.end(), {"--kv-window", "8", "--kv-group", "32"});
+    if (std::string(kv) == "specache") args.insert(args.end(), {"--kv-topk", "8"});
+    std::vector<std::string> batch_args = args;
+    for (const auto& t : texts) batch_args.insert(batch_args.end(), {"-p", t});
+    const RunResult b = run_cli(gen_args(batch_args));
+    expect_success(b);
+    const json j = parse_single_json(b);
+    const size_t n0 = j["results"][0]["prompt_tokens"].size(), n1 = j["results"][1]["prompt_tokens"].size();
+    ASSERT_GT(n0, 150u);
+    const int64_t shared = j["timings"]["prefill_shared_tokens"].get<int64_t>();
+    if (std::string(kv) == "kivi") {
+      EXPECT_EQ(shared, 0) << "kivi keeps no 16-bit copy to hand on";
+    } else {
+      // Prompt 2 takes prompt 1's beginning (all but its last tokens), prompt 3 all of prompt 1.
+      EXPECT_GT(shared, (int64_t)(n0 + n1) - 12) << j["timings"];
+      EXPECT_LE(shared, (int64_t)(n0 + n1));
+    }
+    EXPECT_EQ(j["timings"]["prefill_tokens"].get<int64_t>() + shared,
+              (int64_t)(n0 + n1 + j["results"][2]["prompt_tokens"].size()));
+    for (size_t i = 0; i < texts.size(); ++i) {
+      std::vector<std::string> one = args;
+      one.insert(one.end(), {"-p", texts[i]});
+      const RunResult r = run_cli(gen_args(one));
+      expect_success(r);
+      EXPECT_EQ(j["results"][i]["tokens"], parse_single_json(r)["tokens"]) << texts[i];
+    }
+  }
+}
+
 TEST(Cli, StreamingPrintsTheTextOnStdout) {
   SKIP_IF_MISSING(stories_path());
   const RunResult js = run_cli(gen_args({"-p", "Once upon a time", "-n", "16", "--temp", "0", "--json"}));

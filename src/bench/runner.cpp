@@ -136,7 +136,7 @@ void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int3
     ptrs.push_back(ss.back().get());
   }
   std::unique_ptr<Session> source;
-  if (cfg.policy == "kivi" || cfg.policy == "streaming") {
+  if (!kv_policy_keeps_16bit_copy(cfg.policy)) {
     KvConfig full = cfg;
     full.policy = "full";
     source = std::make_unique<Session>(model, make_kv_policy(full, geom), pool);

@@ -1,5 +1,8 @@
 #include "engine/generate.h"
 
+#include <algorithm>
+
+#include "kv/kv_policy.h"
 #include "util/error.h"
 
 namespace spc {
@@ -82,6 +85,39 @@ GenerateResult generate(Session& session, const Tokenizer& tok, const GenerateOp
   if (opt.n_predict != 0)
     for (int32_t t = g.next(); t >= 0; t = g.next()) session.decode(t);
   return g.take();
+}
+
+int64_t prefill_sharing_prefixes(const std::vector<Session*>& sessions,
+                                 const std::vector<std::vector<int32_t>>& prompts, int64_t min_shared) {
+  SPC_CHECK(sessions.size() == prompts.size(), "prefill: %zu sessions but %zu prompts", sessions.size(), prompts.size());
+  int64_t taken = 0;
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    Session& s = *sessions[i];
+    const std::vector<int32_t>& p = prompts[i];
+    SPC_CHECK(!p.empty(), "prefill: prompt %zu is empty", i);
+    // The earlier prompt sharing the longest leading run; at least one token is left to
+    // prefill (it gives the logits) unless the prompts are equal, whose logits come along.
+    int64_t best = 0;
+    size_t from = 0;
+    if (s.n_past() == 0 && kv_policy_keeps_16bit_copy(s.kv().name())) {
+      for (size_t j = 0; j < i; ++j) {
+        if (!kv_policy_keeps_16bit_copy(sessions[j]->kv().name())) continue;
+        const std::vector<int32_t>& q = prompts[j];
+        int64_t n = 0;
+        while (n < (int64_t)std::min(p.size(), q.size()) && p[(size_t)n] == q[(size_t)n]) ++n;
+        if (n < (int64_t)p.size() || p.size() != q.size()) n = std::min<int64_t>(n, (int64_t)p.size() - 1);
+        if (n > best && sessions[j]->n_past() == (int64_t)q.size()) best = n, from = j;
+      }
+    }
+    if (best >= min_shared) {
+      s.prefill_from(*sessions[from], best);
+      taken += best;
+      if (best < (int64_t)p.size()) s.prefill(std::vector<int32_t>(p.begin() + best, p.end()));
+    } else {
+      s.prefill(p);
+    }
+  }
+  return taken;
 }
 
 std::vector<GenerateResult> generate_batch(const std::vector<Session*>& sessions, const Tokenizer& tok,

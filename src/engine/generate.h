@@ -41,6 +41,16 @@ class Utf8Stream {
 GenerateResult generate(Session& session, const Tokenizer& tok, const GenerateOptions& opt,
                         const std::function<void(const std::string&)>& on_text = {});
 
+// Prefills sessions[i] with prompts[i], one after the other. A prompt that begins with tokens an
+// earlier prompt of the list also begins with takes those positions' K/V over from that earlier
+// session (Session::prefill_from, the longest such run) and prefills only the rest: a continued
+// prefill gives the same K/V and logits as a whole one, without computing the shared part again
+// (N questions about one document prefill it once). Only where the policy keeps a complete 16-bit
+// copy to hand on (kv_policy_keeps_16bit_copy), and only runs of at least min_shared tokens.
+// Returns how many prompt tokens were taken over instead of prefilled.
+int64_t prefill_sharing_prefixes(const std::vector<Session*>& sessions,
+                                 const std::vector<std::vector<int32_t>>& prompts, int64_t min_shared = 64);
+
 // Batched generation: every session (each prefilled with its own prompt) generates as generate()
 // would, and their decode steps run together through one SessionBatch, so the sequences share
 // each weight read. Session i samples with seed opt.sampler.seed + i; a session that stops (EOS,

@@ -14,6 +14,8 @@ bool kv_policy_has_lowbit_copy(const std::string& p) {
   return p == "kivi" || p == "specache" || p == "specache-refetch" || p == "specache-exact" || p == "topk-oracle";
 }
 
+bool kv_policy_keeps_16bit_copy(const std::string& p) { return p != "kivi" && p != "streaming"; }
+
 KvConfig resolve_kv_config(KvConfig cfg) {
   if (cfg.debias < 0.0f) cfg.debias = kv_policy_has_lowbit_copy(cfg.policy) ? 0.5f : 0.0f;
   return cfg;

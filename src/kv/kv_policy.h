@@ -147,6 +147,10 @@ const std::vector<std::string>& kv_policy_names();
 // specache-exact, topk-oracle): the --kv-bits/--kv-group knobs apply to it.
 bool kv_policy_has_lowbit_copy(const std::string& policy);
 
+// Whether the named policy keeps the complete 16-bit K/V (everything but kivi and streaming), so
+// that export_layer can hand its cache, or a prefix of it, to another session.
+bool kv_policy_keeps_16bit_copy(const std::string& policy);
+
 // cfg with its "policy default" fields filled in: debias < 0 -> 0.5 for the policies with a
 // low-bit copy (measured best for specache on SmolLM2 and better for kivi too, docs/RESULTS.md;
 // specache-exact's steps never apply it), 0 for the others.

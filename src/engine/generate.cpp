@@ -49,7 +49,6 @@ class Generation {
     if (s_.n_past() >= s_.kv().geometry().n_ctx) return finish(&res_.stopped_at_context);
     return t;
   }
-  bool done() const { return done_; }
   GenerateResult take() {
     if (!done_) finish(nullptr);
     return std::move(res_);
@@ -105,7 +104,8 @@ int64_t prefill_sharing_prefixes(const std::vector<Session*>& sessions,
         const std::vector<int32_t>& q = prompts[j];
         int64_t n = 0;
         while (n < (int64_t)std::min(p.size(), q.size()) && p[(size_t)n] == q[(size_t)n]) ++n;
-        if (n < (int64_t)p.size() || p.size() != q.size()) n = std::min<int64_t>(n, (int64_t)p.size() - 1);
+        const bool equal = n == (int64_t)p.size() && p.size() == q.size();
+        if (!equal) n = std::min<int64_t>(n, (int64_t)p.size() - 1);
         if (n > best && sessions[j]->n_past() == (int64_t)q.size()) best = n, from = j;
       }
     }

@@ -92,8 +92,9 @@ class Session {
 // its decode timings count the whole batched step. The sessions stay owned by the caller.
 class SessionBatch {
  public:
-  // Feeds tokens[i] to sessions[i]. Throws spc::Error when the sizes differ, a session appears
-  // twice, or the sessions do not share one model and thread pool.
+  // Feeds tokens[i] to sessions[i]. Throws spc::Error, before any session changes, when the sizes
+  // differ, a session appears twice, the sessions do not share one model and thread pool, or a
+  // session's context is full.
   void decode(const std::vector<Session*>& sessions, const std::vector<int32_t>& tokens);
   // Where the batched steps' time went (Model::decode_batch's phases), summed over the calls.
   const DecodePhases& phases() const { return scratch_.phases; }

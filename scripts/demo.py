@@ -5,7 +5,9 @@ SpeCache's non-speculative variant (1-bit copy, the real token's own top-k fetch
 side by side.
 
 Prints the answers, their token agreement, fast-tier KV bytes, peak RSS and decode speed.
-Usage: scripts/demo.py SPECACHE_BINARY MODEL.gguf [--tokens N] [--threads T] [--store host|file]
+Then (--batch N, default 4) N questions about the same document generated together, with full
+and with specache:1 on the file store: tokens per second over the batch and peak RSS.
+Usage: scripts/demo.py SPECACHE_BINARY MODEL.gguf [--tokens N] [--threads T] [--store host|file] [--batch N]
 """
 import argparse
 import json
@@ -53,6 +55,24 @@ def run(binary, model, prompt_file, spec, threads, store, kv_dir):
     return res
 
 
+OTHER_QUESTIONS = ["Who is Anna Pavlovna?", "In which city does this part of the story take place?",
+                   "Which emperor do the guests talk about?", "Who arrives at the reception first?",
+                   "What does the prince say about the war?", "Who is Prince Vasili?", "What is the weather like?"]
+
+
+def run_batch(binary, model, prompt_files, spec, threads, kv_dir):
+    """Several prompts generated together (one decode step for all sequences); their shared
+    beginning (the document) is prefilled once."""
+    policy, _, bits = spec.partition(":")
+    cmd = [binary, "generate", "-m", model, "-n", "32", "--temp", "0", "-t", str(threads), "--json", "--kv", policy]
+    for f in prompt_files:
+        cmd += ["-f", f]
+    if policy.startswith("specache"):
+        cmd += ["--kv-bits", bits, "--kv-store", "file", "--kv-dir", kv_dir]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
@@ -62,6 +82,9 @@ def main():
     ap.add_argument("--store", default="host", choices=["host", "file"])
     ap.add_argument("--policies", default="full,specache:2,specache:1,specache-refetch:1,specache-exact:1",
                     help="comma-separated policy[:bits] list; the first must be full (the reference)")
+    ap.add_argument("--batch", type=int, default=4,
+                    help="then this many questions about the document generated together with full and with "
+                         "specache:1 on the file store (0: skip)")
     a = ap.parse_args()
 
     text, source = haystack(a.tokens * 4)  # ~4 characters per token for English prose
@@ -83,6 +106,18 @@ def main():
         for policy in policies:
             print(f"running --kv {policy} ...", flush=True)
             results[policy] = run(a.binary, a.model, pf, policy, a.threads, a.store, tmp)
+        batch = {}
+        if a.batch > 0:
+            questions = [QUESTION] + (OTHER_QUESTIONS * a.batch)[:a.batch - 1]
+            files = []
+            for i, q in enumerate(questions):
+                files.append(os.path.join(tmp, f"batch{i}.txt"))
+                head = ANSWER_PREFIX if i == 0 else ""
+                open(files[-1], "w", encoding="utf-8").write(
+                    f"<|im_start|>user\n{doc}\n\n{q}<|im_end|>\n<|im_start|>assistant\n{head}")
+            for spec in ("full", "specache:1"):
+                print(f"running {a.batch} questions together, --kv {spec} ...", flush=True)
+                batch[spec] = run_batch(a.binary, a.model, files, spec, a.threads, tmp)
 
     full = results["full"]
     print()
@@ -109,6 +144,28 @@ def main():
               f"{r['kv']['prefetch_reuse_rate']:.2f}, stall {r['kv']['stall_ms']:.1f} ms")
     found = ", ".join(f"{k}={ANSWER in r['text']}" for k, r in results.items())
     print(f"needle ({ANSWER}) retrieved: {found}")
+    if batch:
+        print()
+        print(f"{a.batch} questions about the document generated together (the document prefilled once, one decode "
+              f"step for all {a.batch} sequences, each with its own KV cache; specache:1 with its 16-bit cache in a "
+              f"file):")
+        for name, b in batch.items():
+            t, kv = b["timings"], b["kv"]
+            label = name + (" (file)" if name != "full" else "")
+            print(f"[{label:17s}] {t['decode_tok_per_s']:6.1f} tok/s over the batch, peak RSS "
+                  f"{b['memory']['peak_rss_bytes'] / 2**20:.0f} MiB, fast-tier KV {kv['fast_bytes'] / 2**20:.1f} MiB; "
+                  f"prefilled {t['prefill_tokens']} of {t['prefill_tokens'] + t['prefill_shared_tokens']} prompt tokens")
+            single = results.get(name)
+            if single is not None:
+                n = len(b["results"][0]["tokens"])
+                same = b["results"][0]["tokens"] == single["tokens"][:n]
+                print(f"{'':20s}needle answer {ANSWER in b['results'][0]['text']}; equals the separate run's first "
+                      f"{n} tokens: {same}")
+        if "full" in batch and "specache:1" in batch:
+            f, s1 = batch["full"], batch["specache:1"]
+            print(f"specache:1 batch: {s1['timings']['decode_tok_per_s'] / f['timings']['decode_tok_per_s']:.2f}x "
+                  f"full's tokens per second in {s1['memory']['peak_rss_bytes'] / f['memory']['peak_rss_bytes']:.2f}x "
+                  f"its peak RSS")
 
 
 if __name__ == "__main__":

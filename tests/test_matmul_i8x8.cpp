@@ -163,7 +163,7 @@ TEST(MatmulI8x8, AmxPairsEqualVnniBitForBit) {
   for (GgmlType t : kTypes)
     for (auto [n_in, n_out] : std::vector<std::pair<int64_t, int64_t>>{{576, 192}, {1536, 40}, {32, 8}, {64, 24}}) {
       const Mat m = make(t, n_in, n_out, rng, true);
-      for (int64_t n_tok : {17, 18, 31, 45, 256}) {  // AMX from kAmxMinTokens = 17 on
+      for (int64_t n_tok : {25, 26, 31, 45, 256}) {  // AMX from kAmxMinTokens = 25 on
         const std::vector<float> x = random_x(n_tok, n_in, rng);
         for (ThreadPool* pool : {&pool1, &pool2}) {
           std::vector<float> ya(n_tok * n_out, NAN), yv(n_tok * n_out, NAN);

@@ -604,8 +604,11 @@ std::atomic<bool> g_matmul_amx{true};  // set_matmul_amx
 
 // Token counts from which the AMX pair kernel beats passes of kTileT-token vpdpbusd tiles over
 // L1-resident blocks. A batched decode step's FFN on SmolLM2 (2 Xeon cores, ms per step, AMX
-// against vpdpbusd): 5 rows 6.3 / 3.3, 8 rows 7.6 / 4.6, 16 rows 8.8 / 8.2, 32 rows 12.7 / 14.4.
-constexpr int64_t kAmxMinTokens = 17;
+// against vpdpbusd): 5 rows 6.3 / 3.3, 8 rows 7.6 / 4.6, 16 rows 8.8 / 8.2, 32 rows 12.7 / 14.4;
+// all of a step's matmuls (q/k/v, output projection, FFN, logits; two runs each): 17 rows 17.1,
+// 22.7 / 15.3, 15.1; 24 rows 21.1, 21.7 / 20.7, 20.5; 28 rows 23.0, 21.8 / 23.9, 22.9; 32 rows
+// 22.6, 28.9 / 25.9, 25.2.
+constexpr int64_t kAmxMinTokens = 25;
 
 // The AMX kernel for pairs of 8-row groups of an int8 matmul over the interleaved copy, where it
 // runs: prefill sizes (kAmxMinTokens or more), switched on, and a CPU with AMX-INT8; else nullptr.

@@ -148,7 +148,10 @@ void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int3
   }
   for (int b = 0; b < batch; ++b)
     if (source || b > 0) ss[(size_t)b]->prefill_from(source ? *source : *ss[0]);
-  source.reset();
+  if (source) {  // its 16-bit cache is the bench's scaffolding, not the row's: out of the peak
+    source.reset();
+    reset_peak_rss();
+  }
   std::vector<KvStats> st;
   for (const auto& s : ss) st.push_back(s->kv().stats());
   c.at_depth = sum_stats(st);

@@ -1,6 +1,7 @@
 // specache generate: prompt -> text, streaming, or one JSON object with --json.
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "bench/bench.h"
@@ -99,9 +100,10 @@ int run_generate_batch(const GenerateArgs& a, const Model& model, const Tokenize
   int64_t decoded = 0;
   uint64_t fast = 0, slow = 0;
   for (const auto& s : sessions) {
+    const KvStats ks = s->kv().stats();
     decoded += s->timings().decode_tokens;
-    fast += s->kv().stats().fast_bytes;
-    slow += s->kv().stats().slow_bytes;
+    fast += ks.fast_bytes;
+    slow += ks.slow_bytes;
   }
   const double tok_per_s = decode_ms > 0 ? decoded * 1000.0 / decode_ms : 0;
   const double prefill_tps = prefill_ms > 0 ? prefill_tokens * 1000.0 / prefill_ms : 0;
@@ -171,13 +173,14 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
   auto tok = Tokenizer::from_gguf(model->gguf());
   SPC_CHECK(tok->n_vocab() == mc.n_vocab, "%s: tokenizer has %d tokens but the embedding has %d rows",
             a.m.model.c_str(), tok->n_vocab(), mc.n_vocab);
+  std::optional<std::string> tmpl;
+  if (a.chat) {
+    tmpl = model->gguf().get_string("tokenizer.chat_template");
+    SPC_CHECK(tmpl.has_value(), "%s: --chat needs a chat template, but the model has none", a.m.model.c_str());
+  }
   std::vector<std::vector<int32_t>> prompts;
   for (std::string& text : texts) {
-    if (a.chat) {
-      const auto tmpl = model->gguf().get_string("tokenizer.chat_template");
-      SPC_CHECK(tmpl.has_value(), "%s: --chat needs a chat template, but the model has none", a.m.model.c_str());
-      text = apply_chat_template(*tmpl, text);
-    }
+    if (tmpl) text = apply_chat_template(*tmpl, text);
     prompts.push_back(tok->encode(text, tok->add_bos_default(), true));
     if (prompts.back().empty()) {
       SPC_CHECK(tok->bos_id() >= 0, "empty prompt and the vocabulary has no BOS token to start from");

@@ -190,6 +190,10 @@ struct BenchReport {
   std::vector<BenchRow> rows;
 };
 
+// Throws spc::Error for batch sizes outside 1..256, an empty list, or batches with interleave
+// (run_bench checks it too; the CLI calls it before loading the model).
+void validate_batches(const BenchOptions& opt);
+
 using BenchLog = std::function<void(const std::string&)>;
 // Runs the whole grid: threads x policies x depths. `text`/`text_path`: the prompt text (may be empty).
 void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt, const std::string& text,

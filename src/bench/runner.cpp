@@ -82,14 +82,18 @@ double timed_step(Session& s, int n_vocab, int i, int warmup, Collected& c) {
   return dt;
 }
 
-// The session's decode-side statistics, added after its last step.
-void finished(const Session& s, int gen, Collected& c) {
-  c.after = s.kv().stats();
-  c.phases = c.phases + (s.decode_phases() - c.phase_mark);
-  c.stall += c.after.stall_ms / gen;
-  c.copy += c.after.copy_ms / gen;
-  c.fetched += c.after.fetched_bytes_per_step;
+// Decode-side statistics after a repetition's last step: the policy's (or a batch's summed) KV
+// statistics and the phase sums the decode calls reached.
+void finished_with(const KvStats& after, const DecodePhases& phases, int gen, Collected& c) {
+  c.after = after;
+  c.phases = c.phases + (phases - c.phase_mark);
+  c.stall += after.stall_ms / gen;
+  c.copy += after.copy_ms / gen;
+  c.fetched += after.fetched_bytes_per_step;
 }
+
+// The session's decode-side statistics, added after its last step.
+void finished(const Session& s, int gen, Collected& c) { finished_with(s.kv().stats(), s.decode_phases(), gen, c); }
 
 // The time-local bandwidth probe (BenchOptions::probe_bytes) for the rows [first, end) of a
 // measurement that just finished; nothing without it. A probe that fails here (its buffer cannot
@@ -107,6 +111,9 @@ void probe_rows(const BenchOptions& opt, int nt, std::vector<BenchRow>& rows, si
   for (size_t i = first; i < rows.size(); ++i) rows[i].bandwidth_gb_per_s = b.best_gb_per_s;
   if (log) log(strfmt("memory read bandwidth right after, %d thread(s): best %.2f GB/s", nt, b.best_gb_per_s));
 }
+
+// The cache size of a row's sessions: the prompt, the decoded tokens and SpeCache's guess row.
+KvGeometry row_geometry(const Model& model, int64_t depth, int gen) { return model.kv_geometry(depth + gen + 2); }
 
 // The KV statistics of a batch's sessions added up: sizes, bytes fetched per step and times (each
 // step gives every session one token, so per-step sums are what the step moved and waited for).
@@ -128,7 +135,7 @@ KvStats sum_stats(const std::vector<KvStats>& v) {
 void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int32_t>& toks, int batch, int gen,
                  int warmup, ThreadPool& pool, Collected& c) {
   const int n_vocab = model.config().n_vocab;
-  const KvGeometry geom = model.kv_geometry((int64_t)toks.size() + gen + 2);
+  const KvGeometry geom = row_geometry(model, (int64_t)toks.size(), gen);
   std::vector<std::unique_ptr<Session>> ss;
   std::vector<Session*> ptrs;
   for (int b = 0; b < batch; ++b) {
@@ -167,11 +174,7 @@ void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int3
   }
   st.clear();
   for (const auto& s : ss) st.push_back(s->kv().stats());
-  c.after = sum_stats(st);
-  c.phases = c.phases + (sb.phases() - c.phase_mark);
-  c.stall += c.after.stall_ms / gen;
-  c.copy += c.after.copy_ms / gen;
-  c.fetched += c.after.fetched_bytes_per_step;
+  finished_with(sum_stats(st), sb.phases(), gen, c);
 }
 
 BenchRow make_row(const std::string& model_name, const PolicySpec& spec, const KvConfig& cfg, int64_t depth, int nt,
@@ -213,14 +216,18 @@ BenchRow make_row(const std::string& model_name, const PolicySpec& spec, const K
 
 }  // namespace
 
+void validate_batches(const BenchOptions& opt) {
+  SPC_CHECK(!opt.batches.empty(), "--batch: empty batch list");
+  for (int b : opt.batches) SPC_CHECK(b >= 1 && b <= 256, "--batch: %d sequences is not within 1..256", b);
+  SPC_CHECK(!(opt.interleave && (opt.batches.size() > 1 || opt.batches[0] != 1)),
+            "--interleave measures one sequence per policy; it does not take --batch");
+}
+
 void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt, const std::string& text,
                const std::string& text_path, BenchReport& report, const BenchLog& log) {
   SPC_CHECK(!opt.policies.empty() && !opt.depths.empty() && !opt.threads.empty(), "bench: empty policy/depth/thread list");
   SPC_CHECK(opt.reps >= 1 && opt.gen >= 1 && opt.warmup >= 0, "bench: reps and gen must be >= 1");
-  SPC_CHECK(!opt.batches.empty(), "bench: empty batch list");
-  for (int b : opt.batches) SPC_CHECK(b >= 1 && b <= 256, "bench: batch size %d is not within 1..256", b);
-  SPC_CHECK(!(opt.interleave && (opt.batches.size() > 1 || opt.batches[0] != 1)),
-            "bench: --interleave measures one sequence per policy; it does not take --batch");
+  validate_batches(opt);
   const ModelConfig& mc = model.config();
   const int64_t max_depth = *std::max_element(opt.depths.begin(), opt.depths.end());
   const PromptSource prompt = build_prompt_tokens(tok, mc.n_vocab, text, text_path, max_depth);
@@ -257,7 +264,7 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
   const uint64_t wbytes = model.weight_bytes_per_token();
   const std::string model_name = opt.model_path.substr(opt.model_path.find_last_of('/') + 1);
   auto session_for = [&](const KvConfig& cfg, int64_t depth, ThreadPool& pool) {
-    return std::make_unique<Session>(model, make_kv_policy(cfg, model.kv_geometry(depth + opt.gen + 2)), pool);
+    return std::make_unique<Session>(model, make_kv_policy(cfg, row_geometry(model, depth, opt.gen)), pool);
   };
 
   for (int nt : opt.threads) {

@@ -151,7 +151,19 @@ TEST(AttentionDecode, F16CacheMatchesReference) {
       for (auto& x : v) x = nd(rng);
       cache.write(1, 0, n_pos, k.data(), v.data());
       std::vector<float> kr(k.size()), vr(v.size());  // fp16-rounded
-      cache.read(1, n_pos, kr.data(), vr.data());
+      cache.read(1, 0, n_pos, kr.data(), vr.data());
+      // A cache sharing the first positions of `cache` (F16Cache::share_prefix) and holding the
+      // rest itself: the chunks that straddle its end are two kernel calls, merged.
+      const int64_t n_shared = n_pos * 3 / 5 / kKeyTile * kKeyTile;
+      F16Cache sharer(g, n_pos + 4);
+      sharer.share_prefix(cache, n_shared);
+      const int64_t row = (int64_t)g.n_head_kv * d;
+      sharer.write(1, n_shared, n_pos - n_shared, k.data() + n_shared * row, v.data() + n_shared * row);
+      EXPECT_EQ(sharer.shared_positions(), n_shared);
+      std::vector<float> ks(k.size()), vs(v.size());
+      sharer.read(1, 0, n_pos, ks.data(), vs.data());
+      EXPECT_EQ(ks, kr);
+      EXPECT_EQ(vs, vr);
       for (int n_rows : {1, 2, 3}) {
         if (n_rows > n_pos) continue;
         std::vector<float> q(n_rows * g.n_head * d);
@@ -161,9 +173,15 @@ TEST(AttentionDecode, F16CacheMatchesReference) {
         rows.n_keep = n_rows;
         rows.pos0 = n_pos - n_rows;
         rows.q = q.data();
-        for (ThreadPool* pool : {&pool1, &pool2}) {
+        std::vector<float> unshared[2];  // per pool size (the chunks depend on it)
+        for (int variant = 0; variant < 4; ++variant) {
+          ThreadPool* pool = variant % 2 ? &pool2 : &pool1;
+          const F16Cache& c = variant < 2 ? cache : sharer;
           std::vector<float> out(q.size(), NAN);
-          attend_f16_cache(cache, g, 1, rows, out.data(), *pool);
+          attend_f16_cache(c, g, 1, rows, out.data(), *pool);
+          // The same bits with a shared prefix (its chunk over the prefix's end: one kernel pass).
+          if (variant < 2) unshared[variant] = out;
+          else EXPECT_EQ(out, unshared[variant - 2]) << "d=" << d << " n_pos=" << n_pos << " rows=" << n_rows;
           double worst = 0;
           for (int r = 0; r < n_rows; ++r)
             for (int hq = 0; hq < g.n_head; ++hq) {
@@ -188,7 +206,8 @@ TEST(AttentionDecode, F16CacheMatchesReference) {
               for (int c = 0; c < d; ++c)
                 worst = std::max(worst, std::fabs(out[(r * g.n_head + hq) * d + c] - o[c] / l));
             }
-          EXPECT_LE(worst, 2e-5) << "d=" << d << " n_pos=" << n_pos << " rows=" << n_rows << " threads=" << pool->size();
+          EXPECT_LE(worst, 2e-5) << "d=" << d << " n_pos=" << n_pos << " rows=" << n_rows << " threads=" << pool->size()
+                                 << (variant < 2 ? "" : " shared prefix");
         }
       }
     }

@@ -550,17 +550,17 @@ TEST(KvPolicy, ExportOfAPrefixIsThePrefixOfTheExport) {
     const int64_t n = s.kv().n_cached(), row = (int64_t)g.n_head_kv * g.head_dim;
     std::vector<float> k((size_t)(n * row)), v(k.size());
     for (int il = 0; il < g.n_layer; ++il) {
-      s.kv().export_layer(il, n, k.data(), v.data());
+      s.kv().export_layer(il, 0, n, k.data(), v.data());
       for (int64_t np : {int64_t(0), int64_t(1), int64_t(77), n}) {
         std::vector<float> kp((size_t)(np * row) + 1, -1.0f), vp(kp.size(), -1.0f);
-        s.kv().export_layer(il, np, kp.data(), vp.data());
+        s.kv().export_layer(il, 0, np, kp.data(), vp.data());
         ASSERT_TRUE(std::equal(kp.begin(), kp.end() - 1, k.begin())) << "layer " << il << " n " << np;
         ASSERT_TRUE(std::equal(vp.begin(), vp.end() - 1, v.begin())) << "layer " << il << " n " << np;
         ASSERT_EQ(kp.back(), -1.0f);  // nothing written beyond n rows
         ASSERT_EQ(vp.back(), -1.0f);
       }
     }
-    EXPECT_THROW(s.kv().export_layer(0, n + 1, k.data(), v.data()), Error);
+    EXPECT_THROW(s.kv().export_layer(0, 0, n + 1, k.data(), v.data()), Error);
   }
 }
 

@@ -744,10 +744,10 @@ TEST(LowBit, Avx2ScoreKeysFoldDebiasAndRowMax) {
 // the same numerators written over the scores (-inf gives 0), the same value sums, the row sums
 // to float rounding. Includes several value groups per token (d = 128, g = 32). The optional
 // block maxima are the largest written numerator of each row and block, exactly.
-using SoftmaxFn = std::function<void(const LowBitSpec&, const uint8_t*, int, float*, int, size_t, const float*, float*,
+// Blocks in two memories (BlockMem: a shared prefix's end) give the same bits as in one.
+using SoftmaxFn = std::function<void(const LowBitSpec&, BlockMem, int, float*, int, size_t, const float*, float*,
                                      float*, size_t, float*, size_t)>;
-using AccumulateFn =
-    std::function<void(const LowBitSpec&, const uint8_t*, int, const float*, int, size_t, float*, size_t)>;
+using AccumulateFn = std::function<void(const LowBitSpec&, BlockMem, int, const float*, int, size_t, float*, size_t)>;
 void check_softmax_values(const SoftmaxFn& softmax, const AccumulateFn& accumulate) {
   for (const Cfg& cfg : all_cfgs({48, 64, 128})) {
     const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
@@ -775,6 +775,21 @@ void check_softmax_values(const SoftmaxFn& softmax, const AccumulateFn& accumula
       softmax(sp, vals.data(), nb, p2.data(), nq, ss, m.data(), l2.data(), o2.data(), os, nullptr, 0);
       EXPECT_EQ(p2, p_got);
       EXPECT_EQ(o2, o_got);
+      for (int split = 0; split <= nb; ++split) {
+        // Blocks below split from one copy, the others from another; each is junk where it is not read.
+        std::vector<uint8_t> lo = vals, hi = vals;
+        std::fill(lo.begin() + (size_t)split * sp.value_block_bytes(), lo.end(), (uint8_t)0x3C);
+        std::fill(hi.begin(), hi.begin() + (size_t)split * sp.value_block_bytes(), (uint8_t)0xA5);
+        const BlockMem mem(lo.data(), hi.data(), split);
+        std::vector<float> p3 = sc, o3 = init, l3(nq), bm3((size_t)nq * bs, -1.0f), o4 = init;
+        softmax(sp, mem, nb, p3.data(), nq, ss, m.data(), l3.data(), o3.data(), os, bm3.data(), bs);
+        EXPECT_EQ(p3, p_got) << "split " << split;
+        EXPECT_EQ(o3, o_got) << "split " << split;
+        EXPECT_EQ(l3, l_got) << "split " << split;
+        EXPECT_EQ(bm3, bmax) << "split " << split;
+        accumulate(sp, mem, nb, p_ref.data(), nq, ss, o4.data(), os);
+        EXPECT_EQ(o4, o_ref) << "split " << split;
+      }
       for (int iq = 0; iq < nq; ++iq) {
         for (int b = 0; b < nb; ++b) {
           float mx = 0.0f;
@@ -794,9 +809,9 @@ void check_softmax_values(const SoftmaxFn& softmax, const AccumulateFn& accumula
 
 TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
   check_softmax_values(
-      [](const LowBitSpec& sp, const uint8_t* v, int nb, float* s, int nq, size_t ss, const float* m, float* l, float* o,
+      [](const LowBitSpec& sp, BlockMem v, int nb, float* s, int nq, size_t ss, const float* m, float* l, float* o,
          size_t os, float* bm, size_t bs) { lowbit_softmax_values(sp, v, nb, s, nq, ss, m, l, o, os, bm, bs); },
-      [](const LowBitSpec& sp, const uint8_t* v, int nb, const float* p, int nq, size_t ps, float* o, size_t os) {
+      [](const LowBitSpec& sp, BlockMem v, int nb, const float* p, int nq, size_t ps, float* o, size_t os) {
         lowbit_accumulate_values(sp, v, nb, p, nq, ps, o, os);
       });
 }
@@ -805,13 +820,56 @@ TEST(LowBit, SoftmaxValuesEqualExpThenAccumulate) {
 // machines), against its own plain value sums.
 TEST(LowBit, Avx2SoftmaxValuesEqualExpThenAccumulate) {
   check_softmax_values(
-      [](const LowBitSpec& sp, const uint8_t* v, int nb, float* s, int nq, size_t ss, const float* m, float* l, float* o,
+      [](const LowBitSpec& sp, BlockMem v, int nb, float* s, int nq, size_t ss, const float* m, float* l, float* o,
          size_t os, float* bm, size_t bs) {
         lowbit_detail::softmax_values_avx2(sp, v, nb, s, nq, ss, m, l, o, os, bm, bs);
       },
-      [](const LowBitSpec& sp, const uint8_t* v, int nb, const float* p, int nq, size_t ps, float* o, size_t os) {
+      [](const LowBitSpec& sp, BlockMem v, int nb, const float* p, int nq, size_t ps, float* o, size_t os) {
         lowbit_detail::accumulate_values_avx2(sp, v, nb, p, nq, ps, o, os);
       });
+}
+
+// Many blocks in two memories, split inside the kernels' batches of blocks and at their ends:
+// the same bits as one memory, for the dispatched kernel, the AVX2 one and the scalar value sums.
+TEST(LowBit, ValuesFromTwoMemoriesEqualOne) {
+  for (const Cfg& cfg : all_cfgs({64})) {
+    const LowBitSpec sp{cfg.bits, cfg.g, cfg.d};
+    const int nb = 21, n_tok = nb * cfg.g, nq = 6;
+    const auto vals = make_values(sp, nb, gaussian((size_t)n_tok * cfg.d, 5));
+    const size_t ss = n_tok, os = cfg.d;
+    const auto sc = gaussian((size_t)nq * ss, 8, 3.0f);
+    std::vector<float> m(nq, 0.0f);
+    for (int iq = 0; iq < nq; ++iq)
+      for (int t = 0; t < n_tok; ++t) m[iq] = std::max(m[iq], sc[iq * ss + t]);
+    std::vector<float> p = sc;
+    for (int iq = 0; iq < nq; ++iq) vec_exp_fast_shift_sum(p.data() + iq * ss, n_tok, m[iq]);
+    auto run = [&](BlockMem mem, int which, std::vector<float>& s, std::vector<float>& l) {
+      std::vector<float> o(nq * os, 0.0f);
+      s = sc;
+      l.assign(nq, 0.0f);
+      if (which == 0) lowbit_softmax_values(sp, mem, nb, s.data(), nq, ss, m.data(), l.data(), o.data(), os);
+#if defined(SPC_LOWBIT_AVX2)
+      if (which == 1) lowbit_detail::softmax_values_avx2(sp, mem, nb, s.data(), nq, ss, m.data(), l.data(), o.data(), os,
+                                                         nullptr, 0);
+#endif
+      if (which == 2) lowbit_detail::accumulate_values_scalar(sp, mem, nb, p.data(), nq, ss, o.data(), os);
+      return o;
+    };
+    for (int which = 0; which < 3; ++which) {
+      SCOPED_TRACE(name(cfg) + " kernel " + std::to_string(which));
+      std::vector<float> s1, l1, s2, l2;
+      const auto o1 = run(BlockMem(vals.data()), which, s1, l1);
+      for (int split : {1, 7, 8, 11, 16, 20}) {
+        std::vector<uint8_t> lo = vals, hi = vals;  // each junk where it is not to be read
+        std::fill(lo.begin() + (size_t)split * sp.value_block_bytes(), lo.end(), (uint8_t)0x3C);
+        std::fill(hi.begin(), hi.begin() + (size_t)split * sp.value_block_bytes(), (uint8_t)0x5A);
+        const auto o2 = run(BlockMem(lo.data(), hi.data(), split), which, s2, l2);
+        EXPECT_EQ(o2, o1) << "split " << split;
+        EXPECT_EQ(s2, s1) << "split " << split;
+        EXPECT_EQ(l2, l1) << "split " << split;
+      }
+    }
+  }
 }
 
 TEST(LowBit, Avx2KernelsMatchScalar) {

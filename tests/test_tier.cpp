@@ -274,6 +274,55 @@ TEST_P(TierStore, ConcurrentReadersWithOneWriter) {
   EXPECT_EQ(failures.load(), 0);
 }
 
+// A store sharing the first positions of another (SlowStore::share_prefix): reads below them come
+// from the base, the others from its own rows, also in one batch and one range across the border;
+// its own bytes and high-water marks start there; the base may be dropped by its first owner.
+TEST_P(TierStore, SharedPrefixReadsTheBase) {
+  TempDir dir;
+  SlowGeometry g{2, 2, 8, 600};
+  std::shared_ptr<SlowStore> base = make_store(GetParam(), g, dir.path);
+  Shadow sh(g);
+  std::mt19937_64 rng(5);
+  for (int il = 0; il < 2; ++il) sh.write(*base, il, 0, 300, rng);
+  auto s = make_store(GetParam(), g, dir.path);
+  EXPECT_THROW(s->share_prefix(base, 301), Error);  // more than the base holds
+  EXPECT_THROW(s->share_prefix(make_store(GetParam(), SlowGeometry{2, 2, 4, 600}, dir.path), 10), Error);
+  s->share_prefix(base, 200);
+  EXPECT_EQ(s->shared_positions(), 200);
+  EXPECT_EQ(s->written(0), 200);
+  EXPECT_EQ(s->bytes_stored(), 0u);
+  EXPECT_THROW(s->share_prefix(base, 100), Error);  // only into an empty store
+  // Its own rows from 200 on: the shadow's rows 200.. become this store's; the base keeps its own.
+  Shadow mine = sh;
+  for (int il = 0; il < 2; ++il) mine.write(*s, il, 200, 150, rng);
+  Shadow scratch = mine;
+  EXPECT_THROW(scratch.write(*s, 0, 150, 10, rng), Error);  // the shared part is read-only
+  EXPECT_EQ(s->written(1), 350);
+  EXPECT_EQ(s->bytes_stored(), (size_t)2 * 150 * 2 * g.row_bytes());
+  base->write_rows(0, 300, 0, nullptr);  // (the base's owner goes on writing past the prefix)
+  sh.write(*base, 0, 300, 50, rng);
+  base.reset();  // s keeps it alive
+  const auto refs = random_refs(*s, 500, rng);
+  std::vector<uint8_t> got(refs.size() * g.row_bytes());
+  s->read_rows(refs.data(), refs.size(), got.data());
+  expect_rows_equal(mine, refs, got);
+  size_t below = 0;
+  for (const RowRef& r : refs) below += r.pos < 200;
+  EXPECT_GT(below, 100u);
+  EXPECT_LT(below, 450u);
+  std::vector<uint8_t> range(100 * g.row_bytes());
+  s->read_range(1, 1, 150, 100, range.data());
+  EXPECT_EQ(std::memcmp(range.data(), mine.row(1, 1, 150), range.size()), 0);
+  // Scatter into slots (dst_row) across the border.
+  std::vector<RowRef> slots = {{0, 1, 10, 3}, {0, 0, 250, 0}, {1, 1, 199, 2}, {1, 0, 200, 1}};
+  std::vector<uint8_t> dst(4 * g.row_bytes());
+  s->read_rows(slots.data(), slots.size(), dst.data());
+  for (const RowRef& r : slots)
+    EXPECT_EQ(std::memcmp(dst.data() + r.dst_row * g.row_bytes(), mine.row(r.layer, r.head, r.pos), g.row_bytes()), 0);
+  RowRef beyond{0, 0, 350, -1};
+  EXPECT_THROW(s->read_rows(&beyond, 1, dst.data()), Error);
+}
+
 INSTANTIATE_TEST_SUITE_P(Tier, TierStore, ::testing::Values(Kind::Host, Kind::FileUring, Kind::FilePread),
                          [](const auto& info) { return std::string(kind_name(info.param)); });
 

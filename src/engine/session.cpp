@@ -40,7 +40,7 @@ void Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* al
   seq_.insert(seq_.end(), tokens.begin(), tokens.end());
 }
 
-void Session::prefill_from(const Session& other, int64_t n_prefix) {
+void Session::prefill_from(const Session& other, int64_t n_prefix, bool share) {
   SPC_CHECK(kv_->n_cached() == 0, "prefill_from needs an empty cache");
   const KvGeometry& g = other.kv().geometry();
   const int64_t n_other = other.kv().n_cached();
@@ -50,10 +50,12 @@ void Session::prefill_from(const Session& other, int64_t n_prefix) {
   SPC_CHECK(n <= kv_->geometry().n_ctx, "prefill_from: %lld positions do not fit the context of %lld", (long long)n,
             (long long)kv_->geometry().n_ctx);
   SPC_ASSERT((int64_t)other.seq_.size() >= n);
-  std::vector<float> k((size_t)n * g.n_head_kv * g.head_dim), v(k.size());
-  for (int il = 0; il < g.n_layer; ++il) {
-    other.kv().export_layer(il, n, k.data(), v.data());
-    if (n > 0) kv_->store_prefill(il, 0, n, k.data(), v.data());
+  const int64_t s = share ? kv_->share_prefix(other.kv(), n) : 0;
+  SPC_ASSERT(s >= 0 && s <= n && kv_->n_cached() == s);
+  std::vector<float> k((size_t)(n - s) * g.n_head_kv * g.head_dim), v(k.size());
+  for (int il = 0; il < g.n_layer && n > s; ++il) {
+    other.kv().export_layer(il, s, n - s, k.data(), v.data());
+    kv_->store_prefill(il, s, n - s, k.data(), v.data());
   }
   // Logits after the last position are known only when all of it is taken over.
   if (n == n_other) logits_ = other.logits_;

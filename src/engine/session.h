@@ -46,7 +46,10 @@ class Session {
   // (prefill once, decode under several policies; or share a prompt prefix): their complete
   // 16-bit K/V are handed to this session's policy, layer by layer. Over a strict prefix the
   // logits are not known: a prefill of the rest must follow before decoding.
-  void prefill_from(const Session& other, int64_t n_prefix = -1);
+  // share: as much of the prefix as the policy can (KvPolicy::share_prefix: the same policy and
+  // storage knobs) is taken over as read-only views of the other session's cache instead of a
+  // copy, so N sessions after one document hold it once; the rest is copied.
+  void prefill_from(const Session& other, int64_t n_prefix = -1, bool share = false);
 
   // The prompt and every real token decoded since: the positions the cache holds, in order.
   const std::vector<int32_t>& sequence() const { return seq_; }

@@ -81,6 +81,9 @@ struct KvStats {
                                        // read over those they covered (the rest bounded below their
                                        // threshold; a bounded pass that falls short, reading again,
                                        // counts twice)
+  uint64_t shared_bytes = 0;           // KV data of a shared prompt prefix (share_prefix) this policy
+                                       // reads from another session's memory: fast-tier bytes, not
+                                       // in fast_bytes (slow-tier rows are not in slow_bytes either)
 };
 
 // The rows of one decode step: n_rows consecutive positions [pos0, pos0 + n_rows), causal among
@@ -130,11 +133,28 @@ class KvPolicy {
 
   virtual KvStats stats() const = 0;
 
-  // Copies the complete 16-bit K/V of layer il, positions [0, n) with 0 <= n <= n_cached(), into
-  // k, v ([n][n_head_kv][head_dim] fp32). Used to hand one prefill (or a prompt prefix of it) to
-  // other sessions (eval) and by a continued prefill. Throws spc::Error where the policy keeps
-  // no complete copy (kivi, streaming) or n is out of range.
-  virtual void export_layer(int il, int64_t n, float* k, float* v) const = 0;
+  // Copies the complete 16-bit K/V of layer il, positions [pos0, pos0 + n) with pos0 + n <=
+  // n_cached(), into k, v ([n][n_head_kv][head_dim] fp32). Used to hand one prefill (or a prompt
+  // prefix of it) to other sessions (eval) and by a continued prefill. Throws spc::Error where the
+  // policy keeps no complete copy (kivi, streaming) or the range is out of bounds.
+  virtual void export_layer(int il, int64_t pos0, int64_t n, float* k, float* v) const = 0;
+
+  // Shared prompt prefix (several questions after one document): this policy, still empty, takes
+  // positions [0, s) of `other` over as read-only views of other's memory instead of copies, for
+  // the largest s <= n it can share whole, and returns s; n_cached() is then s, and the caller
+  // hands [s, n) over with export_layer and store_prefill as usual. The result is the cache a
+  // copy would give, bit for bit; decode attention over it differs from a copy's at most in the
+  // float summation order where one pass straddles the end of the shared part. Policies keep
+  // everything append-only, so the shared positions never change, and the views keep them alive
+  // after `other` is gone. Returns 0 (nothing shared) where other is another policy or has other
+  // knobs that shape the stored data, and by default: `full` shares whole key tiles (16
+  // positions), the low-bit policies with a 16-bit copy (specache, specache-refetch,
+  // specache-exact, topk-oracle) whole quantized blocks of g positions together with those
+  // positions of the slow tier; kivi and streaming share nothing.
+  virtual int64_t share_prefix(const KvPolicy& other, int64_t n) {
+    (void)other, (void)n;
+    return 0;
+  }
 };
 
 // Builds the policy named in cfg. Throws spc::Error for unknown names or inconsistent knobs.

@@ -351,7 +351,7 @@ void score_keys_scalar(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
   }
 }
 
-void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+void accumulate_values_scalar(const LowBitSpec& spec, BlockMem values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride) {
   spec.validate();
   const int d = spec.head_dim, g = spec.group, bits = spec.bits, maxc = (1 << bits) - 1;
@@ -368,7 +368,7 @@ void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int
     std::fill(facc, facc + d, 0.0f);
     std::fill(zsum, zsum + ng, 0.0f);
     for (int blk = 0; blk < n_blocks; ++blk) {
-      const uint8_t* block = values + (size_t)blk * vb;
+      const uint8_t* block = values.block(blk, vb);
       const uint8_t* sp = block + (size_t)bits * spec.value_plane_bytes();
       const uint8_t* zp = sp + 2 * (size_t)ng * g;
       unpack_value_codes(spec, block, codes);
@@ -442,7 +442,7 @@ void lowbit_score_keys(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
   lowbit_detail::score_keys_scalar(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride);
 }
 
-void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+void lowbit_accumulate_values(const LowBitSpec& spec, BlockMem values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride) {
   if (n_blocks <= 0 || n_q <= 0) return;
 #if defined(SPC_LOWBIT_AVX512)
@@ -519,7 +519,7 @@ void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_b
   debias_and_max(spec, blocks, n_blocks, q, n_q, q_stride, scores, score_stride, debias, row_max);
 }
 
-void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+void lowbit_softmax_values(const LowBitSpec& spec, BlockMem values, int n_blocks, float* s, int n_q,
                            size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
                            size_t bm_stride) {
   if (n_q <= 0) return;

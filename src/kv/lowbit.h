@@ -127,6 +127,21 @@ void lowbit_quantize_values(const LowBitSpec& spec, const float* v, size_t v_str
 // Token t (0 <= t < g) of a value block: v[0..d).
 void lowbit_dequantize_value(const LowBitSpec& spec, const uint8_t* block, int t, float* v);
 
+// Where the value blocks of one call live: block b at lo + b*bytes below split, at hi + b*bytes
+// from split on; both pointers address block 0 of the call, so only the memory differs (a shared
+// prompt prefix's blocks, then a session's own: KvPolicy::share_prefix). A plain pointer converts
+// to one memory. The kernels walk the blocks in the same order and with the same arithmetic
+// either way, so a split changes no result bit.
+struct BlockMem {
+  const uint8_t* lo;
+  const uint8_t* hi;
+  int64_t split;
+  BlockMem(const uint8_t* one) : lo(one), hi(one), split(INT64_MAX) {}  // NOLINT: implicit on purpose
+  BlockMem(const uint8_t* lo_, const uint8_t* hi_, int64_t split_) : lo(lo_), hi(hi_), split(split_) {}
+  const uint8_t* base(int64_t b) const { return b < split ? lo : hi; }
+  const uint8_t* block(int64_t b, size_t bytes) const { return base(b) + (size_t)b * bytes; }
+};
+
 // ---- Packed kernels ----
 // blocks: n_blocks consecutive key blocks (n_blocks*key_block_bytes() bytes), tokens
 // t in [0, n_blocks*g) in order. q: n_q rows of d floats, row iq at q + iq*q_stride.
@@ -136,7 +151,7 @@ void lowbit_score_keys(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
 // values: n_blocks consecutive value blocks (n_blocks*value_block_bytes() bytes), tokens
 // t in [0, n_blocks*g). p: n_q rows of n_blocks*g weights >= 0, row iq at p + iq*p_stride.
 // Accumulates out[iq*out_stride + c] += sum_t p[iq][t] * V_hat_t[c] for c < d (approximately).
-void lowbit_accumulate_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+void lowbit_accumulate_values(const LowBitSpec& spec, BlockMem values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
 
 // ---- Fused forms for the decode attention (one pass instead of several over the scores) ----
@@ -162,7 +177,7 @@ void lowbit_score_keys_ex(const LowBitSpec& spec, const uint8_t* blocks, int n_b
 // one group).
 // block_max (optional): block_max[iq*bm_stride + b] = the largest p_t of row iq in block b (of
 // the values as written to s), for bounds on the blocks' attention (the selection's pruning).
-void lowbit_softmax_values(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+void lowbit_softmax_values(const LowBitSpec& spec, BlockMem values, int n_blocks, float* s, int n_q,
                            size_t s_stride, const float* m, float* l, float* out, size_t out_stride,
                            float* block_max = nullptr, size_t bm_stride = 0);
 
@@ -177,7 +192,7 @@ namespace lowbit_detail {
 // AVX-512 or AVX2); exposed so the tests cover them on SIMD machines too.
 void score_keys_scalar(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride);
-void accumulate_values_scalar(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+void accumulate_values_scalar(const LowBitSpec& spec, BlockMem values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
 // Levels of the u8 key scales in the score kernels: 255 (1 bit) or 85 (2 bits: code*sq <= 255).
 float key_scale_levels(int bits);
@@ -194,10 +209,10 @@ int value_code(const LowBitSpec& spec, const uint8_t* block, int t, int c);
 void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                        size_t q_stride, float* scores, size_t score_stride, float debias = 0.0f,
                        float* row_max = nullptr, const void* const* extra = nullptr, size_t n_extra = 0);
-void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+void accumulate_values_avx512(const LowBitSpec& spec, BlockMem values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride);
 // lowbit_softmax_values' AVX-512 form; one value group per token (spec.value_ngroups() == 1).
-void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+void softmax_values_avx512(const LowBitSpec& spec, BlockMem values, int n_blocks, float* s, int n_q,
                            size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
                            size_t bm_stride);
 #endif
@@ -209,10 +224,10 @@ void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_
 void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks, const float* q, int n_q,
                      size_t q_stride, float* scores, size_t score_stride, float debias = 0.0f,
                      float* row_max = nullptr);
-void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+void accumulate_values_avx2(const LowBitSpec& spec, BlockMem values, int n_blocks, const float* p, int n_q,
                             size_t p_stride, float* out, size_t out_stride);
 // lowbit_softmax_values' AVX2 form (any spec): the exponentials inside the weight preparation.
-void softmax_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+void softmax_values_avx2(const LowBitSpec& spec, BlockMem values, int n_blocks, float* s, int n_q,
                          size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
                          size_t bm_stride);
 #endif

@@ -736,7 +736,7 @@ void score_keys_avx2(const LowBitSpec& spec, const uint8_t* blocks, int n_blocks
 namespace {
 
 // accumulate_values_avx2 (m == nullptr) and softmax_values_avx2 (p holds scores; m, l, block_max).
-void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* p, int n_q, size_t p_stride,
+void values_impl(const LowBitSpec& spec, BlockMem values, int n_blocks, float* p, int n_q, size_t p_stride,
                  float* out, size_t out_stride, const float* m, float* l, float* block_max, size_t bm_stride) {
   spec.validate();
   ValCtx c;
@@ -771,8 +771,8 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
     const int tr = nq <= 3 ? 2 : 1;
     const ValueFn full = pick_value_fn(c.bits, tr, false, nq);
     for (int blk = 0; blk < n_blocks; ++blk) {
-      const uint8_t* block = values + (size_t)blk * vb;
-      if (blk + kPrefetchBlocks < n_blocks) prefetch_bytes(block + kPrefetchBlocks * vb, vb);
+      const uint8_t* block = values.block(blk, vb);
+      if (blk + kPrefetchBlocks < n_blocks) prefetch_bytes(values.block(blk + kPrefetchBlocks, vb), vb);
       if (m) {
         prep_value_block<true>(c, block, pt + (size_t)blk * g, p_stride, nq, prep, zacc, pmin, m + q0, lsum, bmax);
         if (block_max)
@@ -807,14 +807,14 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
 
 }  // namespace
 
-void accumulate_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+void accumulate_values_avx2(const LowBitSpec& spec, BlockMem values, int n_blocks, const float* p, int n_q,
                             size_t p_stride, float* out, size_t out_stride) {
   // (p is only read when m is null.)
   values_impl(spec, values, n_blocks, const_cast<float*>(p), n_q, p_stride, out, out_stride, nullptr, nullptr, nullptr,
               0);
 }
 
-void softmax_values_avx2(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+void softmax_values_avx2(const LowBitSpec& spec, BlockMem values, int n_blocks, float* s, int n_q,
                          size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
                          size_t bm_stride) {
   values_impl(spec, values, n_blocks, s, n_q, s_stride, out, out_stride, m, l, block_max, bm_stride);

@@ -836,7 +836,7 @@ void score_keys_avx512(const LowBitSpec& spec, const uint8_t* blocks, int n_bloc
 namespace {
 
 // accumulate_values_avx512 (m == nullptr) and softmax_values_avx512 (p holds scores; m, l).
-void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* p, int n_q, size_t p_stride,
+void values_impl(const LowBitSpec& spec, BlockMem values, int n_blocks, float* p, int n_q, size_t p_stride,
                  float* out, size_t out_stride, const float* m, float* l, float* block_max, size_t bm_stride) {
   spec.validate();
   ValCtx c;
@@ -866,11 +866,18 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
     const bool fused = m != nullptr;
     const ValPrepFn fast = pick_value_prep(ng, g, nq, fused);
     SPC_ASSERT(!block_max || (fused && fast));  // the block maxima come from the fused preparation
-    if (q0 == 0) prefetch_blocks(values, vb, 0, std::min(kBatch, n_blocks));
-    for (int b0 = 0; b0 < n_blocks; b0 += kBatch) {
-      const int nb = std::min(kBatch, n_blocks - b0);
+    // Batches of kBatch blocks, one cut short where the blocks' memory changes (BlockMem): the
+    // accumulators go through facc, zacc and lsum in block order either way.
+    auto batch_len = [&](int b) {
+      const int n = std::min(kBatch, n_blocks - b);
+      return b < values.split ? (int)std::min<int64_t>(n, values.split - b) : n;
+    };
+    if (q0 == 0) prefetch_blocks(values.base(0), vb, 0, batch_len(0));
+    for (int b0 = 0, nb = 0; b0 < n_blocks; b0 += nb) {
+      nb = batch_len(b0);
+      const uint8_t* mem = values.base(b0);
       for (int i = 0; i < nb; ++i) {
-        const uint8_t* block = values + (size_t)(b0 + i) * vb;
+        const uint8_t* block = mem + (size_t)(b0 + i) * vb;
         float* pb0 = pt + (size_t)(b0 + i) * g;
         if (fast) fast(c, block, pb0, p_stride, prep[i], zacc, pmin, m ? m + q0 : nullptr, lsum);
         else prep_value_generic(c, block, pb0, p_stride, nq, prep[i], zacc, pmin);
@@ -881,15 +888,15 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
       // Tiles of 32 channels (32-aligned): always inside one value group (gv is 32, 64 or d < g).
       // Each tile's pass requests its share of the next batch's blocks (whole lines).
       const int n_tiles = (nchunks + 1) / 2;
-      const bool ahead = q0 == 0 && b0 + kBatch < n_blocks;
+      const int nx = b0 + nb;  // the next batch
+      const bool ahead = q0 == 0 && nx < n_blocks;
       for (int ch0 = 0; ch0 < nchunks; ch0 += 2) {
         const int nch = std::min(2, nchunks - ch0), tile = ch0 / 2;
         const bool tail = r > 0 && ch0 + nch == nchunks;
         const size_t lines = (vb + 63) / 64, l0 = lines * tile / n_tiles, l1 = lines * (tile + 1) / n_tiles;
         BlockPrefetch pf;
-        if (ahead)
-          pf = {values + (size_t)(b0 + kBatch) * vb, vb, 64 * l0, 64 * (l1 - l0), std::min(nb, n_blocks - (b0 + kBatch))};
-        pick_values_fn(c.bits, nch, tail, nq)(values + (size_t)b0 * vb + 8 * (size_t)ch0, vb, prep, nb,
+        if (ahead) pf = {values.block(nx, vb), vb, 64 * l0, 64 * (l1 - l0), std::min(nb, batch_len(nx))};
+        pick_values_fn(c.bits, nch, tail, nq)(mem + (size_t)b0 * vb + 8 * (size_t)ch0, vb, prep, nb,
                                               (16 * ch0) / gv * g, R, c.pb, n_quads, 4 * r, facc + 16 * ch0, pf);
       }
     }
@@ -913,14 +920,14 @@ void values_impl(const LowBitSpec& spec, const uint8_t* values, int n_blocks, fl
 
 }  // namespace
 
-void accumulate_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, const float* p, int n_q,
+void accumulate_values_avx512(const LowBitSpec& spec, BlockMem values, int n_blocks, const float* p, int n_q,
                               size_t p_stride, float* out, size_t out_stride) {
   // (p is only read when m is null.)
   values_impl(spec, values, n_blocks, const_cast<float*>(p), n_q, p_stride, out, out_stride, nullptr, nullptr, nullptr,
               0);
 }
 
-void softmax_values_avx512(const LowBitSpec& spec, const uint8_t* values, int n_blocks, float* s, int n_q,
+void softmax_values_avx512(const LowBitSpec& spec, BlockMem values, int n_blocks, float* s, int n_q,
                            size_t s_stride, const float* m, float* l, float* out, size_t out_stride, float* block_max,
                            size_t bm_stride) {
   SPC_ASSERT(spec.value_ngroups() == 1);  // the exponentials live in the fast weight preparation

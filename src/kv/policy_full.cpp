@@ -2,6 +2,7 @@
 #include "kv/f16_cache.h"
 #include "kv/kv_policy.h"
 #include "kv/policies.h"
+#include "ops/attention.h"
 #include "util/error.h"
 
 namespace spc {
@@ -41,14 +42,29 @@ class FullPolicy final : public KvPolicy {
   KvStats stats() const override {
     KvStats s;
     s.policy = name();
-    s.fast_bytes = cache_.bytes_for(n_);
+    s.fast_bytes = cache_.bytes_for(n_ - cache_.shared_positions());
+    s.shared_bytes = cache_.bytes_for(cache_.shared_positions());
     s.decode_steps = steps_;
     return s;
   }
 
-  void export_layer(int il, int64_t n, float* k, float* v) const override {
-    SPC_CHECK(n >= 0 && n <= n_, "export_layer: %lld positions asked, %lld cached", (long long)n, (long long)n_);
-    cache_.read(il, n, k, v);
+  void export_layer(int il, int64_t pos0, int64_t n, float* k, float* v) const override {
+    SPC_CHECK(n >= 0 && pos0 >= 0 && pos0 + n <= n_, "export_layer: positions [%lld, %lld) asked, %lld cached",
+              (long long)pos0, (long long)(pos0 + n), (long long)n_);
+    cache_.read(il, pos0, n, k, v);
+  }
+
+  int64_t share_prefix(const KvPolicy& other, int64_t n) override {
+    SPC_CHECK(n_ == 0, "share_prefix needs an empty cache");
+    const auto* o = dynamic_cast<const FullPolicy*>(&other);
+    if (!o || o == this) return 0;
+    SPC_CHECK(n >= 0 && n <= o->n_ && n <= g_.n_ctx, "share_prefix: %lld positions asked, the other cache holds %lld",
+              (long long)n, (long long)o->n_);
+    const int64_t s = n / kKeyTile * kKeyTile;
+    if (s == 0) return 0;
+    cache_.share_prefix(o->cache_, s);
+    n_ = s;
+    return s;
   }
 
  private:

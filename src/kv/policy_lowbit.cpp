@@ -56,9 +56,17 @@ enum class Select { None, Speculative, OwnLowBit, Oracle };
 constexpr uint64_t kRecallEvery = 4;  // spec_recall sampling period in decode steps
 constexpr int kMaxGroup = 16;         // query heads per KV head (GQA ratio)
 
+// Low-bit blocks of a shared prompt prefix (share_prefix) that live in another session's buffers:
+// blocks [end of the segment before, end), indexed in those buffers by absolute block number.
+struct BlockSegment {
+  std::shared_ptr<const LazyBuffer> k, v;
+  int64_t end = 0;
+};
+
 struct HeadState {
-  LazyBuffer kblocks;              // [n_ctx/g + 1][key_block_bytes] low-bit key blocks
-  LazyBuffer vals;                 // [n_ctx/g + 1][value_block_bytes] low-bit value blocks
+  std::shared_ptr<LazyBuffer> kblocks;  // [n_ctx/g + 2][key_block_bytes] low-bit key blocks
+  std::shared_ptr<LazyBuffer> vals;     // [n_ctx/g + 2][value_block_bytes] low-bit value blocks
+  std::vector<BlockSegment> shared;     // a shared prefix's blocks (before those of kblocks/vals)
   std::vector<fp16_t> win;         // [n_win][2*head_dim] residual window, K|V rows (positions n_quant ..)
   // What the top-k buffer holds, sorted by position: (position, slot). While a prefetch is in
   // flight it already describes the buffer as it will be once the layer's ticket completes.
@@ -68,6 +76,19 @@ struct HeadState {
   // and row 0's own top-k for spec_recall.
   float sel_hint = -std::numeric_limits<float>::infinity();
   float recall_hint = -std::numeric_limits<float>::infinity();
+
+  // Calls f(keys, values, b0, b1) for each run [b0, b1) of blocks [lo, hi) that lives in one
+  // memory; keys and values are indexed by absolute block number.
+  template <class F> void for_block_runs(int64_t lo, int64_t hi, F&& f) const {
+    for (const BlockSegment& sg : shared) {
+      if (lo >= hi) return;
+      if (lo >= sg.end) continue;
+      const int64_t e = std::min(hi, sg.end);
+      f(sg.k->data(), sg.v->data(), lo, e);
+      lo = e;
+    }
+    if (lo < hi) f(static_cast<const uint8_t*>(kblocks->data()), static_cast<const uint8_t*>(vals->data()), lo, hi);
+  }
 
   bool holds(int64_t p) const {
     auto it = std::lower_bound(resident.begin(), resident.end(), std::make_pair(p, INT32_MIN));
@@ -142,7 +163,8 @@ class LowBitPolicy final : public KvPolicy {
     row_elems_ = 2 * g.head_dim;
     if (sel != Select::None) {
       SlowGeometry sg{g.n_layer, g.n_head_kv, g.head_dim, g.n_ctx + 2};
-      store_ = cfg.store == "file" ? make_file_store(sg, cfg.dir) : make_host_store(sg);
+      store_ = cfg.store == "file" ? std::shared_ptr<SlowStore>(make_file_store(sg, cfg.dir))
+                                   : std::shared_ptr<SlowStore>(make_host_store(sg));
       copy_ = std::make_unique<CopyEngine>(*store_);
       if (cfg.inject_delay_us) copy_->inject_delays(cfg.inject_delay_us, cfg.inject_seed);
     }
@@ -151,8 +173,8 @@ class LowBitPolicy final : public KvPolicy {
     for (auto& L : layers_) {
       L.heads.resize(g.n_head_kv);
       for (auto& H : L.heads) {
-        H.kblocks = LazyBuffer((size_t)n_blocks * spec_.key_block_bytes());
-        H.vals = LazyBuffer((size_t)n_blocks * spec_.value_block_bytes());
+        H.kblocks = std::make_shared<LazyBuffer>((size_t)n_blocks * spec_.key_block_bytes());
+        H.vals = std::make_shared<LazyBuffer>((size_t)n_blocks * spec_.value_block_bytes());
       }
     }
   }
@@ -212,6 +234,7 @@ class LowBitPolicy final : public KvPolicy {
     s.policy = name_;
     s.fast_bytes = peak_fast_;
     s.slow_bytes = store_ ? store_->bytes_stored() : 0;
+    s.shared_bytes = (uint64_t)shared_blocks_ * g_.n_layer * g_.n_head_kv * (spec_.key_block_bytes() + spec_.value_block_bytes());
     s.decode_steps = steps_;
     s.refetch_steps = refetch_steps_;
     if (copy_) {
@@ -236,19 +259,61 @@ class LowBitPolicy final : public KvPolicy {
     return s;
   }
 
-  void export_layer(int il, int64_t n, float* k, float* v) const override {
+  void export_layer(int il, int64_t pos0, int64_t n, float* k, float* v) const override {
     SPC_CHECK(store_ != nullptr, "policy %s keeps no 16-bit copy to export", name_);
-    SPC_CHECK(n >= 0 && n <= n_, "export_layer: %lld positions asked, %lld cached", (long long)n, (long long)n_);
+    SPC_CHECK(n >= 0 && pos0 >= 0 && pos0 + n <= n_, "export_layer: positions [%lld, %lld) asked, %lld cached",
+              (long long)pos0, (long long)(pos0 + n), (long long)n_);
     std::vector<fp16_t> buf((size_t)n * row_elems_);
     const int d = g_.head_dim;
     for (int h = 0; h < g_.n_head_kv; ++h) {
-      if (n > 0) store_->read_range(il, h, 0, n, buf.data());
+      if (n > 0) store_->read_range(il, h, pos0, n, buf.data());
       for (int64_t p = 0; p < n; ++p)
         for (int c = 0; c < d; ++c) {
           k[(p * g_.n_head_kv + h) * d + c] = fp16_to_fp32(buf[p * row_elems_ + c]);
           v[(p * g_.n_head_kv + h) * d + c] = fp16_to_fp32(buf[p * row_elems_ + d + c]);
         }
     }
+  }
+
+  int64_t share_prefix(const KvPolicy& other, int64_t n) override {
+    SPC_CHECK(n_ == 0 && steps_ == 0, "share_prefix needs an empty cache");
+    const auto* o = dynamic_cast<const LowBitPolicy*>(&other);
+    // Blocks are the same where the other policy quantized them the same way (bits, group, sinks
+    // kept out of their block's ranges), and its 16-bit copy is a store of the same kind.
+    if (!o || o == this || !store_ || !o->store_ || o->spec_.bits != spec_.bits || o->spec_.group != spec_.group ||
+        o->cfg_.sinks != cfg_.sinks || o->cfg_.store != cfg_.store)
+      return 0;
+    SPC_CHECK(o->g_.n_layer == g_.n_layer && o->g_.n_head_kv == g_.n_head_kv && o->g_.head_dim == g_.head_dim,
+              "share_prefix: the other cache has another geometry");
+    SPC_CHECK(n >= 0 && n <= o->n_ && n <= g_.n_ctx, "share_prefix: %lld positions asked, the other cache holds %lld",
+              (long long)n, (long long)o->n_);
+    // The blocks a prefill of n positions would quantize here (flush_window), as far as the other
+    // policy has them; the positions after them go through this policy's window as usual.
+    const int g = spec_.group;
+    int64_t s = n >= cfg_.window + g ? (n - cfg_.window) / g * g : 0;
+    for (const LayerState& L : o->layers_) s = std::min(s, L.n_quant);
+    if (s == 0) return 0;
+    const int64_t nb = s / g;
+    store_->share_prefix(o->store_, s);
+    for (int il = 0; il < g_.n_layer; ++il) {
+      LayerState& L = layers_[il];
+      for (int h = 0; h < g_.n_head_kv; ++h) {
+        HeadState& H = L.heads[h];
+        const HeadState& OH = o->layers_[il].heads[h];
+        auto covered = [&] { return H.shared.empty() ? int64_t(0) : H.shared.back().end; };
+        for (const BlockSegment& sg : OH.shared) {
+          if (covered() >= nb) break;
+          H.shared.push_back(sg);
+          H.shared.back().end = std::min(sg.end, nb);
+        }
+        if (covered() < nb) H.shared.push_back(BlockSegment{OH.kblocks, OH.vals, nb});
+      }
+      L.n_quant = L.n_tok = s;
+    }
+    shared_blocks_ = nb;
+    n_ = s;
+    update_peak();
+    return s;
   }
 
  private:
@@ -296,10 +361,11 @@ class LowBitPolicy final : public KvPolicy {
   uint64_t refetch_steps_ = 0;
   LowBitSpec spec_;
   int k_ = 0, group_ = 1, row_elems_ = 0;
-  std::unique_ptr<SlowStore> store_;
+  std::shared_ptr<SlowStore> store_;  // shared: a later session may read a prefix of it (share_prefix)
   std::unique_ptr<CopyEngine> copy_;
   std::vector<LayerState> layers_;
   int64_t n_ = 0;
+  int64_t shared_blocks_ = 0;  // low-bit blocks per layer and head read from other sessions (share_prefix)
   int n_rows_ = 1, n_keep_ = 1;
   uint64_t steps_ = 0, peak_fast_ = 0, hits_ = 0, selected_ = 0;
   // Quantized blocks the selections covered and read (selection_read_share; the selection tasks
@@ -387,10 +453,10 @@ void LowBitPolicy::flush_window(LayerState& L) {
       // block's per-channel ranges so the other tokens of the block keep their resolution.
       const int64_t n_sink_here = std::clamp<int64_t>(cfg_.sinks - blk * g, 0, g - 1);
       for (int64_t t = 0; t < n_sink_here; ++t) std::copy_n(kb + n_sink_here * d, d, kb + t * d);
-      lowbit_quantize_keys(spec_, kb, d, H.kblocks.data() + blk * spec_.key_block_bytes());
+      lowbit_quantize_keys(spec_, kb, d, H.kblocks->data() + blk * spec_.key_block_bytes());
       for (int t = 0; t < g; ++t)
         vec_from_f16(src + t * row_elems_ + d, vb + t * d, d);
-      lowbit_quantize_values(spec_, vb, d, H.vals.data() + blk * spec_.value_block_bytes());
+      lowbit_quantize_values(spec_, vb, d, H.vals->data() + blk * spec_.value_block_bytes());
     }
     H.win.erase(H.win.begin(), H.win.begin() + n_blocks * g * row_elems_);
     // A prefill passes the whole prompt through the window: give that memory back.
@@ -466,7 +532,8 @@ void LowBitPolicy::finish_fetch(int il) {
 void LowBitPolicy::update_peak() {
   uint64_t total = 0;
   for (const auto& L : layers_) {
-    const uint64_t lowbit = (uint64_t)(L.n_quant / spec_.group) * (spec_.key_block_bytes() + spec_.value_block_bytes());
+    const uint64_t lowbit =
+        (uint64_t)(L.n_quant / spec_.group - shared_blocks_) * (spec_.key_block_bytes() + spec_.value_block_bytes());
     const uint64_t window = (uint64_t)(L.n_tok - L.n_quant) * row_elems_ * sizeof(fp16_t);
     total += g_.n_head_kv * (lowbit + window) + L.topk_rows.size() * sizeof(fp16_t);
   }
@@ -526,9 +593,18 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
   auto score_chunk = [&](int h, int64_t ch, bool apply_debias, float* row_max,
                          const std::vector<const void*>* extra = nullptr) {
     const int64_t b0 = ch * blocks_per_chunk, b1 = std::min(n_blocks, b0 + blocks_per_chunk);
-    lowbit_score_keys_ex(spec_, L.heads[h].kblocks.data() + b0 * spec_.key_block_bytes(), (int)(b1 - b0), Q(h, 0),
-                         n_q, d, S(h, 0) + b0 * g, nqt, apply_debias ? debias : 0.0f, row_max,
-                         extra ? extra->data() : nullptr, extra ? extra->size() : 0);
+    // One kernel call per memory the blocks live in (two where the chunk straddles the end of a
+    // shared prefix): the scores are the same, the row maxima the larger of the two.
+    bool first = true;
+    L.heads[h].for_block_runs(b0, b1, [&](const uint8_t* kb, const uint8_t*, int64_t r0, int64_t r1) {
+      float rm2[2 * kMaxGroup];
+      lowbit_score_keys_ex(spec_, kb + r0 * spec_.key_block_bytes(), (int)(r1 - r0), Q(h, 0), n_q, d, S(h, 0) + r0 * g,
+                           nqt, apply_debias ? debias : 0.0f, first ? row_max : rm2,
+                           first && extra ? extra->data() : nullptr, first && extra ? extra->size() : 0);
+      if (!first)
+        for (int iq = 0; iq < n_q; ++iq) row_max[iq] = std::max(row_max[iq], rm2[iq]);
+      first = false;
+    });
   };
 
   // Non-speculative selection: the real token picks its own top-k before attending. SpeCache's
@@ -667,8 +743,38 @@ void LowBitPolicy::attend(int il, const DecodeRows& rows, float* out, ThreadPool
       // (The blocks' largest numerators go to bmax_: bounds for the selection pass, which then
       // reads only the blocks that can hold a top-k position.)
       auto BM = [&](int iq) { return bmax_.data() + lay.block_max(h, iq, g); };
-      lowbit_softmax_values(spec_, H.vals.data() + t0 / g * spec_.value_block_bytes(), (int)((t1 - t0) / g),
-                            S(h, 0) + t0, n_q, nqt, rm, l, O(h, ch, 0), d, BM(0) + t0 / g, (size_t)n_blocks);
+      // The chunk's blocks in one call where they live in at most two memories (the end of a
+      // shared prefix: BlockMem, the same arithmetic as one memory); three or more (a prefix
+      // shared from a session that shares one itself, with a short middle part) take one call per
+      // memory, which sums in another order.
+      struct Run {
+        const uint8_t* v;
+        int64_t r0, r1;
+      };
+      Run runs[8];
+      int n_runs = 0;
+      H.for_block_runs(t0 / g, t1 / g, [&](const uint8_t*, const uint8_t* vb, int64_t r0, int64_t r1) {
+        if (n_runs < 8) runs[n_runs] = Run{vb, r0, r1};
+        ++n_runs;
+      });
+      const size_t vbb = spec_.value_block_bytes();
+      const int64_t cb0 = t0 / g;
+      if (n_runs <= 2) {
+        const BlockMem mem = n_runs == 1 ? BlockMem(runs[0].v + cb0 * vbb)
+                                         : BlockMem(runs[0].v + cb0 * vbb, runs[1].v + cb0 * vbb, runs[1].r0 - cb0);
+        lowbit_softmax_values(spec_, mem, (int)((t1 - t0) / g), S(h, 0) + t0, n_q, nqt, rm, l, O(h, ch, 0), d,
+                              BM(0) + cb0, (size_t)n_blocks);
+      } else {
+        bool first = true;
+        H.for_block_runs(t0 / g, t1 / g, [&](const uint8_t*, const uint8_t* vb, int64_t r0, int64_t r1) {
+          float l2[2 * kMaxGroup];
+          lowbit_softmax_values(spec_, vb + r0 * vbb, (int)(r1 - r0), S(h, 0) + r0 * g, n_q, nqt, rm, first ? l : l2,
+                                O(h, ch, 0), d, BM(0) + r0, (size_t)n_blocks);
+          if (!first)
+            for (int iq = 0; iq < n_q; ++iq) l[iq] += l2[iq];
+          first = false;
+        });
+      }
       // The top-k terms, summed in double (they can carry most of the mass, and a float sum in
       // position order lost enough precision at -O0 to break
       // KvPolicy.SpecacheWithTopkCoveringEverythingEqualsFull); their weights restored in S.

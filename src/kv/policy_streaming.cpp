@@ -79,7 +79,7 @@ class StreamingPolicy final : public KvPolicy {
     s.decode_steps = steps_;
     return s;
   }
-  void export_layer(int, int64_t, float*, float*) const override {
+  void export_layer(int, int64_t, int64_t, float*, float*) const override {
     throw Error("streaming evicts positions: it has no complete K/V to export");
   }
 

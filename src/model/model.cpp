@@ -316,7 +316,7 @@ void Model::prefill(const int32_t* tokens, int64_t n, KvPolicy& kv, ThreadPool& 
   };
   for (int il = 0; il < cfg_.n_layer; ++il) {
     const LayerWeights& L = layers_[il];
-    if (pos0 > 0) kv.export_layer(il, pos0, s.k_layer.data(), s.v_layer.data());
+    if (pos0 > 0) kv.export_layer(il, 0, pos0, s.k_layer.data(), s.v_layer.data());
     if (bf16 && pos0 > 0) convert(0, pos0);
     float* kl = s.k_layer.data() + pos0 * dkv;  // the new tokens' K/V
     float* vl = s.v_layer.data() + pos0 * dkv;

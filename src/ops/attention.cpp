@@ -232,13 +232,16 @@ constexpr int kDecBlock = 128;
 
 // Value pass over one block for G channel vectors (16 channels each) starting at channel c0:
 // NQ x G accumulators live in registers for the whole block (loaded from o and rescaled by
-// alpha once per block, stored once).
-template <int NQ, int G>
-inline void decode_values(const fp16_t* v, int d, int c0, int nb, const float* p, const float* alpha, float* o) {
+// alpha once per block, stored once). Rows [j0, j1) of the block; a block in two memories is two
+// calls, the second without the rescale (the accumulators pass through o unchanged).
+template <int NQ, int G, bool kRescale = true>
+inline void decode_values(const fp16_t* v, int d, int c0, int j0, int j1, const float* p, const float* alpha, float* o) {
   __m512 acc[NQ][G];
   for (int i = 0; i < NQ; ++i)
-    for (int g = 0; g < G; ++g) acc[i][g] = _mm512_mul_ps(_mm512_loadu_ps(o + i * d + c0 + 16 * g), _mm512_set1_ps(alpha[i]));
-  for (int j = 0; j < nb; ++j) {
+    for (int g = 0; g < G; ++g)
+      acc[i][g] = kRescale ? _mm512_mul_ps(_mm512_loadu_ps(o + i * d + c0 + 16 * g), _mm512_set1_ps(alpha[i]))
+                           : _mm512_loadu_ps(o + i * d + c0 + 16 * g);
+  for (int j = j0; j < j1; ++j) {
     const fp16_t* vj = v + (int64_t)j * d + c0;
     __m512 V[G];
     for (int g = 0; g < G; ++g) V[g] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(vj + 16 * g)));
@@ -254,9 +257,10 @@ inline void decode_values(const fp16_t* v, int d, int c0, int nb, const float* p
 // Streaming decode attention for head_dim % 16 == 0: one pass over the keys and values of
 // [k0, k1), block by block with an online softmax (per block: scores in registers per key tile,
 // block max, rescale of the running state, exp, then the value pass). No heap, no scratch.
-template <int NQ>
-void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v, int64_t k0, int64_t k1,
-                       const int64_t* limit, AttnPartial* part, float* o) {
+// kTwo: positions from split on are read from (kt2, v2) (F16Mem), in the same blocks and order.
+template <int NQ, bool kTwo>
+void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v, const fp16_t* kt2, const fp16_t* v2,
+                       int64_t split, int64_t k0, int64_t k1, const int64_t* limit, AttnPartial* part, float* o) {
   const float scale = 1.0f / std::sqrt((float)d);
   alignas(64) float qs[NQ * 256];
   alignas(64) float sc[NQ * kDecBlock];
@@ -274,9 +278,11 @@ void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v,
     const int ntile = (nb + kKeyTile - 1) / kKeyTile;
     // Scores of the block: one 16-key tile at a time, d FMAs per query.
     const int64_t nb_next = std::min<int64_t>(kDecBlock, k1 - (b0 + kDecBlock));
+    const bool next_hi = kTwo && b0 + kDecBlock >= split;
     for (int t = 0; t < ntile; ++t) {
-      const fp16_t* tile = kt + key_tile_offset(b0 + t * kKeyTile, d);
-      prefetch_next_block(kt, v, d, b0 + kDecBlock, t, nb_next);
+      const int64_t tp = b0 + t * kKeyTile;
+      const fp16_t* tile = (kTwo && tp >= split ? kt2 : kt) + key_tile_offset(tp, d);
+      prefetch_next_block(next_hi ? kt2 : kt, next_hi ? v2 : v, d, b0 + kDecBlock, t, nb_next);
       __m512 acc[NQ];
       for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
       for (int c = 0; c < d; ++c) {
@@ -316,29 +322,46 @@ void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v,
     // Weighted values of the block.
     const fp16_t* vb = v + b0 * d;
     int c0 = 0;
-    for (; c0 + 16 * G <= d; c0 += 16 * G) decode_values<NQ, G>(vb, d, c0, nb, sc, alpha, o);
-    for (; c0 < d; c0 += 16) decode_values<NQ, 1>(vb, d, c0, nb, sc, alpha, o);
+    if constexpr (kTwo) {
+      const int js = (int)std::clamp<int64_t>(split - b0, 0, nb);
+      const fp16_t* vb2 = v2 + b0 * d;
+      for (; c0 + 16 * G <= d; c0 += 16 * G) {
+        decode_values<NQ, G>(vb, d, c0, 0, js, sc, alpha, o);
+        decode_values<NQ, G, false>(vb2, d, c0, js, nb, sc, alpha, o);
+      }
+      for (; c0 < d; c0 += 16) {
+        decode_values<NQ, 1>(vb, d, c0, 0, js, sc, alpha, o);
+        decode_values<NQ, 1, false>(vb2, d, c0, js, nb, sc, alpha, o);
+      }
+    } else {
+      for (; c0 + 16 * G <= d; c0 += 16 * G) decode_values<NQ, G>(vb, d, c0, 0, nb, sc, alpha, o);
+      for (; c0 < d; c0 += 16) decode_values<NQ, 1>(vb, d, c0, 0, nb, sc, alpha, o);
+    }
   }
   for (int i = 0; i < NQ; ++i) part[i] = {m[i], l[i]};
 }
 
-using DecodeStreamFn = void (*)(const float*, int, const fp16_t*, const fp16_t*, int64_t, int64_t, const int64_t*,
-                                AttnPartial*, float*);
-constexpr DecodeStreamFn kDecodeStream[8] = {decode_f16_stream<1>, decode_f16_stream<2>, decode_f16_stream<3>,
-                                             decode_f16_stream<4>, decode_f16_stream<5>, decode_f16_stream<6>,
-                                             decode_f16_stream<7>, decode_f16_stream<8>};
+using DecodeStreamFn = void (*)(const float*, int, const fp16_t*, const fp16_t*, const fp16_t*, const fp16_t*, int64_t,
+                                int64_t, int64_t, const int64_t*, AttnPartial*, float*);
+template <bool kTwo>
+constexpr DecodeStreamFn kDecodeStream[8] = {decode_f16_stream<1, kTwo>, decode_f16_stream<2, kTwo>,
+                                             decode_f16_stream<3, kTwo>, decode_f16_stream<4, kTwo>,
+                                             decode_f16_stream<5, kTwo>, decode_f16_stream<6, kTwo>,
+                                             decode_f16_stream<7, kTwo>, decode_f16_stream<8, kTwo>};
 #endif
 
 #if defined(SPC_VEC_AVX2)
 // AVX2 version of the streaming decode kernel above (same blocks and online softmax, 8 lanes).
 constexpr int kDecBlock = 128;
 
-template <int NQ, int G>
-inline void decode_values8(const fp16_t* v, int d, int c0, int nb, const float* p, const float* alpha, float* o) {
+template <int NQ, int G, bool kRescale = true>
+inline void decode_values8(const fp16_t* v, int d, int c0, int j0, int j1, const float* p, const float* alpha, float* o) {
   __m256 acc[NQ][G];
   for (int i = 0; i < NQ; ++i)
-    for (int g = 0; g < G; ++g) acc[i][g] = _mm256_mul_ps(_mm256_loadu_ps(o + i * d + c0 + 8 * g), _mm256_set1_ps(alpha[i]));
-  for (int j = 0; j < nb; ++j) {
+    for (int g = 0; g < G; ++g)
+      acc[i][g] = kRescale ? _mm256_mul_ps(_mm256_loadu_ps(o + i * d + c0 + 8 * g), _mm256_set1_ps(alpha[i]))
+                           : _mm256_loadu_ps(o + i * d + c0 + 8 * g);
+  for (int j = j0; j < j1; ++j) {
     const fp16_t* vj = v + (int64_t)j * d + c0;
     if constexpr (NQ < G) {
       // Weights first (NQ + 1 + NQ*G registers: 16 for NQ = 3, G = 4); converting all G value
@@ -363,9 +386,9 @@ inline void decode_values8(const fp16_t* v, int d, int c0, int nb, const float* 
     for (int g = 0; g < G; ++g) _mm256_storeu_ps(o + i * d + c0 + 8 * g, acc[i][g]);
 }
 
-template <int NQ>
-void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v, int64_t k0, int64_t k1,
-                       const int64_t* limit, AttnPartial* part, float* o) {
+template <int NQ, bool kTwo>
+void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v, const fp16_t* kt2, const fp16_t* v2,
+                       int64_t split, int64_t k0, int64_t k1, const int64_t* limit, AttnPartial* part, float* o) {
   static_assert(kKeyTile == 16, "two 8-key halves per key tile");
   const float scale = 1.0f / std::sqrt((float)d);
   alignas(32) float qs[NQ * 256];
@@ -384,9 +407,11 @@ void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v,
     const int nb = (int)std::min<int64_t>(kDecBlock, k1 - b0);
     const int ntile = (nb + kKeyTile - 1) / kKeyTile;
     const int64_t nb_next = std::min<int64_t>(kDecBlock, k1 - (b0 + kDecBlock));
+    const bool next_hi = kTwo && b0 + kDecBlock >= split;
     for (int t = 0; t < ntile; ++t) {
-      const fp16_t* tile = kt + key_tile_offset(b0 + t * kKeyTile, d);
-      prefetch_next_block(kt, v, d, b0 + kDecBlock, t, nb_next);
+      const int64_t tp = b0 + t * kKeyTile;
+      const fp16_t* tile = (kTwo && tp >= split ? kt2 : kt) + key_tile_offset(tp, d);
+      prefetch_next_block(next_hi ? kt2 : kt, next_hi ? v2 : v, d, b0 + kDecBlock, t, nb_next);
       for (int h0 = 0; h0 < 2; h0 += H) {
         __m256 acc[NQ][H];
         for (int i = 0; i < NQ; ++i)
@@ -435,17 +460,32 @@ void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v,
     }
     const fp16_t* vb = v + b0 * d;
     int c0 = 0;
-    for (; c0 + 8 * G <= d; c0 += 8 * G) decode_values8<NQ, G>(vb, d, c0, nb, sc, alpha, o);
-    for (; c0 < d; c0 += 8) decode_values8<NQ, 1>(vb, d, c0, nb, sc, alpha, o);
+    if constexpr (kTwo) {
+      const int js = (int)std::clamp<int64_t>(split - b0, 0, nb);
+      const fp16_t* vb2 = v2 + b0 * d;
+      for (; c0 + 8 * G <= d; c0 += 8 * G) {
+        decode_values8<NQ, G>(vb, d, c0, 0, js, sc, alpha, o);
+        decode_values8<NQ, G, false>(vb2, d, c0, js, nb, sc, alpha, o);
+      }
+      for (; c0 < d; c0 += 8) {
+        decode_values8<NQ, 1>(vb, d, c0, 0, js, sc, alpha, o);
+        decode_values8<NQ, 1, false>(vb2, d, c0, js, nb, sc, alpha, o);
+      }
+    } else {
+      for (; c0 + 8 * G <= d; c0 += 8 * G) decode_values8<NQ, G>(vb, d, c0, 0, nb, sc, alpha, o);
+      for (; c0 < d; c0 += 8) decode_values8<NQ, 1>(vb, d, c0, 0, nb, sc, alpha, o);
+    }
   }
   for (int i = 0; i < NQ; ++i) part[i] = {m[i], l[i]};
 }
 
-using DecodeStreamFn = void (*)(const float*, int, const fp16_t*, const fp16_t*, int64_t, int64_t, const int64_t*,
-                                AttnPartial*, float*);
-constexpr DecodeStreamFn kDecodeStream[8] = {decode_f16_stream<1>, decode_f16_stream<2>, decode_f16_stream<3>,
-                                             decode_f16_stream<4>, decode_f16_stream<5>, decode_f16_stream<6>,
-                                             decode_f16_stream<7>, decode_f16_stream<8>};
+using DecodeStreamFn = void (*)(const float*, int, const fp16_t*, const fp16_t*, const fp16_t*, const fp16_t*, int64_t,
+                                int64_t, int64_t, const int64_t*, AttnPartial*, float*);
+template <bool kTwo>
+constexpr DecodeStreamFn kDecodeStream[8] = {decode_f16_stream<1, kTwo>, decode_f16_stream<2, kTwo>,
+                                             decode_f16_stream<3, kTwo>, decode_f16_stream<4, kTwo>,
+                                             decode_f16_stream<5, kTwo>, decode_f16_stream<6, kTwo>,
+                                             decode_f16_stream<7, kTwo>, decode_f16_stream<8, kTwo>};
 #endif
 
 }  // namespace
@@ -463,10 +503,22 @@ bool attention_decode_f16_streams(int head_dim) {
 
 void attention_decode_f16(const float* q, int n_q, int d, const fp16_t* kt, const fp16_t* v, int64_t k0, int64_t k1,
                           const int64_t* limit, AttnPartial* part, float* o, float* scratch) {
-  SPC_ASSERT(k0 % kKeyTile == 0 && d <= 256 && n_q >= 1 && n_q <= 8);
+  attention_decode_f16(q, n_q, d, F16Mem{kt, v, kt, v, INT64_MAX}, k0, k1, limit, part, o, scratch);
+}
+
+void attention_decode_f16(const float* q, int n_q, int d, const F16Mem& mem_in, int64_t k0, int64_t k1,
+                          const int64_t* limit, AttnPartial* part, float* o, float* scratch) {
+  SPC_ASSERT(k0 % kKeyTile == 0 && (mem_in.split == INT64_MAX || mem_in.split % kKeyTile == 0) && d <= 256 &&
+             n_q >= 1 && n_q <= 8);
+  // Positions in one memory: the one-memory kernels.
+  F16Mem mem = mem_in;
+  if (mem.split <= k0) mem = F16Mem{mem.kt2, mem.v2, mem.kt2, mem.v2, INT64_MAX};
+  if (mem.split >= k1) mem.split = INT64_MAX;
 #if defined(__AVX512F__) || defined(SPC_VEC_AVX2)
   if (attention_decode_f16_streams(d)) {
-    kDecodeStream[n_q - 1](q, d, kt, v, k0, k1, limit, part, o);
+    const bool two = mem.split != INT64_MAX;
+    (two ? kDecodeStream<true> : kDecodeStream<false>)[n_q - 1](q, d, mem.kt, mem.v, mem.kt2, mem.v2, mem.split, k0,
+                                                                  k1, limit, part, o);
     return;
   }
 #endif
@@ -480,7 +532,7 @@ void attention_decode_f16(const float* q, int n_q, int d, const fp16_t* kt, cons
     for (int c = 0; c < d; ++c) qs[i * d + c] = q[i * d + c] * scale;
   // Scores, one tile of 16 positions at a time.
   for (int64_t t0 = 0; t0 < n_pad; t0 += kKeyTile) {
-    const fp16_t* tile = kt + key_tile_offset(k0 + t0, d);
+    const fp16_t* tile = mem.keys_at(k0 + t0) + key_tile_offset(k0 + t0, d);
 #if defined(__AVX512F__)
     __m512 acc[8];
     for (int i = 0; i < n_q; ++i) acc[i] = _mm512_setzero_ps();
@@ -515,7 +567,7 @@ void attention_decode_f16(const float* q, int n_q, int d, const fp16_t* kt, cons
   }
   // Weighted sum of values.
   for (int64_t j = 0; j < n; ++j) {
-    const fp16_t* vj = v + (k0 + j) * d;
+    const fp16_t* vj = mem.values_at(k0 + j) + (k0 + j) * d;
 #if defined(__AVX512F__)
     if (d % 16 == 0) {
       for (int c0 = 0; c0 < d; c0 += 16) {

@@ -117,6 +117,21 @@ inline int64_t key_tile_offset(int64_t pos, int head_dim) {  // element offset o
 // n_q * (k1 - k0 + kKeyTile) floats.
 void attention_decode_f16(const float* q, int n_q, int head_dim, const fp16_t* kt, const fp16_t* v, int64_t k0,
                           int64_t k1, const int64_t* limit, AttnPartial* part, float* o, float* scratch);
+// Keys and values of one KV head in two memories: positions below split (a multiple of kKeyTile)
+// in (kt, v), the others in (kt2, v2), all indexed by absolute position (the end of a shared
+// prompt prefix, F16Cache::share_prefix). The kernels walk the positions in the same blocks and
+// order either way, so a split changes no result bit.
+struct F16Mem {
+  const fp16_t* kt;
+  const fp16_t* v;
+  const fp16_t* kt2;
+  const fp16_t* v2;
+  int64_t split;
+  const fp16_t* keys_at(int64_t pos) const { return pos < split ? kt : kt2; }
+  const fp16_t* values_at(int64_t pos) const { return pos < split ? v : v2; }
+};
+void attention_decode_f16(const float* q, int n_q, int head_dim, const F16Mem& mem, int64_t k0, int64_t k1,
+                          const int64_t* limit, AttnPartial* part, float* o, float* scratch);
 bool attention_decode_f16_streams(int head_dim);
 
 }  // namespace spc

@@ -25,6 +25,27 @@ namespace spc {
 
 SlowStore::~SlowStore() = default;
 
+void SlowStore::start_at(int64_t) { throw Error(strfmt("slow tier (%s): this store cannot share a prefix", kind())); }
+
+void SlowStore::share_prefix(std::shared_ptr<SlowStore> base, int64_t n) {
+  SPC_CHECK(base != nullptr && base.get() != this, "slow tier: a shared prefix needs another store");
+  const SlowGeometry& b = base->geometry();
+  SPC_CHECK(b.n_layer == geom_.n_layer && b.n_head_kv == geom_.n_head_kv && b.head_dim == geom_.head_dim,
+            "slow tier: cannot share a prefix between stores of other geometries (%d x %d x %d against %d x %d x %d)",
+            b.n_layer, b.n_head_kv, b.head_dim, geom_.n_layer, geom_.n_head_kv, geom_.head_dim);
+  SPC_CHECK(n >= 0 && n <= geom_.max_ctx, "slow tier: a shared prefix of %lld positions does not fit %lld",
+            (long long)n, (long long)geom_.max_ctx);
+  for (int il = 0; il < geom_.n_layer; ++il) {
+    SPC_CHECK(written(il) == 0, "slow tier: a prefix can only be shared into an empty store");
+    SPC_CHECK(base->written(il) >= n, "slow tier: the base store holds %lld positions of layer %d, not the %lld shared",
+              (long long)base->written(il), il, (long long)n);
+  }
+  if (n == 0) return;
+  start_at(n);
+  base_ = std::move(base);
+  n_base_ = n;
+}
+
 namespace {
 
 std::string errstr(int e) { return std::string(std::strerror(e)); }
@@ -56,7 +77,7 @@ class StoreBase : public SlowStore {
 
   size_t bytes_stored() const override {
     size_t pos = 0;
-    for (int i = 0; i < geom_.n_layer; ++i) pos += (size_t)written_[i].load(std::memory_order_acquire);
+    for (int i = 0; i < geom_.n_layer; ++i) pos += (size_t)(written_[i].load(std::memory_order_acquire) - n_base_);
     return pos * (size_t)geom_.n_head_kv * geom_.row_bytes();
   }
 
@@ -65,7 +86,35 @@ class StoreBase : public SlowStore {
     return written_[il].load(std::memory_order_acquire);
   }
 
+  // A shared prefix's rows come from the base store, the others from this one (read_own).
+  void read_rows(const RowRef* refs, size_t n, void* dst) final {
+    if (n_base_ == 0) return read_own(refs, n, dst);
+    std::vector<RowRef> lo, hi;
+    for (size_t i = 0; i < n; ++i) {
+      RowRef r = refs[i];
+      r.dst_row = (int64_t)dst_index(refs[i], i);
+      (r.pos >= 0 && r.pos < n_base_ ? lo : hi).push_back(r);
+    }
+    if (!lo.empty()) base_->read_rows(lo.data(), lo.size(), dst);
+    if (!hi.empty()) read_own(hi.data(), hi.size(), dst);
+  }
+
+  void read_range(int il, int head, int64_t pos0, int64_t n, void* dst) final {
+    check_range(il, head, pos0, n);
+    const int64_t nb = std::clamp<int64_t>(n_base_ - pos0, 0, n);
+    if (nb > 0) base_->read_range(il, head, pos0, nb, dst);
+    if (n > nb) read_range_own(il, head, pos0 + nb, n - nb, static_cast<char*>(dst) + (size_t)nb * geom_.row_bytes());
+  }
+
  protected:
+  // This store's own rows (positions >= shared_positions()): refs with their dst_row set, or not.
+  virtual void read_own(const RowRef* refs, size_t n, void* dst) = 0;
+  // Checked by read_range.
+  virtual void read_range_own(int il, int head, int64_t pos0, int64_t n, void* dst) = 0;
+  void start_at(int64_t n) override {
+    for (int i = 0; i < geom_.n_layer; ++i) written_[i].store(n, std::memory_order_release);
+  }
+
   int64_t offset_rows(int il, int h, int64_t pos) const {
     return ((int64_t)il * geom_.n_head_kv + h) * geom_.max_ctx + pos;
   }
@@ -81,6 +130,8 @@ class StoreBase : public SlowStore {
     const int64_t w = written_[il].load(std::memory_order_relaxed);
     SPC_CHECK(pos0 <= w, "slow tier write: layer %d position %lld would leave a gap (only %lld positions written)",
               il, (long long)pos0, (long long)w);
+    SPC_CHECK(n == 0 || pos0 >= n_base_, "slow tier write: positions below %lld are a shared prefix (read-only)",
+              (long long)n_base_);
     SPC_CHECK(n == 0 || rows != nullptr, "slow tier write: null rows");
   }
   void publish_write(int il, int64_t pos0, int64_t n) {
@@ -140,7 +191,7 @@ class HostStore final : public StoreBase {
     publish_write(il, pos0, n);
   }
 
-  void read_rows(const RowRef* refs, size_t n, void* dst) override {
+  void read_own(const RowRef* refs, size_t n, void* dst) override {
     for (size_t i = 0; i < n; ++i) check_ref(refs[i]);
     const size_t rb = geom_.row_bytes();
     char* d = static_cast<char*>(dst);
@@ -155,8 +206,7 @@ class HostStore final : public StoreBase {
     }
   }
 
-  void read_range(int il, int head, int64_t pos0, int64_t n, void* dst) override {
-    check_range(il, head, pos0, n);
+  void read_range_own(int il, int head, int64_t pos0, int64_t n, void* dst) override {
     if (n > 0) std::memcpy(dst, base_ + offset_bytes(il, head, pos0), (size_t)n * geom_.row_bytes());
   }
 
@@ -234,7 +284,7 @@ class FileStore final : public StoreBase {
     publish_write(il, pos0, n);
   }
 
-  void read_rows(const RowRef* refs, size_t n, void* dst) override {
+  void read_own(const RowRef* refs, size_t n, void* dst) override {
     if (n == 0) return;
     for (size_t i = 0; i < n; ++i) check_ref(refs[i]);
     const size_t rb = geom_.row_bytes();
@@ -263,8 +313,7 @@ class FileStore final : public StoreBase {
     }
   }
 
-  void read_range(int il, int head, int64_t pos0, int64_t n, void* dst) override {
-    check_range(il, head, pos0, n);
+  void read_range_own(int il, int head, int64_t pos0, int64_t n, void* dst) override {
     if (n == 0) return;
     iovec v{dst, (size_t)n * geom_.row_bytes()};
     read_full_iov(&v, 1, offset_bytes(il, head, pos0), 0);

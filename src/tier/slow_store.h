@@ -42,14 +42,31 @@ class SlowStore {
   virtual void read_rows(const RowRef* refs, size_t n, void* dst) = 0;
   // Reads a contiguous position range of one (layer, head): dst [n][row_bytes].
   virtual void read_range(int il, int head, int64_t pos0, int64_t n, void* dst) = 0;
-  // Bytes of rows actually written: sum over layers of n_head_kv * written(il) * row_bytes.
+  // Bytes of rows actually written here: sum over layers of n_head_kv * (written(il) -
+  // shared_positions()) * row_bytes (a shared prefix is the base's).
   virtual size_t bytes_stored() const = 0;
   // Number of positions written for layer il (the high-water mark).
   virtual int64_t written(int il) const = 0;
 
+  // Shared prompt prefix: positions [0, n) of every layer are read from `base` (another store of
+  // the same layer, head and row geometry, holding at least n positions of every layer) instead of
+  // being written here; written() starts at n and writes continue from there. Only on an empty
+  // store. Stores are append-only, so the base's first n positions never change; the shared_ptr
+  // keeps them alive after their first owner is gone. Reads of the base run concurrently with its
+  // owner's (both store kinds allow that). Throws spc::Error for a non-empty store, a base of
+  // another geometry, or a base holding fewer than n positions.
+  void share_prefix(std::shared_ptr<SlowStore> base, int64_t n);
+  // Positions read from the base store (0 without one).
+  int64_t shared_positions() const { return n_base_; }
+
  protected:
   explicit SlowStore(const SlowGeometry& g) : geom_(g) {}
+  // Called by share_prefix after its checks: the store's high-water marks start at n, and reads
+  // below n go to base_. Stores that cannot share (the default) throw spc::Error.
+  virtual void start_at(int64_t n);
   SlowGeometry geom_;
+  std::shared_ptr<SlowStore> base_;
+  int64_t n_base_ = 0;
 };
 
 // RAM store: one anonymous MAP_NORESERVE mapping of the full layout; untouched pages cost nothing.

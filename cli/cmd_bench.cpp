@@ -23,6 +23,7 @@ struct BenchArgs {
   std::string depths = "512,2048,8192";
   std::string threads;
   std::string batch = "1";
+  bool batch_share = false;
   int reps = 1;
   int gen = 16;
   int warmup = 2;
@@ -69,6 +70,7 @@ int run_bench_cmd(const CLI::App& app, BenchArgs& a) {
   opt.gen = a.gen;
   opt.warmup = a.warmup;
   opt.interleave = a.interleave;
+  opt.batch_share = a.batch_share;
   bench::validate_batches(opt);
   if (a.bandwidth) {  // probed again right after each row (each depth when interleaved): its floor
     opt.probe_bytes = (size_t)a.bandwidth_mib << 20;
@@ -141,6 +143,9 @@ Runner add_bench(CLI::App& app) {
                   "prompt) decoded together, one row per size; rows with B > 1 give ms per step and tok/s of the "
                   "whole batch")
       ->capture_default_str();
+  sub->add_flag("--batch-share", a->batch_share,
+                "batched rows: the sequences share one cache of the prompt (N questions about one document, which "
+                "is held once) instead of each holding a copy; policies that cannot share (kivi, streaming) copy");
   sub->add_option("--reps", a->reps, "fresh sessions (prefill + decode) per configuration")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();

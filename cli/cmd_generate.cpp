@@ -30,6 +30,7 @@ struct GenerateArgs {
   int top_k = 40;
   uint64_t seed = 0;
   bool chat = false, ignore_eos = false, json = false;
+  bool no_kv_share = false;  // a batch's shared prompt beginning: copy its cache instead of sharing it
   KvConfig kv;
 };
 
@@ -60,6 +61,7 @@ void check_kv_combination(const CLI::App& app, const KvConfig& kv) {
 nlohmann::json kv_json(const Session& session, const std::string& policy) {
   const KvStats ks = session.kv().stats();
   nlohmann::json kv = {{"policy", ks.policy}, {"fast_bytes", ks.fast_bytes}, {"slow_bytes", ks.slow_bytes}};
+  if (ks.shared_bytes) kv["shared_bytes"] = ks.shared_bytes;
   if (policy != "full") {
     kv["fetched_bytes_per_step"] = ks.fetched_bytes_per_step;
     kv["prefetch_reuse_rate"] = ks.prefetch_reuse_rate;
@@ -91,19 +93,20 @@ int run_generate_batch(const GenerateArgs& a, const Model& model, const Tokenize
   }
   // Prompts that begin alike (questions about one document) prefill the shared part once.
   const double tp = now_ms();
-  const int64_t shared = prefill_sharing_prefixes(ptrs, prompts);
+  const int64_t shared = prefill_sharing_prefixes(ptrs, prompts, 64, !a.no_kv_share);
   const double prefill_ms = now_ms() - tp;
   const int64_t prefill_tokens = prompt_tokens - shared;
   const double t0 = now_ms();
   const std::vector<GenerateResult> res = generate_batch(ptrs, tok, go);
   const double decode_ms = now_ms() - t0;
   int64_t decoded = 0;
-  uint64_t fast = 0, slow = 0;
+  uint64_t fast = 0, slow = 0, viewed = 0;
   for (const auto& s : sessions) {
     const KvStats ks = s->kv().stats();
     decoded += s->timings().decode_tokens;
     fast += ks.fast_bytes;
     slow += ks.slow_bytes;
+    viewed += ks.shared_bytes;
   }
   const double tok_per_s = decode_ms > 0 ? decoded * 1000.0 / decode_ms : 0;
   const double prefill_tps = prefill_ms > 0 ? prefill_tokens * 1000.0 / prefill_ms : 0;
@@ -134,7 +137,7 @@ int run_generate_batch(const GenerateArgs& a, const Model& model, const Tokenize
                     {"decode_act", act.decode},
                     {"prefill_act", act.prefill},
                     {"prefill_attn", act.prefill_attn}};
-    j["kv"] = {{"policy", a.kv.policy}, {"fast_bytes", fast}, {"slow_bytes", slow}};
+    j["kv"] = {{"policy", a.kv.policy}, {"fast_bytes", fast}, {"slow_bytes", slow}, {"shared_bytes", viewed}};
     j["memory"] = {{"peak_rss_bytes", peak_rss_bytes()}};
     std::puts(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     return 0;
@@ -148,10 +151,11 @@ int run_generate_batch(const GenerateArgs& a, const Model& model, const Tokenize
   std::fprintf(stderr,
                "\nspecache: %zu sequences decoded together; prompts %lld tokens in all (%lld taken over from an earlier "
                "prompt's shared beginning), prefill %.1f ms (%.1f tok/s); "
-               "%lld tokens decoded in %.1f ms (%.1f tok/s over the batch); KV %s: fast %.2f MiB, slow %.2f MiB in all; "
-               "peak RSS %.1f MiB\n",
+               "%lld tokens decoded in %.1f ms (%.1f tok/s over the batch); KV %s: fast %.2f MiB, slow %.2f MiB in all "
+               "(%.2f MiB more of fast KV read through shared prefixes); peak RSS %.1f MiB\n",
                sessions.size(), (long long)prompt_tokens, (long long)shared, prefill_ms, prefill_tps, (long long)decoded, decode_ms,
-               tok_per_s, a.kv.policy.c_str(), fast / 1048576.0, slow / 1048576.0, peak_rss_bytes() / 1048576.0);
+               tok_per_s, a.kv.policy.c_str(), fast / 1048576.0, slow / 1048576.0, viewed / 1048576.0,
+               peak_rss_bytes() / 1048576.0);
   return 0;
 }
 
@@ -200,6 +204,8 @@ int run_generate(const CLI::App& app, GenerateArgs& a) {
   go.n_predict = a.n_predict;
   go.ignore_eos = a.ignore_eos;
   go.sampler = SamplerConfig{a.temp, a.top_k, a.top_p, a.min_p, a.seed};
+  SPC_CHECK(!a.no_kv_share || prompts.size() > 1,
+            "--no-kv-share only applies to several prompts (-p or -f given more than once)");
   if (prompts.size() > 1) return run_generate_batch(a, *model, *tok, act, labels, prompts, n_ctx, go);
   const std::vector<int32_t>& prompt = prompts[0];
 
@@ -272,6 +278,9 @@ Runner add_generate(CLI::App& app) {
   sub->add_flag("--chat", a->chat, "wrap the prompt as a user message with the model's chat template");
   sub->add_flag("--ignore-eos", a->ignore_eos, "keep generating past end-of-generation tokens");
   sub->add_flag("--json", a->json, "print one JSON object (tokens, text, timings, kv) instead of streaming");
+  sub->add_flag("--no-kv-share", a->no_kv_share,
+                "with several prompts that begin alike: give each session a copy of the shared beginning's KV cache "
+                "instead of reading the first one's (the default shares it, with the same results)");
   add_kv_flags(*sub, a->kv);
   return [sub, a] { return run_generate(*sub, *a); };
 }

@@ -506,6 +506,41 @@ TEST(BenchRun, BatchedRowsCountTheWeightsOnceAndEveryCache) {
   EXPECT_NE(to_table(r).find("full x3"), std::string::npos);
   EXPECT_EQ(count(to_svg(r), "<polyline"), 6u);  // one series per policy and batch size
 
+  // --batch-share: the later sequences read the first one's cache of the prompt. The bytes each
+  // step reads are the same (every sequence still attends over the whole prompt); the bytes held
+  // are one cache and the others' own parts. kivi cannot share: it copies, and says so.
+  opt.batch_share = true;
+  opt.batches = {3};
+  opt.depths = {200};
+  BenchReport sh;
+  run_bench(*m, tok.get(), opt, "Lily went to the park. She saw a big dog.\n", "t.txt", sh);
+  opt.batch_share = false;
+  BenchReport cp;
+  run_bench(*m, tok.get(), opt, "Lily went to the park. She saw a big dog.\n", "t.txt", cp);
+  ASSERT_EQ(sh.rows.size(), 3u);
+  for (size_t p = 0; p < 3; ++p) {
+    SCOPED_TRACE(sh.rows[p].policy_spec);
+    const bool can = sh.rows[p].policy != "kivi";
+    EXPECT_EQ(sh.rows[p].batch_share, can);
+    EXPECT_FALSE(cp.rows[p].batch_share);
+    EXPECT_EQ(sh.rows[p].bytes.kv_fast, cp.rows[p].bytes.kv_fast);
+    if (can) EXPECT_LT(sh.rows[p].kv_fast_bytes, cp.rows[p].kv_fast_bytes);
+    else EXPECT_EQ(sh.rows[p].kv_fast_bytes, cp.rows[p].kv_fast_bytes);
+  }
+  // full: the first sequence holds all n = depth + gen positions, the others the part after the
+  // shared key tiles (depth rounded down to 16), against three copies of n.
+  const uint64_t n = 200 + 6, tail = n - 200 / 16 * 16;
+  EXPECT_EQ(sh.rows[0].kv_fast_bytes * 3 * n, cp.rows[0].kv_fast_bytes * (n + 2 * tail));
+  EXPECT_NE(to_table(sh).find("full x3s"), std::string::npos);
+  EXPECT_TRUE(to_json(sh)["rows"][0]["batch_share"].get<bool>());
+  opt.batches = {1};
+  opt.batch_share = true;
+  BenchReport one;
+  EXPECT_THROW(run_bench(*m, tok.get(), opt, "x\n", "t.txt", one), Error);  // batch_share without a batch
+  opt.batch_share = false;
+  opt.batches = {3, 1};
+  opt.depths = {64};
+
   opt.interleave = true;  // one sequence per policy by design
   BenchReport bad;
   EXPECT_THROW(run_bench(*m, tok.get(), opt, "x\n", "t.txt", bad), Error);

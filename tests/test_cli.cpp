@@ -472,7 +472,24 @@ TEST(Cli, PromptsSharingABeginningPrefillItOnce) {
       expect_success(r);
       EXPECT_EQ(j["results"][i]["tokens"], parse_single_json(r)["tokens"]) << texts[i];
     }
+    // The shared beginning's cache is shared by default (held once); --no-kv-share copies it,
+    // with the same tokens.
+    batch_args.push_back("--no-kv-share");
+    const RunResult c = run_cli(gen_args(batch_args));
+    expect_success(c);
+    const json jc = parse_single_json(c);
+    const uint64_t held = j["kv"]["fast_bytes"].get<uint64_t>(), copied = jc["kv"]["fast_bytes"].get<uint64_t>();
+    EXPECT_EQ(jc["kv"]["shared_bytes"].get<uint64_t>(), 0u);
+    if (std::string(kv) == "kivi") {
+      EXPECT_EQ(held, copied);
+    } else {
+      EXPECT_GT(j["kv"]["shared_bytes"].get<uint64_t>(), 0u);
+      EXPECT_GT(j["results"][1]["kv"]["shared_bytes"].get<uint64_t>(), 0u);
+      EXPECT_LT(held, copied);
+    }
+    for (size_t i = 0; i < texts.size(); ++i) EXPECT_EQ(j["results"][i]["tokens"], jc["results"][i]["tokens"]);
   }
+  expect_failure(run_cli(gen_args({"-p", "Lily", "--no-kv-share"})), "--no-kv-share");
 }
 
 TEST(Cli, StreamingPrintsTheTextOnStdout) {
@@ -584,6 +601,7 @@ TEST(Cli, BadFlagsFailWithAMessage) {
   expect_failure(run_cli(bench_args({"--batch", "2,x"})), "--batch");
   expect_failure(run_cli(bench_args({"--batch", "1000"})), "--batch");
   expect_failure(run_cli(bench_args({"--batch", "2", "--interleave"})), "--interleave");
+  expect_failure(run_cli(bench_args({"--batch-share"})), "--batch-share");
 }
 
 TEST(Cli, BadPromptsFailWithAMessage) {

@@ -125,6 +125,10 @@ struct BenchOptions {
   // of the policy decode together (SessionBatch), each with its own cache of the same prompt (the
   // first is prefilled, the others take its K/V over). Not with interleave.
   std::vector<int> batches{1};
+  // --batch-share: the batched rows' later sequences share the first one's cache of the prompt
+  // (KvPolicy::share_prefix: N questions about one document, which is held once) instead of each
+  // holding a copy (N documents of the same length). Only with some batch size above 1.
+  bool batch_share = false;
   // Bandwidth probe after each row (--bandwidth): with probe_bytes > 0, the read bandwidth is
   // probed again right after the row's decode steps (and after its peak RSS is read, so the
   // probe's buffer never counts), with the row's thread count; the row's floor then uses that
@@ -146,6 +150,7 @@ struct BenchRow {
   // step time, the bytes count the weights once and every sequence's KV, the KV sizes, stall and
   // copy times are summed over the sequences, and batch_tok_per_s = B / step time.
   int batch = 1;
+  bool batch_share = false;  // the batch's sequences share one cache of the prompt (BenchOptions::batch_share)
   int reps = 0;
   int gen = 0;
   size_t decode_samples = 0;

@@ -122,6 +122,7 @@ KvStats sum_stats(const std::vector<KvStats>& v) {
   for (size_t i = 1; i < v.size(); ++i) {
     t.fast_bytes += v[i].fast_bytes;
     t.slow_bytes += v[i].slow_bytes;
+    t.shared_bytes += v[i].shared_bytes;
     t.fetched_bytes_per_step += v[i].fetched_bytes_per_step;
     t.stall_ms += v[i].stall_ms;
     t.copy_ms += v[i].copy_ms;
@@ -131,9 +132,10 @@ KvStats sum_stats(const std::vector<KvStats>& v) {
 
 // One repetition of a batched row: `batch` sessions of cfg holding the same prompt (the first
 // prefilled, timed; the others take its K/V over, or a full session's where the policy keeps no
-// 16-bit copy to hand on), then gen greedy steps of all of them together, each step timed.
+// 16-bit copy to hand on; with share, as views of the first one's cache where the policy can),
+// then gen greedy steps of all of them together, each step timed.
 void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int32_t>& toks, int batch, int gen,
-                 int warmup, ThreadPool& pool, Collected& c) {
+                 int warmup, bool share, ThreadPool& pool, Collected& c) {
   const int n_vocab = model.config().n_vocab;
   const KvGeometry geom = row_geometry(model, (int64_t)toks.size(), gen);
   std::vector<std::unique_ptr<Session>> ss;
@@ -154,7 +156,7 @@ void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int3
     c.prefill_ms.push_back(ss[0]->timings().prefill_ms);
   }
   for (int b = 0; b < batch; ++b)
-    if (source || b > 0) ss[(size_t)b]->prefill_from(source ? *source : *ss[0]);
+    if (source || b > 0) ss[(size_t)b]->prefill_from(source ? *source : *ss[0], -1, share);
   if (source) {  // its 16-bit cache is the bench's scaffolding, not the row's: out of the peak
     source.reset();
     reset_peak_rss();
@@ -181,6 +183,7 @@ BenchRow make_row(const std::string& model_name, const PolicySpec& spec, const K
                   const BenchOptions& opt, uint64_t wbytes, Collected& c, bool rss_reset, int batch = 1) {
   BenchRow row;
   row.batch = batch;
+  row.batch_share = batch > 1 && c.at_depth.shared_bytes > 0;  // what happened (kivi, streaming: copies)
   row.model = model_name;
   row.policy_spec = spec.text;
   row.policy = cfg.policy;
@@ -221,6 +224,8 @@ void validate_batches(const BenchOptions& opt) {
   for (int b : opt.batches) SPC_CHECK(b >= 1 && b <= 256, "--batch: %d sequences is not within 1..256", b);
   SPC_CHECK(!(opt.interleave && (opt.batches.size() > 1 || opt.batches[0] != 1)),
             "--interleave measures one sequence per policy; it does not take --batch");
+  SPC_CHECK(!opt.batch_share || *std::max_element(opt.batches.begin(), opt.batches.end()) > 1,
+            "--batch-share needs a batch size above 1 (--batch)");
 }
 
 void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt, const std::string& text,
@@ -318,7 +323,7 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
           Collected c;
           for (int rep = 0; rep < opt.reps; ++rep) {
             if (batch > 1) {
-              batched_rep(model, cfg, toks, batch, opt.gen, warmup, pool, c);
+              batched_rep(model, cfg, toks, batch, opt.gen, warmup, opt.batch_share, pool, c);
             } else {
               auto s = session_for(cfg, depth, pool);
               prefilled(*s, toks, c);

@@ -98,7 +98,7 @@ std::vector<int64_t> parse_int_list(const std::string& s, const char* what) {
 TokenBytes token_bytes(uint64_t weight_bytes_per_token, const KvStats& at_depth, const KvStats& after_decode) {
   TokenBytes b;
   b.weights = weight_bytes_per_token;
-  b.kv_fast = at_depth.fast_bytes;
+  b.kv_fast = at_depth.fast_bytes + at_depth.shared_bytes;  // a shared prefix is read by every sequence
   b.kv_slow = after_decode.fetched_bytes_per_step;
   return b;
 }

@@ -31,19 +31,21 @@ bool batched(const BenchReport& r) {
 std::string series_name(const BenchRow& row, bool with_threads, bool with_batch) {
   std::string s = row.policy_spec;
   if (with_threads) s += strfmt(" @%dt", row.threads);
-  if (with_batch) s += strfmt(" x%d", row.batch);
+  if (with_batch) s += strfmt(" x%d%s", row.batch, row.batch_share && row.batch > 1 ? " shared" : "");
   return s;
 }
 
-// The row's policy column in the text table: the spec, with " xB" for batched rows.
+// The row's policy column in the text table: the spec, with " xB" for batched rows (" xBs" where
+// they share one cache of the prompt).
 std::string row_label(const BenchRow& row) {
-  return row.batch == 1 ? row.policy_spec : strfmt("%s x%d", row.policy_spec.c_str(), row.batch);
+  return row.batch == 1 ? row.policy_spec
+                        : strfmt("%s x%d%s", row.policy_spec.c_str(), row.batch, row.batch_share ? "s" : "");
 }
 
 }  // namespace
 
 std::vector<std::string> csv_columns() {
-  return {"model", "policy_spec", "policy", "bits", "depth", "threads", "batch", "reps", "gen", "decode_samples",
+  return {"model", "policy_spec", "policy", "bits", "depth", "threads", "batch", "batch_share", "reps", "gen", "decode_samples",
           "prefill_ms", "prefill_tok_per_s", "decode_ms_median", "decode_ms_p25", "decode_ms_p75", "decode_ms_min",
           "decode_ms_max", "decode_tok_per_s", "batch_tok_per_s", "weight_bytes_per_token", "kv_fast_bytes_per_token",
           "kv_slow_bytes_per_token", "total_bytes_per_token", "achieved_gb_per_s", "kv_fast_bytes", "kv_slow_bytes",
@@ -64,7 +66,8 @@ std::string to_csv(const BenchReport& r) {
   for (const BenchRow& row : r.rows) {
     const std::vector<std::string> f = {
         row.model, row.policy_spec, row.policy, std::to_string(row.bits), std::to_string(row.depth),
-        std::to_string(row.threads), std::to_string(row.batch), std::to_string(row.reps), std::to_string(row.gen),
+        std::to_string(row.threads), std::to_string(row.batch), row.batch_share ? "1" : "0", std::to_string(row.reps),
+        std::to_string(row.gen),
         std::to_string(row.decode_samples), num(row.prefill_ms), num(row.prefill_tok_per_s), num(row.decode_ms.median),
         num(row.decode_ms.p25), num(row.decode_ms.p75), num(row.decode_ms.min), num(row.decode_ms.max),
         num(row.decode_ms.median > 0 ? 1000.0 / row.decode_ms.median : 0), num(row.batch_tok_per_s),
@@ -121,6 +124,7 @@ nlohmann::json to_json(const BenchReport& r) {
               {"depth", row.depth},
               {"threads", row.threads},
               {"batch", row.batch},
+              {"batch_share", row.batch_share},
               {"reps", row.reps},
               {"gen", row.gen},
               {"prefill_ms", row.prefill_ms},

@@ -87,7 +87,8 @@ GenerateResult generate(Session& session, const Tokenizer& tok, const GenerateOp
 }
 
 int64_t prefill_sharing_prefixes(const std::vector<Session*>& sessions,
-                                 const std::vector<std::vector<int32_t>>& prompts, int64_t min_shared) {
+                                 const std::vector<std::vector<int32_t>>& prompts, int64_t min_shared,
+                                 bool share_cache) {
   SPC_CHECK(sessions.size() == prompts.size(), "prefill: %zu sessions but %zu prompts", sessions.size(), prompts.size());
   int64_t taken = 0;
   for (size_t i = 0; i < sessions.size(); ++i) {
@@ -110,7 +111,7 @@ int64_t prefill_sharing_prefixes(const std::vector<Session*>& sessions,
       }
     }
     if (best >= min_shared) {
-      s.prefill_from(*sessions[from], best);
+      s.prefill_from(*sessions[from], best, share_cache);
       taken += best;
       if (best < (int64_t)p.size()) s.prefill(std::vector<int32_t>(p.begin() + best, p.end()));
     } else {

@@ -47,9 +47,13 @@ GenerateResult generate(Session& session, const Tokenizer& tok, const GenerateOp
 // prefill gives the same K/V and logits as a whole one, without computing the shared part again
 // (N questions about one document prefill it once). Only where the policy keeps a complete 16-bit
 // copy to hand on (kv_policy_keeps_16bit_copy), and only runs of at least min_shared tokens.
+// share_cache: the positions taken over are shared, not copied, where the two sessions' policies
+// allow (Session::prefill_from's share: the same policy and storage knobs; the document's cache is
+// then held once for all the questions, with the same results bit for bit).
 // Returns how many prompt tokens were taken over instead of prefilled.
 int64_t prefill_sharing_prefixes(const std::vector<Session*>& sessions,
-                                 const std::vector<std::vector<int32_t>>& prompts, int64_t min_shared = 64);
+                                 const std::vector<std::vector<int32_t>>& prompts, int64_t min_shared = 64,
+                                 bool share_cache = true);
 
 // Batched generation: every session (each prefilled with its own prompt) generates as generate()
 // would, and their decode steps run together through one SessionBatch, so the sequences share

@@ -6,7 +6,8 @@ side by side.
 
 Prints the answers, their token agreement, fast-tier KV bytes, peak RSS and decode speed.
 Then (--batch N, default 4) N questions about the same document generated together, with full
-and with specache:1 on the file store: tokens per second over the batch and peak RSS.
+and with specache:1 on the file store, the document's cache held once for all of them: tokens per
+second over the batch and peak RSS.
 Usage: scripts/demo.py SPECACHE_BINARY MODEL.gguf [--tokens N] [--threads T] [--store host|file] [--batch N]
 """
 import argparse
@@ -146,14 +147,15 @@ def main():
     print(f"needle ({ANSWER}) retrieved: {found}")
     if batch:
         print()
-        print(f"{a.batch} questions about the document generated together (the document prefilled once, one decode "
-              f"step for all {a.batch} sequences, each with its own KV cache; specache:1 with its 16-bit cache in a "
-              f"file):")
+        print(f"{a.batch} questions about the document generated together (the document prefilled once and its KV "
+              f"cache held once, shared by the {a.batch} sequences; one decode step for all of them; specache:1 "
+              f"with its 16-bit cache in a file):")
         for name, b in batch.items():
             t, kv = b["timings"], b["kv"]
             label = name + (" (file)" if name != "full" else "")
             print(f"[{label:17s}] {t['decode_tok_per_s']:6.1f} tok/s over the batch, peak RSS "
-                  f"{b['memory']['peak_rss_bytes'] / 2**20:.0f} MiB, fast-tier KV {kv['fast_bytes'] / 2**20:.1f} MiB; "
+                  f"{b['memory']['peak_rss_bytes'] / 2**20:.0f} MiB, fast-tier KV {kv['fast_bytes'] / 2**20:.1f} MiB "
+                  f"held ({kv.get('shared_bytes', 0) / 2**20:.1f} MiB more read through the shared document); "
                   f"prefilled {t['prefill_tokens']} of {t['prefill_tokens'] + t['prefill_shared_tokens']} prompt tokens")
             single = results.get(name)
             if single is not None:

@@ -528,8 +528,9 @@ TEST(BenchRun, BatchedRowsCountTheWeightsOnceAndEveryCache) {
     else EXPECT_EQ(sh.rows[p].kv_fast_bytes, cp.rows[p].kv_fast_bytes);
   }
   // full: the first sequence holds all n = depth + gen positions, the others the part after the
-  // shared key tiles (depth rounded down to 16), against three copies of n.
-  const uint64_t n = 200 + 6, tail = n - 200 / 16 * 16;
+  // shared key tiles (all but their own last 32 prompt tokens, rounded down to 16), against three
+  // copies of n.
+  const uint64_t n = 200 + 6, tail = n - (200 - 32) / 16 * 16;
   EXPECT_EQ(sh.rows[0].kv_fast_bytes * 3 * n, cp.rows[0].kv_fast_bytes * (n + 2 * tail));
   EXPECT_NE(to_table(sh).find("full x3s"), std::string::npos);
   EXPECT_TRUE(to_json(sh)["rows"][0]["batch_share"].get<bool>());

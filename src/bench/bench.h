@@ -127,7 +127,9 @@ struct BenchOptions {
   std::vector<int> batches{1};
   // --batch-share: the batched rows' later sequences share the first one's cache of the prompt
   // (KvPolicy::share_prefix: N questions about one document, which is held once) instead of each
-  // holding a copy (N documents of the same length). Only with some batch size above 1.
+  // holding a copy (N documents of the same length). Each later sequence's last min(32, depth/4)
+  // tokens are its own (a slice from elsewhere in the prompt, prefilled after the shared part), so
+  // the sequences decode different tokens. Only with some batch size above 1.
   bool batch_share = false;
   // Bandwidth probe after each row (--bandwidth): with probe_bytes > 0, the read bandwidth is
   // probed again right after the row's decode steps (and after its peak RSS is read, so the

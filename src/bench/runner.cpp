@@ -132,8 +132,8 @@ KvStats sum_stats(const std::vector<KvStats>& v) {
 
 // One repetition of a batched row: `batch` sessions of cfg holding the same prompt (the first
 // prefilled, timed; the others take its K/V over, or a full session's where the policy keeps no
-// 16-bit copy to hand on; with share, as views of the first one's cache where the policy can),
-// then gen greedy steps of all of them together, each step timed.
+// 16-bit copy to hand on; with share, all but its last tokens as views of the first one's cache,
+// then their own last tokens), then gen greedy steps of all of them together, each step timed.
 void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int32_t>& toks, int batch, int gen,
                  int warmup, bool share, ThreadPool& pool, Collected& c) {
   const int n_vocab = model.config().n_vocab;
@@ -155,8 +155,22 @@ void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int3
     ss[0]->prefill(toks);
     c.prefill_ms.push_back(ss[0]->timings().prefill_ms);
   }
-  for (int b = 0; b < batch; ++b)
-    if (source || b > 0) ss[(size_t)b]->prefill_from(source ? *source : *ss[0], -1, share);
+  // Shared (N questions about one document): each later sequence takes all but the last q_len
+  // positions over and prefills its own last q_len tokens, a slice from elsewhere in the prompt,
+  // so that the sequences decode different tokens and select different top-k rows, as different
+  // questions would (identical sequences would fetch the same rows, which a shared store then
+  // serves from one read).
+  const int64_t n = (int64_t)toks.size(), q_len = std::min<int64_t>(32, n / 4);
+  for (int b = 0; b < batch; ++b) {
+    if (!source && b == 0) continue;
+    if (source || !share || q_len == 0) {
+      ss[(size_t)b]->prefill_from(source ? *source : *ss[0], -1, share);
+      continue;
+    }
+    ss[(size_t)b]->prefill_from(*ss[0], n - q_len, /*share=*/true);
+    const int64_t from = (int64_t)b * 7919 % (n - q_len);
+    ss[(size_t)b]->prefill(std::vector<int32_t>(toks.begin() + from, toks.begin() + from + q_len));
+  }
   if (source) {  // its 16-bit cache is the bench's scaffolding, not the row's: out of the peak
     source.reset();
     reset_peak_rss();

@@ -76,9 +76,8 @@ void F16Cache::read(int il, int64_t pos0, int64_t n, float* k, float* v) const {
 namespace {
 
 // A chunk over three or more memories: one kernel call per memory, partial states merged. Out of
-// line, so that its buffers do not move the common path's stack frame (whose scores and queries
-// would then meet the streamed keys and values at other offsets modulo 4 KiB: `full` decoded 3-5%
-// slower at 8K with them inline).
+// line, so that the common path's task keeps the stack frame it had before shared prefixes (this
+// made no measurable difference to `full`'s decode; docs/BENCHMARKS.md, session 27).
 __attribute__((noinline)) void attend_pieces(const F16Cache& cache, int il, int h, const float* q, int nq, int d,
                                              int64_t k0, int64_t k1, const int64_t* lim, AttnPartial* part, float* o,
                                              float* scratch) {

@@ -533,6 +533,7 @@ TEST(BenchRun, BatchedRowsCountTheWeightsOnceAndEveryCache) {
   const uint64_t n = 200 + 6, tail = n - (200 - 32) / 16 * 16;
   EXPECT_EQ(sh.rows[0].kv_fast_bytes * 3 * n, cp.rows[0].kv_fast_bytes * (n + 2 * tail));
   EXPECT_NE(to_table(sh).find("full x3s"), std::string::npos);
+  EXPECT_NE(sh.measurement.find("N questions about one document"), std::string::npos);
   EXPECT_TRUE(to_json(sh)["rows"][0]["batch_share"].get<bool>());
   opt.batches = {1};
   opt.batch_share = true;

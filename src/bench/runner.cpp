@@ -274,6 +274,11 @@ void run_bench(const Model& model, const Tokenizer* tok, const BenchOptions& opt
     report.measurement +=
         "; batch B > 1: B sessions of the policy hold the same prompt (the first prefilled and timed, the others "
         "take its K/V over) and decode together, one token each per step; the decode times are per step";
+  if (opt.batch_share)
+    report.measurement +=
+        "; shared (rows \"POLICY xBs\"): the later sessions read all but the last min(32, depth/4) prompt "
+        "positions from the first one's cache instead of a copy and prefill their own last tokens (a slice from "
+        "elsewhere in the prompt), as N questions about one document; kivi and streaming copy";
   if (opt.interleave)
     report.measurement +=
         "; interleaved: per (depth, threads, repetition) one session of every policy, all prefilled, then each "

@@ -161,15 +161,17 @@ void batched_rep(const Model& model, const KvConfig& cfg, const std::vector<int3
   // questions would (identical sequences would fetch the same rows, which a shared store then
   // serves from one read).
   const int64_t n = (int64_t)toks.size(), q_len = std::min<int64_t>(32, n / 4);
-  for (int b = 0; b < batch; ++b) {
-    if (!source && b == 0) continue;
-    if (source || !share || q_len == 0) {
-      ss[(size_t)b]->prefill_from(source ? *source : *ss[0], -1, share);
-      continue;
+  for (int b = source ? 0 : 1; b < batch; ++b) {
+    Session& s = *ss[(size_t)b];
+    if (source) {  // kivi, streaming: copies (they keep no 16-bit copy to share from)
+      s.prefill_from(*source);
+    } else if (!share || q_len == 0) {
+      s.prefill_from(*ss[0], -1, share);
+    } else {
+      s.prefill_from(*ss[0], n - q_len, /*share=*/true);
+      const int64_t from = (int64_t)b * 7919 % (n - q_len);
+      s.prefill(std::vector<int32_t>(toks.begin() + from, toks.begin() + from + q_len));
     }
-    ss[(size_t)b]->prefill_from(*ss[0], n - q_len, /*share=*/true);
-    const int64_t from = (int64_t)b * 7919 % (n - q_len);
-    ss[(size_t)b]->prefill(std::vector<int32_t>(toks.begin() + from, toks.begin() + from + q_len));
   }
   if (source) {  // its 16-bit cache is the bench's scaffolding, not the row's: out of the peak
     source.reset();

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "kv/shared_segments.h"
 #include "ops/attention.h"
 #include "util/error.h"
 #include "util/threadpool.h"
@@ -28,12 +29,7 @@ void F16Cache::share_prefix(const F16Cache& base, int64_t n) {
             "F16Cache::share_prefix: another geometry");
   SPC_CHECK(segs_.empty() && n % kKeyTile == 0 && n >= 0 && n <= std::min(cap_, base.cap_),
             "F16Cache::share_prefix: %lld positions (a multiple of %d, into an unshared cache)", (long long)n, kKeyTile);
-  for (const Segment& s : base.segs_) {
-    if (shared_positions() >= n) break;
-    segs_.push_back(s);
-    segs_.back().end = std::min(s.end, n);
-  }
-  if (shared_positions() < n) segs_.push_back(Segment{base.kt_, base.v_, base.cap_, n});
+  share_segments(segs_, base.segs_, Segment{base.kt_, base.v_, base.cap_, 0}, n);
 }
 
 void F16Cache::write(int il, int64_t pos0, int64_t n, const float* k, const float* v) {

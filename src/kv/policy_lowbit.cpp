@@ -36,6 +36,7 @@
 #include "kv/kv_policy.h"
 #include "kv/lowbit.h"
 #include "kv/policies.h"
+#include "kv/shared_segments.h"
 #include "kv/topk.h"
 #include "ops/attention.h"
 #include "ops/vec_math.h"
@@ -298,15 +299,8 @@ class LowBitPolicy final : public KvPolicy {
     for (int il = 0; il < g_.n_layer; ++il) {
       LayerState& L = layers_[il];
       for (int h = 0; h < g_.n_head_kv; ++h) {
-        HeadState& H = L.heads[h];
         const HeadState& OH = o->layers_[il].heads[h];
-        auto covered = [&] { return H.shared.empty() ? int64_t(0) : H.shared.back().end; };
-        for (const BlockSegment& sg : OH.shared) {
-          if (covered() >= nb) break;
-          H.shared.push_back(sg);
-          H.shared.back().end = std::min(sg.end, nb);
-        }
-        if (covered() < nb) H.shared.push_back(BlockSegment{OH.kblocks, OH.vals, nb});
+        share_segments(L.heads[h].shared, OH.shared, BlockSegment{OH.kblocks, OH.vals, 0}, nb);
       }
       L.n_quant = L.n_tok = s;
     }

@@ -320,22 +320,18 @@ void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v,
       m[i] = mnew;
     }
     // Weighted values of the block.
+    // Rows [0, js) from v, the rest (kTwo: from split on) from v2, without a second rescale.
+    const int js = kTwo ? (int)std::clamp<int64_t>(split - b0, 0, nb) : nb;
     const fp16_t* vb = v + b0 * d;
+    const fp16_t* vb2 = kTwo ? v2 + b0 * d : nullptr;
     int c0 = 0;
-    if constexpr (kTwo) {
-      const int js = (int)std::clamp<int64_t>(split - b0, 0, nb);
-      const fp16_t* vb2 = v2 + b0 * d;
-      for (; c0 + 16 * G <= d; c0 += 16 * G) {
-        decode_values<NQ, G>(vb, d, c0, 0, js, sc, alpha, o);
-        decode_values<NQ, G, false>(vb2, d, c0, js, nb, sc, alpha, o);
-      }
-      for (; c0 < d; c0 += 16) {
-        decode_values<NQ, 1>(vb, d, c0, 0, js, sc, alpha, o);
-        decode_values<NQ, 1, false>(vb2, d, c0, js, nb, sc, alpha, o);
-      }
-    } else {
-      for (; c0 + 16 * G <= d; c0 += 16 * G) decode_values<NQ, G>(vb, d, c0, 0, nb, sc, alpha, o);
-      for (; c0 < d; c0 += 16) decode_values<NQ, 1>(vb, d, c0, 0, nb, sc, alpha, o);
+    for (; c0 + 16 * G <= d; c0 += 16 * G) {
+      decode_values<NQ, G>(vb, d, c0, 0, js, sc, alpha, o);
+      if constexpr (kTwo) decode_values<NQ, G, false>(vb2, d, c0, js, nb, sc, alpha, o);
+    }
+    for (; c0 < d; c0 += 16) {
+      decode_values<NQ, 1>(vb, d, c0, 0, js, sc, alpha, o);
+      if constexpr (kTwo) decode_values<NQ, 1, false>(vb2, d, c0, js, nb, sc, alpha, o);
     }
   }
   for (int i = 0; i < NQ; ++i) part[i] = {m[i], l[i]};
@@ -458,22 +454,18 @@ void decode_f16_stream(const float* q, int d, const fp16_t* kt, const fp16_t* v,
       l[i] = l[i] * alpha[i] + hsum8(sum);
       m[i] = mnew;
     }
+    // Rows [0, js) from v, the rest (kTwo: from split on) from v2, without a second rescale.
+    const int js = kTwo ? (int)std::clamp<int64_t>(split - b0, 0, nb) : nb;
     const fp16_t* vb = v + b0 * d;
+    const fp16_t* vb2 = kTwo ? v2 + b0 * d : nullptr;
     int c0 = 0;
-    if constexpr (kTwo) {
-      const int js = (int)std::clamp<int64_t>(split - b0, 0, nb);
-      const fp16_t* vb2 = v2 + b0 * d;
-      for (; c0 + 8 * G <= d; c0 += 8 * G) {
-        decode_values8<NQ, G>(vb, d, c0, 0, js, sc, alpha, o);
-        decode_values8<NQ, G, false>(vb2, d, c0, js, nb, sc, alpha, o);
-      }
-      for (; c0 < d; c0 += 8) {
-        decode_values8<NQ, 1>(vb, d, c0, 0, js, sc, alpha, o);
-        decode_values8<NQ, 1, false>(vb2, d, c0, js, nb, sc, alpha, o);
-      }
-    } else {
-      for (; c0 + 8 * G <= d; c0 += 8 * G) decode_values8<NQ, G>(vb, d, c0, 0, nb, sc, alpha, o);
-      for (; c0 < d; c0 += 8) decode_values8<NQ, 1>(vb, d, c0, 0, nb, sc, alpha, o);
+    for (; c0 + 8 * G <= d; c0 += 8 * G) {
+      decode_values8<NQ, G>(vb, d, c0, 0, js, sc, alpha, o);
+      if constexpr (kTwo) decode_values8<NQ, G, false>(vb2, d, c0, js, nb, sc, alpha, o);
+    }
+    for (; c0 < d; c0 += 8) {
+      decode_values8<NQ, 1>(vb, d, c0, 0, js, sc, alpha, o);
+      if constexpr (kTwo) decode_values8<NQ, 1, false>(vb2, d, c0, js, nb, sc, alpha, o);
     }
   }
   for (int i = 0; i < NQ; ++i) part[i] = {m[i], l[i]};

@@ -2,7 +2,9 @@
 // buffer's scatter reads (RowRef::dst_row) in both slow stores.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <random>
 
@@ -102,6 +104,48 @@ TEST(Topk, HintedSelectionEqualsReference) {
     }
     EXPECT_GT(hinted_hits, 40) << "n " << n << ": the hint should usually carry over between similar vectors";
   }
+}
+
+// topk_indices_at_least: with a threshold that at least k values reach, the reference's top-k
+// (thresholds at every rank around k, ties at the threshold, more than 16k passing); false
+// whenever fewer than k values reach it, also when there are fewer than k values at all (a pruned
+// read of nothing: a policy once took that for an empty top-k).
+TEST(Topk, AtLeastThresholdEqualsReferenceOrRefuses) {
+  std::mt19937 rng(29);
+  TopkScratch scratch;
+  std::vector<int64_t> got, want;
+  for (int trial = 0; trial < 200; ++trial) {
+    const int64_t n = 1 + rng() % 5000, k = 1 + rng() % 80;
+    std::vector<float> v((size_t)n);
+    for (auto& x : v) x = std::exp(std::normal_distribution<float>(0, 2)(rng));
+    if (trial % 4 == 1) for (int64_t i = 0; i < n; i += 5) v[(size_t)i] = v[0];  // ties
+    std::vector<float> sorted = v;
+    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+    topk_indices_ref(v.data(), n, k, want);
+    for (int64_t rank : {k - 2, k - 1, k, k + 3, 4 * k, 20 * k, n - 1}) {
+      if (rank < 0 || rank >= n) continue;
+      const float thr = sorted[(size_t)rank];
+      int64_t passing = 0;
+      for (float x : v) passing += x >= thr;
+      float hint = thr;
+      got.assign(3, -1);
+      const bool ok = topk_indices_at_least(v.data(), n, k, thr, got, scratch, &hint);
+      ASSERT_EQ(ok, passing >= k) << "n " << n << " k " << k << " rank " << rank;
+      if (ok) {
+        ASSERT_EQ(got, want) << "n " << n << " k " << k << " rank " << rank;
+        ASSERT_LE(hint, sorted[(size_t)(std::min(k, n) - 1)]);
+      } else {
+        ASSERT_EQ(hint, thr) << "a refusal leaves the hint alone";
+      }
+    }
+  }
+  std::vector<float> v = {3.0f, 1.0f, 2.0f};
+  EXPECT_FALSE(topk_indices_at_least(v.data(), 3, 4, 0.0f, got, scratch));  // fewer than k values
+  EXPECT_FALSE(topk_indices_at_least(v.data(), 0, 1, 0.0f, got, scratch));  // nothing read
+  EXPECT_TRUE(topk_indices_at_least(v.data(), 3, 0, 9.0f, got, scratch));
+  EXPECT_TRUE(got.empty());
+  EXPECT_TRUE(topk_indices_at_least(v.data(), 3, 2, 2.0f, got, scratch));
+  EXPECT_EQ(got, (std::vector<int64_t>{0, 2}));
 }
 
 TEST(Topk, AllEqualValuesPreferLowerIndices) {

@@ -117,7 +117,7 @@ struct LayerState {
 // Per-thread scratch of the decode passes (reused across calls).
 struct ThreadScratch {
   std::vector<float> sc, pr, exact, rows;  // exact: the chunk's top-k scores, then weights
-  std::vector<float> ub, cw;                    // selection: bounds per block, chunk weights
+  std::vector<float> ub, bv, cw;  // selection: bounds per block, a shifted term's block values, chunk weights
   std::vector<std::pair<int64_t, int64_t>> spans;  // selection: the position ranges it reads
   std::vector<int64_t> top;
   std::vector<fp16_t> ex;
@@ -949,9 +949,10 @@ void LowBitPolicy::select_from_rows(const SelJob& j, int h, const SelTerm* terms
       }
       vec_wsum(xs, as, group_, dst + (t0 + tm.off - pa), t1 - t0, accumulate);
     };
-    for (int64_t ch = 0; ch < n_chunks; ++ch) {
-      const int64_t t0 = std::max(sa, ch * chunk_tok), t1 = std::min({sb, nqt, (ch + 1) * chunk_tok});
-      if (t1 > t0) pass(ch, t0, t1);
+    for (int64_t t0 = sa, qb = std::min(sb, nqt); t0 < qb;) {  // the chunks the range meets
+      const int64_t ch = t0 / chunk_tok, t1 = std::min(qb, (ch + 1) * chunk_tok);
+      pass(ch, t0, t1);
+      t0 = t1;
     }
     if (sb > std::max(sa, nqt)) pass(n_chunks, std::max(sa, nqt), sb);
   };
@@ -971,49 +972,74 @@ void LowBitPolicy::select_from_rows(const SelJob& j, int h, const SelTerm* terms
   const float tau = *hint;
   const int64_t nb = lay.n_blocks(g);
   sel_blocks_.fetch_add((uint64_t)nb, std::memory_order_relaxed);
+  // out (positions) from out (indices into ts.pr): out is ascending, so is the walk through the spans.
+  auto to_positions = [&]() {
+    size_t si = 0;
+    int64_t base = 0;  // index in ts.pr of span si's first position
+    for (int64_t& p : out) {
+      while (p >= base + (ts.spans[si].second - ts.spans[si].first)) {
+        base += ts.spans[si].second - ts.spans[si].first;
+        ++si;
+      }
+      p = ts.spans[si].first + (p - base);
+    }
+  };
   if (cfg_.selection_bounds && cfg_.sinks == 0 && k > 0 && tau > 0.0f && std::isfinite(tau) && nb > 0 && n >= nqt) {
     // Bounds per block of pr positions (terms with off = 1 also reach one position back).
     ts.ub.assign((size_t)nb, 0.0f);
+    ts.bv.resize((size_t)nb);
     const int64_t bpc = chunk_tok / g;  // blocks per chunk
     for (int i = 0; i < n_terms; ++i)
       for (int gi = 0; gi < group_; ++gi) {
         const int iq = terms[i].r * group_ + gi;
         const float* bm = bmax_.data() + lay.block_max(h, iq, g);
-        float prev = 0.0f;  // the previous block's term (off = 1)
+        float* ub = ts.ub.data();
+        float* v = terms[i].off == 0 ? ub : ts.bv.data();  // off = 0: added in place
         for (int64_t ch = 0; ch < n_chunks; ++ch) {
           const float a = chunk_weight(i, gi, ch);
-          for (int64_t b = ch * bpc; b < std::min(nb, (ch + 1) * bpc); ++b) {
-            const float v = a * bm[b];
-            ts.ub[b] += terms[i].off == 0 ? v : std::max(v, prev);
-            prev = v;
-          }
+          const int64_t b1 = std::min(nb, (ch + 1) * bpc);
+          if (terms[i].off == 0)
+            for (int64_t b = ch * bpc; b < b1; ++b) v[b] += a * bm[b];
+          else
+            for (int64_t b = ch * bpc; b < b1; ++b) v[b] = a * bm[b];
+        }
+        if (terms[i].off != 0) {
+          ub[0] += std::max(v[0], 0.0f);
+          for (int64_t b = 1; b < nb; ++b) ub[b] += std::max(v[b], v[b - 1]);
         }
       }
-    ts.spans.clear();
-    auto add_span = [&](int64_t a, int64_t b) {  // [a, b), joined to the previous span where they meet
-      if (!ts.spans.empty() && ts.spans.back().second == a) ts.spans.back().second = b;
-      else ts.spans.emplace_back(a, b);
+    // The blocks whose bound reaches thr (the margin covers the sums' rounding) and the window.
+    auto read_above = [&](float thr) {
+      ts.spans.clear();
+      for (int64_t b = 0; b < nb; ++b) {
+        if (ts.ub[b] * 1.0001f < thr) continue;
+        if (!ts.spans.empty() && ts.spans.back().second == b * g) ts.spans.back().second = (b + 1) * g;
+        else ts.spans.emplace_back(b * g, (b + 1) * g);
+      }
+      if (n > nqt) ts.spans.emplace_back(nqt, n);  // the window positions: always read
+      const int64_t m = read_spans();
+      sel_blocks_read_.fetch_add((uint64_t)std::min(m / g, nb), std::memory_order_relaxed);
+      return m;
     };
-    for (int64_t b = 0; b < nb; ++b)
-      if (!(ts.ub[b] * 1.0001f < tau)) add_span(b * g, (b + 1) * g);  // (the margin covers the sums' rounding)
-    if (n > nqt) add_span(nqt, n);  // the window positions: always read
-    const int64_t m = read_spans();
-    sel_blocks_read_.fetch_add((uint64_t)std::min(m / g, nb), std::memory_order_relaxed);
-    int64_t reach = 0;
-    for (int64_t i = 0; i < m; ++i) reach += ts.pr[i] >= tau;
-    if (reach >= k) {
-      topk_indices(ts.pr.data(), m, k, out, ts.tk, hint);
-      // Back to positions (out is ascending, so is the walk through the spans).
-      size_t si = 0;
-      int64_t base = 0;  // index in ts.pr of span si's first position
-      for (int64_t& p : out) {
-        while (p >= base + (ts.spans[si].second - ts.spans[si].first)) {
-          base += ts.spans[si].second - ts.spans[si].first;
-          ++si;
-        }
-        p = ts.spans[si].first + (p - base);
-      }
+    int64_t m = read_above(tau);
+    if (topk_indices_at_least(ts.pr.data(), m, k, tau, out, ts.tk, hint)) {
+      to_positions();
       return;
+    }
+    // Fewer than k of the positions read reach tau. The k-th largest of them, T < tau, is a lower
+    // bound of the k-th largest overall: reading the blocks whose bound reaches T as well (a few
+    // more, usually) again holds the whole top-k.
+    if (m >= k) {
+      topk_indices(ts.pr.data(), m, k, out, ts.tk);
+      float t = ts.pr[out[0]];
+      for (int64_t i : out) t = std::min(t, ts.pr[i]);
+      if (t > 0.0f) {
+        m = read_above(t);
+        if (topk_indices_at_least(ts.pr.data(), m, k, t, out, ts.tk, hint)) {
+          to_positions();
+          return;
+        }
+      }
     }
   }
   sel_blocks_read_.fetch_add((uint64_t)nb, std::memory_order_relaxed);

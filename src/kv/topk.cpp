@@ -82,8 +82,12 @@ void take_top(const float* v, int64_t k, const std::vector<int64_t>& cand, std::
   const uint64_t kth = keys[k - 1];
   if (hint) {
     const int64_t r = std::min<int64_t>(kHintRank * k, nc) - 1;
-    if (r > k - 1) std::nth_element(keys.begin() + k, keys.begin() + r, keys.end(), std::greater<uint64_t>());
-    *hint = v[rank_index(keys[r])];
+    if (r == nc - 1) {  // the smallest candidate (the usual case: a good hint passes fewer than 4k)
+      *hint = v[rank_index(*std::min_element(keys.begin() + (k - 1), keys.end()))];
+    } else {
+      if (r > k - 1) std::nth_element(keys.begin() + k, keys.begin() + r, keys.end(), std::greater<uint64_t>());
+      *hint = v[rank_index(keys[r])];
+    }
   }
   out.clear();
   for (int64_t c : cand)  // rank keys are distinct: exactly k pass
@@ -129,6 +133,9 @@ bool topk_by_group_max(const float* v, int64_t n, int64_t k, std::vector<int64_t
 void topk_unhinted(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out, TopkScratch& scratch,
                    float* hint);
 
+// Above this many candidates a filter gives up on ranking them one by one (the unhinted path).
+inline size_t candidate_cap(int64_t k) { return (size_t)std::max<int64_t>(16 * k, 256); }
+
 }  // namespace
 
 void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out, TopkScratch& scratch,
@@ -145,13 +152,27 @@ void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& ou
     // Every member of the top-k is >= the k-th largest value, which is >= *hint when at least k
     // values are: the filtered candidates then hold the whole top-k.
     // (Many values tied at the hint, e.g. probabilities that underflowed to 0, would pass it.)
-    const size_t cap = (size_t)std::max<int64_t>(16 * k, 256);
-    if (filter_at_least(v, n, *hint, scratch.cand, cap) && (int64_t)scratch.cand.size() >= k) {
+    if (filter_at_least(v, n, *hint, scratch.cand, candidate_cap(k)) && (int64_t)scratch.cand.size() >= k) {
       take_top(v, k, scratch.cand, scratch.keys, out, hint);
       return;
     }
   }
   topk_unhinted(v, n, k, out, scratch, hint);
+}
+
+bool topk_indices_at_least(const float* v, int64_t n, int64_t k, float thr, std::vector<int64_t>& out,
+                           TopkScratch& scratch, float* hint) {
+  out.clear();
+  if (k <= 0) return true;
+  if (k > n) return false;  // fewer than k values at all
+  SPC_CHECK(n <= (int64_t)UINT32_MAX, "top-k over %lld positions: at most 2^32 - 1 supported", (long long)n);
+  if (!filter_at_least(v, n, thr, scratch.cand, candidate_cap(k))) {  // more than 16k >= k pass
+    topk_unhinted(v, n, k, out, scratch, hint);
+    return true;
+  }
+  if ((int64_t)scratch.cand.size() < k) return false;
+  take_top(v, k, scratch.cand, scratch.keys, out, hint);
+  return true;
 }
 
 namespace {

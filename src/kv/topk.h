@@ -33,6 +33,14 @@ struct TopkScratch {
 void topk_indices(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out, TopkScratch& scratch,
                   float* hint = nullptr);
 
+// The same top-k as topk_indices when at least k values of v[0, n) are >= thr: every member of the
+// top-k is then >= thr, so one filter pass finds the candidates (all of v is ranked the unhinted
+// way if more than 16k pass). False, with out unspecified and *hint unchanged, when fewer than k
+// values are >= thr. *hint as topk_indices' on success. For callers that know a threshold for this
+// very vector (the KV policies' pruned selection reads only values that may reach one).
+bool topk_indices_at_least(const float* v, int64_t n, int64_t k, float thr, std::vector<int64_t>& out,
+                           TopkScratch& scratch, float* hint = nullptr);
+
 // Reference: the same result with std::nth_element (tests).
 void topk_indices_ref(const float* v, int64_t n, int64_t k, std::vector<int64_t>& out);
 

@@ -13,6 +13,7 @@
 #include "core/dtype.h"
 #include "matmul_test_util.h"
 #include "ops/matmul.h"
+#include "ops/matmul_kernels.h"
 #include "ops/quant.h"
 #include "util/error.h"
 #include "util/threadpool.h"
@@ -189,6 +190,38 @@ TEST(MatmulI8x8, AmxPairsEqualVnniBitForBit) {
   set_matmul_amx(true);
   for (size_t i = 0; i < ja.size(); ++i) ASSERT_EQ(ja[i], sa[i]) << i;
   for (size_t i = 0; i < jb.size(); ++i) ASSERT_EQ(jb[i], sb[i]) << i;
+}
+
+// The decode kernel for two groups at once (512-bit registers, AVX-512 VNNI builds) gives two
+// one-group passes' results bit for bit: every type, 1..kTileT tokens, extreme activations and
+// scales of both signs.
+TEST(MatmulI8x8, GroupPairsEqualOneGroupPassesBitForBit) {
+  if (!have_kernel() || mmk::i8x8_pair_for(GgmlType::Q4_1) == nullptr)
+    GTEST_SKIP() << "no two-group decode kernel in this build (needs AVX-512 VNNI)";
+  std::mt19937 rng(31);
+  for (GgmlType t : kTypes)
+    for (int64_t n_in : {32, 576}) {
+      const Mat m = make(t, n_in, 16, rng, true);
+      const int64_t nb = n_in / 32;
+      const size_t rec = mmk::i8x8_record_bytes(t);
+      for (int T = 1; T <= mmk::kTileT; ++T) {
+        std::vector<int8_t> xq((size_t)(T * n_in));
+        std::vector<float> xd((size_t)(T * nb)), xs((size_t)(T * nb));
+        for (size_t i = 0; i < xq.size(); ++i) xq[i] = (int8_t)(i % 7 == 0 ? (i % 2 ? 127 : -128) : (int)(rng() % 255) - 127);
+        std::normal_distribution<float> nd(0.f, 3.f);
+        for (auto& v : xd) v = nd(rng);
+        for (auto& v : xs) v = nd(rng) * 40.f;
+        std::vector<float> yp((size_t)(T * 16), NAN), ys((size_t)(T * 16), NAN);
+        mmk::i8x8_pair_for(t)(m.il.data(), m.il.data() + (size_t)nb * rec, nb, xq.data(), xd.data(), xs.data(), n_in,
+                              T, yp.data(), 16);
+        const mmk::I8x8Fn one = mmk::i8x8_for(t, T);
+        one(m.il.data(), nb, xq.data(), xd.data(), xs.data(), n_in, ys.data(), 16);
+        one(m.il.data() + (size_t)nb * rec, nb, xq.data(), xd.data(), xs.data(), n_in, ys.data() + 8, 16);
+        for (size_t i = 0; i < yp.size(); ++i)
+          ASSERT_EQ(std::memcmp(&yp[i], &ys[i], sizeof(float)), 0)
+              << type_name(t) << " n_in " << n_in << " T " << T << " output " << i << ": " << yp[i] << " vs " << ys[i];
+      }
+    }
 }
 
 TEST(MatmulI8x8, ManyEqualsSeparateCalls) {

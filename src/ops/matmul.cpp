@@ -645,7 +645,12 @@ void i8x8_groups(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
     for (int64_t t0 = 0; t0 < n_tok; t0 += kTileT) {
       const int T = (int)std::min<int64_t>(kTileT, n_tok - t0);
       const mmk::I8x8Fn fn = mmk::i8x8_for(w.type, T);
-      for (int64_t g = g0; g < g1; ++g)
+      int64_t g = g0;
+      if (const mmk::I8x8PairFn pair = mmk::i8x8_pair_for(w.type))  // two groups per pass where it can
+        for (; g + 1 < g1; g += 2)
+          pair(w.i8x8 + (size_t)g * nvb * rec, w.i8x8 + (size_t)(g + 1) * nvb * rec, nvb, a.xq + t0 * n,
+               a.xd + t0 * nvb, a.xs32 + t0 * nvb, n, T, y + t0 * w.n_out + 8 * g, w.n_out);
+      for (; g < g1; ++g)
         fn(w.i8x8 + (size_t)g * nvb * rec, nvb, a.xq + t0 * n, a.xd + t0 * nvb, a.xs32 + t0 * nvb, n,
            y + t0 * w.n_out + 8 * g, w.n_out);
     }
@@ -653,8 +658,11 @@ void i8x8_groups(const WeightView& w, const QAct& a, int64_t n_tok, float* y, in
 }
 
 // Groups per unit of work of an int8 matmul over the interleaved copy: pairs where i8x8_groups
-// runs them on AMX tiles (so no thread's share leaves an odd group to the vpdpbusd kernel).
-int64_t i8x8_unit_groups(const WeightView& w, int64_t n_tok) { return i8x8_pair_amx(w, n_tok) ? 2 : 1; }
+// runs them two at a time (AMX tiles, or 512-bit vpdpbusd), so that no thread's share leaves an
+// odd group to the one-group kernel.
+int64_t i8x8_unit_groups(const WeightView& w, int64_t n_tok) {
+  return i8x8_pair_amx(w, n_tok) || mmk::i8x8_pair_for(w.type) ? 2 : 1;
+}
 
 // w.i8x8 is only ever set from i8x8_repack, which requires the kernel. Any token count: the
 // interleaved kernels are also the fastest int8 prefill path (8 rows per vpdpbusd).

@@ -255,6 +255,83 @@ void group_kernel(const uint8_t* rec, int64_t nb, const int8_t* xq, const float*
 }
 
 #if defined(SPC_MM_VNNI)
+// The same for two consecutive groups at once (16 rows, rec0 then rec1) in 512-bit registers:
+// lanes 0..7 are group rec0's rows, 8..15 group rec1's, so that one vpdpbusd with the tokens'
+// dword broadcast over 16 lanes, one nibble split and one fp32 epilogue serve both groups. Per lane
+// the same integer block products and fp32 operations in the same order as group_kernel: equal
+// bit for bit to two of its passes, in about half the vector operations (a second token, such as
+// SpeCache's speculative row, made the 256-bit kernel compute-bound where the weights stream from
+// the last-level cache).
+inline __m512i join256(const uint8_t* a, const uint8_t* b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                            _mm256_loadu_si256((const __m256i*)b), 1);
+}
+inline __m512 join_h8(const uint8_t* a, const uint8_t* b) {
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)a)),
+                                                 _mm_loadu_si128((const __m128i*)b), 1));
+}
+inline __m512i bcast4_16(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+
+template <GgmlType TY, int T>
+void group_pair_kernel(const uint8_t* rec0, const uint8_t* rec1, int64_t nb, const int8_t* xq, const float* xd,
+                       const float* xs32, int64_t n_in, float* y, int64_t y_stride) {
+  constexpr bool kQ8 = Rec<TY>::kQ8, kMin = Rec<TY>::kMin;
+  constexpr size_t kRec = Rec<TY>::kBytes, kCodes = Rec<TY>::kCodes;
+  constexpr float kCoef = Rec<TY>::kCoef;
+  constexpr size_t kAhead = kPrefetchRecords * kRec;  // as group_kernel, for each of the two streams
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  __m512 acc[T], accm[T];
+  for (int t = 0; t < T; ++t) acc[t] = accm[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, rec0 += kRec, rec1 += kRec) {
+    for (size_t o = 0; o < kRec; o += 64) {
+      _mm_prefetch((const char*)(rec0 + kAhead + o), _MM_HINT_T0);
+      _mm_prefetch((const char*)(rec1 + kAhead + o), _MM_HINT_T0);
+    }
+    const __m512 d16 = join_h8(rec0, rec1);
+    const __m512 c16 = kMin ? join_h8(rec0 + 16, rec1 + 16) : d16;
+    __m512i cv[8];
+    if constexpr (kQ8) {
+      for (int k = 0; k < 8; ++k) cv[k] = join256(rec0 + kCodes + 32 * k, rec1 + kCodes + 32 * k);
+    } else {
+      for (int k = 0; k < 4; ++k) {
+        const __m512i v = join256(rec0 + kCodes + 32 * k, rec1 + kCodes + 32 * k);
+        cv[k] = _mm512_and_si512(v, m4);
+        cv[4 + k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const int8_t* xb = xq + t * n_in + b * 32;
+      __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
+      for (int k = 0; k < 4; ++k) {
+        p0 = _mm512_dpbusd_epi32(p0, cv[k], bcast4_16(xb + 4 * k));
+        p1 = _mm512_dpbusd_epi32(p1, cv[4 + k], bcast4_16(xb + 16 + 4 * k));
+      }
+      const __m512i P = _mm512_add_epi32(p0, p1);
+      const __m512 s = _mm512_mul_ps(d16, _mm512_set1_ps(xd[t * nb + b]));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(P), s, acc[t]);
+      accm[t] = _mm512_fmadd_ps(c16, _mm512_set1_ps(xs32[t * nb + b]), accm[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    _mm512_storeu_ps(y + t * y_stride, _mm512_fmadd_ps(accm[t], _mm512_set1_ps(kCoef), acc[t]));
+}
+
+// group_pair_kernel for n_tok (1..kTileT) tokens, in the I8x8PairFn form.
+template <GgmlType TY>
+void pair_zmm(const uint8_t* rec0, const uint8_t* rec1, int64_t nb, const int8_t* xq, const float* xd,
+              const float* xs32, int64_t n_in, int64_t n_tok, float* y, int64_t y_stride) {
+  switch (n_tok) {
+    case 1: return group_pair_kernel<TY, 1>(rec0, rec1, nb, xq, xd, xs32, n_in, y, y_stride);
+    case 2: return group_pair_kernel<TY, 2>(rec0, rec1, nb, xq, xd, xs32, n_in, y, y_stride);
+    case 3: return group_pair_kernel<TY, 3>(rec0, rec1, nb, xq, xd, xs32, n_in, y, y_stride);
+    default: return group_pair_kernel<TY, 4>(rec0, rec1, nb, xq, xd, xs32, n_in, y, y_stride);
+  }
+}
+
 // AMX form (prefill): per pair of groups, every block's codes are first laid out as a tdpbsud B
 // operand (8 rows of 64 bytes: row k holds elements 4k..4k+3 of the 16 rows, as u8) with the
 // block's 16 scales d and constant terms c in fp32; then per 16-token tile, block by block, one
@@ -373,12 +450,22 @@ I8x8PairFn i8x8_pair_amx_for(GgmlType type) {
     default: return nullptr;
   }
 }
+I8x8PairFn i8x8_pair_for(GgmlType type) {
+  switch (type) {
+    case GgmlType::Q4_0: return pair_zmm<GgmlType::Q4_0>;
+    case GgmlType::Q4_1: return pair_zmm<GgmlType::Q4_1>;
+    case GgmlType::Q8_0: return pair_zmm<GgmlType::Q8_0>;
+    default: return nullptr;
+  }
+}
 #else
 I8x8PairFn i8x8_pair_amx_for(GgmlType) { return nullptr; }
+I8x8PairFn i8x8_pair_for(GgmlType) { return nullptr; }
 #endif
 #else
 I8x8Fn i8x8_for(GgmlType, int) { return nullptr; }
 I8x8PairFn i8x8_pair_amx_for(GgmlType) { return nullptr; }
+I8x8PairFn i8x8_pair_for(GgmlType) { return nullptr; }
 #endif
 
 size_t i8x8_record_bytes(GgmlType type) {

@@ -82,5 +82,9 @@ size_t i8x8_record_bytes(GgmlType type);
 using I8x8PairFn = void (*)(const uint8_t* rec0, const uint8_t* rec1, int64_t nb, const int8_t* xq, const float* xd,
                             const float* xs32, int64_t n_in, int64_t n_tok, float* y, int64_t y_stride);
 I8x8PairFn i8x8_pair_amx_for(GgmlType type);
+// The decode form of the same: two consecutive groups times n_tok (1..kTileT) tokens in 512-bit
+// vpdpbusd registers, equal bit for bit to two I8x8Fn passes. nullptr when the type has no
+// interleaved layout or the build lacks AVX-512 VNNI.
+I8x8PairFn i8x8_pair_for(GgmlType type);
 
 }  // namespace spc::mmk

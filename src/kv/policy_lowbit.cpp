@@ -912,9 +912,11 @@ void LowBitPolicy::selection_task(const SelJob& j, int64_t task, ThreadScratch& 
 // position >= tau, and is not read. If at least k positions read reach tau, every member of the
 // top-k is among them (a pruned position is below tau, hence below the k-th value), so the
 // result is exactly the unpruned selection's, ties included (the positions read keep their order,
-// and vec_wsum's per-element arithmetic does not depend on the ranges). Otherwise, and without a
-// hint, every position is read. Where most of the attention sits in a few places, few blocks
-// reach the bound: SmolLM2 on War and Peace, 26% of the blocks at 8K and 12% at 32K.
+// and vec_wsum's per-element arithmetic does not depend on the ranges). Otherwise the k-th largest
+// value read takes tau's place (it bounds the k-th largest overall from below) and the blocks
+// whose bound reaches it are read; without a hint, or when fewer than k positions were read,
+// every position is. Where most of the attention sits in a few places, few blocks reach the
+// bound: SmolLM2 on War and Peace, 26% of the blocks at 8K and 12% at 32K.
 void LowBitPolicy::select_from_rows(const SelJob& j, int h, const SelTerm* terms, int n_terms, int64_t n,
                                     std::vector<int64_t>& out, ThreadScratch& ts, float* hint) {
   const PassLayout& lay = j.lay;

@@ -84,8 +84,8 @@ void take_top(const float* v, int64_t k, const std::vector<int64_t>& cand, std::
     const int64_t r = std::min<int64_t>(kHintRank * k, nc) - 1;
     if (r == nc - 1) {  // the smallest candidate (the usual case: a good hint passes fewer than 4k)
       *hint = v[rank_index(*std::min_element(keys.begin() + (k - 1), keys.end()))];
-    } else {
-      if (r > k - 1) std::nth_element(keys.begin() + k, keys.begin() + r, keys.end(), std::greater<uint64_t>());
+    } else {  // r > k - 1: keys past k - 1 are all below it
+      std::nth_element(keys.begin() + k, keys.begin() + r, keys.end(), std::greater<uint64_t>());
       *hint = v[rank_index(keys[r])];
     }
   }

@@ -1,6 +1,7 @@
 // specache eval: passkey / needle-in-a-haystack / perplexity / agreement of the KV policies
 // over context length x depth; prefill once per case, decode under every policy.
 #include <cstdio>
+#include <fstream>
 #include <memory>
 
 #include "common.h"
@@ -84,6 +85,18 @@ int run_eval_cmd(const CLI::App& app, EvalArgs& a) {
   o.gen = a.gen, o.ppl_tokens = a.ppl_tokens, o.agree_tokens = a.agree_tokens;
   o.verbose = !a.quiet;
   o.share_prefix = !a.no_share_prefix;
+  // The inputs that can be wrong, before the model loads.
+  eval::check_tasks(o.tasks);
+  bool need_text = false;
+  for (const auto& t : o.tasks) need_text |= t != "passkey";
+  std::string text;
+  if (need_text) {
+    SPC_CHECK(std::ifstream(a.haystack).good(),
+              "--haystack %s: cannot open it (niah, ppl and agree read a long plain text; a relative path is taken "
+              "from the working directory, and the default is the checkout's ../shared copy of War and Peace)",
+              a.haystack.c_str());
+    text = read_text_file(a.haystack);
+  }
 
   auto model = Model::load(a.m.model);
   const ActChoice act = apply_act(a.m.act, *model);
@@ -97,9 +110,7 @@ int run_eval_cmd(const CLI::App& app, EvalArgs& a) {
       std::fprintf(stderr, "specache: warning: length %lld exceeds the model's trained context %lld\n", (long long)L,
                    (long long)mc.n_ctx_train);
   }
-  bool need_text = false;
-  for (const auto& t : o.tasks) need_text |= t != "passkey";
-  if (need_text) o.haystack = eval::gutenberg_body(read_text_file(a.haystack));
+  if (need_text) o.haystack = eval::gutenberg_body(text);
 
   o.niah = a.niah;
   const auto tmpl = model->gguf().get_string("tokenizer.chat_template");

@@ -602,6 +602,14 @@ TEST(Cli, BadFlagsFailWithAMessage) {
   expect_failure(run_cli(bench_args({"--batch", "1000"})), "--batch");
   expect_failure(run_cli(bench_args({"--batch", "2", "--interleave"})), "--interleave");
   expect_failure(run_cli(bench_args({"--batch-share"})), "--batch-share");
+  // eval: a bad task or a missing haystack text is reported before the model loads (the model path
+  // does not exist, so a later check would report that instead).
+  CliTemp tmp;
+  const std::string no_model = tmp.file("nope.gguf"), no_text = tmp.file("no_text.txt");
+  expect_failure(run_cli({"eval", "-m", no_model, "--tasks", "passkey,frob"}), "unknown task 'frob'");
+  RunResult r = run_cli({"eval", "-m", no_model, "--tasks", "ppl", "--haystack", no_text});
+  expect_failure(r, "--haystack");
+  EXPECT_NE(r.err.find(no_text), std::string::npos) << r.describe();
 }
 
 TEST(Cli, BadPromptsFailWithAMessage) {

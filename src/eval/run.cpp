@@ -112,11 +112,15 @@ std::string one_line(std::string s) {
 
 }  // namespace
 
-std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, ThreadPool& pool, const EvalOptions& o,
-                                 const ResultSink& on_result) {
-  for (const auto& t : o.tasks)
+void check_tasks(const std::vector<std::string>& tasks) {
+  for (const auto& t : tasks)
     SPC_CHECK(t == "passkey" || t == "niah" || t == "ppl" || t == "agree", "unknown task '%s' (passkey, niah, ppl, agree)",
               t.c_str());
+}
+
+std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, ThreadPool& pool, const EvalOptions& o,
+                                 const ResultSink& on_result) {
+  check_tasks(o.tasks);
   SPC_CHECK(!o.policies.empty(), "no policies to evaluate");
   std::vector<CaseResult> results;
   auto emit = [&](CaseResult c) {

@@ -148,11 +148,11 @@ struct CaseResult {
 
 using ResultSink = std::function<void(const CaseResult&)>;
 
-// Runs every task x length x (depth) x policy. Each result is also passed to on_result as soon as
-// it is known (for progress / partial output).
 // Throws spc::Error naming the first entry that is not one of passkey, niah, ppl, agree.
 void check_tasks(const std::vector<std::string>& tasks);
 
+// Runs every task x length x (depth) x policy. Each result is also passed to on_result as soon as
+// it is known (for progress / partial output).
 std::vector<CaseResult> run_eval(const Model& model, const Tokenizer& tok, ThreadPool& pool, const EvalOptions& o,
                                  const ResultSink& on_result = {});
 
